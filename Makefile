@@ -1,0 +1,50 @@
+# Gated VLM moderation on NVIDIA Triton. `make demo` and `make test` work from a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+CHECKPOINTS := build/checkpoints
+MODELS_STAMP := model_repository/language_decoder/1/artifact.json
+PYTEST_ARGS ?=
+
+.PHONY: setup models serve demo test test-unit perf bench lock render clean
+
+setup: $(STAMP)
+
+# Idempotent: reruns only when the lock or the project metadata changes.
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@dpkg -s libb64-0d >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libb64-0d; }
+	@touch $@
+
+$(CHECKPOINTS)/tiny-qwen3-vl/config.json: $(STAMP) export/build_tiny.py
+	$(PY) -m export.build_tiny --out $(CHECKPOINTS)
+
+$(MODELS_STAMP): $(CHECKPOINTS)/tiny-qwen3-vl/config.json export/export_models.py moderation/vision_export.py
+	$(PY) -m export.export_models --qwen $(CHECKPOINTS)/tiny-qwen3-vl --clip $(CHECKPOINTS)/tiny-clip
+
+models: $(MODELS_STAMP)
+
+serve: models
+	$(PY) -m moderation.server
+
+demo: models
+	$(PY) -m clients.demo
+
+test: models
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-unit: models
+	$(PY) -m pytest -q -p no:cacheprovider -m "not integration" $(PYTEST_ARGS)
+
+render:
+	$(PY) -m moderation.repository --target local --out model_repository
+
+lock:
+	$(PY) -m pip freeze --exclude-editable > requirements.lock
+
+clean:
+	rm -rf build

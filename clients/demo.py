@@ -1,0 +1,57 @@
+"""`make demo`: start the embedded Triton server, moderate the sample posts (real photos from installed
+wheels, zh and en captions, several deliberately mismatched), print a table, stop the server."""
+from __future__ import annotations
+
+import sys
+import time
+import unicodedata
+from pathlib import Path
+
+from moderation.samples import sample_posts
+from moderation.server import running_server
+
+from .client import ModerationClient, ModerationFailed
+
+BANNER = """\
+NOTE: the embedded models are tiny and RANDOM-INITIALISED (untrained) versions of the real architectures
+(CLIP, Qwen3-VL). Columns marked 'untrained' are noise: they show the service's routes, tensors and
+latencies, not real moderation decisions. Point export.export_models at real checkpoints for real ones."""
+
+
+def _width(s: str) -> int:
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in s)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(_width(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c) + " " * (w - _width(str(c))) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def main() -> int:
+    log = Path("build/logs/demo-server.log")
+    print("starting the embedded Triton server (CPU) ...", flush=True)
+    t = time.time()
+    with running_server(log_path=log, env={"MODERATION_AUDIT_LOG": "build/audit/demo.jsonl"}) as srv:
+        print(f"ready in {time.time() - t:.1f}s on gRPC {srv.grpc_url} (server log: {log})\n", flush=True)
+        rows = []
+        with ModerationClient(srv.grpc_url) as client:
+            for post in sample_posts():
+                caption = post.text if len(post.text) <= 28 else post.text[:27] + "…"
+                try:
+                    r = client.moderate(post.image_bytes(), post.text, describe=True)
+                except ModerationFailed as e:
+                    rows.append([post.name, caption, "error", e.code, "", "", ""])
+                    continue
+                top = ", ".join(f"{x['name']} {x['score']:.2f}" for x in r["labels"][:2]) or "-"
+                signals = " ".join(f"{k}:{v}" for k, v in sorted(r["signals"].items()))
+                rows.append([post.name, caption, r["route"], "VIOLATION" if r["violation"] else "ok", top,
+                             f"{r['latency_ms']['total']:.0f} ms", signals])
+        print(_table(rows, ["post", "caption", "route", "verdict", "top labels", "latency", "signals"]))
+        print("\n" + BANNER)
+    print("\nserver stopped.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

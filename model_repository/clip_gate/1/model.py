@@ -1,0 +1,90 @@
+"""clip_gate: scores each post against the policy's concept bank and its own caption, settles clear
+posts (gate_allow / gate_block) and escalates ambiguous ones to the `vlm` ensemble by BLS. Escalations of
+one batch are sent concurrently so the decoder's dynamic batcher can run them as one padded batch."""
+import asyncio
+import json
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from moderation.artifacts import read_artifact_record
+from moderation.errors import ModelUnavailable, ModerationError, parse_error_text
+from moderation.gate import ESCALATE, ConceptBank
+from moderation.pipeline import ClipInputs, Gate
+from moderation.policy import load_policy
+from moderation.serving.triton_io import Stage, bytes_rows, rows, string_tensor, version_dir
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.stage = Stage(args)
+        vdir = version_dir(args)
+        self.record = read_artifact_record(vdir)
+        self.clip = ClipInputs(str(vdir / "clip"))
+        self.gate = Gate()
+
+    async def _encode_texts(self, texts):
+        ids, mask = self.clip.tokens(texts)
+        out = []
+        for s in range(0, len(texts), 64):
+            req = pb_utils.InferenceRequest(
+                model_name="clip_text", requested_output_names=["TEXT_EMBEDS"],
+                inputs=[pb_utils.Tensor("input_ids", ids[s:s + 64]), pb_utils.Tensor("attention_mask", mask[s:s + 64])])
+            resp = await req.async_exec()
+            if resp.has_error():
+                raise ModelUnavailable(f"clip_text failed while encoding the concept bank: {resp.error().message()}")
+            out.append(pb_utils.get_output_tensor_by_name(resp, "TEXT_EMBEDS").as_numpy())
+        return np.concatenate(out)
+
+    async def _bank(self, policy):
+        if policy.digest not in self.gate.banks:
+            emb = await self._encode_texts([t for _, t in ConceptBank.concept_texts(policy)]) \
+                if any(lab.gate_concepts for lab in policy.labels) else np.zeros((0, 1), np.float32)
+            self.gate.bank(policy, lambda _texts: emb)
+        return self.gate.banks[policy.digest]
+
+    async def _escalate(self, image, text, record):
+        options = json.dumps({k: record[k] for k in ("request_id", "describe", "lang")} |
+                             {"policy": record["policy_name"]})
+        req = pb_utils.InferenceRequest(
+            model_name="vlm", requested_output_names=["VLM_RESULT"],
+            inputs=[pb_utils.Tensor("IMAGE", np.array([[image]], dtype=np.object_)),
+                    pb_utils.Tensor("TEXT", np.array([[text]], dtype=np.object_)),
+                    pb_utils.Tensor("OPTIONS", np.array([[options.encode()]], dtype=np.object_))])
+        t = time.perf_counter()
+        resp = await req.async_exec()
+        if resp.has_error():
+            code, message = parse_error_text(resp.error().message())
+            raise ModerationError(f"vlm: {message}", code=code if code != "internal" else "model_unavailable")
+        out = json.loads(pb_utils.get_output_tensor_by_name(resp, "VLM_RESULT").as_numpy().reshape(-1)[0])
+        out["roundtrip_ms"] = (time.perf_counter() - t) * 1e3
+        return out
+
+    async def execute(self, requests):
+        return await asyncio.gather(*(self._one(r) for r in requests))
+
+    async def _one(self, request):
+        t0, meta = time.perf_counter(), {}
+        try:
+            records = [json.loads(r) for r in bytes_rows(request, "REQUEST")]
+            meta = records[0] if len(records) == 1 else {}
+            images, texts = bytes_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
+            img_emb, txt_emb = rows(request, "IMAGE_EMBEDS"), rows(request, "TEXT_EMBEDS")
+            decisions, pending = [], []
+            for i, rec in enumerate(records):
+                policy = load_policy(rec["policy_name"])
+                bank = await self._bank(policy)
+                d = self.gate(policy, bank, img_emb[i], txt_emb[i], has_caption=bool(texts[i].strip()))
+                d.update(signals={"clip": "untrained" if self.record.get("untrained") else "trained"},
+                         gate_version=self.stage.version, gate_ms=(time.perf_counter() - t0) * 1e3,
+                         gate_started=time.time())
+                decisions.append(d)
+                if d["route"] == ESCALATE:
+                    pending.append((i, self._escalate(images[i], texts[i], rec)))
+            for (i, _), vlm in zip(pending, await asyncio.gather(*(p for _, p in pending))):
+                decisions[i]["vlm"] = vlm
+            return pb_utils.InferenceResponse([string_tensor("GATE", [json.dumps(d, ensure_ascii=False)
+                                                                      for d in decisions])])
+        except Exception as e:  # noqa: BLE001
+            return self.stage.fail(e, meta, t0)

@@ -1,0 +1,54 @@
+"""preprocess: validate and decode each post (safe image decode, caption checks, options, policy),
+then CLIP pixels, CLIP tokens, content hashes. Bad input fails that request only, with a coded error."""
+import json
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from moderation.artifacts import read_artifact_record
+from moderation.errors import ModerationError
+from moderation.options import parse_options
+from moderation.pipeline import ClipInputs, hashes_of, parse_post
+from moderation.serving.triton_io import Stage, bytes_rows, string_tensor, tensor, version_dir
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.stage = Stage(args)
+        vdir = version_dir(args)
+        self.record = read_artifact_record(vdir)
+        self.clip = ClipInputs(str(vdir / "clip"))
+
+    def execute(self, requests):
+        return [self._one(r) for r in requests]
+
+    def _one(self, request):
+        t0, wall0, meta = time.perf_counter(), time.time(), {}
+        try:
+            images, texts = bytes_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
+            options = bytes_rows(request, "OPTIONS", optional=True) or [None] * len(images)
+            if not (len(images) == len(texts) == len(options)):
+                raise ModerationError(f"IMAGE, TEXT and OPTIONS have {len(images)}, {len(texts)} and "
+                                      f"{len(options)} rows; send one of each per post", code="bad_request")
+            pixels, ids, masks, records = [], [], [], []
+            for image, text, opt in zip(images, texts, options):
+                meta = hashes_of(image, text)
+                try:
+                    meta["request_id"] = parse_options(opt).request_id
+                except ModerationError:
+                    pass
+                post = parse_post(image, text, opt)
+                p, i, m = self.clip(post)
+                pixels.append(p), ids.append(i), masks.append(m)
+                rec = post.request_record()
+                rec.update(t_received=wall0, t_preprocessed=time.time(),
+                           latency_ms={"preprocess": (time.perf_counter() - t0) * 1e3},
+                           model_versions={"preprocess": self.stage.version},
+                           clip_untrained=bool(self.record.get("untrained")))
+                records.append(json.dumps(rec, ensure_ascii=False))
+            return pb_utils.InferenceResponse([
+                tensor("CLIP_PIXELS", np.stack(pixels)), tensor("CLIP_INPUT_IDS", np.stack(ids)),
+                tensor("CLIP_ATTENTION_MASK", np.stack(masks)), string_tensor("REQUEST", records)])
+        except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
+            return self.stage.fail(e, meta, t0)

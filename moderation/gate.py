@@ -1,0 +1,82 @@
+"""The CLIP gate: concept-bank similarities (as in Stable Diffusion's safety checker) plus image-caption
+consistency, turned into per-label scores and an allow / block / escalate decision by the policy."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .policy import Policy
+
+ALLOW, BLOCK, ESCALATE = "gate_allow", "gate_block", "vlm"
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _sigmoid(x: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-x)))
+
+
+@dataclass
+class ConceptBank:
+    """Normalised CLIP text embeddings of every gate concept, grouped by label."""
+    policy_digest: str
+    by_label: dict[str, np.ndarray]
+
+    @staticmethod
+    def concept_texts(policy: Policy) -> list[tuple[str, str]]:
+        return [(lab.key, c) for lab in policy.labels for c in lab.gate_concepts]
+
+    @classmethod
+    def from_embeddings(cls, policy: Policy, embeddings: np.ndarray) -> "ConceptBank":
+        pairs = cls.concept_texts(policy)
+        emb = l2_normalize(embeddings)
+        by_label: dict[str, list] = {}
+        for (label, _), e in zip(pairs, emb):
+            by_label.setdefault(label, []).append(e)
+        return cls(policy.digest, {k: np.stack(v) for k, v in by_label.items()})
+
+
+@dataclass
+class GateDecision:
+    route: str
+    scores: dict[str, float]
+    consistency: float | None
+    reason: str
+
+
+def gate_scores(policy: Policy, bank: ConceptBank, image_emb: np.ndarray, text_emb: np.ndarray | None,
+                nsfw_score: float | None = None) -> tuple[dict[str, float], float | None]:
+    g = policy.gate
+    img = l2_normalize(image_emb)
+    scores: dict[str, float] = {}
+    for lab in policy.labels:
+        concepts = bank.by_label.get(lab.key)
+        if concepts is not None and len(concepts):
+            sim = float(np.max(concepts @ img))
+            scores[lab.key] = _sigmoid(g.concept_scale * (sim - g.concept_center))
+        else:
+            scores[lab.key] = 0.0
+    consistency = None
+    if text_emb is not None:
+        consistency = float(l2_normalize(text_emb) @ img)
+        if "mismatch" in scores:
+            scores["mismatch"] = _sigmoid(g.consistency_scale * (g.consistency_center - consistency))
+    if nsfw_score is not None and g.nsfw_label in scores:
+        scores[g.nsfw_label] = float(nsfw_score)  # a trained classifier beats an untrained concept match
+    return scores, consistency
+
+
+def decide(policy: Policy, scores: dict[str, float]) -> tuple[str, str]:
+    g = policy.gate
+    blocking = {k: v for k, v in scores.items() if k in g.block_labels and v >= g.block_at}
+    if blocking:
+        top = max(blocking, key=blocking.get)
+        return BLOCK, f"{top} score {blocking[top]:.3f} >= block_at {g.block_at}"
+    top = max(scores, key=scores.get) if scores else None
+    if top is None or scores[top] < g.allow_below:
+        return ALLOW, f"every label score below allow_below {g.allow_below}"
+    return ESCALATE, f"{top} score {scores[top]:.3f} is ambiguous (between {g.allow_below} and {g.block_at})"

@@ -1,0 +1,134 @@
+"""Safe image decoding for untrusted uploads, and the model-specific pixel preprocessing.
+
+Every limit is checked from the header before pixels are decoded, so a decompression bomb costs a
+header read, not gigabytes of memory."""
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import BadImage, ImageTooLarge, UnsupportedImage
+
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_PIXELS = 40_000_000  # 40 MP: larger than any phone photo, far below a bomb
+MAX_SIDE = 16_384
+ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP"}
+
+# Pillow's own bomb guard as a second line: raise instead of warn.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image  # RGB, EXIF orientation applied, first frame
+    format: str
+    original_size: tuple[int, int]
+    sha256: str
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_PIXELS) -> DecodedImage:
+    """Decode untrusted bytes into an RGB image or raise a ModerationError naming the problem."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BadImage(f"image must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) == 0:
+        raise BadImage("image is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}")
+    digest = sha256_hex(data)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format or "unknown"
+            if fmt not in ALLOWED_FORMATS:
+                raise UnsupportedImage(f"image format {fmt} is not accepted; send JPEG, PNG, WebP, GIF or BMP")
+            w, h = im.size
+            if w < 1 or h < 1:
+                raise BadImage(f"image has an empty size {w}x{h}")
+            if w > MAX_SIDE or h > MAX_SIDE or w * h > max_pixels:
+                raise ImageTooLarge(
+                    f"image is {w}x{h} ({w * h} pixels); the limits are {MAX_SIDE} per side and {max_pixels} pixels")
+            im.seek(0)  # animated GIF/WebP: the first frame only
+            im.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(im))
+    except (BadImage, ImageTooLarge, UnsupportedImage):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLarge(f"image rejected as a decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise BadImage("image bytes are not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct_error()) as e:
+        raise BadImage(f"image is truncated or corrupt: {e}") from None
+    return DecodedImage(image=rgb, format=fmt, original_size=(w, h), sha256=digest)
+
+
+def struct_error():
+    import struct
+    return struct.error
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode (palette, alpha, CMYK, 16-bit, float) to 8-bit RGB; transparency onto white."""
+    if im.mode == "RGB":
+        return im.copy()
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        im = Image.fromarray(arr.astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        canvas = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, im).convert("RGB")
+    return im.convert("RGB")
+
+
+class ClipPixels:
+    """CLIP's own image processor (resize shortest side, centre crop, normalise) from the checkpoint."""
+
+    def __init__(self, checkpoint_dir: str):
+        from transformers import CLIPImageProcessorPil
+
+        self.processor = CLIPImageProcessorPil.from_pretrained(checkpoint_dir)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        out = self.processor(images=[image], return_tensors="np")
+        return out["pixel_values"][0].astype(np.float32)  # [3, H, W]
+
+
+class QwenPixels:
+    """Qwen3-VL patches at one fixed resolution (448x448 -> 784 patches -> 196 visual tokens), so the
+    ONNX vision encoder has static shapes and batches."""
+
+    def __init__(self, checkpoint_dir: str, side: int = 448):
+        from transformers import Qwen2VLImageProcessorPil
+
+        base = Qwen2VLImageProcessorPil.from_pretrained(checkpoint_dir)
+        self.processor = Qwen2VLImageProcessorPil(
+            patch_size=base.patch_size, temporal_patch_size=base.temporal_patch_size, merge_size=base.merge_size,
+            image_mean=base.image_mean, image_std=base.image_std,
+            min_pixels=side * side, max_pixels=side * side,
+        )
+        self.side = side
+        self.merge_size = base.merge_size
+
+    def __call__(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        image = image.resize((self.side, self.side), Image.BICUBIC)
+        out = self.processor(images=[image], return_tensors="np")
+        return out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        patches = (self.side // self.processor.patch_size) ** 2
+        return patches // (self.merge_size ** 2)

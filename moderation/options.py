@@ -1,0 +1,47 @@
+"""Per-request OPTIONS (a JSON object in the OPTIONS tensor), validated strictly."""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import BadOptions
+
+MAX_OPTIONS_BYTES = 4096
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128,
+                            pattern=r"^[A-Za-z0-9_.:@-]+$")
+    policy: str = Field("default", min_length=1, max_length=64)
+    describe: bool = False
+    lang: Literal["auto", "en", "zh"] = "auto"
+    return_embedding: bool = False
+
+
+def parse_options(raw: bytes | str | None) -> Options:
+    if raw is None or raw in (b"", ""):
+        return Options()
+    if isinstance(raw, (bytes, bytearray)):
+        if len(raw) > MAX_OPTIONS_BYTES:
+            raise BadOptions(f"OPTIONS is {len(raw)} bytes; the limit is {MAX_OPTIONS_BYTES}")
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadOptions("OPTIONS is not valid UTF-8") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise BadOptions(f"OPTIONS is not valid JSON: {e.msg} at position {e.pos}") from None
+    if not isinstance(data, dict):
+        raise BadOptions(f"OPTIONS must be a JSON object, got {type(data).__name__}")
+    try:
+        return Options.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "OPTIONS"
+        raise BadOptions(f"OPTIONS field {where!r}: {first['msg']}") from None

@@ -1,0 +1,126 @@
+"""The pipeline's stages as plain library code. Each Triton python model wraps one stage (parse tensors ->
+call this -> build tensors); the in-process benchmark and the tests call the same functions."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ModerationError
+from .gate import ConceptBank, decide, gate_scores
+from .imaging import ClipPixels, QwenPixels, decode_image
+from .options import Options, parse_options
+from .policy import Policy, load_policy
+from .text import decode_caption, detect_lang, text_sha256
+
+CLIP_MAX_TOKENS = 77
+MAX_CAPTION_TOKENS = 256  # caption tokens the VLM reads; longer captions are cut, and the result says so
+
+
+@dataclass
+class Post:
+    """One decoded, validated post."""
+    options: Options
+    policy: Policy
+    image_sha256: str
+    text_sha256: str
+    caption: str
+    lang: str
+    image: object  # PIL.Image, RGB
+    meta: dict = field(default_factory=dict)
+
+    def request_record(self) -> dict:
+        return {"request_id": self.options.request_id, "policy": self.policy.id, "policy_name": self.options.policy,
+                "describe": self.options.describe, "return_embedding": self.options.return_embedding,
+                "lang": self.lang, "image_sha256": self.image_sha256, "text_sha256": self.text_sha256, **self.meta}
+
+
+def hashes_of(image: bytes | None, text: bytes | None) -> dict:
+    from .imaging import sha256_hex
+    return {"image_sha256": sha256_hex(image) if isinstance(image, (bytes, bytearray)) else "",
+            "text_sha256": text_sha256(text) if isinstance(text, (bytes, bytearray)) else ""}
+
+
+def parse_post(image: bytes, text: bytes, options_raw: bytes | None) -> Post:
+    """Validate everything a client sent; raises ModerationError with a code that names the problem."""
+    options = parse_options(options_raw)
+    policy = load_policy(options.policy)
+    caption = decode_caption(text)
+    decoded = decode_image(image)
+    lang = detect_lang(caption) if options.lang == "auto" else options.lang
+    return Post(options, policy, decoded.sha256, text_sha256(text if isinstance(text, bytes) else b""), caption,
+                lang, decoded.image, {"image_format": decoded.format, "image_size": list(decoded.original_size)})
+
+
+class ClipInputs:
+    """preprocess: CLIP pixels and tokens for one post."""
+
+    def __init__(self, clip_dir: str):
+        from transformers import AutoTokenizer
+
+        self.pixels = ClipPixels(clip_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(clip_dir)
+
+    def tokens(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=CLIP_MAX_TOKENS,
+                             return_tensors="np")
+        return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+    def __call__(self, post: Post) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids, mask = self.tokens([post.caption])
+        return self.pixels(post.image), ids[0], mask[0]
+
+
+class VlmInputs:
+    """vlm_preprocess: Qwen patches at the fixed resolution and the prompt body's token ids."""
+
+    def __init__(self, qwen_dir: str):
+        from transformers import AutoTokenizer
+
+        from .prompts import PromptBuilder
+
+        self.pixels = QwenPixels(qwen_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(qwen_dir)
+        self.prompts = PromptBuilder(self.tokenizer, self.pixels.num_visual_tokens)
+
+    def __call__(self, post: Post) -> tuple[np.ndarray, np.ndarray, dict]:
+        pixel_values, _ = self.pixels(post.image)
+        ids = self.tokenizer.encode(post.caption, add_special_tokens=False)
+        truncated = len(ids) > MAX_CAPTION_TOKENS
+        caption = self.tokenizer.decode(ids[:MAX_CAPTION_TOKENS]) if truncated else post.caption
+        body = np.asarray(self.prompts.body_ids(post.policy, post.lang, caption), dtype=np.int64)
+        info = {"policy": post.options.policy, "lang": post.lang, "describe": post.options.describe,
+                "caption_truncated": truncated, "request_id": post.options.request_id}
+        return pixel_values, body, info
+
+
+class Gate:
+    """clip_gate's decision for one post, given its CLIP embeddings and the policy's concept bank."""
+
+    def __init__(self):
+        self.banks: dict[str, ConceptBank] = {}
+
+    def bank(self, policy: Policy, encode_texts) -> ConceptBank:
+        """encode_texts(list[str]) -> [N, D] embeddings; called once per policy version."""
+        bank = self.banks.get(policy.digest)
+        if bank is None:
+            texts = [t for _, t in ConceptBank.concept_texts(policy)]
+            emb = encode_texts(texts) if texts else np.zeros((0, 1), np.float32)
+            bank = self.banks[policy.digest] = ConceptBank.from_embeddings(policy, emb)
+        return bank
+
+    def __call__(self, policy: Policy, bank: ConceptBank, image_emb, text_emb, has_caption: bool,
+                 nsfw_score: float | None = None) -> dict:
+        scores, consistency = gate_scores(policy, bank, image_emb, text_emb if has_caption else None, nsfw_score)
+        route, reason = decide(policy, scores)
+        return {"route": route, "scores": scores, "consistency": consistency, "reason": reason}
+
+
+def timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, (time.perf_counter() - t) * 1e3
+
+
+__all__ = ["Post", "parse_post", "ClipInputs", "VlmInputs", "Gate", "ModerationError", "hashes_of", "timed"]

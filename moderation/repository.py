@@ -1,0 +1,185 @@
+"""One definition of every model in the repository, rendered to config.pbtxt for two targets:
+
+  local       the embedded CPU Triton (PyPI wheel): ONNX models run through the python-backend
+              onnxruntime runner, KIND_CPU;
+  production  NGC Triton containers: ONNX models on the `onnxruntime` backend, KIND_GPU.
+
+    .venv/bin/python -m moderation.repository --target local --out model_repository   # the committed configs
+    .venv/bin/python -m moderation.repository --target production --out build/repo-production
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+ONNX_MODELS = ("clip_image", "clip_text", "vision_encoder")
+PYTHON_MODELS = ("preprocess", "clip_gate", "postprocess", "vlm_preprocess", "language_decoder")
+ENSEMBLES = ("moderate", "vlm")
+ALL_MODELS = ONNX_MODELS + PYTHON_MODELS + ENSEMBLES
+
+S, F32, I64, I32 = "TYPE_STRING", "TYPE_FP32", "TYPE_INT64", "TYPE_INT32"
+
+
+def _io(name, dtype, dims, optional=False, ragged=False):
+    d = {"name": name, "data_type": dtype, "dims": list(dims)}
+    if optional:
+        d["optional"] = True
+    if ragged:
+        d["allow_ragged_batch"] = True
+    return d
+
+
+POST_INPUTS = [_io("IMAGE", S, [1]), _io("TEXT", S, [1]), _io("OPTIONS", S, [1], optional=True)]
+
+MODELS: dict[str, dict] = {
+    "preprocess": dict(
+        backend="python", max_batch_size=16, instances=1, queue_delay_us=2000,
+        inputs=POST_INPUTS,
+        outputs=[_io("CLIP_PIXELS", F32, [3, -1, -1]), _io("CLIP_INPUT_IDS", I64, [77]),
+                 _io("CLIP_ATTENTION_MASK", I64, [77]), _io("REQUEST", S, [1])]),
+    "clip_image": dict(
+        backend="onnx", max_batch_size=16, instances=1, queue_delay_us=2000,
+        inputs=[_io("pixel_values", F32, [3, -1, -1])], outputs=[_io("IMAGE_EMBEDS", F32, [-1])]),
+    "clip_text": dict(
+        backend="onnx", max_batch_size=64, instances=1, queue_delay_us=2000,
+        inputs=[_io("input_ids", I64, [77]), _io("attention_mask", I64, [77])],
+        outputs=[_io("TEXT_EMBEDS", F32, [-1])]),
+    "clip_gate": dict(
+        backend="python", max_batch_size=16, instances=1, queue_delay_us=2000,
+        inputs=POST_INPUTS + [_io("REQUEST", S, [1]), _io("IMAGE_EMBEDS", F32, [-1]), _io("TEXT_EMBEDS", F32, [-1])],
+        outputs=[_io("GATE", S, [1])]),
+    "postprocess": dict(
+        backend="python", max_batch_size=16, instances=1, queue_delay_us=0,
+        inputs=[_io("REQUEST", S, [1]), _io("GATE", S, [1]), _io("IMAGE_EMBEDS", F32, [-1]),
+                _io("TEXT_EMBEDS", F32, [-1])],
+        outputs=[_io("RESULT", S, [1]), _io("VERDICT", I32, [1]), _io("SCORES", F32, [-1]),
+                 _io("EMBEDDING", F32, [-1])]),
+    "vlm_preprocess": dict(
+        backend="python", max_batch_size=8, instances=1, queue_delay_us=2000,
+        inputs=POST_INPUTS,
+        outputs=[_io("PIXEL_VALUES", F32, [784, 1536]), _io("BODY_IDS", I64, [-1]), _io("DECODER_OPTIONS", S, [1])]),
+    "vision_encoder": dict(
+        backend="onnx", max_batch_size=8, instances=1, queue_delay_us=5000,
+        inputs=[_io("PIXEL_VALUES", F32, [784, 1536])],
+        outputs=[_io("VISUAL_TOKENS", F32, [196, -1]), _io("DEEPSTACK", F32, [-1, 196, -1])]),
+    "language_decoder": dict(
+        backend="python", max_batch_size=8, instances=1, queue_delay_us=5000, gpu=True,
+        inputs=[_io("VISUAL_TOKENS", F32, [196, -1]), _io("DEEPSTACK", F32, [-1, 196, -1]),
+                _io("BODY_IDS", I64, [-1], ragged=True), _io("DECODER_OPTIONS", S, [1])],
+        outputs=[_io("VLM_RESULT", S, [1])],
+        parameters={"torch_threads": "2", "dtype": "auto", "device": "auto"}),
+    "vlm": dict(
+        backend="ensemble", max_batch_size=8,
+        inputs=POST_INPUTS, outputs=[_io("VLM_RESULT", S, [1])],
+        steps=[
+            ("vlm_preprocess", {"IMAGE": "IMAGE", "TEXT": "TEXT", "OPTIONS": "OPTIONS"},
+             {"PIXEL_VALUES": "pixel_values", "BODY_IDS": "body_ids", "DECODER_OPTIONS": "decoder_options"}),
+            ("vision_encoder", {"PIXEL_VALUES": "pixel_values"},
+             {"VISUAL_TOKENS": "visual_tokens", "DEEPSTACK": "deepstack"}),
+            ("language_decoder", {"VISUAL_TOKENS": "visual_tokens", "DEEPSTACK": "deepstack", "BODY_IDS": "body_ids",
+                                  "DECODER_OPTIONS": "decoder_options"}, {"VLM_RESULT": "VLM_RESULT"}),
+        ]),
+    "moderate": dict(
+        backend="ensemble", max_batch_size=16,
+        inputs=POST_INPUTS,
+        outputs=[_io("RESULT", S, [1]), _io("VERDICT", I32, [1]), _io("SCORES", F32, [-1]),
+                 _io("EMBEDDING", F32, [-1])],
+        steps=[
+            ("preprocess", {"IMAGE": "IMAGE", "TEXT": "TEXT", "OPTIONS": "OPTIONS"},
+             {"CLIP_PIXELS": "clip_pixels", "CLIP_INPUT_IDS": "clip_input_ids",
+              "CLIP_ATTENTION_MASK": "clip_attention_mask", "REQUEST": "request"}),
+            ("clip_image", {"pixel_values": "clip_pixels"}, {"IMAGE_EMBEDS": "image_embeds"}),
+            ("clip_text", {"input_ids": "clip_input_ids", "attention_mask": "clip_attention_mask"},
+             {"TEXT_EMBEDS": "text_embeds"}),
+            ("clip_gate", {"IMAGE": "IMAGE", "TEXT": "TEXT", "OPTIONS": "OPTIONS", "REQUEST": "request",
+                           "IMAGE_EMBEDS": "image_embeds", "TEXT_EMBEDS": "text_embeds"}, {"GATE": "gate"}),
+            ("postprocess", {"REQUEST": "request", "GATE": "gate", "IMAGE_EMBEDS": "image_embeds",
+                             "TEXT_EMBEDS": "text_embeds"},
+             {"RESULT": "RESULT", "VERDICT": "VERDICT", "SCORES": "SCORES", "EMBEDDING": "EMBEDDING"}),
+        ]),
+}
+
+
+def _dims(d):
+    return "[ " + ", ".join(str(x) for x in d) + " ]"
+
+
+def _tensor_block(kind: str, items: list[dict]) -> str:
+    out = []
+    for t in items:
+        extra = ""
+        if t.get("optional"):
+            extra += "\n    optional: true"
+        if t.get("allow_ragged_batch"):
+            extra += "\n    allow_ragged_batch: true"
+        out.append(f'  {{\n    name: "{t["name"]}"\n    data_type: {t["data_type"]}\n    dims: {_dims(t["dims"])}{extra}\n  }}')
+    return f"{kind} [\n" + ",\n".join(out) + "\n]\n"
+
+
+def render(name: str, target: str = "local") -> str:
+    spec = copy.deepcopy(MODELS[name])
+    backend = spec["backend"]
+    lines = [f'# Rendered by moderation/repository.py (target: {target}); edit there, not here.',
+             f'name: "{name}"']
+    if backend == "ensemble":
+        lines.append('platform: "ensemble"')
+    elif backend == "onnx":
+        lines.append('backend: "onnxruntime"' if target == "production" else 'backend: "python"')
+    else:
+        lines.append('backend: "python"')
+    lines.append(f"max_batch_size: {spec['max_batch_size']}")
+    text = "\n".join(lines) + "\n" + _tensor_block("input", spec["inputs"]) + _tensor_block("output", spec["outputs"])
+    if backend == "ensemble":
+        steps = []
+        for model, inp, out in spec["steps"]:
+            imap = "\n".join(f'      input_map {{ key: "{k}" value: "{v}" }}' for k, v in inp.items())
+            omap = "\n".join(f'      output_map {{ key: "{k}" value: "{v}" }}' for k, v in out.items())
+            steps.append(f'    {{\n      model_name: "{model}"\n      model_version: -1\n{imap}\n{omap}\n    }}')
+        return text + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+    gpu = target == "production" and (backend == "onnx" or spec.get("gpu"))
+    text += f"instance_group [ {{ count: {spec['instances']} kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]\n"
+    text += ("dynamic_batching {\n"
+             f"  max_queue_delay_microseconds: {spec['queue_delay_us']}\n"
+             "  default_queue_policy {\n"
+             "    timeout_action: REJECT\n"
+             "    default_timeout_microseconds: 30000000\n"
+             "    allow_timeout_override: true\n"
+             "    max_queue_size: 256\n"
+             "  }\n}\n")
+    text += 'version_policy: { latest: { num_versions: 1 } }\n'
+    params = dict(spec.get("parameters", {}))
+    if backend == "onnx" and target == "local":
+        params["onnx_runner"] = "onnxruntime"
+        params["intra_op_threads"] = "1"
+    if target == "production" and "device" in params:
+        params["device"], params["dtype"] = "cuda", "bfloat16"
+    if backend == "onnx" and target == "production":
+        text += ("optimization { execution_accelerators { gpu_execution_accelerator : [ "
+                 "{ name : \"tensorrt\" parameters { key: \"precision_mode\" value: \"FP16\" } } ] } }\n")
+    for k, v in sorted(params.items()):
+        text += f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n'
+    return text
+
+
+def render_repository(out: Path, target: str) -> list[Path]:
+    written = []
+    for name in ALL_MODELS:
+        d = Path(out) / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.pbtxt").write_text(render(name, target))
+        written.append(d / "config.pbtxt")
+    return written
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", choices=["local", "production"], default="local")
+    ap.add_argument("--out", type=Path, default=Path("model_repository"))
+    args = ap.parse_args(argv)
+    for p in render_repository(args.out, args.target):
+        print(p)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Run the embedded Triton server (the `tritonserver` binary inside the nvidia-pytriton wheel), CPU-only,
+bound to 127.0.0.1, explicit model control, restricted admin protocols.
+
+    .venv/bin/python -m moderation.server            # foreground, Ctrl-C to stop (make serve)
+
+Environment: GRPC_PORT (8001), HTTP_PORT (8000), METRICS_PORT (8002), BIND_ADDRESS (127.0.0.1),
+MODEL_REPOSITORY (model_repository), MODERATION_ADMIN_KEY (or MODERATION_ADMIN_KEY_FILE) for the
+restricted protocols, MODERATION_AUDIT_LOG, MODERATION_POLICY_DIR, TRITON_LOG_VERBOSE."""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .repository import ALL_MODELS
+
+ADMIN_HEADER = "admin-key"
+# Everything that can change or read server state beyond inference and health needs the admin key.
+RESTRICTED_GRPC = "model-repository,model-config,shared-memory,statistics,trace,logging"
+RESTRICTED_HTTP = "model-repository,model-config,shared-memory,statistics,trace,logging"
+
+
+def pytriton_dir() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).parent
+
+
+def backend_dir(root: Path = Path("build/triton_backends")) -> Path:
+    """Triton wants <backend-dir>/python/{libtriton_python.so, stub, utils}; assemble it from the wheel."""
+    src = pytriton_dir() / "tritonserver"
+    py = root / "python"
+    py.mkdir(parents=True, exist_ok=True)
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    links = {"libtriton_python.so": src / "backends" / "python" / "libtriton_python.so",
+             "triton_python_backend_utils.py": src / "backends" / "python" / "triton_python_backend_utils.py",
+             "triton_python_backend_stub": src / "python_backend_stubs" / ver / "triton_python_backend_stub"}
+    for name, target in links.items():
+        link = py / name
+        if link.is_symlink() or link.exists():
+            if link.resolve() == target.resolve():
+                continue
+            link.unlink()
+        link.symlink_to(target.resolve())
+    return root.resolve()
+
+
+def admin_key() -> str:
+    key = os.environ.get("MODERATION_ADMIN_KEY")
+    path = os.environ.get("MODERATION_ADMIN_KEY_FILE")
+    if not key and path and Path(path).exists():
+        key = Path(path).read_text().strip()
+    return key or ""
+
+
+@dataclass
+class ServerConfig:
+    repository: Path = Path(os.environ.get("MODEL_REPOSITORY", "model_repository"))
+    grpc_port: int = int(os.environ.get("GRPC_PORT", 8001))
+    http_port: int = int(os.environ.get("HTTP_PORT", 8000))
+    metrics_port: int = int(os.environ.get("METRICS_PORT", 8002))
+    address: str = os.environ.get("BIND_ADDRESS", "127.0.0.1")
+    models: tuple[str, ...] = ALL_MODELS
+    key: str = field(default_factory=admin_key)
+    cache_bytes: int = 64 * 1024 * 1024
+    log_verbose: int = int(os.environ.get("TRITON_LOG_VERBOSE", 0))
+    extra_args: tuple[str, ...] = ()
+
+    def command(self) -> list[str]:
+        tdir = pytriton_dir() / "tritonserver"
+        key = self.key or secrets.token_hex(16)  # no key configured: the admin APIs stay closed to everyone
+        args = [
+            str(tdir / "bin" / "tritonserver"),
+            f"--model-repository={Path(self.repository).resolve()}",
+            f"--backend-directory={backend_dir()}",
+            f"--cache-directory={tdir / 'caches'}",
+            f"--cache-config=local,size={self.cache_bytes}",
+            "--model-control-mode=explicit",
+            *[f"--load-model={m}" for m in self.models],
+            f"--grpc-address={self.address}", f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.address}", f"--http-port={self.http_port}",
+            f"--metrics-address={self.address}", f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true", "--allow-gpu-metrics=false",
+            f"--grpc-restricted-protocol={RESTRICTED_GRPC}:{ADMIN_HEADER}={key}",
+            f"--http-restricted-api={RESTRICTED_HTTP}:{ADMIN_HEADER}={key}",
+            "--strict-readiness=true", "--exit-timeout-secs=30",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+        return args
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        libs = pytriton_dir().parent / "nvidia_pytriton.libs"
+        paths = [str(libs)]
+        # The stub links libpython3.X.so dynamically: make it the interpreter's own (the one whose stdlib
+        # and extension modules the stub will import), not whichever the system loader finds first.
+        libdir = sysconfig.get_config_var("LIBDIR")
+        if libdir and Path(libdir, sysconfig.get_config_var("LDLIBRARY") or "").exists():
+            paths.insert(0, libdir)
+        env["LD_LIBRARY_PATH"] = ":".join(paths + [env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
+        # The python stubs must find this venv's packages and this checkout's `moderation` package.
+        venv_bin = str(Path(sys.executable).parent)
+        env["PATH"] = f"{venv_bin}:{env.get('PATH', '')}"
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.setdefault("HF_HUB_OFFLINE", "1")  # local-only inference: never reach a model hub
+        env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        return env
+
+
+class TritonProcess:
+    def __init__(self, config: ServerConfig, log_path: Path | None = None):
+        self.config = config
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "TritonProcess":
+        out = open(self.log_path, "ab") if self.log_path else None
+        self.proc = subprocess.Popen(self.config.command(), env=self.config.env(), stdout=out or None,
+                                     stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        return self
+
+    def ready_url(self) -> str:
+        return f"http://{self.config.address}:{self.config.http_port}/v2/health/ready"
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with code {self.proc.returncode} before it was ready"
+                                   + (f"; see {self.log_path}" if self.log_path else ""))
+            try:
+                with urllib.request.urlopen(self.ready_url(), timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f}s ({self.ready_url()})")
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        if not self.proc or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)  # Triton drains in-flight requests, then unloads
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait()
+
+
+def main() -> int:
+    cfg = ServerConfig()
+    if not (cfg.repository / "language_decoder" / "1" / "artifact.json").exists():
+        print(f"error: {cfg.repository} has no exported models; run `make models` first", file=sys.stderr)
+        return 2
+    server = TritonProcess(cfg).start()
+
+    def _forward(signum, _frame):
+        if server.proc and server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    signal.signal(signal.SIGINT, _forward)
+    signal.signal(signal.SIGTERM, _forward)
+    try:
+        server.wait_ready()
+        print(f"ready: gRPC {cfg.address}:{cfg.grpc_port}  HTTP {cfg.address}:{cfg.http_port}  "
+              f"metrics {cfg.address}:{cfg.metrics_port}", flush=True)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        server.stop()
+        return 1
+    rc = server.proc.wait()
+    return 0 if rc in (0, -signal.SIGTERM, -signal.SIGINT) else rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class running_server:
+    """Context manager: an embedded Triton on free loopback ports, ready on entry, stopped on exit.
+
+        with running_server(env={"MODERATION_AUDIT_LOG": "..."}) as srv:
+            ModerationClient(srv.grpc_url)
+    """
+
+    def __init__(self, repository: Path | None = None, env: dict[str, str] | None = None,
+                 log_path: Path | None = None, models: tuple[str, ...] = ALL_MODELS, key: str = "",
+                 extra_args: tuple[str, ...] = (), timeout: float = 300.0):
+        self.config = ServerConfig(repository=Path(repository or os.environ.get("MODEL_REPOSITORY",
+                                                                                 "model_repository")),
+                                   grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+                                   models=models, key=key, extra_args=extra_args)
+        self.extra_env = env or {}
+        self.log_path = log_path
+        self.timeout = timeout
+        self.process: TritonProcess | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.config.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.config.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.metrics_port}/metrics"
+
+    def __enter__(self) -> "running_server":
+        saved = {k: os.environ.get(k) for k in self.extra_env}
+        os.environ.update(self.extra_env)
+        try:
+            if self.log_path:
+                Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+            self.process = TritonProcess(self.config, self.log_path).start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        try:
+            self.process.wait_ready(self.timeout)
+        except BaseException:
+            self.process.stop()
+            raise
+        return self
+
+    def stop(self) -> int | None:
+        return self.process.stop() if self.process else None
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,60 @@
+"""The one onnxruntime runner behind clip_image, clip_text and vision_encoder on the embedded CPU server
+(the PyPI Triton wheel has no onnxruntime backend; NGC containers use `backend: "onnxruntime"` with the
+same model.onnx and tensor names). Requests in a dynamic batch run as one session call."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ..artifacts import read_artifact_record
+from .triton_io import Stage, parameters, pb, tensor, version_dir
+
+
+class OnnxRunner:
+    def initialize(self, args):
+        import onnxruntime as ort
+
+        self.stage = Stage(args)
+        cfg = json.loads(args["model_config"])
+        params = parameters(args)
+        vdir = version_dir(args)
+        self.record = read_artifact_record(vdir)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
+        opts.inter_op_num_threads = 1
+        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        providers = [p for p in wanted if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(str(vdir / "model.onnx"), sess_options=opts, providers=providers)
+        self.inputs = [i["name"] for i in cfg["input"]]
+        self.outputs = [o["name"] for o in cfg["output"]]
+        self.stage.logger.log_info(f"{self.stage.name} v{self.stage.version}: onnxruntime providers "
+                                   f"{self.session.get_providers()}")
+
+    def execute(self, requests):
+        u = pb()
+        arrays, sizes, ok = {n: [] for n in self.inputs}, [], []
+        responses = [None] * len(requests)
+        for i, request in enumerate(requests):
+            try:
+                feed = {n: u.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs}
+            except Exception as e:  # noqa: BLE001 - one bad request must not fail the batch
+                responses[i] = self.stage.fail(e)
+                continue
+            for n, a in feed.items():
+                arrays[n].append(a)
+            sizes.append(next(iter(feed.values())).shape[0])
+            ok.append(i)
+        if ok:
+            try:
+                outs = self.session.run(self.outputs, {n: np.concatenate(v) for n, v in arrays.items()})
+            except Exception as e:  # noqa: BLE001
+                for i in ok:
+                    responses[i] = self.stage.fail(e)
+                return responses
+            start = 0
+            for i, size in zip(ok, sizes):
+                responses[i] = u.InferenceResponse(
+                    [tensor(name, out[start:start + size]) for name, out in zip(self.outputs, outs)])
+                start += size
+        return responses

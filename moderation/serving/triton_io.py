@@ -1,0 +1,97 @@
+"""Tensor plumbing and error handling shared by every python-backend model."""
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from ..audit import AuditLog
+from ..errors import ModerationError
+
+
+def pb():
+    import triton_python_backend_utils as pb_utils  # only inside a Triton stub
+    return pb_utils
+
+
+def model_id(args: dict) -> tuple[str, str]:
+    return args["model_name"], str(args["model_version"])
+
+
+def version_dir(args: dict) -> Path:
+    return Path(args["model_repository"]) / str(args["model_version"])
+
+
+def parameters(args: dict) -> dict[str, str]:
+    cfg = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+
+
+def rows(request, name: str, optional: bool = False) -> np.ndarray | None:
+    """The input as a numpy array (batch dimension first), or None for an absent optional input."""
+    t = pb().get_input_tensor_by_name(request, name)
+    if t is None:
+        if optional:
+            return None
+        raise ModerationError(f"missing required input {name}", code="bad_request")
+    return t.as_numpy()
+
+
+def bytes_rows(request, name: str, optional: bool = False) -> list[bytes | None]:
+    arr = rows(request, name, optional)
+    if arr is None:
+        return []
+    return [x if isinstance(x, bytes) else (x.encode() if isinstance(x, str) else x) for x in arr.reshape(-1)]
+
+
+def string_tensor(name: str, values: list[str | bytes]):
+    data = np.array([[v.encode("utf-8") if isinstance(v, str) else v] for v in values], dtype=np.object_)
+    return pb().Tensor(name, data)
+
+
+def tensor(name: str, array: np.ndarray):
+    return pb().Tensor(name, np.ascontiguousarray(array))
+
+
+def error_response(err: Exception):
+    u = pb()
+    if isinstance(err, ModerationError):
+        code = getattr(u.TritonError, "INVALID_ARG", None)
+        code = getattr(u.TritonError, "UNAVAILABLE", code) if err.code in ("model_unavailable", "overloaded") else code
+        msg = str(err)
+    else:
+        code = getattr(u.TritonError, "INTERNAL", None)
+        msg = f"[internal] {type(err).__name__}: {err}"
+    try:
+        e = u.TritonError(msg, code) if code is not None else u.TritonError(msg)
+    except TypeError:
+        e = u.TritonError(msg)
+    return u.InferenceResponse(output_tensors=[], error=e)
+
+
+class Stage:
+    """Per-model context: audit log and a uniform way to fail one request without failing the batch."""
+
+    def __init__(self, args: dict):
+        self.name, self.version = model_id(args)
+        self.audit = AuditLog()
+        self.logger = pb().Logger
+
+    def fail(self, err: Exception, meta: dict | None = None, started: float | None = None):
+        if not isinstance(err, ModerationError):
+            self.logger.log_error(f"{self.name}: {traceback.format_exc()}")
+        code = err.code if isinstance(err, ModerationError) else "internal"
+        message = err.message if isinstance(err, ModerationError) else f"{type(err).__name__}: {err}"
+        row = {"request_id": (meta or {}).get("request_id"), "stage": self.name,
+               "model_versions": {self.name: self.version}, "error": {"code": code, "message": message},
+               **{k: v for k, v in (meta or {}).items() if k in ("image_sha256", "text_sha256", "policy")}}
+        if started is not None:
+            row["latency_ms"] = {"total": round((time.perf_counter() - started) * 1e3, 3)}
+        try:
+            self.audit.write(row)
+        except OSError as e:  # never turn an audit hiccup into a lost response
+            self.logger.log_error(f"{self.name}: audit write failed: {e}")
+        return error_response(err)

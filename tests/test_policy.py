@@ -1,0 +1,40 @@
+import pytest
+
+from moderation.errors import UnknownPolicy
+from moderation.gate import ALLOW, BLOCK, ESCALATE, decide
+from moderation.policy import Policy, load_policy
+
+
+def test_default_policy_loads_with_zh_and_en():
+    p = load_policy("default")
+    assert p.id.startswith("default@")
+    assert {"violence", "sexual", "mismatch", "sarcasm"} <= set(p.label_keys)
+    assert set(p.prompts) == {"en", "zh"}
+    assert all(lab.zh and lab.en for lab in p.labels)
+
+
+@pytest.mark.parametrize("name", ["nope", "../default", "", "a" * 100])
+def test_unknown_or_malformed_policy_names_are_rejected(name):
+    with pytest.raises(UnknownPolicy):
+        load_policy(name)
+
+
+def test_policy_validation_rejects_unknown_block_label():
+    data = load_policy().model_dump()
+    data["gate"]["block_labels"] = ["not_a_label"]
+    with pytest.raises(ValueError, match="unknown labels"):
+        Policy.model_validate(data)
+
+
+def test_decide_uses_thresholds():
+    p = load_policy()
+    g = p.gate
+    low = {k: g.allow_below / 2 for k in p.label_keys}
+    assert decide(p, low)[0] == ALLOW
+    mid = dict(low, violence=(g.allow_below + g.block_at) / 2)
+    assert decide(p, mid)[0] == ESCALATE
+    high = dict(low, violence=g.block_at)
+    assert decide(p, high)[0] == BLOCK
+    # a label the gate may not block on alone escalates instead
+    only_sarcasm = dict(low, sarcasm=0.999)
+    assert decide(p, only_sarcasm)[0] == ESCALATE
