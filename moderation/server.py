@@ -22,6 +22,13 @@ from pathlib import Path
 from .repository import ALL_MODELS
 
 ADMIN_HEADER = "admin-key"
+# Triton matches restricted gRPC calls on this metadata key (its prefix + the configured header name);
+# HTTP requests send the plain header name.
+GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
+
+
+def admin_headers(key: str, protocol: str = "grpc") -> dict[str, str]:
+    return {GRPC_ADMIN_HEADER if protocol == "grpc" else ADMIN_HEADER: key}
 # Everything that can change or read server state beyond inference and health needs the admin key.
 RESTRICTED_GRPC = "model-repository,model-config,shared-memory,statistics,trace,logging"
 RESTRICTED_HTTP = "model-repository,model-config,shared-memory,statistics,trace,logging"

@@ -47,7 +47,7 @@ def audit_log(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def triton(policy_dir, audit_log, tmp_path_factory):
-    from moderation.server import running_server
+    from moderation.server import admin_headers, running_server
 
     if not (REPO / "language_decoder" / "1" / "artifact.json").exists():
         pytest.fail("model_repository has no exported models: run `make models`")
@@ -55,7 +55,8 @@ def triton(policy_dir, audit_log, tmp_path_factory):
     env = {"MODERATION_POLICY_DIR": str(policy_dir), "MODERATION_AUDIT_LOG": str(audit_log)}
     with running_server(repository=REPO, env=env, log_path=log, key=ADMIN_KEY) as srv:
         srv.log = log
-        srv.admin_headers = {"admin-key": ADMIN_KEY}
+        srv.admin_headers = admin_headers(ADMIN_KEY, "grpc")  # for tritonclient.grpc calls
+        srv.admin_http_headers = admin_headers(ADMIN_KEY, "http")
         yield srv
 
 
