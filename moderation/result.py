@@ -43,9 +43,11 @@ def build_result(policy: Policy, request: dict, gate: dict, versions: dict[str, 
         violation = route == BLOCK
         threshold, source = policy.gate.allow_below, "clip_gate"
         sentiment, description = None, None
-    sources = gate.get("sources", {})
+    # A trained gate signal (e.g. nsfw_image) names itself and its own threshold, on the gate's scores only.
+    sources = gate.get("sources", {}) if source == "clip_gate" else {}
+    own = gate.get("thresholds", {}) if source == "clip_gate" else {}
     labels = sorted(({"name": k, "score": v, "source": sources.get(k, source)} for k, v in scores.items()
-                     if k in policy.label_keys and v >= threshold), key=lambda x: -x["score"])
+                     if k in policy.label_keys and v >= own.get(k, threshold)), key=lambda x: -x["score"])
     signals = dict(gate.get("signals", {}))
     if route == "vlm":
         signals["vlm"] = "untrained" if vlm and vlm.get("untrained") else "trained"
@@ -57,7 +59,8 @@ def build_result(policy: Policy, request: dict, gate: dict, versions: dict[str, 
         "description": description,
         "route": route,
         "scores": {k: float(v) for k, v in scores.items()},
-        "gate": {"scores": gate_scores, "consistency": gate.get("consistency"), "reason": gate.get("reason", "")},
+        "gate": {"scores": gate_scores, "consistency": gate.get("consistency"), "reason": gate.get("reason", ""),
+                 "sources": gate.get("sources", {})},
         "model_versions": versions,
         "latency_ms": {k: round(float(v), 3) for k, v in latency_ms.items()},
         "untrained": any(v == "untrained" for v in signals.values()),

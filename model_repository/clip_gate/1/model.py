@@ -23,6 +23,7 @@ class TritonPythonModel:
         self.record = read_artifact_record(vdir)
         self.clip = ClipInputs(str(vdir / "clip"))
         self.gate = Gate()
+        self.nsfw_signal = _signal_of(vdir.parent.parent / "nsfw_image")
 
     async def _encode_texts(self, texts):
         ids, mask = self.clip.tokens(texts)
@@ -71,12 +72,17 @@ class TritonPythonModel:
             meta = records[0] if len(records) == 1 else {}
             images, texts = bytes_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
             img_emb, txt_emb = rows(request, "IMAGE_EMBEDS"), rows(request, "TEXT_EMBEDS")
+            nsfw = rows(request, "NSFW_SCORES", optional=True)  # [B, 2] = (sfw, nsfw) from nsfw_image
             decisions, pending = [], []
             for i, rec in enumerate(records):
                 policy = load_policy(rec["policy_name"])
                 bank = await self._bank(policy)
-                d = self.gate(policy, bank, img_emb[i], txt_emb[i], has_caption=bool(texts[i].strip()))
-                d.update(signals={"clip": "untrained" if self.record.get("untrained") else "trained"},
+                d = self.gate(policy, bank, img_emb[i], txt_emb[i], has_caption=bool(texts[i].strip()),
+                              nsfw_score=None if nsfw is None else float(nsfw[i][1]))
+                signals = {"clip": "untrained" if self.record.get("untrained") else "trained"}
+                if nsfw is not None:
+                    signals["nsfw_image"] = self.nsfw_signal
+                d.update(signals=signals,
                          gate_version=self.stage.version, gate_ms=(time.perf_counter() - t0) * 1e3,
                          gate_started=time.time())
                 decisions.append(d)
@@ -88,3 +94,12 @@ class TritonPythonModel:
                                                                       for d in decisions])])
         except Exception as e:  # noqa: BLE001
             return self.stage.fail(e, meta, t0)
+
+
+def _signal_of(model_dir):
+    """'trained' / 'untrained' from the newest exported version's artifact record of a sibling model."""
+    versions = sorted((d for d in model_dir.glob("[0-9]*") if (d / "artifact.json").exists()),
+                      key=lambda d: int(d.name) if d.name.isdigit() else -1)
+    if not versions:
+        return "untrained"  # no record: nothing says it is trained
+    return "untrained" if read_artifact_record(versions[-1], verify=False).get("untrained", True) else "trained"

@@ -8,6 +8,7 @@ import triton_python_backend_utils as pb_utils
 
 from moderation.artifacts import read_artifact_record
 from moderation.errors import ModerationError
+from moderation.imaging import NsfwPixels
 from moderation.options import parse_options
 from moderation.pipeline import ClipInputs, hashes_of, parse_post
 from moderation.serving.triton_io import Stage, bytes_rows, string_tensor, tensor, version_dir
@@ -19,6 +20,7 @@ class TritonPythonModel:
         vdir = version_dir(args)
         self.record = read_artifact_record(vdir)
         self.clip = ClipInputs(str(vdir / "clip"))
+        self.nsfw = NsfwPixels()  # open_nsfw's reference preprocessing for the nsfw_image model
 
     def execute(self, requests):
         return [self._one(r) for r in requests]
@@ -31,7 +33,7 @@ class TritonPythonModel:
             if not (len(images) == len(texts) == len(options)):
                 raise ModerationError(f"IMAGE, TEXT and OPTIONS have {len(images)}, {len(texts)} and "
                                       f"{len(options)} rows; send one of each per post", code="bad_request")
-            pixels, ids, masks, records = [], [], [], []
+            pixels, ids, masks, records, nsfw = [], [], [], [], []
             for image, text, opt in zip(images, texts, options):
                 meta = hashes_of(image, text)
                 try:
@@ -41,6 +43,7 @@ class TritonPythonModel:
                 post = parse_post(image, text, opt)
                 p, i, m = self.clip(post)
                 pixels.append(p), ids.append(i), masks.append(m)
+                nsfw.append(self.nsfw(post.image))
                 rec = post.request_record()
                 rec.update(t_received=wall0, t_preprocessed=time.time(),
                            latency_ms={"preprocess": (time.perf_counter() - t0) * 1e3},
@@ -49,6 +52,7 @@ class TritonPythonModel:
                 records.append(json.dumps(rec, ensure_ascii=False))
             return pb_utils.InferenceResponse([
                 tensor("CLIP_PIXELS", np.stack(pixels)), tensor("CLIP_INPUT_IDS", np.stack(ids)),
-                tensor("CLIP_ATTENTION_MASK", np.stack(masks)), string_tensor("REQUEST", records)])
+                tensor("CLIP_ATTENTION_MASK", np.stack(masks)), string_tensor("REQUEST", records),
+                tensor("NSFW_PIXELS", np.stack(nsfw))])
         except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
             return self.stage.fail(e, meta, t0)

@@ -1,0 +1,2 @@
+"""ONNX model served by the shared onnxruntime runner (see moderation/serving/onnx_model.py)."""
+from moderation.serving.onnx_model import OnnxRunner as TritonPythonModel  # noqa: F401

