@@ -53,19 +53,35 @@ def parse_post(image: bytes, text: bytes, options_raw: bytes | None) -> Post:
                 lang, decoded.image, {"image_format": decoded.format, "image_size": list(decoded.original_size)})
 
 
+class ClipTokens:
+    """CLIP's tokenizer (the checkpoint's tokenizer.json) through the `tokenizers` library alone: the
+    gate loads in about a second instead of importing transformers and torch, which keeps hot swaps short."""
+
+    def __init__(self, clip_dir: str, max_length: int = CLIP_MAX_TOKENS):
+        import json
+        from pathlib import Path
+
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(Path(clip_dir) / "tokenizer.json"))
+        cfg = json.loads((Path(clip_dir) / "tokenizer_config.json").read_text())
+        pad = cfg.get("pad_token") or cfg.get("eos_token")
+        pad = pad["content"] if isinstance(pad, dict) else pad
+        self.tok.enable_truncation(max_length)
+        self.tok.enable_padding(length=max_length, pad_id=self.tok.token_to_id(pad), pad_token=pad)
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        enc = self.tok.encode_batch(texts)
+        return (np.array([e.ids for e in enc], dtype=np.int64),
+                np.array([e.attention_mask for e in enc], dtype=np.int64))
+
+
 class ClipInputs:
     """preprocess: CLIP pixels and tokens for one post."""
 
     def __init__(self, clip_dir: str):
-        from transformers import AutoTokenizer
-
         self.pixels = ClipPixels(clip_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(clip_dir)
-
-    def tokens(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=CLIP_MAX_TOKENS,
-                             return_tensors="np")
-        return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        self.tokens = ClipTokens(clip_dir)
 
     def __call__(self, post: Post) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids, mask = self.tokens([post.caption])

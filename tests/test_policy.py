@@ -38,3 +38,18 @@ def test_decide_uses_thresholds():
     # a label the gate may not block on alone escalates instead
     only_sarcasm = dict(low, sarcasm=0.999)
     assert decide(p, only_sarcasm)[0] == ESCALATE
+
+
+def test_light_clip_tokenizer_matches_transformers():
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from moderation.pipeline import ClipTokens
+
+    clip = Path(__file__).resolve().parents[1] / "model_repository" / "preprocess" / "1" / "clip"
+    texts = ["a photo of a cat", "岁月静好", "", "word " * 200]
+    ref = AutoTokenizer.from_pretrained(clip)(texts, padding="max_length", truncation=True, max_length=77,
+                                              return_tensors="np")
+    ids, mask = ClipTokens(str(clip))(texts)
+    assert (ids == ref["input_ids"]).all() and (mask == ref["attention_mask"]).all()

@@ -79,6 +79,9 @@ class Stage:
         self.name, self.version = model_id(args)
         self.audit = AuditLog()
         self.logger = pb().Logger
+        from .metrics import Counter
+
+        self.errors = Counter("moderation_errors_total")
 
     def fail(self, err: Exception, meta: dict | None = None, started: float | None = None):
         if not isinstance(err, ModerationError):
@@ -88,6 +91,7 @@ class Stage:
         row = {"request_id": (meta or {}).get("request_id"), "stage": self.name,
                "model_versions": {self.name: self.version}, "error": {"code": code, "message": message},
                **{k: v for k, v in (meta or {}).items() if k in ("image_sha256", "text_sha256", "policy")}}
+        self.errors.inc(stage=self.name, code=code)
         if started is not None:
             row["latency_ms"] = {"total": round((time.perf_counter() - started) * 1e3, 3)}
         try:

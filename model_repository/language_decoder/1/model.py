@@ -11,12 +11,14 @@ import triton_python_backend_utils as pb_utils
 from moderation.artifacts import read_artifact_record
 from moderation.decoder import DecoderRequest, VerdictDecoder
 from moderation.policy import load_policy
+from moderation.serving.metrics import Counter
 from moderation.serving.triton_io import Stage, bytes_rows, parameters, rows, string_tensor, version_dir
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.stage = Stage(args)
+        self.batch_size = Counter("moderation_decoder_batch_size")
         params = parameters(args)
         torch.set_num_threads(int(params.get("torch_threads", "2")))
         vdir = version_dir(args)
@@ -42,6 +44,7 @@ class TritonPythonModel:
                 responses[i] = self.stage.fail(e)
         if not items:
             return responses
+        self.batch_size.set(len(items), version=self.stage.version)
         try:
             results = self.decoder.score([d for _, d in items])
         except Exception as e:  # noqa: BLE001

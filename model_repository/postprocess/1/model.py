@@ -9,12 +9,14 @@ import triton_python_backend_utils as pb_utils
 from moderation.audit import raw_text_allowed  # noqa: F401  (raw content is never in these rows)
 from moderation.policy import load_policy
 from moderation.result import build_result, validate_result
+from moderation.serving.metrics import Counter
 from moderation.serving.triton_io import Stage, bytes_rows, rows, string_tensor, tensor
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.stage = Stage(args)
+        self.finished = Counter("moderation_requests_total")
 
     def execute(self, requests):
         return [self._one(r) for r in requests]
@@ -52,6 +54,7 @@ class TritonPythonModel:
                     "model_versions": versions, "latency_ms": result["latency_ms"],
                     "image_sha256": rec["image_sha256"], "text_sha256": rec["text_sha256"],
                     "lang": rec["lang"], "error": None, "untrained": result["untrained"]})
+                self.finished.inc(route=result["route"], violation=str(result["violation"]).lower())
             width = max(len(e) for e in embeds)
             embeds = [np.pad(e, (0, width - len(e))) for e in embeds]
             return pb_utils.InferenceResponse([

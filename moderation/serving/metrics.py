@@ -1,0 +1,52 @@
+"""Custom Prometheus metrics from the python models, exported on Triton's own /metrics endpoint
+(python-backend MetricFamily). One family per fact; models label their series."""
+from __future__ import annotations
+
+from .triton_io import pb
+
+_FAMILIES: dict[str, object] = {}
+
+SPECS = {
+    "moderation_requests_total": ("COUNTER", "Posts finished by postprocess, by route and verdict"),
+    "moderation_escalations_total": ("COUNTER", "Posts the gate sent to the VLM, by decoder arm"),
+    "moderation_errors_total": ("COUNTER", "Requests failed with a coded error, by stage and code"),
+    "moderation_cache_total": ("COUNTER", "Verdict-cache lookups by result (hit/miss)"),
+    "moderation_decoder_fallback_total": ("COUNTER", "Escalations sent to the INT8 fallback decoder"),
+    "moderation_decoder_batch_size": ("GAUGE", "Posts in the language decoder's last batch"),
+}
+
+
+def family(name: str):
+    fam = _FAMILIES.get(name)
+    if fam is None:
+        u = pb()
+        kind, desc = SPECS[name]
+        fam = _FAMILIES[name] = u.MetricFamily(name=name, description=desc, kind=getattr(u.MetricFamily, kind))
+    return fam
+
+
+class Counter:
+    """Label-keyed series of one family, created on first use."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._series: dict[tuple, object] = {}
+
+    def _metric(self, labels: dict[str, str]):
+        key = tuple(sorted(labels.items()))
+        m = self._series.get(key)
+        if m is None:
+            m = self._series[key] = family(self.name).Metric(labels=dict(key))
+        return m
+
+    def inc(self, value: float = 1.0, **labels: str) -> None:
+        try:
+            self._metric(labels).increment(value)
+        except Exception:  # noqa: BLE001 - metrics must never fail a request
+            pass
+
+    def set(self, value: float, **labels: str) -> None:
+        try:
+            self._metric(labels).set(value)
+        except Exception:  # noqa: BLE001
+            pass
