@@ -11,8 +11,9 @@ import triton_python_backend_utils as pb_utils
 from moderation.artifacts import read_artifact_record
 from moderation.errors import ModelUnavailable, ModerationError, parse_error_text
 from moderation.gate import ESCALATE, ConceptBank
-from moderation.pipeline import ClipInputs, Gate
+from moderation.pipeline import ClipTokens, Gate
 from moderation.policy import load_policy
+from moderation.serving.metrics import Counter
 from moderation.serving.triton_io import Stage, bytes_rows, rows, string_tensor, version_dir
 
 
@@ -21,12 +22,13 @@ class TritonPythonModel:
         self.stage = Stage(args)
         vdir = version_dir(args)
         self.record = read_artifact_record(vdir)
-        self.clip = ClipInputs(str(vdir / "clip"))
+        self.clip_tokens = ClipTokens(str(vdir / "clip"))
         self.gate = Gate()
+        self.escalations = Counter("moderation_escalations_total")
         self.nsfw_signal = _signal_of(vdir.parent.parent / "nsfw_image")
 
     async def _encode_texts(self, texts):
-        ids, mask = self.clip.tokens(texts)
+        ids, mask = self.clip_tokens(texts)
         out = []
         for s in range(0, len(texts), 64):
             req = pb_utils.InferenceRequest(
@@ -87,6 +89,7 @@ class TritonPythonModel:
                          gate_started=time.time())
                 decisions.append(d)
                 if d["route"] == ESCALATE:
+                    self.escalations.inc(arm="default")
                     pending.append((i, self._escalate(images[i], texts[i], rec)))
             for (i, _), vlm in zip(pending, await asyncio.gather(*(p for _, p in pending))):
                 decisions[i]["vlm"] = vlm
