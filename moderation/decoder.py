@@ -55,6 +55,7 @@ class VerdictDecoder:
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = getattr(torch, dtype)
+        self.device_label = f"{self.device.type}:{dtype}"  # e.g. "cuda:bfloat16", for logs and perf records
         self.model = Qwen3VLForConditionalGeneration.from_pretrained(checkpoint_dir, dtype=self.dtype).eval()
         if drop_vision:  # visual tokens come from the ONNX vision_encoder
             self.model.model.visual = None

@@ -126,7 +126,25 @@ def _tensor_block(kind: str, items: list[dict]) -> str:
     return f"{kind} [\n" + ",\n".join(out) + "\n]\n"
 
 
-def render(name: str, target: str = "local") -> str:
+# Production only: how the onnxruntime backend runs the ONNX models on the GPU. "tensorrt" builds FP16 engines at
+# load (minutes the first time, cached under TRT_CACHE_DIR, a writable volume in the container); "cuda" runs the
+# CUDA execution provider in FP32 with no build step.
+ONNX_ACCELERATORS = ("tensorrt", "cuda")
+TRT_CACHE_DIR = "/cache/trt"
+
+
+def _gpu_accelerator(accelerator: str) -> str:
+    if accelerator == "cuda":
+        return 'optimization { execution_accelerators { gpu_execution_accelerator : [ { name : "cuda" } ] } }\n'
+    if accelerator != "tensorrt":
+        raise ValueError(f"onnx accelerator must be one of {ONNX_ACCELERATORS}, not {accelerator!r}")
+    trt = {"precision_mode": "FP16", "max_workspace_size_bytes": str(4 << 30), "trt_engine_cache_enable": "1",
+           "trt_engine_cache_path": TRT_CACHE_DIR}
+    kv = " ".join(f'parameters {{ key: "{k}" value: "{v}" }}' for k, v in trt.items())
+    return f'optimization {{ execution_accelerators {{ gpu_execution_accelerator : [ {{ name : "tensorrt" {kv} }} ] }} }}\n'
+
+
+def render(name: str, target: str = "local", onnx_accelerator: str = "tensorrt") -> str:
     spec = copy.deepcopy(MODELS[name])
     backend = spec["backend"]
     lines = [f'# Rendered by moderation/repository.py (target: {target}); edit there, not here.',
@@ -164,19 +182,18 @@ def render(name: str, target: str = "local") -> str:
     if target == "production" and "device" in params:
         params["device"], params["dtype"] = "cuda", "bfloat16"
     if backend == "onnx" and target == "production":
-        text += ("optimization { execution_accelerators { gpu_execution_accelerator : [ "
-                 "{ name : \"tensorrt\" parameters { key: \"precision_mode\" value: \"FP16\" } } ] } }\n")
+        text += _gpu_accelerator(onnx_accelerator)
     for k, v in sorted(params.items()):
         text += f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n'
     return text
 
 
-def render_repository(out: Path, target: str) -> list[Path]:
+def render_repository(out: Path, target: str, onnx_accelerator: str = "tensorrt") -> list[Path]:
     written = []
     for name in ALL_MODELS:
         d = Path(out) / name
         d.mkdir(parents=True, exist_ok=True)
-        (d / "config.pbtxt").write_text(render(name, target))
+        (d / "config.pbtxt").write_text(render(name, target, onnx_accelerator))
         written.append(d / "config.pbtxt")
     return written
 
@@ -185,8 +202,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", choices=["local", "production"], default="local")
     ap.add_argument("--out", type=Path, default=Path("model_repository"))
+    ap.add_argument("--onnx-accelerator", choices=ONNX_ACCELERATORS, default="tensorrt",
+                    help="production only: GPU execution accelerator of the onnxruntime backend")
     args = ap.parse_args(argv)
-    for p in render_repository(args.out, args.target):
+    for p in render_repository(args.out, args.target, args.onnx_accelerator):
         print(p)
 
 

@@ -23,13 +23,15 @@ class OnnxRunner:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
         opts.inter_op_num_threads = 1
-        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        providers = [p for p in wanted if p in ort.get_available_providers()]
+        # CUDA first when this onnxruntime build has it (onnxruntime-gpu); a config parameter can pin the order.
+        wanted = params.get("execution_providers", "CUDAExecutionProvider,CPUExecutionProvider").split(",")
+        providers = [p for p in wanted if p in ort.get_available_providers()] or ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(vdir / "model.onnx"), sess_options=opts, providers=providers)
         self.inputs = [i["name"] for i in cfg["input"]]
         self.outputs = [o["name"] for o in cfg["output"]]
-        self.stage.logger.log_info(f"{self.stage.name} v{self.stage.version}: onnxruntime providers "
-                                   f"{self.session.get_providers()}")
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.stage.logger.log_info(f"{self.stage.name} v{self.stage.version}: device {self.device}, onnxruntime "
+                                   f"providers {self.session.get_providers()} (asked {wanted})")
 
     def execute(self, requests):
         u = pb()

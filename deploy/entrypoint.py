@@ -1,0 +1,96 @@
+"""Container entrypoint: exec the NGC image's tritonserver with the production flags.
+
+The restricted-API flags are moderation/server.py's own constants (the embedded CPU server and the container
+close the same protocols behind the same `admin-key` header); the key is read from a mounted secret file, never
+from an image layer. tritonserver replaces this process (exec), so it is PID 1 and gets SIGTERM directly:
+Triton stops accepting, drains in-flight requests for up to --exit-timeout-secs, then exits.
+
+Environment (defaults in brackets):
+  MODEL_REPOSITORY [/models]          a path, or s3://bucket/prefix, gs://bucket/prefix, as:// (Triton reads them)
+  MODERATION_ADMIN_KEY_FILE [/run/secrets/admin_key]   required: no key, no start
+  GRPC_PORT [8001] HTTP_PORT [8000] METRICS_PORT [8002] BIND_ADDRESS [0.0.0.0]
+  LOAD_MODELS [every model in moderation.repository]   comma-separated, explicit model control
+  RESPONSE_CACHE_BYTES [268435456]    Triton's local response cache
+  PYTHON_SHM_BYTES [67108864]         python backend shared-memory pool per model instance (/dev/shm)
+  TRITONSERVER [/opt/tritonserver/bin/tritonserver]   TRITON_BACKEND_DIR [unset: the image's backends]
+  TRITON_LOG_VERBOSE [0]  TRITON_EXTRA_ARGS [""] (shell-split, appended)
+
+    python3 /opt/moderation/entrypoint.py            # exec tritonserver
+    python3 /opt/moderation/entrypoint.py --print    # print the command (key redacted) and exit
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from moderation.repository import ALL_MODELS
+from moderation.server import ADMIN_HEADER, RESTRICTED_GRPC, RESTRICTED_HTTP
+
+MIN_KEY_CHARS = 16
+
+
+def read_admin_key(env: dict[str, str]) -> str:
+    path = Path(env.get("MODERATION_ADMIN_KEY_FILE", "/run/secrets/admin_key"))
+    try:
+        key = path.read_text().strip()
+    except OSError as e:
+        raise SystemExit(f"error: admin key file {path} is unreadable ({e.strerror}); mount the secret "
+                         "(compose `secrets:`, Kubernetes Secret volume) — the server does not start without it")
+    if len(key) < MIN_KEY_CHARS or any(c.isspace() for c in key):
+        raise SystemExit(f"error: admin key in {path} must be at least {MIN_KEY_CHARS} characters with no spaces")
+    return key
+
+
+def command(env: dict[str, str] | None = None) -> list[str]:
+    env = dict(os.environ if env is None else env)
+    key = read_admin_key(env)
+    addr = env.get("BIND_ADDRESS", "0.0.0.0")  # inside a pod/container network namespace, not the host's
+    models = [m for m in env.get("LOAD_MODELS", ",".join(ALL_MODELS)).split(",") if m]
+    args = [
+        env.get("TRITONSERVER", "/opt/tritonserver/bin/tritonserver"),
+        f"--model-repository={env.get('MODEL_REPOSITORY', '/models')}",
+        "--model-control-mode=explicit",
+        *[f"--load-model={m}" for m in models],
+        f"--grpc-address={addr}", f"--grpc-port={env.get('GRPC_PORT', '8001')}",
+        f"--http-address={addr}", f"--http-port={env.get('HTTP_PORT', '8000')}",
+        f"--metrics-address={addr}", f"--metrics-port={env.get('METRICS_PORT', '8002')}",
+        "--allow-metrics=true",
+        f"--grpc-restricted-protocol={RESTRICTED_GRPC}:{ADMIN_HEADER}={key}",
+        f"--http-restricted-api={RESTRICTED_HTTP}:{ADMIN_HEADER}={key}",
+        f"--cache-config=local,size={env.get('RESPONSE_CACHE_BYTES', str(256 << 20))}",
+        f"--backend-config=python,shm-default-byte-size={env.get('PYTHON_SHM_BYTES', str(64 << 20))}",
+        "--strict-readiness=true", "--exit-timeout-secs=30",
+        f"--log-verbose={env.get('TRITON_LOG_VERBOSE', '0')}",
+    ]
+    if env.get("TRITON_BACKEND_DIR"):
+        args.append(f"--backend-directory={env['TRITON_BACKEND_DIR']}")
+    if env.get("TRITON_CACHE_DIR"):
+        args.append(f"--cache-directory={env['TRITON_CACHE_DIR']}")
+    args += shlex.split(env.get("TRITON_EXTRA_ARGS", ""))
+    return args
+
+
+def redact(args: list[str]) -> list[str]:
+    return [a.split(f":{ADMIN_HEADER}=")[0] + f":{ADMIN_HEADER}=***" if f":{ADMIN_HEADER}=" in a else a for a in args]
+
+
+# Inherited by the python-backend stubs, as moderation/server.py sets them for the embedded server.
+STUB_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def main(argv: list[str]) -> int:
+    for k, v in STUB_ENV.items():
+        os.environ.setdefault(k, v)  # local-only inference: never reach a model hub
+    args = command()
+    if "--print" in argv:
+        print(shlex.join(redact(args)))
+        return 0
+    sys.stdout.flush()
+    os.execv(args[0], args)
+    return 127  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

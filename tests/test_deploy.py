@@ -1,0 +1,411 @@
+"""Production deployment, validated offline: the two rendered repositories (structural diff), the packaged
+repository and its manifest, the Dockerfile (hadolint), requirements-gpu.txt, compose.yaml, the Kubernetes
+manifests (kubernetes-validate against a pinned Kubernetes, yamllint), the container entrypoint (run for real
+against the embedded Triton binary), and the GPU measurement script (--tiny smoke run on CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+from moderation.repository import ALL_MODELS, ENSEMBLES, MODELS, ONNX_ACCELERATORS, render_repository
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+VENV_BIN = Path(sys.executable).parent
+K8S_VERSION = "1.33.0"  # the oldest Kubernetes the manifests promise to work on
+KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_GPU
+KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU
+
+
+def parse(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+# --- 1. rendering, not copying -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    out = {}
+    for target, acc in (("local", "tensorrt"), ("production", "tensorrt"), ("production", "cuda")):
+        d = tmp_path_factory.mktemp(f"{target}-{acc}")
+        render_repository(d, target, acc)
+        out[(target, acc)] = {m: parse(d / m / "config.pbtxt") for m in ALL_MODELS}
+    return out
+
+
+def _strip_intended(cfg: model_config_pb2.ModelConfig) -> dict:
+    """The config minus what the targets are meant to change: backend, instance kind, accelerators, and the
+    device/precision/runner parameters."""
+    c = model_config_pb2.ModelConfig()
+    c.CopyFrom(cfg)
+    c.ClearField("backend")
+    c.ClearField("optimization")
+    for g in c.instance_group:
+        g.ClearField("kind")
+    for k in ("device", "dtype", "onnx_runner", "intra_op_threads"):
+        if k in c.parameters:
+            del c.parameters[k]
+    return json_format.MessageToDict(c)
+
+
+@pytest.mark.parametrize("acc", ONNX_ACCELERATORS)
+def test_targets_differ_only_where_intended(rendered, acc):
+    local, prod = rendered[("local", "tensorrt")], rendered[("production", acc)]
+    for name in ALL_MODELS:
+        assert local[name].name == prod[name].name == name
+        assert _strip_intended(local[name]) == _strip_intended(prod[name]), f"{name}: unintended difference"
+        backend = MODELS[name]["backend"]
+        if backend == "ensemble":
+            assert local[name] == prod[name]
+            continue
+        lp, pp = dict(local[name].parameters), dict(prod[name].parameters)
+        if backend == "onnx":
+            assert (local[name].backend, prod[name].backend) == ("python", "onnxruntime")
+            assert [g.kind for g in prod[name].instance_group] == [KIND_GPU]
+            assert lp["onnx_runner"].string_value == "onnxruntime" and "onnx_runner" not in pp
+            accel = prod[name].optimization.execution_accelerators.gpu_execution_accelerator
+            assert [a.name for a in accel] == [acc]
+            if acc == "tensorrt":
+                assert accel[0].parameters["precision_mode"] == "FP16"
+                assert accel[0].parameters["trt_engine_cache_enable"] == "1"
+            assert not local[name].HasField("optimization")
+        elif MODELS[name].get("gpu"):  # the decoder: GPU, bf16, in production only
+            assert prod[name].backend == local[name].backend == "python"
+            assert [g.kind for g in prod[name].instance_group] == [KIND_GPU]
+            assert [g.kind for g in local[name].instance_group] == [KIND_CPU]
+            assert (pp["device"].string_value, pp["dtype"].string_value) == ("cuda", "bfloat16")
+            assert (lp["device"].string_value, lp["dtype"].string_value) == ("auto", "auto")
+        else:  # CPU-side python stages stay on the CPU in both targets
+            assert local[name] == prod[name]
+
+
+def test_committed_local_configs_are_the_local_rendering(rendered):
+    for name in ALL_MODELS:
+        assert parse(ROOT / "model_repository" / name / "config.pbtxt") == rendered[("local", "tensorrt")][name]
+
+
+# --- the packaged repository ---------------------------------------------------------------------------------------
+def _package(*args):
+    return subprocess.run([sys.executable, str(DEPLOY / "package_repository.py"), *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_package_renders_copies_verifies_and_records(tmp_path):
+    out = tmp_path / "repo"
+    r = _package("--src", str(ROOT / "model_repository"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    assert manifest["target"] == "production" and set(manifest["models"]) == set(ALL_MODELS)
+    for name in ALL_MODELS:
+        cfg = parse(out / name / "config.pbtxt")
+        assert cfg.name == name
+        if MODELS[name]["backend"] == "onnx":
+            assert cfg.backend == "onnxruntime" and (out / name / "1" / "model.onnx").exists()
+            rec = out / name / "1" / "artifact.json"
+            assert manifest["models"][name]["versions"]["1"]["artifact_sha256"] == \
+                __import__("hashlib").sha256(rec.read_bytes()).hexdigest()
+        elif name not in ENSEMBLES:
+            assert (out / name / "1" / "model.py").exists()
+        assert not list((out / name).rglob("__pycache__"))
+    # The checkpoint travels whole: the decoder's record still verifies in the packaged copy.
+    from moderation.artifacts import read_artifact_record
+    read_artifact_record(out / "language_decoder" / "1", verify=True)
+
+
+def test_package_refuses_a_tampered_artifact(tmp_path):
+    src = tmp_path / "src"
+    for name in ALL_MODELS:
+        shutil.copytree(ROOT / "model_repository" / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    onnx = src / "clip_text" / "1" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes() + b"\0")
+    r = _package("--src", str(src), "--out", str(tmp_path / "out"))
+    assert r.returncode != 0 and "does not match" in (r.stderr + r.stdout)
+
+
+# --- 2. container ----------------------------------------------------------------------------------------------
+def _hadolint(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "hadolint"), "--no-color", str(path)], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_dockerfile_passes_hadolint_and_the_linter_bites(tmp_path):
+    r = _hadolint(DEPLOY / "Dockerfile")
+    assert r.returncode == 0, r.stdout + r.stderr
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu:latest\nRUN apt-get install curl\n")
+    r = _hadolint(bad)
+    assert r.returncode != 0 and "DL3007" in r.stdout  # proves hadolint actually ran on our file above
+
+
+def test_dockerfile_base_release_user_and_entrypoint():
+    text = (DEPLOY / "Dockerfile").read_text()
+    image = re.search(r"^ARG TRITON_IMAGE=(\S+)$", text, re.M).group(1)
+    m = re.fullmatch(r"nvcr\.io/nvidia/tritonserver:(\d\d)\.(\d\d)-py3", image)
+    assert m, image
+    assert (int(m.group(1)), int(m.group(2))) >= (26, 7), "below the newest Triton security bulletin floor (r26.07)"
+    assert (int(m.group(1)), int(m.group(2))) >= (25, 7), "predates CVE-2025-23319/23320/23334 fixes"
+    assert text.count("FROM ${TRITON_IMAGE}") == 2
+    users = re.findall(r"^USER (\S+)$", text, re.M)
+    assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0"
+    assert "--target production" in text and "-r /tmp/requirements-gpu.txt" in text
+    assert 'ENTRYPOINT ["python3", "/opt/moderation/entrypoint.py"]' in text
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    for needed in ("!deploy/entrypoint.py", "!deploy/package_repository.py", "!deploy/requirements-gpu.txt"):
+        assert needed in ignore
+
+
+def test_requirements_gpu_exact_pins_match_the_cpu_lock():
+    pins = {}
+    for line in (DEPLOY / "requirements-gpu.txt").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and re.fullmatch(r"[0-9][0-9A-Za-z.+]*", version), f"not an exact pin: {line}"
+            pins[name.lower().replace("_", "-")] = version
+    for needed in ("torch", "transformers", "onnxruntime-gpu", "tokenizers", "safetensors", "numpy", "pydantic",
+                   "pyyaml", "pillow", "jsonschema", "setuptools"):
+        assert needed in pins, needed
+    assert "onnxruntime" not in pins  # the CPU wheel would shadow onnxruntime-gpu's module
+    lock = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if "==" in line:
+            n, _, v = line.strip().partition("==")
+            lock[n.lower().replace("_", "-")] = v
+    for same in ("transformers", "tokenizers", "safetensors", "numpy", "pydantic", "pyyaml", "pillow", "jsonschema"):
+        assert pins[same] == lock[same], f"{same}: GPU image {pins[same]} != CPU venv {lock[same]}"
+    assert pins["torch"] == lock["torch"].split("+")[0]
+
+
+def _yamllint(*paths) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "yamllint"), "-f", "parsable", "-c", str(DEPLOY / "yamllint.yaml"),
+                           *map(str, paths)], capture_output=True, text=True, timeout=60)
+
+
+def test_yamllint_passes_on_deploy_and_bites(tmp_path):
+    r = _yamllint(DEPLOY)
+    assert r.returncode == 0, r.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: 1\na: 2\n")
+    assert _yamllint(bad).returncode != 0
+
+
+def test_compose_one_gpu_host():
+    c = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    svc = c["services"]["triton"]
+    assert svc["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
+    devices = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert all(p.startswith("127.0.0.1:") for p in svc["ports"])
+    assert {p.split(":")[-1] for p in svc["ports"]} == {"8000", "8001", "8002"}
+    assert svc["secrets"] == [{"source": "admin_key", "target": "admin_key"}]
+    assert c["secrets"]["admin_key"]["file"] == "./secrets/admin_key"
+    assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"] and svc["user"].split(":")[0] != "0"
+    assert "/v2/health/ready" in " ".join(svc["healthcheck"]["test"])
+
+
+# --- 3. Kubernetes -------------------------------------------------------------------------------------------------
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _k8s_resources() -> dict[str, list[dict]]:
+    return {p.name: _docs(p) for p in sorted(K8S.glob("*.yaml")) if p.name != "kustomization.yaml"}
+
+
+def test_manifests_validate_against_pinned_kubernetes():
+    import kubernetes_validate
+
+    n = 0
+    for name, docs in _k8s_resources().items():
+        for doc in docs:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises on any schema error
+            n += 1
+    assert n >= 10
+    # ... and strict validation rejects what a typo produces.
+    dep = _docs(K8S / "deployment.yaml")[0]
+    dep["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
+
+
+def test_kustomization_lists_every_resource():
+    k = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "prometheus-adapter-rules.yaml"}
+    assert set(k["resources"]) == files
+    dep = _docs(K8S / "deployment.yaml")[0]
+    assert {i["name"] for i in k["images"]} == {c["image"] for c in dep["spec"]["template"]["spec"]["containers"]}
+
+
+def test_deployment_gpu_probes_security_and_rollout():
+    res = _k8s_resources()
+    dep = res["deployment.yaml"][0]
+    spec, pod = dep["spec"], dep["spec"]["template"]["spec"]
+    assert "replicas" not in spec  # the HPA owns it
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    (c,) = pod["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"cpu", "memory"} <= set(c["resources"]["limits"])
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": 8001, "http": 8000, "metrics": 8002}
+    assert c["readinessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert {"/tmp", "/dev/shm", "/cache/trt", "/var/log/moderation"} <= mounts  # writable under a read-only root
+    key_file = next(e["value"] for e in c["env"] if e["name"] == "MODERATION_ADMIN_KEY_FILE")
+    assert any(key_file.startswith(m["mountPath"]) and m.get("readOnly") for m in c["volumeMounts"])
+    cm = res["configmap.yaml"][0]
+    assert cm["data"]["MODEL_REPOSITORY"].startswith("s3://")
+    assert c["envFrom"][0]["configMapRef"]["name"] == cm["metadata"]["name"]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    for svc in res["service.yaml"]:
+        assert svc["spec"]["selector"].items() <= labels.items()
+        for p in svc["spec"]["ports"]:
+            assert p["targetPort"] in ports
+    assert res["pdb.yaml"][0]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    np_ = res["networkpolicy.yaml"][0]
+    assert np_["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert {p["port"] for rule in np_["spec"]["ingress"] for p in rule["ports"]} == set(ports)
+
+
+def test_hpa_scales_on_the_adapter_queue_metric():
+    hpa = _docs(K8S / "hpa.yaml")[0]
+    dep = _docs(K8S / "deployment.yaml")[0]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    assert hpa["spec"]["minReplicas"] >= 2
+    (metric,) = hpa["spec"]["metrics"]
+    rules = yaml.safe_load(_docs(K8S / "prometheus-adapter-rules.yaml")[0]["data"]["config.yaml"])["rules"]
+    names = {r["name"]["as"]: r for r in rules}
+    rule = names[metric["pods"]["metric"]["name"]]
+    assert "nv_inference_queue_duration_us" in rule["seriesQuery"]
+    assert "nv_inference_queue_duration_us" in rule["metricsQuery"] and "nv_inference_count" in rule["metricsQuery"]
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+
+
+# --- entrypoint: the production flags, run for real on the embedded binary ----------------------------------
+def _entrypoint_env(tmp_path, key="k" * 32, **extra) -> dict:
+    keyfile = tmp_path / "admin_key"
+    keyfile.write_text(key + "\n")
+    return {"MODERATION_ADMIN_KEY_FILE": str(keyfile), **extra}
+
+
+def test_entrypoint_uses_server_restrictions_and_requires_a_key(tmp_path):
+    sys.path.insert(0, str(DEPLOY))
+    try:
+        import entrypoint
+    finally:
+        sys.path.remove(str(DEPLOY))
+    from moderation.server import ADMIN_HEADER, RESTRICTED_GRPC, RESTRICTED_HTTP
+
+    args = entrypoint.command(_entrypoint_env(tmp_path, MODEL_REPOSITORY="s3://bucket/repo"))
+    assert f"--grpc-restricted-protocol={RESTRICTED_GRPC}:{ADMIN_HEADER}={'k' * 32}" in args
+    assert f"--http-restricted-api={RESTRICTED_HTTP}:{ADMIN_HEADER}={'k' * 32}" in args
+    assert "--model-repository=s3://bucket/repo" in args and "--model-control-mode=explicit" in args
+    assert {a.split("=", 1)[1] for a in args if a.startswith("--load-model=")} == set(ALL_MODELS)
+    assert all("k" * 32 not in a for a in entrypoint.redact(args))
+    with pytest.raises(SystemExit):
+        entrypoint.command({"MODERATION_ADMIN_KEY_FILE": str(tmp_path / "missing")})
+    with pytest.raises(SystemExit):
+        entrypoint.command(_entrypoint_env(tmp_path, key="short"))
+
+
+def _get(url: str, headers: dict | None = None, data: bytes | None = None) -> int:
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:  # not listening yet
+        return 0
+
+
+@pytest.mark.integration
+def test_entrypoint_runs_triton_with_probes_and_locked_admin_api(tmp_path):
+    """The container's entrypoint exec's the embedded tritonserver (same flags; the NGC binary is not here):
+    the probe endpoints answer, the admin API refuses without the key from the secret file, accepts with it,
+    and SIGTERM drains to a clean exit."""
+    from moderation.server import ADMIN_HEADER, ServerConfig, backend_dir, free_port, pytriton_dir
+
+    key = "s" * 40
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    env = ServerConfig().env()
+    env.update(_entrypoint_env(tmp_path, key=key), BIND_ADDRESS="127.0.0.1", HTTP_PORT=str(http),
+               GRPC_PORT=str(grpc), METRICS_PORT=str(metrics), MODEL_REPOSITORY=str(ROOT / "model_repository"),
+               LOAD_MODELS="clip_text,clip_image", RESPONSE_CACHE_BYTES=str(1 << 20),
+               TRITONSERVER=str(pytriton_dir() / "tritonserver" / "bin" / "tritonserver"),
+               TRITON_BACKEND_DIR=str(backend_dir()), TRITON_CACHE_DIR=str(pytriton_dir() / "tritonserver" / "caches"),
+               TRITON_EXTRA_ARGS="--allow-gpu-metrics=false")
+    log = open(tmp_path / "triton.log", "wb")
+    proc = subprocess.Popen([sys.executable, str(DEPLOY / "entrypoint.py")], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{http}"
+    try:
+        deadline = time.monotonic() + 120
+        while _get(f"{base}/v2/health/ready") != 200:
+            assert proc.poll() is None, (tmp_path / "triton.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "not ready in 120 s"
+            time.sleep(0.5)
+        assert _get(f"{base}/v2/health/live") == 200
+        assert _get(f"{base}/v2/models/clip_text/ready") == 200
+        assert _get(f"{base}/v2/repository/index", data=b"{}") in (401, 403)
+        assert _get(f"{base}/v2/repository/index", headers={ADMIN_HEADER: "wrong" * 8}, data=b"{}") in (401, 403)
+        assert _get(f"{base}/v2/repository/index", headers={ADMIN_HEADER: key}, data=b"{}") == 200
+        assert _get(f"http://127.0.0.1:{metrics}/metrics") == 200
+        proc.send_signal(signal.SIGTERM)  # the entrypoint exec'd: this is tritonserver itself
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+# --- 4. the GPU measurement script, smoke-run on CPU --------------------------------------------------------------
+def test_measure_8b_tiny_runs_on_cpu(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "perf" / "gpu" / "measure_8b.py"), "--tiny", "--device", "cpu",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    (path,) = tmp_path.glob("measure_8b-tiny-*.json")
+    rep = json.loads(path.read_text())
+    assert rep["untrained"] is True and rep["results"]["decoder_device"] == "cpu:float32"
+    assert set(rep["results"]["vision"]) == set(rep["results"]["verdict"]) == {"1", "2"}
+    for b, v in rep["results"]["verdict"].items():
+        assert v["runs"] == len(v["raw_ms"]) and v["median_ms"] > 0 and v["body_tokens"] > 196
+    assert rep["int8_weight_only"]["method"] and rep["int8_weight_only"]["decode"]["1"]["median_ms_per_token"] > 0
+
+
+def test_a10_projection_arithmetic():
+    sys.path.insert(0, str(ROOT / "perf" / "gpu"))
+    try:
+        import measure_8b as m
+    finally:
+        sys.path.remove(str(ROOT / "perf" / "gpu"))
+    assert m.peaks_for("NVIDIA H100 80GB HBM3") == m.GPU_PEAKS["H100"]
+    assert m.peaks_for("NVIDIA H100 PCIe") == m.GPU_PEAKS["H100 PCIe"]
+    res = {"vision": {"1": {"median_ms": 2.0}},
+           "verdict": {"8": {"median_ms": 40.0, "body_tokens": 220, "questions": 10, "question_tokens_max": 3}},
+           "decode": {"1": {"median_ms_per_token": 7.0}}}
+    p = m.project(res, m.GPU_PEAKS["H100"], text_params=8_200_000_000, vision_params=580_000_000,
+                  weight_bytes_per_param=2.0)["stages"]
+    assert p["verdict_b8"]["scaled_ms"] == pytest.approx(40.0 * 989 / 125)
+    assert p["decode_b1"]["scaled_ms"] == pytest.approx(7.0 * 3350 / 600)
+    # decode can never beat reading 16.4 GB of bf16 weights at 600 GB/s
+    assert p["decode_b1"]["a10_ms"] >= 8.2e9 * 2 / 600e9 * 1e3
