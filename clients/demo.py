@@ -13,9 +13,11 @@ from moderation.server import running_server
 from .client import ModerationClient, ModerationFailed
 
 BANNER = """\
-NOTE: the embedded models are tiny and RANDOM-INITIALISED (untrained) versions of the real architectures
-(CLIP, Qwen3-VL). Columns marked 'untrained' are noise: they show the service's routes, tensors and
-latencies, not real moderation decisions. Point export.export_models at real checkpoints for real ones."""
+NOTE: the embedded CLIP and Qwen3-VL are tiny and RANDOM-INITIALISED (untrained) versions of the real
+architectures: signals marked 'untrained' are noise that shows the service's routes, tensors and latencies,
+not real moderation decisions (point export.export_models at real checkpoints for real ones). One signal is
+TRAINED: nsfw_image (Yahoo open_nsfw) scores the `sexual` label for real (column nsfw; the policy allows
+below gate.nsfw_allow_below and blocks at gate.nsfw_block_at; docs/quality.md has its measured false positives)."""
 
 
 def _width(s: str) -> int:
@@ -41,13 +43,15 @@ def main() -> int:
                 try:
                     r = client.moderate(post.image_bytes(), post.text, describe=True)
                 except ModerationFailed as e:
-                    rows.append([post.name, caption, "error", e.code, "", "", ""])
+                    rows.append([post.name, caption, "error", e.code, "", "", "", ""])
                     continue
                 top = ", ".join(f"{x['name']} {x['score']:.2f}" for x in r["labels"][:2]) or "-"
                 signals = " ".join(f"{k}:{v}" for k, v in sorted(r["signals"].items()))
-                rows.append([post.name, caption, r["route"], "VIOLATION" if r["violation"] else "ok", top,
+                trained = [k for k, src in r["gate"].get("sources", {}).items() if src == "nsfw_image"]
+                nsfw = f"{r['gate']['scores'][trained[0]]:.4f}" if trained else "-"
+                rows.append([post.name, caption, r["route"], "VIOLATION" if r["violation"] else "ok", top, nsfw,
                              f"{r['latency_ms']['total']:.0f} ms", signals])
-        print(_table(rows, ["post", "caption", "route", "verdict", "top labels", "latency", "signals"]))
+        print(_table(rows, ["post", "caption", "route", "verdict", "top labels", "nsfw", "latency", "signals"]))
         print("\n" + BANNER)
     print("\nserver stopped.")
     return 0

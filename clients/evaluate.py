@@ -1,0 +1,165 @@
+"""Measure the service on a labelled set: precision, recall and AUROC per label and per route.
+
+    .venv/bin/python -m clients.evaluate --url 127.0.0.1:8001 labelled.jsonl [--policy default] [--json out.json]
+
+Each JSONL line is one post: {"image": path, "caption": str, "labels": [label keys that apply]} — an empty
+list means the post is safe; relative image paths are read from the JSONL file's folder ("text" is accepted
+for "caption"). For every policy label it prints:
+
+  predicted   the label is listed in RESULT.labels (what the service asserts at the policy's thresholds)
+  AUROC       ranking quality of RESULT.scores[label] (the score the post was finally judged by) and of the
+              gate's own score RESULT.gate.scores[label] (e.g. the trained nsfw_image signal on `sexual`),
+              independent of any threshold — use it to place the policy's thresholds
+and, per route (gate_allow / gate_block / vlm), the post-level violation metrics (truth: any label applies;
+predicted: RESULT.violation). Metrics are scikit-learn's; a metric with no positives (or, for AUROC, no
+negatives) is reported as null, not as 0 or 1. Exit code 0 when every post was moderated, 1 when any failed
+(failed posts are counted and left out of the metrics), 2 for a bad file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import precision_score, recall_score, roc_auc_score
+
+from .client import DEFAULT_URL, ModerationClient, ModerationFailed
+
+
+def read_labelled(path: Path) -> list[dict]:
+    posts = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+        caption = row.get("caption", row.get("text", "")) if isinstance(row, dict) else None
+        if (not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(caption, str)
+                or not isinstance(row.get("labels"), list) or not all(isinstance(x, str) for x in row["labels"])):
+            raise ValueError(f'{path}:{n}: expected {{"image": path, "caption": str, "labels": [str, ...]}}')
+        image = Path(row["image"])
+        posts.append({"line": n, "image": image if image.is_absolute() else Path(path).parent / image,
+                      "caption": caption, "labels": sorted(set(row["labels"]))})
+    return posts
+
+
+def _metric(fn, y, pred_or_score, needs_both: bool) -> float | None:
+    y = np.asarray(y, dtype=int)
+    if y.sum() == 0 or (needs_both and y.sum() == len(y)):
+        return None
+    return float(fn(y, pred_or_score, **({} if needs_both else {"zero_division": 0})))
+
+
+def _binary(y, pred, score, gate_score=None) -> dict:
+    y, pred = np.asarray(y, int), np.asarray(pred, int)
+    out = {"n": int(len(y)), "positives": int(y.sum()), "predicted": int(pred.sum()),
+           "precision": None if pred.sum() == 0 else float(precision_score(y, pred, zero_division=0)),
+           "recall": _metric(recall_score, y, pred, needs_both=False),
+           "auroc": _metric(roc_auc_score, y, score, needs_both=True)}
+    if gate_score is not None:
+        out["auroc_gate"] = _metric(roc_auc_score, y, gate_score, needs_both=True)
+    return out
+
+
+def evaluate(rows: list[tuple[list[str], dict]], label_keys: list[str]) -> dict:
+    """rows: (true labels, RESULT) per moderated post -> metrics per label, per route and overall."""
+    per_label = {}
+    for key in label_keys:
+        y = [key in truth for truth, _ in rows]
+        pred = [any(x["name"] == key for x in r["labels"]) for _, r in rows]
+        score = [r["scores"].get(key, 0.0) for _, r in rows]
+        gate = [r.get("gate", {}).get("scores", {}).get(key, 0.0) for _, r in rows]
+        sources = sorted({r.get("gate", {}).get("sources", {}).get(key, "clip_gate") for _, r in rows})
+        per_label[key] = _binary(y, pred, score, gate) | {"gate_source": "/".join(sources)}
+
+    def post_level(subset):
+        y = [bool(truth) for truth, _ in subset]
+        pred = [r["violation"] for _, r in subset]
+        score = [max([r["scores"].get(k, 0.0) for k in label_keys] + [r["scores"].get("violation", 0.0)])
+                 for _, r in subset]
+        return _binary(y, pred, score)
+
+    routes = sorted({r["route"] for _, r in rows})
+    per_route = {route: post_level([(t, r) for t, r in rows if r["route"] == route]) for route in routes}
+    signals = sorted({f"{k}:{v}" for _, r in rows for k, v in r.get("signals", {}).items()})
+    return {"n": len(rows), "overall": post_level(rows) if rows else None, "per_label": per_label,
+            "per_route": per_route, "signals": signals}
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def render(report: dict) -> str:
+    cols = ["n", "positives", "predicted", "precision", "recall", "auroc"]
+    lines = [f"{report['n']} posts moderated; signals: {', '.join(report['signals']) or '-'}", "",
+             "per label (predicted = listed in RESULT.labels; auroc_gate = the gate's own score)",
+             f"{'label':<12}" + "".join(f"{c:>10}" for c in cols) + f"{'auroc_gate':>12}  gate source"]
+    for key, m in report["per_label"].items():
+        lines.append(f"{key:<12}" + "".join(f"{_fmt(m[c]):>10}" for c in cols)
+                     + f"{_fmt(m['auroc_gate']):>12}  {m['gate_source']}")
+    lines += ["", "per route (post level: truth = any label applies, predicted = RESULT.violation)",
+              f"{'route':<12}" + "".join(f"{c:>10}" for c in cols)]
+    for route, m in list(report["per_route"].items()) + [("ALL", report["overall"])]:
+        if m:
+            lines.append(f"{route:<12}" + "".join(f"{_fmt(m[c]):>10}" for c in cols))
+    if any(s.endswith(":untrained") for s in report["signals"]):
+        lines += ["", "note: signals marked untrained are random-initialised models; their metrics are noise."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("labelled", type=Path, help="JSONL: {image, caption, labels} per line")
+    ap.add_argument("--url", default=DEFAULT_URL, help="gRPC address of the server")
+    ap.add_argument("--policy", default="default")
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--json", type=Path, help="also write the metrics and every post's outcome here")
+    args = ap.parse_args(argv)
+    try:
+        posts = read_labelled(args.labelled)
+        images = [p["image"].read_bytes() for p in posts]
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from moderation.policy import load_policy
+
+    label_keys = load_policy(args.policy).label_keys  # the local copy names the labels; the server judges
+    unknown = sorted({x for p in posts for x in p["labels"]} - set(label_keys))
+    if unknown:
+        print(f"error: labels {unknown} are not in policy {args.policy!r} ({label_keys})", file=sys.stderr)
+        return 2
+
+    def one(i):
+        with ModerationClient(args.url, timeout_s=args.timeout) as c:
+            try:
+                return c.moderate(images[i], posts[i]["caption"], policy=args.policy, request_id=f"eval-{i}")
+            except ModerationFailed as e:
+                return e
+
+    with ThreadPoolExecutor(max(1, args.concurrency)) as pool:
+        results = list(pool.map(one, range(len(posts))))
+    failed = [(p, r) for p, r in zip(posts, results) if isinstance(r, ModerationFailed)]
+    rows = [(p["labels"], r) for p, r in zip(posts, results) if not isinstance(r, ModerationFailed)]
+    report = evaluate(rows, label_keys) | {"failed": len(failed), "policy": args.policy}
+    print(render(report))
+    for p, e in failed:
+        print(f"failed: line {p['line']} ({p['image']}): [{e.code}] {e.message}", file=sys.stderr)
+    if args.json:
+        outcomes = [{"line": p["line"], "labels": p["labels"],
+                     **({"error": {"code": r.code, "message": r.message}} if isinstance(r, ModerationFailed) else
+                        {"route": r["route"], "violation": r["violation"], "scores": r["scores"],
+                         "predicted_labels": [x["name"] for x in r["labels"]],
+                         "gate_scores": r["gate"]["scores"]})} for p, r in zip(posts, results)]
+        args.json.write_text(json.dumps(report | {"posts": outcomes}, indent=2, ensure_ascii=False))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
