@@ -45,13 +45,13 @@ def main() -> int:
                 except ModerationFailed as e:
                     rows.append([post.name, caption, "error", e.code, "", "", "", ""])
                     continue
-                top = ", ".join(f"{x['name']} {x['score']:.2f}" for x in r["labels"][:2]) or "-"
+                top = ", ".join(f"{x['name']} {x['score']:.2f} ({x['source']})" for x in r["labels"][:2]) or "-"
                 signals = " ".join(f"{k}:{v}" for k, v in sorted(r["signals"].items()))
                 trained = [k for k, src in r["gate"].get("sources", {}).items() if src == "nsfw_image"]
                 nsfw = f"{r['gate']['scores'][trained[0]]:.4f}" if trained else "-"
                 rows.append([post.name, caption, r["route"], "VIOLATION" if r["violation"] else "ok", top, nsfw,
                              f"{r['latency_ms']['total']:.0f} ms", signals])
-        print(_table(rows, ["post", "caption", "route", "verdict", "top labels", "nsfw", "latency", "signals"]))
+        print(_table(rows, ["post", "caption", "route", "verdict", "top labels (source)", "nsfw", "latency", "signals"]))
         print("\n" + BANNER)
     print("\nserver stopped.")
     return 0
