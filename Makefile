@@ -48,3 +48,12 @@ lock:
 
 clean:
 	rm -rf build
+
+# perf_analyzer against a server (started here unless PERF_ARGS="--url HOST:HTTP_PORT --key KEY"); checks
+# perf/budgets.yaml, writes perf/results/. Exit 1 when a budget is broken.
+perf: models
+	$(PY) -m perf.run_perf $(PERF_ARGS)
+
+# Side-by-side ratios (Triton vs in-process, prefill vs generate-200, gated vs all-to-VLM, batching, cache).
+bench: models
+	$(PY) -m perf.bench $(BENCH_ARGS)

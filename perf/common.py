@@ -1,0 +1,142 @@
+"""Shared plumbing for `make perf` and `make bench`: paths, the perf policies, perf_analyzer's
+environment, machine description, server statistics (restricted API: needs the admin key)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PERF = ROOT / "perf"
+BUILD = ROOT / "build" / "perf"
+RESULTS = PERF / "results"
+REPO = ROOT / "model_repository"
+VENV_BIN = Path(sys.executable).parent
+
+
+def write_policy(directory: Path, name: str, **gate_overrides) -> Path:
+    """A copy of the shipped default policy under a new name with gate thresholds changed (same recipe as
+    tests/conftest.py, so the perf configs also run against the test server)."""
+    from moderation.policy import PACKAGE_POLICY_DIR
+
+    data = yaml.safe_load((PACKAGE_POLICY_DIR / "default.yaml").read_text())
+    data["name"] = name
+    data["gate"].update(gate_overrides)
+    path = Path(directory) / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+    return path
+
+
+def perf_policy_dir(directory: Path = BUILD / "policies") -> Path:
+    """Shipped policies + `allow_all` (the gate settles every post: the gate path) and `escalate_all`
+    (every post goes to the VLM). Routes are forced by thresholds, never per post."""
+    from moderation.policy import PACKAGE_POLICY_DIR
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in PACKAGE_POLICY_DIR.glob("*.yaml"):
+        shutil.copy(f, directory / f.name)
+    write_policy(directory, "escalate_all", allow_below=0.0, block_at=1.01)
+    write_policy(directory, "allow_all", allow_below=1.01, block_at=1.01)
+    return directory
+
+
+def perf_analyzer_path() -> Path:
+    return VENV_BIN / "perf_analyzer"
+
+
+def perf_analyzer_env() -> dict[str, str]:
+    """perf_analyzer (tritonclient 2.51 wheel) links libcudart.so.12 even for CPU-only use: take it from
+    the nvidia-cuda-runtime-cu12 wheel. It also needs Debian's libb64-0d (`make setup` installs it)."""
+    import nvidia.cuda_runtime
+
+    lib = Path(list(nvidia.cuda_runtime.__path__)[0]) / "lib"
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in (str(lib), env.get("LD_LIBRARY_PATH", "")) if p)
+    return env
+
+
+def git_commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 2**20:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    import onnxruntime
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "triton": "2.51.0 (nvidia-pytriton wheel, CPU only)",
+            "gpu": None, "load_average_at_start": list(os.getloadavg())}
+
+
+def stats(http_url: str, headers: dict | None) -> dict[str, dict]:
+    """Per-model cumulative statistics (restricted `statistics` protocol: pass the admin-key header)."""
+    import tritonclient.http as httpclient
+
+    c = httpclient.InferenceServerClient(http_url)
+    try:
+        s = c.get_inference_statistics(headers=headers or {})
+    finally:
+        c.close()
+    out = {}
+    for m in s.get("model_stats", []):
+        inf = m.get("inference_stats", {})
+        row = {"count": int(m.get("inference_count", 0)), "executions": int(m.get("execution_count", 0))}
+        for k in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
+                  "cache_hit", "cache_miss"):
+            v = inf.get(k, {})
+            row[f"{k}_n"] = int(v.get("count", 0))
+            row[f"{k}_ns"] = int(v.get("ns", 0))
+        out[f"{m['name']}"] = row
+    return out
+
+
+def stats_delta(before: dict, after: dict) -> dict[str, dict]:
+    """Per-model per-request mean time in each stage between two snapshots (ms), plus counts."""
+    out = {}
+    for name, a in after.items():
+        b = before.get(name, {})
+        d = {k: a[k] - b.get(k, 0) for k in a}
+        n = d["success_n"]
+        if n <= 0 and d["cache_hit_n"] <= 0:
+            continue
+        row = {"requests": n, "executions": d["executions"], "inferences": d["count"],
+               "cache_hits": d["cache_hit_n"], "cache_misses": d["cache_miss_n"]}
+        for k in ("queue", "compute_input", "compute_infer", "compute_output"):
+            cnt = d[f"{k}_n"]
+            row[f"{k}_ms"] = d[f"{k}_ns"] / cnt / 1e6 if cnt else 0.0
+        row["success_ms"] = d["success_ns"] / n / 1e6 if n else 0.0
+        row["avg_batch"] = d["count"] / d["executions"] if d["executions"] else 0.0
+        out[name] = row
+    return out
+
+
+def dump_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
