@@ -100,6 +100,7 @@ class RepositoryAdmin:
     def swap(self, model: str, version: str, timeout: float = 300.0, _record: bool = True) -> dict:
         version = str(version)
         if self.repository and not (self.repository / model / version).is_dir():
+            self._log("swap", model=model, to_version=version, ok=False, error="no such version directory")
             raise AdminError(f"{model} has no version {version} in {self.repository}")
         before = self.live_versions(model)
         t = time.perf_counter()

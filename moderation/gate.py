@@ -103,3 +103,13 @@ def decide(policy: Policy, scores: dict[str, float], sources: dict[str, str] | N
     via = f" ({sources[top]})" if sources and top in sources else ""
     return ESCALATE, (f"{top} score {scores[top]:.3f}{via} is ambiguous "
                       f"(between {th[top][0]} and {th[top][1]})")
+
+
+def ab_arm(policy: Policy, image_sha256: str, text_sha256: str) -> str | None:
+    """The A/B arm of an escalated post: the B decoder version, or None for the default path."""
+    if policy.ab is None or policy.ab.fraction <= 0:
+        return None
+    import hashlib
+
+    h = hashlib.sha256(f"{policy.name}:{image_sha256}:{text_sha256}".encode()).digest()
+    return policy.ab.decoder_version if int.from_bytes(h[:8], "big") / 2**64 < policy.ab.fraction else None

@@ -47,6 +47,14 @@ class Gate(_Strict):
     nsfw_block_at: float = Field(0.8, ge=0.0, le=1.01)
 
 
+class ABTest(_Strict):
+    """Send `fraction` of escalated posts to `decoder_version` of language_decoder (both versions loaded:
+    `clients.admin load --model language_decoder --versions 1,2`). Sticky: the arm is a function of the
+    post's content hashes, so a repeated post always meets the same decoder."""
+    decoder_version: str = Field(pattern=r"^[0-9]+$")
+    fraction: float = Field(ge=0.0, le=1.0)
+
+
 class DecoderSettings(_Strict):
     violation_threshold: float = 0.5
     label_threshold: float = 0.5
@@ -76,6 +84,7 @@ class Policy(_Strict):
     labels: list[Label]
     gate: Gate
     decoder: DecoderSettings = DecoderSettings()
+    ab: ABTest | None = None
     sentiment: list[SentimentOption]
     prompts: dict[Literal["en", "zh"], Prompt]
     digest: str = ""

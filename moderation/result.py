@@ -68,4 +68,6 @@ def build_result(policy: Policy, request: dict, gate: dict, versions: dict[str, 
         "policy": policy.id,
         "hashes": {"image_sha256": request.get("image_sha256", ""), "text_sha256": request.get("text_sha256", "")},
         "error": None,
+        **({"ab": {"arm": vlm["ab_arm"], "decoder_version": versions.get("language_decoder", "")}}
+           if vlm and vlm.get("ab_arm") else {}),
     }

@@ -80,9 +80,13 @@ class ServerConfig:
     log_verbose: int = int(os.environ.get("TRITON_LOG_VERBOSE", 0))
     extra_args: tuple[str, ...] = ()
 
+    def __post_init__(self):
+        if not self.key:  # no key configured: a random one nobody is told keeps the admin APIs closed
+            self.key = secrets.token_hex(16)
+
     def command(self) -> list[str]:
         tdir = pytriton_dir() / "tritonserver"
-        key = self.key or secrets.token_hex(16)  # no key configured: the admin APIs stay closed to everyone
+        key = self.key
         args = [
             str(tdir / "bin" / "tritonserver"),
             f"--model-repository={Path(self.repository).resolve()}",
@@ -164,6 +168,15 @@ class TritonProcess:
             return self.proc.wait()
 
 
+def apply_live_versions(config: ServerConfig) -> list[dict]:
+    """Re-apply versions made live by `clients.admin swap` before a restart (<repository>/.live_versions.json)."""
+    from .admin import STATE_FILE, RepositoryAdmin
+
+    if not (Path(config.repository) / STATE_FILE).exists():
+        return []
+    return RepositoryAdmin(f"{config.address}:{config.grpc_port}", config.key, config.repository).apply_state()
+
+
 def main() -> int:
     cfg = ServerConfig()
     if not (cfg.repository / "language_decoder" / "1" / "artifact.json").exists():
@@ -179,6 +192,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _forward)
     try:
         server.wait_ready()
+        for swap in apply_live_versions(cfg):
+            print(f"live version restored: {swap['model']} v{swap['to']}", flush=True)
         print(f"ready: gRPC {cfg.address}:{cfg.grpc_port}  HTTP {cfg.address}:{cfg.http_port}  "
               f"metrics {cfg.address}:{cfg.metrics_port}", flush=True)
     except (RuntimeError, TimeoutError) as e:
@@ -247,6 +262,7 @@ class running_server:
                     os.environ[k] = v
         try:
             self.process.wait_ready(self.timeout)
+            apply_live_versions(self.config)
         except BaseException:
             self.process.stop()
             raise

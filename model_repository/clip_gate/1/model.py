@@ -10,7 +10,7 @@ import triton_python_backend_utils as pb_utils
 
 from moderation.artifacts import read_artifact_record
 from moderation.errors import ModelUnavailable, ModerationError, parse_error_text
-from moderation.gate import ESCALATE, ConceptBank
+from moderation.gate import ESCALATE, ConceptBank, ab_arm
 from moderation.pipeline import ClipTokens, Gate
 from moderation.policy import load_policy
 from moderation.serving.metrics import Counter
@@ -47,21 +47,34 @@ class TritonPythonModel:
             self.gate.bank(policy, lambda _texts: emb)
         return self.gate.banks[policy.digest]
 
-    async def _escalate(self, image, text, record):
-        options = json.dumps({k: record[k] for k in ("request_id", "describe", "lang")} |
-                             {"policy": record["policy_name"]})
-        req = pb_utils.InferenceRequest(
-            model_name="vlm", requested_output_names=["VLM_RESULT"],
-            inputs=[pb_utils.Tensor("IMAGE", np.array([[image]], dtype=np.object_)),
-                    pb_utils.Tensor("TEXT", np.array([[text]], dtype=np.object_)),
-                    pb_utils.Tensor("OPTIONS", np.array([[options.encode()]], dtype=np.object_))])
-        t = time.perf_counter()
+    async def _bls(self, model, inputs, outputs, version=-1):
+        req = pb_utils.InferenceRequest(model_name=model, model_version=version, requested_output_names=outputs,
+                                        inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()])
         resp = await req.async_exec()
         if resp.has_error():
             code, message = parse_error_text(resp.error().message())
-            raise ModerationError(f"vlm: {message}", code=code if code != "internal" else "model_unavailable")
-        out = json.loads(pb_utils.get_output_tensor_by_name(resp, "VLM_RESULT").as_numpy().reshape(-1)[0])
+            raise ModerationError(f"{model}: {message}", code=code if code != "internal" else "model_unavailable")
+        return {n: pb_utils.get_output_tensor_by_name(resp, n).as_numpy() for n in outputs}
+
+    async def _escalate(self, image, text, record, policy):
+        options = json.dumps({k: record[k] for k in ("request_id", "describe", "lang")} |
+                             {"policy": record["policy_name"]})
+        post = {"IMAGE": np.array([[image]], dtype=np.object_), "TEXT": np.array([[text]], dtype=np.object_),
+                "OPTIONS": np.array([[options.encode()]], dtype=np.object_)}
+        arm = ab_arm(policy, record["image_sha256"], record["text_sha256"])
+        t = time.perf_counter()
+        if arm is None:  # the default path: the vlm ensemble, whose decoder step takes the live version
+            out = (await self._bls("vlm", post, ["VLM_RESULT"]))["VLM_RESULT"]
+        else:  # A/B arm: the same chain with the decoder version pinned
+            pre = await self._bls("vlm_preprocess", post, ["PIXEL_VALUES", "BODY_IDS", "DECODER_OPTIONS"])
+            vis = await self._bls("vision_encoder", {"PIXEL_VALUES": pre["PIXEL_VALUES"]}, ["VISUAL_TOKENS", "DEEPSTACK"])
+            out = (await self._bls("language_decoder", {**vis, "BODY_IDS": pre["BODY_IDS"],
+                                                         "DECODER_OPTIONS": pre["DECODER_OPTIONS"]},
+                                   ["VLM_RESULT"], version=int(arm)))["VLM_RESULT"]
+        out = json.loads(out.reshape(-1)[0])
         out["roundtrip_ms"] = (time.perf_counter() - t) * 1e3
+        out["ab_arm"] = "b" if arm else ("a" if policy.ab else None)
+        self.escalations.inc(arm=out["ab_arm"] or "default")
         return out
 
     async def execute(self, requests):
@@ -89,8 +102,7 @@ class TritonPythonModel:
                          gate_started=time.time())
                 decisions.append(d)
                 if d["route"] == ESCALATE:
-                    self.escalations.inc(arm="default")
-                    pending.append((i, self._escalate(images[i], texts[i], rec)))
+                    pending.append((i, self._escalate(images[i], texts[i], rec, policy)))
             for (i, _), vlm in zip(pending, await asyncio.gather(*(p for _, p in pending))):
                 decisions[i]["vlm"] = vlm
             return pb_utils.InferenceResponse([string_tensor("GATE", [json.dumps(d, ensure_ascii=False)

@@ -55,7 +55,8 @@ class TritonPythonModel:
         for i, n in owners:
             out = []
             for (opts, _), res in zip(items[k:k + n], results[k:k + n]):
-                versions = dict(opts.get("model_versions", {}), language_decoder=self.stage.version)
+                versions = dict(opts.get("model_versions", {}), language_decoder=self.stage.version,
+                                language_decoder_device=self.decoder.device_label)
                 out.append(json.dumps({
                     "violation": res.violation, "labels": res.labels, "sentiment": res.sentiment,
                     "description": res.description, "untrained": self.decoder.untrained,

@@ -53,7 +53,8 @@ class TritonPythonModel:
                     "sentiment": result["sentiment"], "policy": result["policy"],
                     "model_versions": versions, "latency_ms": result["latency_ms"],
                     "image_sha256": rec["image_sha256"], "text_sha256": rec["text_sha256"],
-                    "lang": rec["lang"], "error": None, "untrained": result["untrained"]})
+                    "lang": rec["lang"], "error": None, "untrained": result["untrained"],
+                    **({"ab": result["ab"]} if "ab" in result else {})})
                 self.finished.inc(route=result["route"], violation=str(result["violation"]).lower())
             width = max(len(e) for e in embeds)
             embeds = [np.pad(e, (0, width - len(e))) for e in embeds]
