@@ -8,7 +8,7 @@ CHECKPOINTS := build/checkpoints
 MODELS_STAMP := model_repository/language_decoder/1/artifact.json
 PYTEST_ARGS ?=
 
-.PHONY: setup models serve demo test test-unit perf bench lock render clean
+.PHONY: setup models serve demo test test-unit perf bench lock render manifest clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,9 @@ test-unit: models
 
 render:
 	$(PY) -m moderation.repository --target local --out model_repository
+
+manifest:
+	$(PY) -m moderation.manifest --write
 
 lock:
 	$(PY) -m pip freeze --exclude-editable > requirements.lock

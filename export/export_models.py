@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from moderation.artifacts import write_artifact_record
+from moderation.policy import load_policy
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "preprocessor_config.json", "chat_template.jinja", "chat_template.json",
@@ -153,7 +154,8 @@ def export_all(qwen: Path, clip: Path, repo: Path, version: str, tolerance: floa
                                   ("language_decoder", qwen, untrained_qwen)]:
         write_artifact_record(repo / model / version, source=str(src), untrained=untrained,
                               export={"opset": opset, "parity_max_abs_diff": results.get(model),
-                                      "tolerance": tolerance})
+                                      "tolerance": tolerance},
+                              extra={"policy": load_policy("default").id})
     return results
 
 

@@ -54,3 +54,21 @@ def test_encoders_and_decoder_batch_dynamically():
     for name in ("clip_image", "clip_text", "vision_encoder", "language_decoder"):
         cfg = parse(render(name))
         assert cfg.max_batch_size >= 8 and cfg.HasField("dynamic_batching"), name
+
+
+def test_manifest_of_committed_configs_is_current():
+    """Changing a served config, model.py or policy without recording it in MANIFEST.json fails CI."""
+    import json
+
+    from moderation.manifest import MANIFEST, committed_manifest
+
+    recorded = json.loads((REPO / MANIFEST).read_text())
+    assert recorded == committed_manifest(REPO), "run `make manifest` and commit MANIFEST.json"
+
+
+def test_full_manifest_includes_verified_artifact_records():
+    from moderation.manifest import full_manifest
+
+    m = full_manifest(REPO)
+    rec = m["models"]["language_decoder"]["versions"]["1"]["artifact"]
+    assert rec["source"] and rec["files"] and "untrained" in rec

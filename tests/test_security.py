@@ -1,0 +1,108 @@
+"""Secure defaults on the real server: loopback-only listeners, admin protocols behind the key on gRPC
+and HTTP, inference and health open."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from moderation.samples import sample_posts
+
+GRPC_ADMIN_CALLS = {
+    "model-repository": lambda c, h: c.get_model_repository_index(headers=h),
+    "model-repository/load": lambda c, h: c.load_model("postprocess", headers=h),
+    "model-config": lambda c, h: c.get_model_config("moderate", headers=h),
+    "statistics": lambda c, h: c.get_inference_statistics("moderate", headers=h),
+    "shared-memory": lambda c, h: c.get_system_shared_memory_status(headers=h),
+    "trace": lambda c, h: c.get_trace_settings(headers=h),
+    "logging": lambda c, h: c.get_log_settings(headers=h),
+}
+
+HTTP_ADMIN_CALLS = [
+    ("POST", "/v2/repository/index"),
+    ("GET", "/v2/models/moderate/config"),
+    ("GET", "/v2/models/moderate/stats"),
+    ("GET", "/v2/systemsharedmemory/status"),
+    ("GET", "/v2/cudasharedmemory/status"),
+    ("GET", "/v2/trace/setting"),
+    ("GET", "/v2/logging"),
+]
+
+
+@pytest.mark.parametrize("name", list(GRPC_ADMIN_CALLS))
+def test_grpc_admin_protocols_need_the_key(triton, name):
+    c = grpcclient.InferenceServerClient(triton.grpc_url)
+    with pytest.raises(InferenceServerException, match="restricted"):
+        GRPC_ADMIN_CALLS[name](c, {})
+    with pytest.raises(InferenceServerException, match="restricted"):
+        GRPC_ADMIN_CALLS[name](c, {"triton-grpc-protocol-admin-key": "wrong-key"})
+    GRPC_ADMIN_CALLS[name](c, triton.admin_headers)  # the right key works
+
+
+def _http(triton, method, path, headers=None):
+    req = urllib.request.Request(f"http://{triton.http_url}{path}", method=method, headers=headers or {},
+                                 data=b"{}" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.mark.parametrize("method,path", HTTP_ADMIN_CALLS)
+def test_http_admin_apis_need_the_key(triton, method, path):
+    assert _http(triton, method, path) == 403
+    assert _http(triton, method, path, {"admin-key": "wrong-key"}) == 403
+    assert _http(triton, method, path, triton.admin_http_headers) in (200, 400)  # 400: no CUDA shm here
+
+
+def test_inference_health_and_metadata_need_no_key(triton, client):
+    assert _http(triton, "GET", "/v2/health/ready") == 200
+    assert _http(triton, "GET", "/v2/models/moderate") == 200
+    c = grpcclient.InferenceServerClient(triton.grpc_url)
+    assert c.is_server_live() and c.is_model_ready("moderate")
+    post = sample_posts()[0]
+    assert client.moderate(post.image_bytes(), post.text)["error"] is None
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+def _listening(port: int) -> set[str]:
+    addrs = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            ip, p = local.split(":")
+            if state == "0A" and int(p, 16) == port:  # 0A = LISTEN
+                addrs.add(ip)
+    return addrs
+
+
+def test_every_listener_is_loopback_only(triton):
+    for port in (triton.config.grpc_port, triton.config.http_port, triton.config.metrics_port):
+        addrs = _listening(port)
+        assert addrs, f"nothing listens on {port}"
+        # 127.0.0.1 (or its IPv4-mapped IPv6 form, as gRPC binds it); never 0.0.0.0 or ::
+        assert addrs <= LOOPBACK, (port, addrs)
+
+
+def test_launch_flags_restrict_every_admin_protocol():
+    from moderation.server import ServerConfig
+
+    cmd = " ".join(ServerConfig(key="k" * 16).command())
+    for proto in ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging"):
+        assert f"{proto}" in cmd.split("--grpc-restricted-protocol=")[1].split(":")[0]
+        assert f"{proto}" in cmd.split("--http-restricted-api=")[1].split(":")[0]
+    assert "--grpc-address=127.0.0.1" in cmd and "--http-address=127.0.0.1" in cmd
+    assert "--metrics-address=127.0.0.1" in cmd
+    # without a configured key a random one closes the admin APIs to everyone
+    assert ServerConfig(key="").key and ServerConfig(key="").key != ServerConfig(key="").key
