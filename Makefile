@@ -8,7 +8,7 @@ CHECKPOINTS := build/checkpoints
 MODELS_STAMP := model_repository/language_decoder/1/artifact.json
 PYTEST_ARGS ?=
 
-.PHONY: setup models serve demo test test-unit perf bench lock render manifest clean
+.PHONY: setup models serve demo test test-unit perf bench lock render manifest release clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ test-unit: models
 
 render:
 	$(PY) -m moderation.repository --target local --out model_repository
+
+# make release MODEL=language_decoder [CHECKPOINT=/path/to/ckpt]: the next version dir + its artifact record
+release: models
+	$(PY) -m export.release --model $(MODEL) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 manifest:
 	$(PY) -m moderation.manifest --write
