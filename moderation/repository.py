@@ -16,6 +16,11 @@ from pathlib import Path
 ONNX_MODELS = ("clip_image", "clip_text", "vision_encoder", "nsfw_image")
 PYTHON_MODELS = ("preprocess", "clip_gate", "postprocess", "vlm_preprocess", "language_decoder")
 ENSEMBLES = ("moderate", "vlm")
+# Triton's response cache (the server starts with --cache-config local): only models whose outputs are a
+# pure function of their input tensors and never empty. Triton 2.51 does cache a top-level ensemble, but
+# `moderate` is not cached: a hit would skip the audit row, echo the first request's request_id, and insertion
+# fails whenever EMBEDDING is empty ("Response buffer from output was nullptr"); see docs/performance.md.
+RESPONSE_CACHE = ("clip_image", "clip_text", "nsfw_image", "vision_encoder")
 ALL_MODELS = ONNX_MODELS + PYTHON_MODELS + ENSEMBLES
 
 S, F32, I64, I32 = "TYPE_STRING", "TYPE_FP32", "TYPE_INT64", "TYPE_INT32"
@@ -164,7 +169,8 @@ def render(name: str, target: str = "local", onnx_accelerator: str = "tensorrt")
             imap = "\n".join(f'      input_map {{ key: "{k}" value: "{v}" }}' for k, v in inp.items())
             omap = "\n".join(f'      output_map {{ key: "{k}" value: "{v}" }}' for k, v in out.items())
             steps.append(f'    {{\n      model_name: "{model}"\n      model_version: -1\n{imap}\n{omap}\n    }}')
-        return text + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+        text += "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+        return text + ("response_cache { enable: true }\n" if name in RESPONSE_CACHE else "")
     gpu = target == "production" and (backend == "onnx" or spec.get("gpu"))
     text += f"instance_group [ {{ count: {spec['instances']} kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]\n"
     text += ("dynamic_batching {\n"
@@ -176,6 +182,8 @@ def render(name: str, target: str = "local", onnx_accelerator: str = "tensorrt")
              "    max_queue_size: 256\n"
              "  }\n}\n")
     text += 'version_policy: { latest: { num_versions: 1 } }\n'
+    if name in RESPONSE_CACHE:
+        text += "response_cache { enable: true }\n"
     params = dict(spec.get("parameters", {}))
     if backend == "onnx" and target == "local":
         params["onnx_runner"] = "onnxruntime"
