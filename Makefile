@@ -26,7 +26,12 @@ $(CHECKPOINTS)/tiny-qwen3-vl/config.json: $(STAMP) export/build_tiny.py
 $(MODELS_STAMP): $(CHECKPOINTS)/tiny-qwen3-vl/config.json export/export_models.py moderation/vision_export.py
 	$(PY) -m export.export_models --qwen $(CHECKPOINTS)/tiny-qwen3-vl --clip $(CHECKPOINTS)/tiny-clip
 
-models: $(MODELS_STAMP)
+# INT8 variants (export/quantize.py): model.int8.onnx beside each encoder, language_decoder_int8/1.
+INT8_STAMP := model_repository/language_decoder_int8/1/artifact.json
+$(INT8_STAMP): $(MODELS_STAMP) export/quantize.py moderation/int8.py
+	$(PY) -m export.quantize
+
+models: $(MODELS_STAMP) $(INT8_STAMP)
 
 serve: models
 	$(PY) -m moderation.server

@@ -48,18 +48,30 @@ def select_device(prefer: str = "auto") -> torch.device:
 
 class VerdictDecoder:
     def __init__(self, checkpoint_dir: str | Path, *, device: str = "auto", dtype: str = "auto",
-                 drop_vision: bool = True, reuse_prefix: bool = True):
+                 drop_vision: bool = True, reuse_prefix: bool = True, quantization: str | None = None,
+                 adapter: str | Path | None = None):
         from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+
+        from .int8 import quantize_decoder
 
         self.device = select_device(device)
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = getattr(torch, dtype)
-        self.device_label = f"{self.device.type}:{dtype}"  # e.g. "cuda:bfloat16", for logs and perf records
         self.model = Qwen3VLForConditionalGeneration.from_pretrained(checkpoint_dir, dtype=self.dtype).eval()
         if drop_vision:  # visual tokens come from the ONNX vision_encoder
             self.model.model.visual = None
+        self.adapter = None
+        if adapter is not None:  # a PEFT LoRA, merged into the weights: no per-token adapter cost
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, str(adapter)).merge_and_unload().eval()
+            self.adapter = Path(adapter).name
         self.model.to(self.device)
+        # int8 after merging: the adapter's deltas are quantized with the weights they modify
+        self.model, self.quantization, self.quantized_layers = quantize_decoder(self.model, quantization, self.device)
+        # e.g. "cuda:bfloat16" or "cpu:float32+int8_dynamic", for logs, results and perf records
+        self.device_label = f"{self.device.type}:{dtype}" + ("" if self.quantization == "none" else f"+{self.quantization}")
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
         self.config = self.model.config
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

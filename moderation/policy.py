@@ -55,10 +55,20 @@ class ABTest(_Strict):
     fraction: float = Field(ge=0.0, le=1.0)
 
 
+class DecoderFallback(_Strict):
+    """Degrade, don't fail: while the full-precision decoder has `max_inflight` or more escalations from this gate
+    instance in flight, or its oldest in-flight escalation has waited `max_queue_ms`, new escalations go to
+    `model` (the INT8 twin); they return as soon as both drop below. Unset thresholds are not checked."""
+    max_inflight: int | None = Field(None, ge=1)
+    max_queue_ms: float | None = Field(None, gt=0)
+    model: str = Field("language_decoder_int8", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
 class DecoderSettings(_Strict):
     violation_threshold: float = 0.5
     label_threshold: float = 0.5
     describe_max_tokens: int = Field(24, ge=1, le=256)
+    fallback: DecoderFallback | None = None
 
 
 class SentimentOption(_Strict):

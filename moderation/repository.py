@@ -14,7 +14,8 @@ import copy
 from pathlib import Path
 
 ONNX_MODELS = ("clip_image", "clip_text", "vision_encoder", "nsfw_image")
-PYTHON_MODELS = ("preprocess", "clip_gate", "postprocess", "vlm_preprocess", "language_decoder")
+PYTHON_MODELS = ("preprocess", "clip_gate", "postprocess", "vlm_preprocess", "language_decoder",
+                 "language_decoder_int8")
 ENSEMBLES = ("moderate", "vlm")
 # Triton's response cache (the server starts with --cache-config local): only models whose outputs are a
 # pure function of their input tensors and never empty. Triton 2.51 does cache a top-level ensemble, but
@@ -113,6 +114,13 @@ MODELS: dict[str, dict] = {
              {"RESULT": "RESULT", "VERDICT": "VERDICT", "SCORES": "SCORES", "EMBEDDING": "EMBEDDING"}),
         ]),
 }
+
+
+# The INT8 fallback decoder: the same definition with int8 weights; clip_gate routes escalations here while the
+# full-precision decoder is overloaded (policy decoder.fallback). A separate model, not a version of
+# language_decoder, so both stay loaded at once under Triton's per-model version policy.
+MODELS["language_decoder_int8"] = dict(copy.deepcopy(MODELS["language_decoder"]),
+                                      parameters={**MODELS["language_decoder"]["parameters"], "quantization": "int8"})
 
 
 def _dims(d):

@@ -70,4 +70,7 @@ def build_result(policy: Policy, request: dict, gate: dict, versions: dict[str, 
         "error": None,
         **({"ab": {"arm": vlm["ab_arm"], "decoder_version": versions.get("language_decoder", "")}}
            if vlm and vlm.get("ab_arm") else {}),
+        # set only when the gate sent this post to the INT8 decoder at peak (policy decoder.fallback)
+        **({"fallback": {k: vlm["fallback"][k] for k in ("model", "reason", "inflight", "oldest_wait_ms")}}
+           if vlm and vlm.get("fallback") else {}),
     }

@@ -26,11 +26,14 @@ class OnnxRunner:
         # CUDA first when this onnxruntime build has it (onnxruntime-gpu); a config parameter can pin the order.
         wanted = params.get("execution_providers", "CUDAExecutionProvider,CPUExecutionProvider").split(",")
         providers = [p for p in wanted if p in ort.get_available_providers()] or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(vdir / "model.onnx"), sess_options=opts, providers=providers)
+        # Parameter onnx_file="model.int8.onnx" serves the INT8 variant (the onnxruntime backend's equivalent is
+        # default_model_filename, which the python backend reads as its own script name, hence a parameter here)
+        self.filename = params.get("onnx_file", "model.onnx")
+        self.session = ort.InferenceSession(str(vdir / self.filename), sess_options=opts, providers=providers)
         self.inputs = [i["name"] for i in cfg["input"]]
         self.outputs = [o["name"] for o in cfg["output"]]
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        self.stage.logger.log_info(f"{self.stage.name} v{self.stage.version}: device {self.device}, onnxruntime "
+        self.stage.logger.log_info(f"{self.stage.name} v{self.stage.version} ({self.filename}): device {self.device}, onnxruntime "
                                    f"providers {self.session.get_providers()} (asked {wanted})")
 
     def execute(self, requests):

@@ -10,6 +10,7 @@ import triton_python_backend_utils as pb_utils
 
 from moderation.artifacts import read_artifact_record
 from moderation.errors import ModelUnavailable, ModerationError, parse_error_text
+from moderation.fallback import FallbackSwitch
 from moderation.gate import ESCALATE, ConceptBank, ab_arm
 from moderation.pipeline import ClipTokens, Gate
 from moderation.policy import load_policy
@@ -25,6 +26,8 @@ class TritonPythonModel:
         self.clip_tokens = ClipTokens(str(vdir / "clip"))
         self.gate = Gate()
         self.escalations = Counter("moderation_escalations_total")
+        self.fallback = FallbackSwitch()  # INT8 decoder at peak (policy decoder.fallback)
+        self.fallbacks = Counter("moderation_decoder_fallback_total")
         self.nsfw_signal = _signal_of(vdir.parent.parent / "nsfw_image")
 
     async def _encode_texts(self, texts):
@@ -63,19 +66,35 @@ class TritonPythonModel:
                 "OPTIONS": np.array([[options.encode()]], dtype=np.object_)}
         arm = ab_arm(policy, record["image_sha256"], record["text_sha256"])
         t = time.perf_counter()
-        if arm is None:  # the default path: the vlm ensemble, whose decoder step takes the live version
-            out = (await self._bls("vlm", post, ["VLM_RESULT"]))["VLM_RESULT"]
-        else:  # A/B arm: the same chain with the decoder version pinned
-            pre = await self._bls("vlm_preprocess", post, ["PIXEL_VALUES", "BODY_IDS", "DECODER_OPTIONS"])
-            vis = await self._bls("vision_encoder", {"PIXEL_VALUES": pre["PIXEL_VALUES"]}, ["VISUAL_TOKENS", "DEEPSTACK"])
-            out = (await self._bls("language_decoder", {**vis, "BODY_IDS": pre["BODY_IDS"],
-                                                         "DECODER_OPTIONS": pre["DECODER_OPTIONS"]},
-                                   ["VLM_RESULT"], version=int(arm)))["VLM_RESULT"]
+        out = None
+        fallback = self.fallback.check(policy.decoder.fallback)
+        if fallback is not None:  # peak: the INT8 twin instead of queueing behind the full-precision decoder
+            try:
+                out = await self._chain(post, fallback["model"])
+                arm = None
+                self.fallbacks.inc(reason=fallback["reason"], model=fallback["model"])
+            except ModerationError as e:  # INT8 decoder not loaded or failing: degrade to the normal path
+                self.stage.logger.log_warn(f"fallback to {fallback['model']} failed, using the full decoder: {e}")
+                fallback = None
+        if out is None:
+            with self.fallback.track():
+                if arm is None:  # the default path: the vlm ensemble, whose decoder step takes the live version
+                    out = (await self._bls("vlm", post, ["VLM_RESULT"]))["VLM_RESULT"]
+                else:  # A/B arm: the same chain with the decoder version pinned
+                    out = await self._chain(post, "language_decoder", int(arm))
         out = json.loads(out.reshape(-1)[0])
         out["roundtrip_ms"] = (time.perf_counter() - t) * 1e3
-        out["ab_arm"] = "b" if arm else ("a" if policy.ab else None)
-        self.escalations.inc(arm=out["ab_arm"] or "default")
+        out["ab_arm"] = "b" if arm else ("a" if policy.ab and fallback is None else None)
+        out["fallback"] = fallback
+        self.escalations.inc(arm=out["ab_arm"] or ("fallback" if fallback else "default"))
         return out
+
+    async def _chain(self, post, decoder, version=-1):
+        """vlm_preprocess -> vision_encoder -> `decoder` (pinned to `version`) by BLS: the vlm ensemble's steps."""
+        pre = await self._bls("vlm_preprocess", post, ["PIXEL_VALUES", "BODY_IDS", "DECODER_OPTIONS"])
+        vis = await self._bls("vision_encoder", {"PIXEL_VALUES": pre["PIXEL_VALUES"]}, ["VISUAL_TOKENS", "DEEPSTACK"])
+        return (await self._bls(decoder, {**vis, "BODY_IDS": pre["BODY_IDS"], "DECODER_OPTIONS": pre["DECODER_OPTIONS"]},
+                                ["VLM_RESULT"], version=version))["VLM_RESULT"]
 
     async def execute(self, requests):
         return await asyncio.gather(*(self._one(r) for r in requests))

@@ -1,0 +1,2 @@
+"""language_decoder_int8 (the INT8 fallback decoder): see moderation/serving/decoder_model.py."""
+from moderation.serving.decoder_model import DecoderModel as TritonPythonModel  # noqa: F401

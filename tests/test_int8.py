@@ -1,0 +1,153 @@
+"""INT8 variants and the automatic fallback: int8 artifacts exist with their records, the int8 decoder agrees
+with full precision on the sample posts, the switch logic, and — on a real server — overload sends
+escalations to language_decoder_int8 (result, model_versions and metrics say so) and traffic returns after."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+
+from moderation.artifacts import read_artifact_record
+from moderation.decoder import DecoderRequest, VerdictDecoder
+from moderation.fallback import FallbackSwitch
+from moderation.policy import DecoderFallback, PACKAGE_POLICY_DIR, load_policy
+from moderation.samples import sample_posts
+
+from .conftest import REPO
+
+POSTS = sample_posts()
+CKPT = REPO / "language_decoder" / "1" / "checkpoint"
+
+
+# artifacts ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["clip_image", "clip_text", "vision_encoder"])
+def test_int8_encoders_are_recorded_and_close_to_fp32(model):
+    vdir = REPO / model / "1"
+    rec = read_artifact_record(vdir)  # verifies every hash, the int8 file included
+    assert "model.int8.onnx" in rec["files"] and rec["int8"]["weight_type"] == "QInt8"
+    assert rec["int8"]["bytes_int8"] < rec["int8"]["bytes_fp32"]
+    assert rec["int8"]["parity_vs_fp32"]["min_cosine_first_output"] > 0.99
+    ops = {n.op_type for n in __import__("onnx").load(str(vdir / "model.int8.onnx")).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeLinear"}, ops  # really int8 arithmetic, not a copy
+
+
+def test_int8_decoder_version_is_recorded():
+    rec = read_artifact_record(REPO / "language_decoder_int8" / "1")
+    assert rec["quantization"]["scheme"] == "int8" and rec["quantization"]["from"] == "language_decoder/1"
+    assert json.loads((REPO / "language_decoder_int8" / "1" / "quantization.json").read_text())["scheme"] == "int8"
+
+
+# the int8 decoder ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def requests_():
+    from moderation.imaging import QwenPixels, decode_image
+    from moderation.prompts import PromptBuilder
+    from moderation.text import detect_lang
+    from transformers import AutoTokenizer
+
+    sess = ort.InferenceSession(str(REPO / "vision_encoder" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    qp, pol = QwenPixels(str(CKPT)), load_policy()
+    builder = PromptBuilder(AutoTokenizer.from_pretrained(CKPT), qp.num_visual_tokens)
+    out = []
+    for p in POSTS:
+        tok, ds = sess.run(None, {"PIXEL_VALUES": qp(decode_image(p.image_bytes()).image)[0][None]})
+        lang = detect_lang(p.text)
+        out.append(DecoderRequest(np.array(builder.body_ids(pol, lang, p.text)), tok[0], ds[0], pol, lang))
+    return out
+
+
+@pytest.mark.parametrize("scheme,label", [("int8", "int8_dynamic"), ("int8_weight_only", "int8_weight_only")])
+def test_int8_decoder_agrees_with_full_precision(requests_, scheme, label):
+    import torch
+
+    fp32 = VerdictDecoder(CKPT).score(requests_)
+    dec = VerdictDecoder(CKPT, quantization=scheme)
+    assert dec.quantization == label and dec.device_label == f"cpu:float32+{label}" and dec.quantized_layers == 15
+    assert not any(isinstance(m, torch.nn.Linear) and type(m) is torch.nn.Linear for m in dec.model.modules())
+    q = dec.score(requests_)
+    diffs = [abs(a.violation - b.violation) for a, b in zip(q, fp32)]
+    diffs += [abs(a.labels[k] - b.labels[k]) for a, b in zip(q, fp32) for k in a.labels]
+    # untrained tiny model: scores sit near 0.5, so this bounds noise logits, not a verdict's quality
+    assert 0 < max(diffs) < 0.05, max(diffs)
+
+
+# the switch ----------------------------------------------------------------------------------------------
+def test_switch_trips_on_inflight_and_queue_age_and_returns():
+    now = [100.0]
+    sw = FallbackSwitch(clock=lambda: now[0])
+    cfg = DecoderFallback(max_inflight=2, max_queue_ms=500)
+    assert sw.check(cfg) is None and sw.check(None) is None
+    with sw.track():
+        assert sw.check(cfg) is None
+        now[0] += 0.6  # the oldest escalation has waited 600 ms
+        assert sw.check(cfg)["reason"] == "queue"
+        now[0] -= 0.6
+        with sw.track():
+            got = sw.check(cfg)
+            assert got["reason"] == "inflight" and got["inflight"] == 2 and got["model"] == "language_decoder_int8"
+        assert sw.check(cfg) is None
+    assert sw.inflight == 0 and sw.check(cfg) is None
+    with sw.track():
+        now[0] += 10
+        assert sw.check(DecoderFallback(max_inflight=5)) is None  # unset thresholds are not checked
+
+
+# against a real server -------------------------------------------------------------------------------------
+def _fallback_policy(policy_dir, name, **fallback):
+    data = yaml.safe_load((PACKAGE_POLICY_DIR / "default.yaml").read_text())
+    data["name"] = name
+    data["gate"].update(allow_below=0.0, block_at=1.01)  # every post escalates
+    data["decoder"]["fallback"] = fallback
+    (policy_dir / f"{name}.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+
+
+def _fallback_count(triton) -> float:
+    text = urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("moderation_decoder_fallback_total{") and "language_decoder_int8" in line)
+
+
+def test_overload_switches_to_int8_and_returns(triton, policy_dir):
+    from clients.client import ModerationClient
+
+    _fallback_policy(policy_dir, "fallback_1", max_inflight=1)
+    before = _fallback_count(triton)
+    start = threading.Barrier(8)
+
+    def one(i):
+        post = POSTS[i % len(POSTS)]
+        with ModerationClient(triton.grpc_url, timeout_s=120) as c:
+            start.wait()
+            return c.moderate(post.image_bytes(), post.text, request_id=f"peak-{i}", policy="fallback_1")
+
+    with ThreadPoolExecutor(8) as pool:
+        peak = list(pool.map(one, range(8)))
+    fell = [r for r in peak if r.get("fallback")]
+    full = [r for r in peak if not r.get("fallback")]
+    assert fell and full, [r.get("fallback") for r in peak]  # the first is served at full precision, later ones not
+    for r in fell:
+        assert r["route"] == "vlm" and r["fallback"]["reason"] == "inflight" and r["fallback"]["inflight"] >= 1
+        assert r["model_versions"]["language_decoder_int8"] == "1" and "language_decoder" not in r["model_versions"]
+        assert "int8" in r["model_versions"]["language_decoder_int8_device"]
+    for r in full:
+        assert r["model_versions"]["language_decoder"] == "1" and "language_decoder_int8" not in r["model_versions"]
+    # the peak is over: one at a time, nothing is in flight, every post meets the full-precision decoder again;
+    # the posts that fell back get scores near their full-precision ones (untrained model: noise logits)
+    fell_ids = sorted({int(r["request_id"].split("-")[1]) % len(POSTS) for r in fell})[:3]
+    with ModerationClient(triton.grpc_url, timeout_s=120) as c:
+        after = {i: c.moderate(POSTS[i].image_bytes(), POSTS[i].text, policy="fallback_1") for i in fell_ids}
+    assert all(not r.get("fallback") and r["model_versions"]["language_decoder"] == "1" for r in after.values())
+    for r in fell:
+        ref = after.get(int(r["request_id"].split("-")[1]) % len(POSTS))
+        if ref is not None:
+            assert max(abs(r["scores"][k] - ref["scores"][k]) for k in ref["scores"]) < 0.05
+    assert _fallback_count(triton) - before == len(fell)
+
