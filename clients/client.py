@@ -71,13 +71,37 @@ def parse_response(resp) -> dict:
 
 
 def _to_failure(e: InferenceServerException) -> ModerationFailed:
+    """Coded failure from a server or transport error (codes: docs/errors.md). Triton's own rejections carry no
+    [code]; they are named here by their gRPC status: queue full -> overloaded (parse_error_text), an unknown
+    model or version -> model_not_found, a request Triton refused before any model ran -> bad_request."""
     code, message = parse_error_text(e.message() or str(e))
-    status = e.status()
-    if code == "internal" and status and "UNAVAILABLE" in status:
-        code = "unavailable"
-    if code == "internal" and status and "DEADLINE_EXCEEDED" in status:
-        code = "deadline_exceeded"
-    return ModerationFailed(code, message, status)
+    status = e.status() or ""
+    if code == "internal":
+        if "UNAVAILABLE" in status:
+            code = "unavailable"
+        elif "DEADLINE_EXCEEDED" in status:
+            code = "deadline_exceeded"
+        elif "NOT_FOUND" in status:
+            code = "model_not_found"
+        elif "INVALID_ARGUMENT" in status:
+            code = "bad_request"
+    return ModerationFailed(code, message, status or None)
+
+
+def _retryable(e: InferenceServerException) -> bool:
+    """Idempotent retries: the server was unreachable or shed load (UNAVAILABLE), or a model's stub process had
+    died and is being reloaded (Triton answers INTERNAL "... is not healthy" until then)."""
+    return (e.status() or "") in RETRYABLE or _to_failure(e).code == "model_unavailable"
+
+
+def _retry_pause(e: InferenceServerException, attempt: int, retries: int, backoff_s: float,
+                 deadline: float) -> float | None:
+    """Seconds to wait before the next try (exponential backoff with jitter), or None to give up: not
+    retryable, out of tries, or the pause would pass the call's deadline."""
+    if attempt >= retries or not _retryable(e):
+        return None
+    pause = backoff_s * (2 ** attempt) * (1 + random.random())
+    return pause if time.monotonic() + pause < deadline else None
 
 
 class ModerationClient:
@@ -91,15 +115,17 @@ class ModerationClient:
                  return_embedding: bool = False) -> dict:
         inputs, outputs = build_inputs(grpcclient, _image_bytes(image), text,
                                        _options(describe, request_id, policy, lang, return_embedding))
+        deadline = time.monotonic() + self.timeout_s  # one deadline for the call, retries included
         for attempt in range(self.retries + 1):
             try:
-                resp = self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+                resp = self.client.infer(self.model, inputs, outputs=outputs,
+                                         client_timeout=max(0.001, deadline - time.monotonic()))
                 return parse_response(resp)
             except InferenceServerException as e:
-                if attempt < self.retries and (e.status() or "") in RETRYABLE:
-                    time.sleep(self.backoff_s * (2 ** attempt) * (1 + random.random()))
-                    continue
-                raise _to_failure(e) from None
+                pause = _retry_pause(e, attempt, self.retries, self.backoff_s, deadline)
+                if pause is None:
+                    raise _to_failure(e) from None
+                time.sleep(pause)
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -123,15 +149,17 @@ class AsyncModerationClient:
                        return_embedding: bool = False) -> dict:
         inputs, outputs = build_inputs(grpcaio, _image_bytes(image), text,
                                        _options(describe, request_id, policy, lang, return_embedding))
+        deadline = time.monotonic() + self.timeout_s  # one deadline for the call, retries included
         for attempt in range(self.retries + 1):
             try:
-                resp = await self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+                resp = await self.client.infer(self.model, inputs, outputs=outputs,
+                                         client_timeout=max(0.001, deadline - time.monotonic()))
                 return parse_response(resp)
             except InferenceServerException as e:
-                if attempt < self.retries and (e.status() or "") in RETRYABLE:
-                    await asyncio.sleep(self.backoff_s * (2 ** attempt) * (1 + random.random()))
-                    continue
-                raise _to_failure(e) from None
+                pause = _retry_pause(e, attempt, self.retries, self.backoff_s, deadline)
+                if pause is None:
+                    raise _to_failure(e) from None
+                await asyncio.sleep(pause)
         raise AssertionError("unreachable")
 
     async def close(self) -> None:

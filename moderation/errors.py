@@ -2,6 +2,8 @@
 records them and docs/errors.md lists them."""
 from __future__ import annotations
 
+import re
+
 
 class ModerationError(Exception):
     """A request-level failure with a stable code. The message names the problem."""
@@ -53,15 +55,37 @@ class ModelUnavailable(ModerationError):
     code = "model_unavailable"
 
 
+class BadRequest(ModerationError):
+    """The request's tensors themselves are wrong (a missing input, a wrong shape or row count)."""
+    code = "bad_request"
+
+
+class Overloaded(ModerationError):
+    """A model's queue is full or a request waited past its queue timeout: retry later with backoff."""
+    code = "overloaded"
+
+
 class ArtifactMismatch(ModerationError):
     code = "artifact_mismatch"
 
 
+# Triton's own texts for load shedding by the dynamic batcher's queue policy (max_queue_size, queue timeout).
+OVERLOAD_TEXTS = ("Exceeds maximum queue size", "Request timeout expired")
+# Triton's text when a python-backend stub process died (2.51 does not restart it by itself).
+STUB_DEAD_TEXT = "is not healthy"
+_CODE = re.compile(r"\[([a-z][a-z0-9_]*)\]")
+
+
 def parse_error_text(text: str) -> tuple[str, str]:
-    """Split '[code] message' (as produced by ModerationError.__str__) back into (code, message)."""
+    """Split '[code] message' (as produced by ModerationError.__str__) back into (code, message). Triton's
+    own prefixes such as "in ensemble 'moderate', [request id: <id_unknown>]" are not codes; Triton's
+    load-shedding and dead-stub texts map to `overloaded` and `model_unavailable`."""
     text = text.strip()
-    i = text.find("[")
-    j = text.find("]", i + 1)
-    if i != -1 and j != -1:
-        return text[i + 1:j], text[j + 1:].strip()
+    m = _CODE.search(text)
+    if m:
+        return m.group(1), text[m.end():].strip()
+    if any(s in text for s in OVERLOAD_TEXTS):
+        return "overloaded", text
+    if STUB_DEAD_TEXT in text:
+        return "model_unavailable", text
     return "internal", text

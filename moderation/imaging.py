@@ -47,10 +47,11 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: i
         raise ImageTooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}")
     digest = sha256_hex(data)
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        # Only the accepted formats' parsers ever see the bytes: other Pillow plugins are attack surface.
+        with Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS)) as im:
             fmt = im.format or "unknown"
             if fmt not in ALLOWED_FORMATS:
-                raise UnsupportedImage(f"image format {fmt} is not accepted; send JPEG, PNG, WebP, GIF or BMP")
+                raise UnsupportedImage(f"image format {fmt} is not accepted; send {ACCEPTED}")
             w, h = im.size
             if w < 1 or h < 1:
                 raise BadImage(f"image has an empty size {w}x{h}")
@@ -65,10 +66,43 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: i
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLarge(f"image rejected as a decompression bomb: {e}") from None
     except UnidentifiedImageError:
+        other = sniff_format(data)
+        if other in ALLOWED_FORMATS:
+            raise BadImage(f"image has a {other} signature but its header is corrupt") from None
+        if other:
+            raise UnsupportedImage(f"image format {other} is not accepted; send {ACCEPTED}") from None
         raise BadImage("image bytes are not a recognised image format") from None
+    except MemoryError:
+        raise ImageTooLarge("image needs more memory to decode than the server allows") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct_error()) as e:
         raise BadImage(f"image is truncated or corrupt: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any other decoder failure on untrusted bytes is still a bad image
+        raise BadImage(f"image could not be decoded ({type(e).__name__}: {e})") from None
     return DecodedImage(image=rgb, format=fmt, original_size=(w, h), sha256=digest)
+
+
+ACCEPTED = "JPEG, PNG, WebP, GIF or BMP"
+# Well-known formats that are not accepted, named in the error so the sender knows what was wrong.
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+               (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"%PDF", "PDF"), (b"8BPS", "PSD"),
+               (b"\x00\x00\x01\x00", "ICO"), (b"\xff\x0a", "JPEG XL"), (b"\x00\x00\x00\x0cJXL ", "JPEG XL"))
+
+
+def sniff_format(data: bytes) -> str | None:
+    head = data[:512]
+    for sig, name in _SIGNATURES:
+        if head.startswith(sig):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[4:8] == b"ftyp":
+        return "HEIF/AVIF/MP4"
+    low = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if low.startswith(b"<svg") or (low.startswith(b"<?xml") and b"<svg" in data[:4096].lower()):
+        return "SVG"
+    if low.startswith((b"<!doctype html", b"<html", b"<script", b"<body")):
+        return "HTML"
+    return None
 
 
 def struct_error():
@@ -103,8 +137,27 @@ class ClipPixels:
         self.processor = CLIPImageProcessorPil.from_pretrained(checkpoint_dir)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        out = self.processor(images=[image], return_tensors="np")
+        out = self.processor(images=[pad_to_aspect(image)], return_tensors="np")
         return out["pixel_values"][0].astype(np.float32)  # [3, H, W]
+
+
+# CLIP resizes the shortest side to 224 before its centre crop: a 4000x1 strip would become 896000x224 (seconds and
+# gigabytes). Beyond this ratio the short side is padded (white, centred) first; the crop sees the same centre.
+MAX_ASPECT = 8
+
+
+def pad_to_aspect(image: Image.Image, max_aspect: float = MAX_ASPECT, long_side: int = 224 * MAX_ASPECT) -> Image.Image:
+    w, h = image.size
+    if max(w, h) <= max_aspect * min(w, h):
+        return image
+    if max(w, h) > long_side:  # shrink first: the padded canvas stays small (CLIP would shrink it anyway)
+        s = long_side / max(w, h)
+        image = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+        w, h = image.size
+    nw, nh = max(w, int(np.ceil(h / max_aspect))), max(h, int(np.ceil(w / max_aspect)))
+    canvas = Image.new("RGB", (nw, nh), (255, 255, 255))
+    canvas.paste(image.convert("RGB"), ((nw - w) // 2, (nh - h) // 2))
+    return canvas
 
 
 class QwenPixels:

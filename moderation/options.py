@@ -21,22 +21,30 @@ class Options(BaseModel):
     describe: bool = False
     lang: Literal["auto", "en", "zh"] = "auto"
     return_embedding: bool = False
+    # Privacy: clear caches after processing. The verdict cache stores nothing from this post and evicts every
+    # stored verdict the post matches (moderation/cache.py).
+    forget: bool = False
 
 
 def parse_options(raw: bytes | str | None) -> Options:
     if raw is None or raw in (b"", ""):
         return Options()
-    if isinstance(raw, (bytes, bytearray)):
-        if len(raw) > MAX_OPTIONS_BYTES:
-            raise BadOptions(f"OPTIONS is {len(raw)} bytes; the limit is {MAX_OPTIONS_BYTES}")
-        try:
-            raw = bytes(raw).decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadOptions("OPTIONS is not valid UTF-8") from None
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    if not isinstance(raw, (bytes, bytearray)):
+        raise BadOptions(f"OPTIONS must be UTF-8 JSON bytes, got {type(raw).__name__}")
+    if len(raw) > MAX_OPTIONS_BYTES:
+        raise BadOptions(f"OPTIONS is {len(raw)} bytes; the limit is {MAX_OPTIONS_BYTES}")
+    try:
+        raw = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadOptions("OPTIONS is not valid UTF-8") from None
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
         raise BadOptions(f"OPTIONS is not valid JSON: {e.msg} at position {e.pos}") from None
+    except RecursionError:  # '[[[[...' within the size limit nests deeper than the parser's stack
+        raise BadOptions("OPTIONS nests too deeply; send a flat JSON object") from None
     if not isinstance(data, dict):
         raise BadOptions(f"OPTIONS must be a JSON object, got {type(data).__name__}")
     try:

@@ -37,11 +37,21 @@ def _io(name, dtype, dims, optional=False, ragged=False):
 
 
 POST_INPUTS = [_io("IMAGE", S, [1]), _io("TEXT", S, [1]), _io("OPTIONS", S, [1], optional=True)]
+# The entry point and its first step take IMAGE and TEXT as optional, so a request that lacks one reaches
+# preprocess, which answers a coded `bad_request` and writes its audit row (Triton would reject it before any
+# model runs, unaudited). Names, types and dims stay those of POST_INPUTS: existing clients are unaffected.
+ENTRY_INPUTS = [_io("IMAGE", S, [1], optional=True), _io("TEXT", S, [1], optional=True),
+                _io("OPTIONS", S, [1], optional=True)]
+
+# Load shedding (dynamic batcher queue policy, timeout_action REJECT): (max_queue_size, queue timeout in s).
+# preprocess admits every post, so its small queue turns a burst into fast `overloaded` rejections instead of
+# unbounded latency (measured in docs/reliability.md); the steps behind it hold what preprocess let in.
+QUEUE_DEFAULT = (128, 30)
 
 MODELS: dict[str, dict] = {
     "preprocess": dict(
-        backend="python", max_batch_size=16, instances=1, queue_delay_us=2000,
-        inputs=POST_INPUTS,
+        backend="python", max_batch_size=16, instances=1, queue_delay_us=2000, queue=(16, 5),
+        inputs=ENTRY_INPUTS,
         outputs=[_io("CLIP_PIXELS", F32, [3, -1, -1]), _io("CLIP_INPUT_IDS", I64, [77]),
                  _io("CLIP_ATTENTION_MASK", I64, [77]), _io("REQUEST", S, [1]),
                  _io("NSFW_PIXELS", F32, [224, 224, 3])]),
@@ -77,7 +87,7 @@ MODELS: dict[str, dict] = {
         inputs=[_io("PIXEL_VALUES", F32, [784, 1536])],
         outputs=[_io("VISUAL_TOKENS", F32, [196, -1]), _io("DEEPSTACK", F32, [-1, 196, -1])]),
     "language_decoder": dict(
-        backend="python", max_batch_size=8, instances=1, queue_delay_us=5000, gpu=True,
+        backend="python", max_batch_size=8, instances=1, queue_delay_us=5000, gpu=True, queue=(32, 20),
         inputs=[_io("VISUAL_TOKENS", F32, [196, -1]), _io("DEEPSTACK", F32, [-1, 196, -1]),
                 _io("BODY_IDS", I64, [-1], ragged=True), _io("DECODER_OPTIONS", S, [1])],
         outputs=[_io("VLM_RESULT", S, [1])],
@@ -95,7 +105,7 @@ MODELS: dict[str, dict] = {
         ]),
     "moderate": dict(
         backend="ensemble", max_batch_size=16,
-        inputs=POST_INPUTS,
+        inputs=ENTRY_INPUTS,
         outputs=[_io("RESULT", S, [1]), _io("VERDICT", I32, [1]), _io("SCORES", F32, [-1]),
                  _io("EMBEDDING", F32, [-1])],
         steps=[
@@ -181,13 +191,14 @@ def render(name: str, target: str = "local", onnx_accelerator: str = "tensorrt")
         return text + ("response_cache { enable: true }\n" if name in RESPONSE_CACHE else "")
     gpu = target == "production" and (backend == "onnx" or spec.get("gpu"))
     text += f"instance_group [ {{ count: {spec['instances']} kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]\n"
+    queue_size, queue_timeout_s = spec.get("queue", QUEUE_DEFAULT)
     text += ("dynamic_batching {\n"
              f"  max_queue_delay_microseconds: {spec['queue_delay_us']}\n"
              "  default_queue_policy {\n"
              "    timeout_action: REJECT\n"
-             "    default_timeout_microseconds: 30000000\n"
+             f"    default_timeout_microseconds: {int(queue_timeout_s * 1_000_000)}\n"
              "    allow_timeout_override: true\n"
-             "    max_queue_size: 256\n"
+             f"    max_queue_size: {queue_size}\n"
              "  }\n}\n")
     text += 'version_policy: { latest: { num_versions: 1 } }\n'
     if name in RESPONSE_CACHE:

@@ -7,7 +7,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from moderation.artifacts import read_artifact_record
-from moderation.errors import ModerationError
+from moderation.errors import BadRequest, ModerationError
 from moderation.imaging import NsfwPixels
 from moderation.options import parse_options
 from moderation.pipeline import ClipInputs, hashes_of, parse_post
@@ -28,11 +28,23 @@ class TritonPythonModel:
     def _one(self, request):
         t0, wall0, meta = time.perf_counter(), time.time(), {}
         try:
-            images, texts = bytes_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
-            options = bytes_rows(request, "OPTIONS", optional=True) or [None] * len(images)
+            # IMAGE and TEXT are optional in the config so that a request lacking one is answered (and audited)
+            # here with a coded error, under its request_id, rather than refused unaudited by Triton.
+            images, texts = bytes_rows(request, "IMAGE", optional=True), bytes_rows(request, "TEXT", optional=True)
+            options = bytes_rows(request, "OPTIONS", optional=True)
+            meta = hashes_of(images[0] if images else None, texts[0] if texts else None)
+            try:
+                meta["request_id"] = parse_options(options[0]).request_id if options else None
+            except ModerationError:
+                pass
+            for name, got in (("IMAGE", images), ("TEXT", texts)):
+                if not got:
+                    raise BadRequest(f"missing required input {name}: send IMAGE (encoded image bytes) and TEXT "
+                                     "(UTF-8 caption, empty for none) as BYTES tensors of shape [batch, 1]")
+            options = options or [None] * len(images)
             if not (len(images) == len(texts) == len(options)):
-                raise ModerationError(f"IMAGE, TEXT and OPTIONS have {len(images)}, {len(texts)} and "
-                                      f"{len(options)} rows; send one of each per post", code="bad_request")
+                raise BadRequest(f"IMAGE, TEXT and OPTIONS have {len(images)}, {len(texts)} and "
+                                 f"{len(options)} rows; send one of each per post")
             pixels, ids, masks, records, nsfw = [], [], [], [], []
             for image, text, opt in zip(images, texts, options):
                 meta = hashes_of(image, text)

@@ -1,0 +1,183 @@
+"""Property-based tests of the decoding/normalisation library on arbitrary and mutated bytes: only
+ModerationError subclasses escape, within a time and memory bound per call; plus a bounded fuzz run
+against the live server (every answer a result or a coded error, the server still ready after)."""
+from __future__ import annotations
+
+import io
+import random
+import resource
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from clients.bad_inputs import gif_claiming, png_claiming
+from moderation.errors import ModerationError
+from moderation.imaging import decode_image
+from moderation.options import parse_options
+from moderation.text import decode_caption
+
+TIME_LIMIT_S = 2.0  # per call, on this 2-core machine shared with other work
+RSS_GROWTH_LIMIT_MB = 600  # peak RSS may not grow past this over a whole property (40 MP RGB is 120 MB)
+
+
+def _seed_images() -> list[bytes]:
+    out = []
+    im = Image.new("RGB", (48, 32), (40, 90, 200))
+    for fmt, kw in (("PNG", {}), ("JPEG", {"quality": 80}), ("GIF", {}), ("WEBP", {}), ("BMP", {})):
+        buf = io.BytesIO()
+        im.save(buf, fmt, **kw)
+        out.append(buf.getvalue())
+    return out + [png_claiming(64, 64, b"\x00" * (64 * 193)), gif_claiming(64, 64)]
+
+
+SEEDS = _seed_images()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _only_coded(fn, data):
+    t = time.perf_counter()
+    try:
+        fn(data)
+    except ModerationError as e:
+        assert e.code and e.message, e
+    elapsed = time.perf_counter() - t
+    assert elapsed < TIME_LIMIT_S, f"{fn.__name__} took {elapsed:.2f}s on {len(data)} bytes"
+
+
+@st.composite
+def mutated_image(draw):
+    """A valid small image of an accepted format with bytes flipped, inserted, cut or header fields rewritten:
+    these reach far deeper into the decoders than uniformly random bytes."""
+    data = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 6))):
+        op = draw(st.sampled_from(["flip", "insert", "cut", "dims"]))
+        pos = draw(st.integers(0, max(0, len(data) - 1)))
+        if op == "flip" and data:
+            data[pos] = draw(st.integers(0, 255))
+        elif op == "insert":
+            data[pos:pos] = draw(st.binary(max_size=64))
+        elif op == "cut":
+            del data[pos:pos + draw(st.integers(1, 256))]
+        elif op == "dims" and len(data) > 24:  # PNG IHDR / GIF screen / BMP header size fields
+            at = draw(st.sampled_from([16, 20, 6, 18]))
+            data[at:at + 4] = draw(st.binary(min_size=4, max_size=4))
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def rss_baseline():
+    return _peak_rss_mb()
+
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(st.binary(max_size=4096))
+def test_decode_image_arbitrary_bytes(data):
+    _only_coded(decode_image, data)
+
+
+@FUZZ
+@given(mutated_image())
+def test_decode_image_mutated_images(data):
+    _only_coded(decode_image, data)
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=20000), st.text(max_size=2000).map(lambda s: s.encode("utf-8", "surrogatepass"))))
+def test_decode_caption(data):
+    _only_coded(decode_caption, data)
+    try:
+        text = decode_caption(data)
+    except ModerationError:
+        return
+    assert "\u200b" not in text and "\x00" not in text and text == text.strip()
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=5000), st.text(max_size=5000),
+                 st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                              lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c, max_size=4),
+                              max_leaves=30).map(lambda v: __import__("json").dumps(v))))
+def test_parse_options(raw):
+    _only_coded(parse_options, raw)
+
+
+def test_deep_nesting_and_bombs_are_coded_and_cheap(rss_baseline):
+    for raw in (b"[" * 2000 + b"]" * 2000, "{\"a\":" * 1500 + "1" + "}" * 1500):
+        with pytest.raises(ModerationError) as e:
+            parse_options(raw)
+        assert e.value.code == "bad_options"
+    for data in (png_claiming(50000, 50000), png_claiming(16384, 16384), gif_claiming(65535, 65535)):
+        t = time.perf_counter()
+        with pytest.raises(ModerationError) as e:
+            decode_image(data)
+        assert e.value.code == "image_too_large" and time.perf_counter() - t < 0.5
+
+
+def test_memory_stayed_bounded(rss_baseline):
+    """Runs after the properties in this module: the process's peak RSS grew by less than the bound."""
+    assert _peak_rss_mb() - rss_baseline < RSS_GROWTH_LIMIT_MB
+
+
+# --- bounded fuzz against the live server -------------------------------------------------------------------
+FUZZ_REQUESTS = 60
+
+
+def _random_payload(rng: random.Random) -> tuple[bytes, bytes, bytes | None]:
+    kind = rng.randrange(4)
+    seed = bytearray(rng.choice(SEEDS))
+    if kind == 0:
+        image = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 2048)))
+    else:
+        for _ in range(rng.randint(0, 4)):
+            if seed:
+                seed[rng.randrange(len(seed))] = rng.randrange(256)
+        image = bytes(seed)
+    text = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 64))) if kind == 2 else "fuzz 测试 ok".encode()
+    options = None
+    if kind == 3:
+        options = rng.choice([b"{", b"[]", b'{"policy": 5}', b'{"describe": true}', bytes(rng.randrange(256) for _ in range(20))])
+    return image, text, options
+
+
+def test_live_server_fuzz(triton):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from clients.client import _to_failure
+    from moderation.result import validate_result
+
+
+    rng = random.Random(20261125)
+    c = grpcclient.InferenceServerClient(triton.grpc_url)
+    codes = {}
+    for i in range(FUZZ_REQUESTS):
+        image, text, options = _random_payload(rng)
+        inputs = []
+        for name, value in (("IMAGE", image), ("TEXT", text), ("OPTIONS", options)):
+            if value is not None:
+                t = grpcclient.InferInput(name, [1, 1], "BYTES")
+                t.set_data_from_numpy(np.array([[value]], dtype=np.object_))
+                inputs.append(t)
+        try:
+            resp = c.infer("moderate", inputs, client_timeout=60)
+            validate_result(__import__("json").loads(resp.as_numpy("RESULT").reshape(-1)[0]))
+            code = "ok"
+        except InferenceServerException as e:
+            f = _to_failure(e)
+            assert e.status() == "StatusCode.INVALID_ARGUMENT" and f"[{f.code}]" in e.message(), e.message()
+            assert f.code in {"bad_image", "image_too_large", "unsupported_image", "bad_text", "bad_options",
+                              "unknown_policy"}, f.code
+            code = f.code
+        codes[code] = codes.get(code, 0) + 1
+    assert c.is_server_ready() and c.is_model_ready("moderate")
+    assert len(codes) >= 3, codes  # the generator really mixes good, broken and hostile posts
