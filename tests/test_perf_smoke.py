@@ -1,0 +1,71 @@
+"""perf_analyzer against the session Triton server: the `moderate` config runs for a few seconds, completes,
+and stays within the CPU-tiny budget of perf/budgets.yaml. Plus the input-data encoding it relies on."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from perf.make_inputs import b64_array, b64_bytes, decode_b64_bytes, post_entries
+from perf.run_perf import check, load_budgets, run_target
+from tests.conftest import ADMIN_KEY
+
+
+def test_bytes_encoding_has_length_prefix():
+    d = b64_bytes([b"abc", "岁月静好".encode()])
+    assert decode_b64_bytes(d) == [b"abc", "岁月静好".encode()]
+    import base64
+
+    raw = base64.b64decode(d["b64"])
+    assert struct.unpack_from("<I", raw, 0)[0] == 3 and raw[4:7] == b"abc"
+
+
+def test_numeric_encoding_is_little_endian_with_shape():
+    import base64
+
+    import numpy as np
+
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    d = b64_array(a, with_shape=True)
+    assert d["shape"] == [2, 3]
+    assert np.frombuffer(base64.b64decode(d["b64"]), "<f4").tolist() == list(range(6))
+
+
+def test_post_entries_are_real_samples():
+    entries = post_entries("allow_all")
+    assert len(entries) >= 10
+    for e in entries:
+        (image,) = decode_b64_bytes(e["IMAGE"])
+        assert image[:3] == b"\xff\xd8\xff" or image[:4] in (b"\x89PNG", b"GIF8")
+        assert json.loads(decode_b64_bytes(e["OPTIONS"])[0]) == {"policy": "allow_all"}
+
+
+@pytest.mark.timeout(120)
+def test_perf_analyzer_moderate_within_cpu_tiny_budget(triton, tmp_path):
+    from perf.make_inputs import write
+    from perf.run_perf import load_targets
+
+    defaults, targets = load_targets()
+    inputs = tmp_path / "inputs"
+    write(inputs, "moderate", post_entries("default"))
+    # a short run: concurrency 1 then 2, 12 requests each (the full sweep is `make perf`)
+    result = run_target("moderate", targets["moderate"], defaults, triton.http_url, ADMIN_KEY, inputs, tmp_path,
+                        overrides={"concurrency": [1, 2], "request_count": 12, "mode": "count"})
+    assert result["ok"], result["runs"]
+    assert [r["concurrency"] for r in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert row["requests"] >= 12 and row["throughput"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+    # the per-stage breakdown came from the restricted statistics API (admin key)
+    assert result["stages"]["preprocess"]["requests"] >= 24
+    assert result["stages"]["moderate"]["requests"] >= 24
+    broken = check(result, load_budgets()["cpu_tiny"]["moderate"])
+    assert broken == [], broken
+
+
+def test_budget_check_fails_when_broken():
+    row = {"concurrency": 1, "throughput": 5.0, "p50_ms": 50.0, "p99_ms": 90.0}
+    result = {"ok": True, "rows": [row], "runs": []}
+    assert check(result, {"p50_ms": 100, "p99_ms": 100, "throughput_min": 1}) == []
+    assert len(check(result, {"p50_ms": 10, "p99_ms": 50, "throughput_min": 10})) == 3
+    assert check({"ok": False, "rows": [], "runs": [{"rc": 1, "tail": "boom"}]}, None)
