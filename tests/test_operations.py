@@ -2,6 +2,7 @@
 A/B by decoder version, the admin CLI, the audit log surviving a stop, metrics and the report tool."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from .conftest import ADMIN_KEY, REPO, ROOT, write_policy
 
 POSTS = sample_posts()
 SWAPS = 20
+_IDS = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def _load(url: str, stop: threading.Event, out: list, policy: str, sent: list):
         i = 0
         while not stop.is_set():
             p = POSTS[i % len(POSTS)]
-            rid = f"load-{threading.get_ident()}-{i}"
+            rid = f"load-{next(_IDS)}"  # unique across runs: thread idents are reused
             i += 1
             t = time.perf_counter()
             sent.append(rid)
