@@ -47,7 +47,8 @@ def test_policy_thresholds_force_each_route(client, policy, route):
 def test_thresholds_between_observed_scores_split_posts_three_ways(client, policy_dir):
     """Take each post's gate scores, put the policy thresholds between them, and check that the server's
     routes follow the policy (computed independently here with the same decide())."""
-    observed = [client.moderate(p.image_bytes(), p.text, policy="escalate_all")["gate"]["scores"] for p in POSTS]
+    gates = [client.moderate(p.image_bytes(), p.text, policy="escalate_all")["gate"] for p in POSTS]
+    observed = [g["scores"] for g in gates]
     base = load_policy("default")
     tops = sorted(max(v for k, v in s.items() if k in base.gate.block_labels) for s in observed)
     allow_below = (tops[1] + tops[2]) / 2
@@ -55,7 +56,7 @@ def test_thresholds_between_observed_scores_split_posts_three_ways(client, polic
     assert allow_below < block_at
     write_policy(policy_dir, "split3", allow_below=allow_below, block_at=block_at)
     split = load_policy("split3", policy_dir)
-    expected = [decide(split, s)[0] for s in observed]
+    expected = [decide(split, g["scores"], g.get("sources"))[0] for g in gates]
     assert {"gate_allow", "gate_block", "vlm"} <= set(expected)
     got = [client.moderate(p.image_bytes(), p.text, policy="split3")["route"] for p in POSTS]
     assert got == expected
