@@ -6,6 +6,7 @@ $MODERATION_ADMIN_KEY or the file named by $MODERATION_ADMIN_KEY_FILE).
     .venv/bin/python -m clients.admin --url 127.0.0.1:8001 rollback --model language_decoder
     .venv/bin/python -m clients.admin --url 127.0.0.1:8001 load --model vlm [--versions 1,2]
     .venv/bin/python -m clients.admin --url 127.0.0.1:8001 unload --model vlm
+    .venv/bin/python -m clients.admin --url 127.0.0.1:8001 purge-caches   # empty every verdict cache (privacy)
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="local path of the served repository (version checks, swap history)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("status")
+    sub.add_parser("purge-caches", help="empty the near-duplicate verdict caches (reloads clip_gate, no request fails)")
     for name in ("load", "unload", "swap", "rollback"):
         p = sub.add_parser(name)
         p.add_argument("--model", required=True)
@@ -49,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['model']:<18} v{r['version'] or '-':<4} {r['state']:<12} ready={str(r['ready']).lower():<5} "
                       f"available={','.join(r['available_versions']) or '-'} {r['reason']}")
             return 0
-        if args.cmd == "load":
+        if args.cmd == "purge-caches":
+            from moderation.audit import AuditLog
+            from moderation.cache import purge_server_caches
+
+            out = purge_server_caches(args.url, key)
+            AuditLog().write({"stage": "admin", "action": "purge_caches", "ok": True, **out})
+        elif args.cmd == "load":
             admin.load(args.model, args.versions.split(",") if args.versions else None)
             out = {"loaded": args.model, "versions": args.versions}
         elif args.cmd == "unload":

@@ -2,8 +2,8 @@
 
     .venv/bin/python -m clients.report build/audit/audit.jsonl [--plot report.png] [--bucket minute|hour]
 
-Prints totals by route, error code and label, latency percentiles, and an A/B table by language_decoder
-version; with --plot draws routes, labels and latency over time (PNG)."""
+Prints totals by route, error code and label, latency percentiles, label (and route) trends per hour or
+minute, and an A/B table by language_decoder version; with --plot draws routes, labels and latency over time (PNG)."""
 from __future__ import annotations
 
 import argparse
@@ -105,6 +105,11 @@ def main(argv=None) -> int:
               f"violation rate {s['violation_rate'] if s['violation_rate'] is None else round(s['violation_rate'], 3)}")
         print(f"routes  {s['routes']}\nerrors  {s['errors']}\nlabels  {s['labels']}")
         print(f"latency p50 {s['latency_ms']['p50']:.1f} ms  p99 {s['latency_ms']['p99']:.1f} ms")
+        print(f"\nlabel trends by {args.bucket} (UTC; posts per label, then per route)")
+        for b, counts in s["trends"].items():
+            labels = " ".join(f"{k[6:]}={v}" for k, v in sorted(counts.items()) if k.startswith("label:")) or "-"
+            routes = " ".join(f"{k[6:]}={v}" for k, v in sorted(counts.items()) if k.startswith("route:"))
+            print(f"{b:<17}  labels {labels}  routes {routes}")
         print("\nA/B by language_decoder version (escalated posts)")
         print(f"{'version':<8} {'posts':>6} {'violation':>10} {'mean score':>11} {'p50 ms':>8}")
         for v, a in s["ab_by_decoder_version"].items():

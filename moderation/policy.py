@@ -71,6 +71,19 @@ class DecoderSettings(_Strict):
     fallback: DecoderFallback | None = None
 
 
+class CacheSettings(_Strict):
+    """Near-duplicate verdict cache in clip_gate (moderation/cache.py). A post the gate would escalate reuses a
+    stored VLM verdict when its CLIP image embedding cosine >= image_threshold, its caption matches (same
+    normalised text when text_threshold is null, else CLIP text cosine >= text_threshold) and, when set, its
+    thumbnail fingerprint cosine >= fingerprint_threshold. Per partition: LRU of max_entries, ttl_s lifetime."""
+    enabled: bool = False
+    image_threshold: float = Field(0.98, ge=0.0, le=1.0)
+    text_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    fingerprint_threshold: float | None = Field(0.7, ge=-1.0, le=1.0)
+    ttl_s: float = Field(3600.0, gt=0)
+    max_entries: int = Field(4096, ge=1, le=1_000_000)
+
+
 class SentimentOption(_Strict):
     key: str
     en: str
@@ -95,6 +108,7 @@ class Policy(_Strict):
     gate: Gate
     decoder: DecoderSettings = DecoderSettings()
     ab: ABTest | None = None
+    cache: CacheSettings = CacheSettings()
     sentiment: list[SentimentOption]
     prompts: dict[Literal["en", "zh"], Prompt]
     digest: str = ""

@@ -30,7 +30,7 @@ def build_result(policy: Policy, request: dict, gate: dict, versions: dict[str, 
     route = gate["route"]
     gate_scores = gate["scores"]
     vlm = gate.get("vlm")
-    if route == "vlm" and vlm:
+    if route in ("vlm", "cache") and vlm:  # "cache": an earlier VLM verdict of a near-duplicate post
         scores = vlm["labels"]
         violation = vlm["violation"] >= policy.decoder.violation_threshold
         threshold, source = policy.decoder.label_threshold, "vlm"
@@ -49,7 +49,7 @@ def build_result(policy: Policy, request: dict, gate: dict, versions: dict[str, 
     labels = sorted(({"name": k, "score": v, "source": sources.get(k, source)} for k, v in scores.items()
                      if k in policy.label_keys and v >= own.get(k, threshold)), key=lambda x: -x["score"])
     signals = dict(gate.get("signals", {}))
-    if route == "vlm":
+    if route in ("vlm", "cache"):
         signals["vlm"] = "untrained" if vlm and vlm.get("untrained") else "trained"
     return {
         "request_id": request["request_id"],
@@ -68,6 +68,8 @@ def build_result(policy: Policy, request: dict, gate: dict, versions: dict[str, 
         "policy": policy.id,
         "hashes": {"image_sha256": request.get("image_sha256", ""), "text_sha256": request.get("text_sha256", "")},
         "error": None,
+        # the verdict cache's answer for posts the gate escalated under a policy with `cache.enabled`
+        **({"cache": gate["cache"]} if gate.get("cache") else {}),
         **({"ab": {"arm": vlm["ab_arm"], "decoder_version": versions.get("language_decoder", "")}}
            if vlm and vlm.get("ab_arm") else {}),
         # set only when the gate sent this post to the INT8 decoder at peak (policy decoder.fallback)

@@ -9,6 +9,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from moderation.artifacts import read_artifact_record
+from moderation.cache import GateCache
 from moderation.errors import ModelUnavailable, ModerationError, parse_error_text
 from moderation.fallback import FallbackSwitch
 from moderation.gate import ESCALATE, ConceptBank, ab_arm
@@ -26,6 +27,9 @@ class TritonPythonModel:
         self.clip_tokens = ClipTokens(str(vdir / "clip"))
         self.gate = Gate()
         self.escalations = Counter("moderation_escalations_total")
+        # near-duplicate verdict cache (policy `cache`); verdicts of swapped-out model versions are not served
+        self.verdicts = GateCache(is_ready=lambda m, v: pb_utils.is_model_ready(model_name=m, model_version=v))
+        self.cache_lookups = Counter("moderation_cache_total")
         self.fallback = FallbackSwitch()  # INT8 decoder at peak (policy decoder.fallback)
         self.fallbacks = Counter("moderation_decoder_fallback_total")
         self.nsfw_signal = _signal_of(vdir.parent.parent / "nsfw_image")
@@ -107,6 +111,7 @@ class TritonPythonModel:
             images, texts = bytes_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
             img_emb, txt_emb = rows(request, "IMAGE_EMBEDS"), rows(request, "TEXT_EMBEDS")
             nsfw = rows(request, "NSFW_SCORES", optional=True)  # [B, 2] = (sfw, nsfw) from nsfw_image
+            options = bytes_rows(request, "OPTIONS", optional=True)
             decisions, pending = [], []
             for i, rec in enumerate(records):
                 policy = load_policy(rec["policy_name"])
@@ -121,9 +126,20 @@ class TritonPythonModel:
                          gate_started=time.time())
                 decisions.append(d)
                 if d["route"] == ESCALATE:
-                    pending.append((i, self._escalate(images[i], texts[i], rec, policy)))
-            for (i, _), vlm in zip(pending, await asyncio.gather(*(p for _, p in pending))):
+                    probe = self.verdicts.probe(policy, rec, images[i], texts[i], img_emb[i], txt_emb[i],
+                                                options[i] if i < len(options) else None,
+                                                ab_arm(policy, rec["image_sha256"], rec["text_sha256"]))
+                    hit = self.verdicts.lookup(probe) if probe else None
+                    if probe:
+                        self.cache_lookups.inc(result="hit" if hit else "miss")
+                    if hit:  # a near-duplicate's stored VLM verdict: no escalation
+                        d.update(route="cache", vlm=hit[0], cache=hit[1])
+                    else:
+                        pending.append((i, probe, self._escalate(images[i], texts[i], rec, policy)))
+            for (i, probe, _), vlm in zip(pending, await asyncio.gather(*(p for *_, p in pending))):
                 decisions[i]["vlm"] = vlm
+                if probe:
+                    decisions[i]["cache"] = self.verdicts.after(probe, vlm)
             return pb_utils.InferenceResponse([string_tensor("GATE", [json.dumps(d, ensure_ascii=False)
                                                                       for d in decisions])])
         except Exception as e:  # noqa: BLE001

@@ -38,8 +38,11 @@ class TritonPythonModel:
                 vlm = gate.get("vlm")
                 if vlm:
                     versions.update(vlm.get("model_versions", {}))
-                    latency["vlm"] = vlm["roundtrip_ms"]
-                    latency.update({f"decoder_{k}": v for k, v in vlm.get("timings_ms", {}).items()})
+                    if gate.get("cache", {}).get("hit"):  # a near-duplicate's stored verdict: no VLM ran for this post
+                        latency["cache_lookup"] = gate["cache"]["lookup_ms"]
+                    else:
+                        latency["vlm"] = vlm["roundtrip_ms"]
+                        latency.update({f"decoder_{k}": v for k, v in vlm.get("timings_ms", {}).items()})
                 latency["total"] = (time.time() - rec["t_received"]) * 1e3
                 result = validate_result(build_result(policy, rec, gate, versions, latency))
                 results.append(json.dumps(result, ensure_ascii=False))
@@ -54,7 +57,8 @@ class TritonPythonModel:
                     "model_versions": versions, "latency_ms": result["latency_ms"],
                     "image_sha256": rec["image_sha256"], "text_sha256": rec["text_sha256"],
                     "lang": rec["lang"], "error": None, "untrained": result["untrained"],
-                    **({"ab": result["ab"]} if "ab" in result else {})})
+                    **({"ab": result["ab"]} if "ab" in result else {}),
+                    **({"cache": result["cache"]} if "cache" in result else {})})
                 self.finished.inc(route=result["route"], violation=str(result["violation"]).lower())
             width = max(len(e) for e in embeds)
             embeds = [np.pad(e, (0, width - len(e))) for e in embeds]
