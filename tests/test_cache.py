@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from moderation.cache import GateCache, VerdictCache, caption_key, partition_key
+from moderation.cache import GateCache, VerdictCache, caption_key
 from moderation.policy import PACKAGE_POLICY_DIR, CacheSettings, load_policy
 
 from .conftest import ADMIN_KEY, REPO, ROOT
@@ -257,7 +257,8 @@ def test_embedding_layout_image_then_text(client):
     emb = np.asarray(r["embedding"], dtype=np.float32)
     post = parse_post(p.image_bytes(), p.text.encode(), None)
     pixels, ids, mask = ClipInputs(str(REPO / "preprocess" / "1" / "clip"))(post)
-    img = ort.InferenceSession(str(REPO / "clip_image" / "1" / "model.onnx")).run(None, {"pixel_values": pixels[None]})[0][0]
+    img = ort.InferenceSession(str(REPO / "clip_image" / "1" / "model.onnx")).run(
+        None, {"pixel_values": pixels[None]})[0][0]
     txt = ort.InferenceSession(str(REPO / "clip_text" / "1" / "model.onnx")).run(
         None, {"input_ids": ids[None], "attention_mask": mask[None]})[0][0]
     d = img.shape[0]
