@@ -8,7 +8,7 @@ CHECKPOINTS := build/checkpoints
 MODELS_STAMP := model_repository/language_decoder/1/artifact.json
 PYTEST_ARGS ?=
 
-.PHONY: setup models serve demo test test-unit perf bench lock render manifest release clean
+.PHONY: setup models serve demo test test-unit perf bench lock render manifest release clean soak
 
 setup: $(STAMP)
 
@@ -69,3 +69,9 @@ perf: models
 # Side-by-side ratios (Triton vs in-process, prefill vs generate-200, gated vs all-to-VLM, batching, cache).
 bench: models
 	$(PY) -m perf.bench $(BENCH_ARGS)
+
+# Bounded soak (not part of `make test`): 2000 mixed good/bad requests against its own server; stub RSS sampled
+# with psutil; writes perf/results/soak/last.json and fails when a stub grows past the bound or an answer is
+# not the expected one (docs/reliability.md).
+soak: models
+	$(PY) -m clients.soak $(SOAK_ARGS)
