@@ -194,6 +194,11 @@ def main() -> int:
         server.wait_ready()
         for swap in apply_live_versions(cfg):
             print(f"live version restored: {swap['model']} v{swap['to']}", flush=True)
+        if os.environ.get("MODERATION_WATCHDOG", "1") != "0":
+            # Triton 2.51 does not restart a dead python stub: reload its model (moderation/watchdog.py).
+            from .watchdog import StubWatchdog
+
+            StubWatchdog(server.proc.pid, f"{cfg.address}:{cfg.grpc_port}", cfg.key).start()
         print(f"ready: gRPC {cfg.address}:{cfg.grpc_port}  HTTP {cfg.address}:{cfg.http_port}  "
               f"metrics {cfg.address}:{cfg.metrics_port}", flush=True)
     except (RuntimeError, TimeoutError) as e:
