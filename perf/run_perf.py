@@ -18,6 +18,7 @@ import argparse
 import csv
 import io
 import json
+import re
 import secrets
 import subprocess
 import sys
@@ -76,11 +77,16 @@ def from_profile(path: Path) -> dict:
     (30 requests in 0.6 s were reported as 30/s); the timestamps give the exact span."""
     import numpy as np
 
-    # the export echoes raw input bytes (images), which are not UTF-8: only the timestamps matter here
-    exp = json.loads(path.read_bytes().decode("utf-8", "replace"))["experiments"][0]
-    reqs = [r for r in exp["requests"] if r["response_timestamps"]]
-    start = np.array([r["timestamp"] for r in reqs], dtype=np.int64)
-    end = np.array([r["response_timestamps"][-1] for r in reqs], dtype=np.int64)
+    # The export echoes raw input bytes (images) unescaped, so it is not always valid JSON: read only the
+    # per-request timestamps, which perf_analyzer writes as {"timestamp":N,...,"response_timestamps":[N,...]}.
+    raw = path.read_bytes()
+    start = [int(x) for x in re.findall(rb'"timestamp":\s*(\d+)', raw)]
+    resp = [x.strip() for x in re.findall(rb'"response_timestamps":\s*\[([\d,\s]*)\]', raw)]
+    if not start or len(start) != len(resp):
+        raise ValueError(f"{path}: {len(start)} request and {len(resp)} response timestamp lists")
+    pairs = [(s_, int(r.split(b",")[-1])) for s_, r in zip(start, resp) if r]  # requests still in flight: none
+    start, end = (np.array(x, dtype=np.int64) for x in zip(*pairs))
+    reqs = start
     lat = (end - start) / 1e6
     span_s = (end.max() - start.min()) / 1e9
     return {"requests": len(reqs), "span_s": span_s, "throughput": len(reqs) / span_s if span_s > 0 else 0.0,
@@ -101,7 +107,7 @@ def run_target(name: str, target: dict, defaults: dict, url: str, key: str, inpu
         profile = BUILD / "profiles" / f"{name}_c{c}.json"  # per-request timestamps: large, not committed
         profile.parent.mkdir(parents=True, exist_ok=True)
         profile.unlink(missing_ok=True)
-        cmd = pa_command({**target, "concurrency": [c]}, defaults, url, key, inputs, csv_path, overrides)
+        cmd = pa_command(target, defaults, url, key, inputs, csv_path, {**(overrides or {}), "concurrency": [c]})
         cmd += ["--profile-export-file", str(profile)]
         p = subprocess.run(cmd, env=perf_analyzer_env(), capture_output=True, text=True)
         runs.append({"concurrency": c, "rc": p.returncode, "command": " ".join(cmd[1:]).replace(key, "<key>")
@@ -109,9 +115,12 @@ def run_target(name: str, target: dict, defaults: dict, url: str, key: str, inpu
         if p.returncode == 0 and csv_path.exists():
             row = parse_csv(csv_path.read_text())[0]
             if s["mode"] == "count" and profile.exists():
-                exact = from_profile(profile)
-                row["perf_analyzer_reported"] = {k: row[k] for k in ("throughput", "p50_ms", "p99_ms")}
-                row.update(exact)
+                try:
+                    exact = from_profile(profile)
+                    row["perf_analyzer_reported"] = {k: row[k] for k in ("throughput", "p50_ms", "p99_ms")}
+                    row.update(exact)
+                except ValueError as e:  # keep perf_analyzer's own figures, and say so
+                    row["profile_error"] = str(e)
             rows.append(row)
     after = stats(url, headers)
     return {"target": name, "model": s["model"], "what": s.get("what", ""), "rows": rows, "runs": runs,
