@@ -91,7 +91,7 @@ MODELS: dict[str, dict] = {
         inputs=[_io("VISUAL_TOKENS", F32, [196, -1]), _io("DEEPSTACK", F32, [-1, 196, -1]),
                 _io("BODY_IDS", I64, [-1], ragged=True), _io("DECODER_OPTIONS", S, [1])],
         outputs=[_io("VLM_RESULT", S, [1])],
-        parameters={"torch_threads": "2", "dtype": "auto", "device": "auto"}),
+        parameters={"torch_threads": "1", "dtype": "auto", "device": "auto"}),
     "vlm": dict(
         backend="ensemble", max_batch_size=8,
         inputs=POST_INPUTS, outputs=[_io("VLM_RESULT", S, [1])],
