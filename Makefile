@@ -8,7 +8,7 @@ CHECKPOINTS := build/checkpoints
 MODELS_STAMP := model_repository/language_decoder/1/artifact.json
 PYTEST_ARGS ?=
 
-.PHONY: setup models serve demo test test-unit perf bench lock render manifest release clean soak
+.PHONY: setup models serve demo test test-unit perf bench lock render manifest release clean soak bench-int8 lora
 
 setup: $(STAMP)
 
@@ -75,3 +75,12 @@ bench: models
 # not the expected one (docs/reliability.md).
 soak: models
 	$(PY) -m clients.soak $(SOAK_ARGS)
+
+# INT8 vs fp32 agreement and speed (encoders and decoder side by side, in-process): perf/results/int8.json
+bench-int8: models
+	$(PY) -m perf.int8_bench $(BENCH_INT8_ARGS)
+
+# Fit the slang LoRA adapter (export/data/slang_lora.jsonl) on the decoder, CPU; LORA_ARGS="--release model_repository"
+# also releases it as the next language_decoder version (swap it live with clients.admin).
+lora: models
+	$(PY) -m export.train_lora $(LORA_ARGS)

@@ -5,8 +5,8 @@
 
 Encoders (clip_image, clip_text, vision_encoder): onnxruntime dynamic quantization writes model.int8.onnx beside
 model.onnx in the same version directory; the version's artifact.json is rewritten to hash it and gains an
-"int8" entry (settings, sizes, parity against fp32 on sample inputs). Serve it by loading the model with
-`default_model_filename: "model.int8.onnx"` (the onnxruntime backend and our python runner both honour it).
+"int8" entry (settings, sizes, parity against fp32 on sample inputs). Serve it by loading the model with config
+parameter `onnx_file: "model.int8.onnx"` (our python runner) or `default_model_filename` (onnxruntime backend).
 
 Decoder: language_decoder_int8/<v>/ gets the fp32 checkpoint of language_decoder/<v> (copied, or linked with
 --link), its LoRA adapter if the version has one, and quantization.json; the int8 weights are made when the

@@ -93,7 +93,7 @@ class VerdictDecoder:
             self.stats["prefix_reused"] += 1
             return hit
         ids = builder.prefix_ids(policy, lang)
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.reuse_prefix):  # cached KV keeps no graph
             out = self.model.model.language_model(
                 input_ids=torch.tensor([ids], device=self.device), use_cache=True)
         kv = [(k, v) for k, v, *_ in out.cache]
@@ -119,6 +119,26 @@ class VerdictDecoder:
         return results  # type: ignore[return-value]
 
     def _score_group(self, reqs: list[DecoderRequest]) -> list[DecoderResult]:
+        logits, qs, (t0, t_prefix, t_body, t_desc, t_q), descriptions, n_described = self.question_logits(reqs)
+        policy, B, Q = reqs[0].policy, len(reqs), len(qs)
+        out = []
+        for b in range(B):
+            probs = {}
+            for j, q in enumerate(qs):
+                option_logits = logits[b * Q + j, list(q.option_ids)]
+                probs[q.name] = dict(zip(q.options, torch.softmax(option_logits, -1).tolist()))
+            timings = {"prefix": (t_prefix - t0) * 1e3, "prefill": (t_body - t_prefix) * 1e3,
+                       "describe": (t_desc - t_body) * 1e3, "questions": (t_q - t_desc) * 1e3}
+            out.append(DecoderResult(
+                violation=probs["violation"]["yes"],
+                labels={lab: probs[lab]["yes"] for lab in policy.label_keys},
+                sentiment=probs["sentiment"], description=descriptions[b], description_tokens=n_described[b],
+                timings_ms=timings))
+        return out
+
+    def question_logits(self, reqs: list[DecoderRequest]):
+        """Next-token logits [B * Q, vocab] after every question of every post of one (policy, language) group.
+        Differentiable outside no_grad with reuse_prefix=False: export/train_lora.py fits adapters through it."""
         from transformers.cache_utils import DynamicCache
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
@@ -184,20 +204,7 @@ class VerdictDecoder:
         logits = self.model.lm_head(picked).float()
         t_q = time.perf_counter()
 
-        out = []
-        for b in range(B):
-            probs = {}
-            for j, q in enumerate(qs):
-                option_logits = logits[b * Q + j, list(q.option_ids)]
-                probs[q.name] = dict(zip(q.options, torch.softmax(option_logits, -1).tolist()))
-            timings = {"prefix": (t_prefix - t0) * 1e3, "prefill": (t_body - t_prefix) * 1e3,
-                       "describe": (t_desc - t_body) * 1e3, "questions": (t_q - t_desc) * 1e3}
-            out.append(DecoderResult(
-                violation=probs["violation"]["yes"],
-                labels={lab: probs[lab]["yes"] for lab in policy.label_keys},
-                sentiment=probs["sentiment"], description=descriptions[b], description_tokens=n_described[b],
-                timings_ms=timings))
-        return out
+        return logits, qs, (t0, t_prefix, t_body, t_desc, t_q), descriptions, n_described
 
     def _describe(self, reqs, builder, cache, mask, next_pos) -> list[str | None]:
         rows = [b for b, r in enumerate(reqs) if r.describe]
