@@ -24,9 +24,6 @@ class Options(BaseModel):
     # Privacy: clear caches after processing. The verdict cache stores nothing from this post and evicts every
     # stored verdict the post matches (moderation/cache.py).
     forget: bool = False
-    # Privacy: clear caches after processing. The verdict cache stores nothing from this post and evicts every
-    # stored verdict the post matches (moderation/cache.py).
-    forget: bool = False
 
 
 def parse_options(raw: bytes | str | None) -> Options:
