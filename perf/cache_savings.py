@@ -257,22 +257,11 @@ ADMIN_KEY = "cache-savings-bench"
 
 
 def _policies(directory: Path) -> Path:
-    import shutil
+    """The fixed-route policies (cache off) plus `escalate_cached`: every post goes to the VLM, cache on."""
+    from moderation.policy import derive_policy, write_fixed_route_policies
 
-    import yaml
-
-    from moderation.policy import PACKAGE_POLICY_DIR
-
-    directory.mkdir(parents=True, exist_ok=True)
-    for f in PACKAGE_POLICY_DIR.glob("*.yaml"):
-        shutil.copy(f, directory / f.name)
-    base = yaml.safe_load((PACKAGE_POLICY_DIR / "default.yaml").read_text())
-    for name, cache_on in (("escalate_all", False), ("escalate_cached", True)):
-        data = json.loads(json.dumps(base))
-        data["name"] = name
-        data["gate"].update(allow_below=0.0, block_at=1.01)  # every post goes to the VLM
-        data["cache"]["enabled"] = cache_on
-        (directory / f"{name}.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+    write_fixed_route_policies(directory)
+    derive_policy(directory, "escalate_cached", gate={"allow_below": 0.0, "block_at": 1.01}, cache={"enabled": True})
     return directory
 
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PERF = ROOT / "perf"
@@ -20,30 +18,13 @@ REPO = ROOT / "model_repository"
 VENV_BIN = Path(sys.executable).parent
 
 
-def write_policy(directory: Path, name: str, **gate_overrides) -> Path:
-    """A copy of the shipped default policy under a new name with gate thresholds changed (same recipe as
-    tests/conftest.py, so the perf configs also run against the test server)."""
-    from moderation.policy import PACKAGE_POLICY_DIR
-
-    data = yaml.safe_load((PACKAGE_POLICY_DIR / "default.yaml").read_text())
-    data["name"] = name
-    data["gate"].update(gate_overrides)
-    path = Path(directory) / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
-    return path
-
-
 def perf_policy_dir(directory: Path = BUILD / "policies") -> Path:
     """Shipped policies + `allow_all` (the gate settles every post: the gate path) and `escalate_all`
-    (every post goes to the VLM). Routes are forced by thresholds, never per post."""
-    from moderation.policy import PACKAGE_POLICY_DIR
+    (every post goes to the VLM), verdict cache off: the models are measured, not the cache (the caches have
+    their own benchmarks: bench part e and perf/cache_savings.py)."""
+    from moderation.policy import write_fixed_route_policies
 
-    directory.mkdir(parents=True, exist_ok=True)
-    for f in PACKAGE_POLICY_DIR.glob("*.yaml"):
-        shutil.copy(f, directory / f.name)
-    write_policy(directory, "escalate_all", allow_below=0.0, block_at=1.01)
-    write_policy(directory, "allow_all", allow_below=1.01, block_at=1.01)
-    return directory
+    return write_fixed_route_policies(directory)
 
 
 def perf_analyzer_path() -> Path:

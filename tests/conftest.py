@@ -4,13 +4,11 @@ admin key, and stops it at the end."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
-from moderation.policy import PACKAGE_POLICY_DIR
+from moderation.policy import derive_policy, write_fixed_route_policies
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = ROOT / "model_repository"
@@ -18,25 +16,15 @@ ADMIN_KEY = "test-admin-key"
 
 
 def write_policy(directory: Path, name: str, **gate_overrides) -> Path:
-    """A copy of the default policy under a new name with some gate settings changed."""
-    data = yaml.safe_load((PACKAGE_POLICY_DIR / "default.yaml").read_text())
-    data["name"] = name
-    data["gate"].update(gate_overrides)
-    path = Path(directory) / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
-    return path
+    """A copy of the default policy under a new name with some gate settings changed (verdict cache off)."""
+    return derive_policy(directory, name, gate=gate_overrides, cache={"enabled": False})
 
 
 @pytest.fixture(scope="session")
 def policy_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("policies")
-    for f in PACKAGE_POLICY_DIR.glob("*.yaml"):
-        shutil.copy(f, d / f.name)
-    # Routes are forced through thresholds, never per post: allow_below=0 allows nothing, block_at=1.01
-    # blocks nothing, block_at=0 blocks everything the policy may block.
-    write_policy(d, "escalate_all", allow_below=0.0, block_at=1.01)
-    write_policy(d, "block_all", allow_below=0.0, block_at=0.0)
-    write_policy(d, "allow_all", allow_below=1.01, block_at=1.01)
+    # The shipped policies (verdict cache off, so repeated sample posts are judged each time) plus
+    # escalate_all / block_all / allow_all: routes are forced through thresholds, never per post.
+    d = write_fixed_route_policies(tmp_path_factory.mktemp("policies"))
     return d
 
 

@@ -12,10 +12,9 @@ import uuid
 
 import numpy as np
 import pytest
-import yaml
 
 from moderation.cache import GateCache, VerdictCache, caption_key
-from moderation.policy import PACKAGE_POLICY_DIR, CacheSettings, load_policy
+from moderation.policy import CacheSettings, derive_policy, load_policy
 
 from .conftest import ADMIN_KEY, REPO, ROOT
 
@@ -148,11 +147,8 @@ def test_trace_has_the_stated_duplicate_mix():
 @pytest.fixture(scope="module")
 def cached_policy(policy_dir):
     """escalate_all with the verdict cache on, under a name no other test uses."""
-    data = yaml.safe_load((PACKAGE_POLICY_DIR / "default.yaml").read_text())
-    data["name"] = "escalate_cached"
-    data["gate"].update(allow_below=0.0, block_at=1.01)
-    data["cache"]["enabled"] = True
-    (policy_dir / "escalate_cached.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+    derive_policy(policy_dir, "escalate_cached", gate={"allow_below": 0.0, "block_at": 1.01},
+                  cache={"enabled": True})
     return "escalate_cached"
 
 

