@@ -48,8 +48,10 @@ def build_inputs(module, image: bytes, text: str | bytes, options: dict | None):
     return inputs, outputs
 
 
-def _options(describe, request_id, policy, lang, return_embedding) -> dict:
+def _options(describe, request_id, policy, lang, return_embedding, forget=False) -> dict:
     opts = {"describe": bool(describe)}
+    if forget:  # privacy: the verdict cache keeps nothing from this post and drops what it matches
+        opts["forget"] = True
     if request_id:
         opts["request_id"] = request_id
     if policy:
@@ -112,9 +114,9 @@ class ModerationClient:
 
     def moderate(self, image: bytes | str | Path, text: str | bytes, *, describe: bool = False,
                  request_id: str | None = None, policy: str | None = None, lang: str | None = None,
-                 return_embedding: bool = False) -> dict:
+                 return_embedding: bool = False, forget: bool = False) -> dict:
         inputs, outputs = build_inputs(grpcclient, _image_bytes(image), text,
-                                       _options(describe, request_id, policy, lang, return_embedding))
+                                       _options(describe, request_id, policy, lang, return_embedding, forget))
         deadline = time.monotonic() + self.timeout_s  # one deadline for the call, retries included
         for attempt in range(self.retries + 1):
             try:
@@ -146,9 +148,9 @@ class AsyncModerationClient:
 
     async def moderate(self, image: bytes | str | Path, text: str | bytes, *, describe: bool = False,
                        request_id: str | None = None, policy: str | None = None, lang: str | None = None,
-                       return_embedding: bool = False) -> dict:
+                       return_embedding: bool = False, forget: bool = False) -> dict:
         inputs, outputs = build_inputs(grpcaio, _image_bytes(image), text,
-                                       _options(describe, request_id, policy, lang, return_embedding))
+                                       _options(describe, request_id, policy, lang, return_embedding, forget))
         deadline = time.monotonic() + self.timeout_s  # one deadline for the call, retries included
         for attempt in range(self.retries + 1):
             try:

@@ -287,3 +287,16 @@ def test_report_prints_label_trends_by_hour(tmp_path):
     lines = {ln.split("  ")[0].strip(): ln for ln in out.splitlines() if ln.startswith((h0, h1))}
     assert "scam=2" in lines[h0] and "hate=1" in lines[h0]
     assert "hate=1" in lines[h1] and "scam" not in lines[h1]
+
+
+def test_client_library_forget_keeps_nothing(triton, cached_policy):
+    from clients.client import ModerationClient
+    from moderation.samples import sample_posts
+
+    post = sample_posts()[5]
+    caption = f"forget via the client {uuid.uuid4().hex}"
+    with ModerationClient(triton.grpc_url) as c:
+        first = c.moderate(post.image_bytes(), caption, policy=cached_policy, forget=True)
+        second = c.moderate(post.image_bytes(), caption, policy=cached_policy)
+        third = c.moderate(post.image_bytes(), caption, policy=cached_policy)
+    assert (first["route"], second["route"], third["route"]) == ("vlm", "vlm", "cache")
