@@ -121,19 +121,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("perf/results/soak/last.json"))
     args = ap.parse_args(argv)
 
-    from moderation.policy import PACKAGE_POLICY_DIR
+    from moderation.policy import write_fixed_route_policies
     from moderation.server import running_server
 
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
-    policies = tmp / "policies"
-    policies.mkdir()
-    for f in PACKAGE_POLICY_DIR.glob("*.yaml"):
-        (policies / f.name).write_text(f.read_text())
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.conftest import write_policy  # the same forced-route policies the tests use
-
-    write_policy(policies, "escalate_all", allow_below=0.0, block_at=1.01)
-    write_policy(policies, "allow_all", allow_below=1.01, block_at=1.01)
+    # the same forced-route policies the tests use (verdict cache off: repeated posts are judged every time)
+    policies = write_fixed_route_policies(tmp / "policies")
     env = {"MODERATION_POLICY_DIR": str(policies), "MODERATION_AUDIT_LOG": str(tmp / "audit.jsonl")}
     with running_server(env=env, log_path=tmp / "triton.log") as srv:
         result = run(srv.grpc_url, srv.process.proc.pid, args.requests, args.concurrency)

@@ -13,12 +13,11 @@ from types import SimpleNamespace
 import numpy as np
 import onnxruntime as ort
 import pytest
-import yaml
 
 from moderation.artifacts import read_artifact_record
 from moderation.decoder import DecoderRequest, VerdictDecoder
 from moderation.fallback import FallbackSwitch
-from moderation.policy import DecoderFallback, PACKAGE_POLICY_DIR, load_policy
+from moderation.policy import DecoderFallback, derive_policy, load_policy
 from moderation.samples import sample_posts
 
 from .conftest import REPO
@@ -102,11 +101,9 @@ def test_switch_trips_on_inflight_and_queue_age_and_returns():
 
 # against a real server -------------------------------------------------------------------------------------
 def _fallback_policy(policy_dir, name, **fallback):
-    data = yaml.safe_load((PACKAGE_POLICY_DIR / "default.yaml").read_text())
-    data["name"] = name
-    data["gate"].update(allow_below=0.0, block_at=1.01)  # every post escalates
-    data["decoder"]["fallback"] = fallback
-    (policy_dir / f"{name}.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+    # every post escalates; verdict cache off so repeated posts are judged (and can fall back) each time
+    derive_policy(policy_dir, name, gate={"allow_below": 0.0, "block_at": 1.01}, cache={"enabled": False},
+                  decoder={"fallback": fallback})
 
 
 def _fallback_count(triton) -> float:
