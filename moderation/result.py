@@ -43,9 +43,13 @@ def build_result(policy: Policy, request: dict, gate: dict, versions: dict[str, 
         violation = route == BLOCK
         threshold, source = policy.gate.allow_below, "clip_gate"
         sentiment, description = None, None
-    # A trained gate signal (e.g. nsfw_image) names itself and its own threshold, on the gate's scores only.
-    sources = gate.get("sources", {}) if source == "clip_gate" else {}
-    own = gate.get("thresholds", {}) if source == "clip_gate" else {}
+    # A trained gate signal (e.g. nsfw_image) names itself and its own threshold. It also outranks an untrained
+    # VLM on its own label (trained beats untrained); a trained VLM keeps its judgement.
+    sources, own = {}, {}
+    if source == "clip_gate" or (vlm and vlm.get("untrained")):
+        sources, own = gate.get("sources", {}), gate.get("thresholds", {})
+        if source == "vlm":
+            scores = {**scores, **{k: gate_scores[k] for k in sources if k in gate_scores}}
     labels = sorted(({"name": k, "score": v, "source": sources.get(k, source)} for k, v in scores.items()
                      if k in policy.label_keys and v >= own.get(k, threshold)), key=lambda x: -x["score"])
     signals = dict(gate.get("signals", {}))

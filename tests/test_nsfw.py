@@ -142,16 +142,23 @@ def test_result_labels_carry_the_source_and_its_own_threshold():
     assert r["gate"]["sources"] == {"sexual": NSFW_SOURCE}
 
 
-def test_vlm_scores_are_not_labelled_as_the_trained_source():
+@pytest.mark.parametrize("vlm_untrained", [True, False])
+def test_trained_signal_outranks_only_an_untrained_vlm(vlm_untrained):
     pol = load_policy("default")
     vlm = {"labels": {k: 0.9 for k in pol.label_keys}, "violation": 0.9,
-           "sentiment": {"positive": 0.2, "neutral": 0.5, "negative": 0.3}, "untrained": True}
+           "sentiment": {"positive": 0.2, "neutral": 0.5, "negative": 0.3}, "untrained": vlm_untrained}
     gate = {"route": ESCALATE, "scores": _low_scores(pol, sexual=0.5), "sources": {"sexual": NSFW_SOURCE},
             "thresholds": {"sexual": 0.2}, "signals": {"clip": "untrained", "nsfw_image": "trained"}, "vlm": vlm}
     r = validate_result(build_result(pol, _request(), gate, {}, {"total": 1.0}))
-    assert {x["source"] for x in r["labels"]} == {"vlm"}
+    by_name = {x["name"]: x for x in r["labels"]}
+    if vlm_untrained:  # the trained open_nsfw score replaces the untrained VLM's on `sexual`, and says so
+        assert by_name["sexual"] == {"name": "sexual", "score": 0.5, "source": NSFW_SOURCE}
+        assert r["scores"]["sexual"] == 0.5
+    else:  # a trained VLM keeps its own judgement on every label
+        assert by_name["sexual"]["source"] == "vlm" and r["scores"]["sexual"] == 0.9
+    assert {x["source"] for n, x in by_name.items() if n != "sexual"} == {"vlm"}
     assert r["gate"]["scores"]["sexual"] == 0.5 and r["gate"]["sources"]["sexual"] == NSFW_SOURCE
-    assert r["signals"] == {"clip": "untrained", "nsfw_image": "trained", "vlm": "untrained"}
+    assert r["signals"]["vlm"] == ("untrained" if vlm_untrained else "trained")
 
 
 # ---- through the real server ------------------------------------------------------------------------------
