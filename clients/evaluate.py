@@ -27,17 +27,12 @@ import numpy as np
 from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
 from .client import DEFAULT_URL, ModerationClient, ModerationFailed
+from .jsonl import read_jsonl
 
 
 def read_labelled(path: Path) -> list[dict]:
     posts = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+    for n, row in read_jsonl(path):
         caption = row.get("caption", row.get("text", "")) if isinstance(row, dict) else None
         if (not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(caption, str)
                 or not isinstance(row.get("labels"), list) or not all(isinstance(x, str) for x in row["labels"])):

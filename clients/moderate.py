@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .client import DEFAULT_URL, AsyncModerationClient, ModerationClient, ModerationFailed
+from .jsonl import read_jsonl
 
 UNTRAINED_NOTE = ("note: this result comes from untrained, random-initialised tiny models "
                   "(signals marked 'untrained'); it is noise, not a moderation decision")
@@ -26,13 +27,7 @@ def _fail(msg: str, code: int = 2):
 
 def _read_batch(path: Path) -> list[dict]:
     posts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            post = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+    for n, post in read_jsonl(path):
         if not isinstance(post, dict) or "image" not in post or not isinstance(post.get("text", ""), str):
             raise ValueError(f'{path}:{n}: expected {{"image": path, "text": str}}')
         posts.append(post)

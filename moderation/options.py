@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import BadOptions
+from .text import decode_utf8
 
 MAX_OPTIONS_BYTES = 4096
 
@@ -29,16 +30,7 @@ class Options(BaseModel):
 def parse_options(raw: bytes | str | None) -> Options:
     if raw is None or raw in (b"", ""):
         return Options()
-    if isinstance(raw, str):
-        raw = raw.encode("utf-8", "surrogatepass")
-    if not isinstance(raw, (bytes, bytearray)):
-        raise BadOptions(f"OPTIONS must be UTF-8 JSON bytes, got {type(raw).__name__}")
-    if len(raw) > MAX_OPTIONS_BYTES:
-        raise BadOptions(f"OPTIONS is {len(raw)} bytes; the limit is {MAX_OPTIONS_BYTES}")
-    try:
-        raw = bytes(raw).decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadOptions("OPTIONS is not valid UTF-8") from None
+    raw = decode_utf8(raw, name="OPTIONS", max_bytes=MAX_OPTIONS_BYTES, bad=BadOptions, too_long=BadOptions)
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:

@@ -5,7 +5,7 @@ import hashlib
 import re
 import unicodedata
 
-from .errors import BadText, TextTooLong
+from .errors import BadText, ModerationError, TextTooLong
 
 MAX_TEXT_BYTES = 16 * 1024
 # Zero-width and bidi controls are used to split banned words past keyword filters: drop them for the
@@ -15,18 +15,24 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _CJK = re.compile("[\u3400-\u9fff\uf900-\ufaff]")
 
 
-def decode_caption(data: bytes | str, *, max_bytes: int = MAX_TEXT_BYTES) -> str:
+def decode_utf8(data: bytes | str, *, name: str, max_bytes: int, bad: type[ModerationError],
+                too_long: type[ModerationError]) -> str:
+    """An untrusted UTF-8 field: type, size (checked before decoding) and encoding, each with a coded error."""
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
     if not isinstance(data, (bytes, bytearray)):
-        raise BadText(f"caption must be UTF-8 bytes, got {type(data).__name__}")
+        raise bad(f"{name} must be UTF-8 bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
-        raise TextTooLong(f"caption is {len(data)} bytes; the limit is {max_bytes}")
+        raise too_long(f"{name} is {len(data)} bytes; the limit is {max_bytes}")
     try:
-        text = bytes(data).decode("utf-8")
+        return bytes(data).decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BadText(f"caption is not valid UTF-8 (byte {e.start}: {e.reason})") from None
-    return normalize_caption(text)
+        raise bad(f"{name} is not valid UTF-8 (byte {e.start}: {e.reason})") from None
+
+
+def decode_caption(data: bytes | str, *, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    return normalize_caption(decode_utf8(data, name="caption", max_bytes=max_bytes, bad=BadText,
+                                         too_long=TextTooLong))
 
 
 def normalize_caption(text: str) -> str:
