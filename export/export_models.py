@@ -106,8 +106,7 @@ def _place_checkpoint(src: Path, dst: Path, link: bool) -> None:
 
 
 def export_all(qwen: Path, clip: Path, repo: Path, version: str, tolerance: float, link: bool, opset: int) -> dict:
-    from transformers import CLIPModel, CLIPTokenizerFast, PreTrainedTokenizerFast, Qwen3VLForConditionalGeneration  # noqa: F401
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, CLIPModel, Qwen3VLForConditionalGeneration
 
     from moderation.imaging import ClipPixels, QwenPixels
     from moderation.vision_export import BatchedVisionEncoder

@@ -1,6 +1,6 @@
 """Audit log: one JSON line per request, failures included, safe to append from several Triton stub
 processes at once (an exclusive flock around each append and rotation). Raw image bytes and caption
-text are never written unless MODERATION_AUDIT_RAW_TEXT=1 is set explicitly; hashes identify content."""
+text are never written: sha256 hashes identify content."""
 from __future__ import annotations
 
 import fcntl
@@ -48,10 +48,6 @@ class AuditLog:
             if src.exists():
                 src.rename(self.path.with_name(f"{self.path.name}.{i + 1}"))
         self.path.rename(self.path.with_name(f"{self.path.name}.1"))
-
-
-def raw_text_allowed() -> bool:
-    return os.environ.get("MODERATION_AUDIT_RAW_TEXT") == "1"
 
 
 def read_rows(path: Path) -> list[dict]:

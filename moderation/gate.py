@@ -41,14 +41,6 @@ class ConceptBank:
         return cls(policy.digest, {k: np.stack(v) for k, v in by_label.items()})
 
 
-@dataclass
-class GateDecision:
-    route: str
-    scores: dict[str, float]
-    consistency: float | None
-    reason: str
-
-
 def gate_scores(policy: Policy, bank: ConceptBank, image_emb: np.ndarray, text_emb: np.ndarray | None,
                 nsfw_score: float | None = None) -> tuple[dict[str, float], float | None]:
     g = policy.gate

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -74,7 +75,7 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: i
         raise BadImage("image bytes are not a recognised image format") from None
     except MemoryError:
         raise ImageTooLarge("image needs more memory to decode than the server allows") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct_error()) as e:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         raise BadImage(f"image is truncated or corrupt: {e}") from None
     except Exception as e:  # noqa: BLE001 - any other decoder failure on untrusted bytes is still a bad image
         raise BadImage(f"image could not be decoded ({type(e).__name__}: {e})") from None
@@ -103,11 +104,6 @@ def sniff_format(data: bytes) -> str | None:
     if low.startswith((b"<!doctype html", b"<html", b"<script", b"<body")):
         return "HTML"
     return None
-
-
-def struct_error():
-    import struct
-    return struct.error
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

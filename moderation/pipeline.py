@@ -2,7 +2,6 @@
 call this -> build tensors); the in-process benchmark and the tests call the same functions."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -138,10 +137,4 @@ class Gate:
         return out
 
 
-def timed(fn, *args, **kwargs):
-    t = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, (time.perf_counter() - t) * 1e3
-
-
-__all__ = ["Post", "parse_post", "ClipInputs", "VlmInputs", "Gate", "ModerationError", "hashes_of", "timed"]
+__all__ = ["Post", "parse_post", "ClipInputs", "VlmInputs", "Gate", "ModerationError", "hashes_of"]

@@ -6,7 +6,6 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from moderation.audit import raw_text_allowed  # noqa: F401  (raw content is never in these rows)
 from moderation.policy import load_policy
 from moderation.result import build_result, validate_result
 from moderation.serving.metrics import Counter
