@@ -8,7 +8,6 @@ capped) only for posts that ask for one."""
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,13 +77,18 @@ class VerdictDecoder:
         self.eos_ids = {i for i in (self.tokenizer.convert_tokens_to_ids("<|im_end|>"),
                                     self.tokenizer.eos_token_id) if i is not None}
         self.reuse_prefix = reuse_prefix
+        self._builders: dict[int, PromptBuilder] = {}
         self._prefix_kv: dict[tuple, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         self.untrained = (Path(checkpoint_dir) / "UNTRAINED.json").exists()
         self.stats = {"prefix_computed": 0, "prefix_reused": 0}
 
     # prompts ---------------------------------------------------------------------------------
     def prompts(self, num_visual_tokens: int) -> PromptBuilder:
-        return PromptBuilder(self.tokenizer, num_visual_tokens)
+        # one builder per image size, so its tokenized questions are cached across batches
+        builder = self._builders.get(num_visual_tokens)
+        if builder is None:
+            builder = self._builders[num_visual_tokens] = PromptBuilder(self.tokenizer, num_visual_tokens)
+        return builder
 
     def _prefix(self, builder: PromptBuilder, policy: Policy, lang: str):
         key = (policy.id, policy.digest, lang)
@@ -243,7 +247,3 @@ class VerdictDecoder:
             counts[b] = len(generated[i])
         return out, counts
 
-
-def result_to_json(res: DecoderResult) -> str:
-    return json.dumps({"violation": res.violation, "labels": res.labels, "sentiment": res.sentiment,
-                       "description": res.description, "timings_ms": res.timings_ms}, ensure_ascii=False)
