@@ -204,25 +204,27 @@ def raw_inputs(module, case: Case, request_id: str) -> list:
     return inputs
 
 
-def triton_reject_request(module, kind: str, image: bytes, text: bytes) -> tuple[str, list, str]:
-    """(model, inputs, version) for one of TRITON_REJECTS."""
+def triton_reject_request(module, kind: str, image: bytes, text: bytes,
+                          request_id: str = "") -> tuple[str, list, str]:
+    """(model, inputs, version) for one of TRITON_REJECTS; OPTIONS carries request_id when one is given."""
     def t(name, arr, dtype="BYTES"):
         x = module.InferInput(name, list(arr.shape), dtype)
         x.set_data_from_numpy(arr)
         return x
 
     one = lambda v: np.array([[v]], dtype=np.object_)  # noqa: E731
-    good = [t("IMAGE", one(image)), t("TEXT", one(text))]
+    opts = [t("OPTIONS", one(json.dumps({"request_id": request_id}).encode()))] if request_id else []
+    good = [t("IMAGE", one(image)), t("TEXT", one(text)), *opts]
     if kind == "wrong_dtype":
-        return "moderate", [t("IMAGE", np.zeros((1, 1), np.float32), "FP32"), good[1]], ""
+        return "moderate", [t("IMAGE", np.zeros((1, 1), np.float32), "FP32"), *good[1:]], ""
     if kind == "wrong_shape":
-        return "moderate", [t("IMAGE", np.array([[image, image]], dtype=np.object_)), good[1]], ""
+        return "moderate", [t("IMAGE", np.array([[image, image]], dtype=np.object_)), *good[1:]], ""
     if kind == "batch_too_large":
         n = 17  # moderate's max_batch_size is 16
         return "moderate", [t("IMAGE", np.array([[image]] * n, dtype=np.object_)),
-                            t("TEXT", np.array([[text]] * n, dtype=np.object_))], ""
+                            t("TEXT", np.array([[text]] * n, dtype=np.object_))], ""  # no id: 17 posts, one row
     if kind == "unknown_input_name":
-        return "moderate", good + [t("CAPTION", one(text))], ""
+        return "moderate", good[:2] + [t("CAPTION", one(text))], ""  # 3 inputs: at most 3 are declared
     if kind == "unknown_model":
         return "no_such_model", good, ""
     if kind == "unknown_version":

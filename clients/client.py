@@ -13,7 +13,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from moderation.errors import parse_error_text
+from moderation.errors import classify_failure
 from moderation.result import validate_result
 
 DEFAULT_URL = "127.0.0.1:8001"
@@ -73,20 +73,9 @@ def parse_response(resp) -> dict:
 
 
 def _to_failure(e: InferenceServerException) -> ModerationFailed:
-    """Coded failure from a server or transport error (codes: docs/errors.md). Triton's own rejections carry no
-    [code]; they are named here by their gRPC status: queue full -> overloaded (parse_error_text), an unknown
-    model or version -> model_not_found, a request Triton refused before any model ran -> bad_request."""
-    code, message = parse_error_text(e.message() or str(e))
+    """Coded failure from a server or transport error (codes: docs/errors.md; moderation.errors.classify_failure)."""
     status = e.status() or ""
-    if code == "internal":
-        if "UNAVAILABLE" in status:
-            code = "unavailable"
-        elif "DEADLINE_EXCEEDED" in status:
-            code = "deadline_exceeded"
-        elif "NOT_FOUND" in status:
-            code = "model_not_found"
-        elif "INVALID_ARGUMENT" in status:
-            code = "bad_request"
+    code, message = classify_failure(e.message() or str(e), status)
     return ModerationFailed(code, message, status or None)
 
 

@@ -9,6 +9,9 @@ Environment (defaults in brackets):
   MODEL_REPOSITORY [/models]          a path, or s3://bucket/prefix, gs://bucket/prefix, as:// (Triton reads them)
   MODERATION_ADMIN_KEY_FILE [/run/secrets/admin_key]   required: no key, no start
   GRPC_PORT [8001] HTTP_PORT [8000] METRICS_PORT [8002] BIND_ADDRESS [0.0.0.0]
+  MODERATION_GATEWAY [1]: the audit gateway sidecar (deploy/Dockerfile.gateway) serves gRPC on GRPC_PORT and
+      Triton's own gRPC listens on 127.0.0.1:TRITON_GRPC_PORT [8011] only, so every inference is audited;
+      0: no gateway, Triton serves gRPC on BIND_ADDRESS:GRPC_PORT itself
   LOAD_MODELS [every model in moderation.repository]   comma-separated, explicit model control
   RESPONSE_CACHE_BYTES [268435456]    Triton's local response cache
   PYTHON_SHM_BYTES [67108864]         python backend shared-memory pool per model instance (/dev/shm)
@@ -53,7 +56,7 @@ def command(env: dict[str, str] | None = None) -> list[str]:
         f"--model-repository={env.get('MODEL_REPOSITORY', '/models')}",
         "--model-control-mode=explicit",
         *[f"--load-model={m}" for m in models],
-        f"--grpc-address={addr}", f"--grpc-port={env.get('GRPC_PORT', '8001')}",
+        *grpc_listener(env, addr),
         f"--http-address={addr}", f"--http-port={env.get('HTTP_PORT', '8000')}",
         f"--metrics-address={addr}", f"--metrics-port={env.get('METRICS_PORT', '8002')}",
         "--allow-metrics=true",
@@ -70,6 +73,12 @@ def command(env: dict[str, str] | None = None) -> list[str]:
         args.append(f"--cache-directory={env['TRITON_CACHE_DIR']}")
     args += shlex.split(env.get("TRITON_EXTRA_ARGS", ""))
     return args
+
+
+def grpc_listener(env: dict[str, str], addr: str) -> list[str]:
+    if env.get("MODERATION_GATEWAY", "1") != "0":  # only the gateway in this pod's network namespace reaches it
+        return ["--grpc-address=127.0.0.1", f"--grpc-port={env.get('TRITON_GRPC_PORT', '8011')}"]
+    return [f"--grpc-address={addr}", f"--grpc-port={env.get('GRPC_PORT', '8001')}"]
 
 
 def redact(args: list[str]) -> list[str]:

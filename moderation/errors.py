@@ -76,6 +76,17 @@ STUB_DEAD_TEXT = "is not healthy"
 _CODE = re.compile(r"\[([a-z][a-z0-9_]*)\]")
 
 
+def _codes(cls=ModerationError) -> set[str]:
+    return {cls.code}.union(*(_codes(sub) for sub in cls.__subclasses__()))
+
+
+# Every code a model of ours can put at the head of its error text (ModerationError.__str__, error_response).
+SERVER_CODES = frozenset(_codes())
+# Triton's gRPC status for a failure that carries no code of ours names it instead (docs/errors.md).
+STATUS_CODES = {"UNAVAILABLE": "unavailable", "DEADLINE_EXCEEDED": "deadline_exceeded",
+                "NOT_FOUND": "model_not_found", "INVALID_ARGUMENT": "bad_request"}
+
+
 def parse_error_text(text: str) -> tuple[str, str]:
     """Split '[code] message' (as produced by ModerationError.__str__) back into (code, message). Triton's
     own prefixes such as "in ensemble 'moderate', [request id: <id_unknown>]" are not codes; Triton's
@@ -89,3 +100,23 @@ def parse_error_text(text: str) -> tuple[str, str]:
     if STUB_DEAD_TEXT in text:
         return "model_unavailable", text
     return "internal", text
+
+
+def classify_failure(text: str, status: str = "") -> tuple[str, str]:
+    """(code, message) for a failed call: our `[code]`, Triton's load-shedding or dead-stub texts, else the
+    gRPC status (`StatusCode.NOT_FOUND` or `NOT_FOUND`) -> model_not_found, bad_request, unavailable, ..."""
+    code, message = parse_error_text(text)
+    if code == "internal" and not _CODE.search(text):
+        code = next((c for name, c in STATUS_CODES.items() if name in (status or "")), code)
+    return code, message
+
+
+def coded_by_model(text: str) -> bool:
+    """True when one of our models failed the request (it wrote the audit row): its `[code]` is the first
+    bracketed token after Triton's own prefixes ("in ensemble '...', ", "[request id: ...] "). Triton's own
+    refusals quote names the caller chose, so a code appearing anywhere else does not count."""
+    m = _MODEL_FAILURE.match(text.strip())
+    return bool(m) and m.group(1) in SERVER_CODES
+
+
+_MODEL_FAILURE = re.compile(r"(?:in ensemble '[^']*', )?(?:\[request id: [^\]]*\] )?\[([a-z][a-z0-9_]*)\] ")

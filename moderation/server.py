@@ -3,7 +3,11 @@ bound to 127.0.0.1, explicit model control, restricted admin protocols.
 
     .venv/bin/python -m moderation.server            # foreground, Ctrl-C to stop (make serve)
 
-Environment: GRPC_PORT (8001), HTTP_PORT (8000), METRICS_PORT (8002), BIND_ADDRESS (127.0.0.1),
+Clients reach gRPC through the audit gateway (moderation/gateway.py) on GRPC_PORT; Triton's own gRPC listens on
+TRITON_GRPC_PORT, loopback only (MODERATION_GATEWAY=0: no gateway, Triton on GRPC_PORT).
+
+Environment: GRPC_PORT (8001), TRITON_GRPC_PORT (8011), GATEWAY_METRICS_PORT (8003), HTTP_PORT (8000),
+METRICS_PORT (8002), BIND_ADDRESS (127.0.0.1),
 MODEL_REPOSITORY (model_repository), MODERATION_ADMIN_KEY (or MODERATION_ADMIN_KEY_FILE) for the
 restricted protocols, MODERATION_AUDIT_LOG, MODERATION_POLICY_DIR, TRITON_LOG_VERBOSE."""
 from __future__ import annotations
@@ -71,6 +75,9 @@ def admin_key() -> str:
 class ServerConfig:
     repository: Path = Path(os.environ.get("MODEL_REPOSITORY", "model_repository"))
     grpc_port: int = int(os.environ.get("GRPC_PORT", 8001))
+    triton_grpc_port: int = int(os.environ.get("TRITON_GRPC_PORT", 8011))
+    gateway_metrics_port: int = int(os.environ.get("GATEWAY_METRICS_PORT", 8003))
+    gateway: bool = os.environ.get("MODERATION_GATEWAY", "1") != "0"
     http_port: int = int(os.environ.get("HTTP_PORT", 8000))
     metrics_port: int = int(os.environ.get("METRICS_PORT", 8002))
     address: str = os.environ.get("BIND_ADDRESS", "127.0.0.1")
@@ -95,7 +102,9 @@ class ServerConfig:
             f"--cache-config=local,size={self.cache_bytes}",
             "--model-control-mode=explicit",
             *[f"--load-model={m}" for m in self.models],
-            f"--grpc-address={self.address}", f"--grpc-port={self.grpc_port}",
+            # Behind the gateway Triton's gRPC is loopback-only: every inference passes the audit gateway.
+            f"--grpc-address={'127.0.0.1' if self.gateway else self.address}",
+            f"--grpc-port={self.triton_grpc_port if self.gateway else self.grpc_port}",
             f"--http-address={self.address}", f"--http-port={self.http_port}",
             f"--metrics-address={self.address}", f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true", "--allow-gpu-metrics=false",
@@ -106,6 +115,15 @@ class ServerConfig:
             *self.extra_args,
         ]
         return args
+
+    @property
+    def triton_grpc_url(self) -> str:
+        """Triton's own gRPC endpoint (admin tooling, the watchdog); clients use the gateway on grpc_port."""
+        return f"127.0.0.1:{self.triton_grpc_port}" if self.gateway else f"{self.address}:{self.grpc_port}"
+
+    def gateway_command(self) -> list[str]:
+        return [sys.executable, "-m", "moderation.gateway", "--listen", f"{self.address}:{self.grpc_port}",
+                "--upstream", self.triton_grpc_url, "--metrics", f"127.0.0.1:{self.gateway_metrics_port}"]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -168,13 +186,55 @@ class TritonProcess:
             return self.proc.wait()
 
 
+class GatewayProcess:
+    """The audit gateway as its own process (its event loop never competes with a caller for a GIL)."""
+
+    def __init__(self, config: ServerConfig, log_path: Path | None = None):
+        self.config, self.log_path = config, log_path
+        self.env = config.env()  # taken now: the audit log path must be the models' even if started later
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "GatewayProcess":
+        out = open(self.log_path, "ab") if self.log_path else None
+        self.proc = subprocess.Popen(self.config.gateway_command(), env=self.env, stdout=out or None,
+                                     stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        import tritonclient.grpc as grpcclient
+
+        url = f"{self.config.address}:{self.config.grpc_port}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with code {self.proc.returncode} before it was ready"
+                                   + (f"; see {self.log_path}" if self.log_path else ""))
+            try:  # ServerReady passes through: ready means the gateway and Triton behind it both answer
+                if grpcclient.InferenceServerClient(url).is_server_ready(client_timeout=2):
+                    return
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"gateway not ready after {timeout:.0f}s ({url})")
+
+    def stop(self, timeout: float = 40.0) -> int | None:
+        if not self.proc or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)  # finishes in-flight calls (grace 30 s), then exits
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait()
+
+
 def apply_live_versions(config: ServerConfig) -> list[dict]:
     """Re-apply versions made live by `clients.admin swap` before a restart (<repository>/.live_versions.json)."""
     from .admin import STATE_FILE, RepositoryAdmin
 
     if not (Path(config.repository) / STATE_FILE).exists():
         return []
-    return RepositoryAdmin(f"{config.address}:{config.grpc_port}", config.key, config.repository).apply_state()
+    return RepositoryAdmin(config.triton_grpc_url, config.key, config.repository).apply_state()
 
 
 def main() -> int:
@@ -183,10 +243,15 @@ def main() -> int:
         print(f"error: {cfg.repository} has no exported models; run `make models` first", file=sys.stderr)
         return 2
     server = TritonProcess(cfg).start()
+    gateway = GatewayProcess(cfg) if cfg.gateway else None
+    stopping = False
 
     def _forward(signum, _frame):
-        if server.proc and server.proc.poll() is None:
-            server.proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+        nonlocal stopping
+        stopping = True
+        for p in (gateway, server):  # the gateway first: it stops taking calls, then Triton drains
+            if p and p.proc and p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
 
     signal.signal(signal.SIGINT, _forward)
     signal.signal(signal.SIGTERM, _forward)
@@ -198,15 +263,28 @@ def main() -> int:
             # Triton 2.51 does not restart a dead python stub: reload its model (moderation/watchdog.py).
             from .watchdog import StubWatchdog
 
-            StubWatchdog(server.proc.pid, f"{cfg.address}:{cfg.grpc_port}", cfg.key).start()
-        print(f"ready: gRPC {cfg.address}:{cfg.grpc_port}  HTTP {cfg.address}:{cfg.http_port}  "
-              f"metrics {cfg.address}:{cfg.metrics_port}", flush=True)
+            StubWatchdog(server.proc.pid, cfg.triton_grpc_url, cfg.key).start()
+        if gateway:
+            gateway.start().wait_ready()
+        print(f"ready: gRPC {cfg.address}:{cfg.grpc_port}"
+              + (f" (audit gateway -> Triton {cfg.triton_grpc_url})" if gateway else "")
+              + f"  HTTP {cfg.address}:{cfg.http_port}  metrics {cfg.address}:{cfg.metrics_port}", flush=True)
     except (RuntimeError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if gateway:
+            gateway.stop()
         server.stop()
         return 1
-    rc = server.proc.wait()
-    return 0 if rc in (0, -signal.SIGTERM, -signal.SIGINT) else rc
+    # Either process ending ends the service: a Triton without its gateway would be unreachable, and a gateway
+    # without Triton would answer UNAVAILABLE forever; the orchestrator restarts the pair.
+    while server.proc.poll() is None and (not gateway or gateway.proc.poll() is None):
+        time.sleep(0.5)
+    if gateway and gateway.proc.poll() is not None and not stopping:
+        print(f"error: gateway exited with code {gateway.proc.returncode}; stopping Triton", file=sys.stderr)
+    if gateway:
+        gateway.stop()
+    rc = server.stop() if server.proc.poll() is None else server.proc.returncode
+    return 0 if rc in (0, -signal.SIGTERM, -signal.SIGINT) else (rc or 1)
 
 
 if __name__ == "__main__":
@@ -230,19 +308,32 @@ class running_server:
 
     def __init__(self, repository: Path | None = None, env: dict[str, str] | None = None,
                  log_path: Path | None = None, models: tuple[str, ...] = ALL_MODELS, key: str = "",
-                 extra_args: tuple[str, ...] = (), timeout: float = 300.0):
+                 extra_args: tuple[str, ...] = (), timeout: float = 300.0, gateway: bool | None = None):
         self.config = ServerConfig(repository=Path(repository or os.environ.get("MODEL_REPOSITORY",
                                                                                  "model_repository")),
                                    grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+                                   triton_grpc_port=free_port(), gateway_metrics_port=free_port(),
                                    models=models, key=key, extra_args=extra_args)
+        if gateway is not None:
+            self.config.gateway = gateway
         self.extra_env = env or {}
         self.log_path = log_path
         self.timeout = timeout
         self.process: TritonProcess | None = None
+        self.gateway: GatewayProcess | None = None
 
     @property
     def grpc_url(self) -> str:
+        """Where clients connect: the audit gateway (or Triton itself when the gateway is off)."""
         return f"127.0.0.1:{self.config.grpc_port}"
+
+    @property
+    def triton_grpc_url(self) -> str:
+        return self.config.triton_grpc_url
+
+    @property
+    def gateway_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.gateway_metrics_port}/metrics"
 
     @property
     def http_url(self) -> str:
@@ -259,6 +350,9 @@ class running_server:
             if self.log_path:
                 Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
             self.process = TritonProcess(self.config, self.log_path).start()
+            if self.config.gateway:  # same environment (audit log path) as the models
+                glog = Path(self.log_path).with_suffix(".gateway.log") if self.log_path else None
+                self.gateway = GatewayProcess(self.config, glog)
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -268,12 +362,16 @@ class running_server:
         try:
             self.process.wait_ready(self.timeout)
             apply_live_versions(self.config)
+            if self.gateway:
+                self.gateway.start().wait_ready()
         except BaseException:
-            self.process.stop()
+            self.stop()
             raise
         return self
 
     def stop(self) -> int | None:
+        if self.gateway:
+            self.gateway.stop()
         return self.process.stop() if self.process else None
 
     def __exit__(self, *exc) -> None:

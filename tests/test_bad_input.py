@@ -1,12 +1,12 @@
 """The bad-input matrix against the real server (clients/bad_inputs.py holds the cases): every case through
 raw tritonclient gRPC and, where the client API can express it, through clients.client. Each gets its
-documented code (docs/errors.md) and a message naming the problem, or is moderated normally; each leaves an
-audit row; the next good request succeeds. Requests Triton refuses before any model runs are checked on
-their gRPC status, the client's code and Triton's failure counter instead (docs/errors.md says why)."""
+documented code (docs/errors.md) and a message naming the problem, or is moderated normally; each leaves
+exactly one audit row; the next good request succeeds. Requests Triton refuses before any model runs get their
+row from the audit gateway (moderation/gateway.py), the only component that sees them."""
 from __future__ import annotations
 
+import json
 import re
-import time
 import urllib.request
 import uuid
 
@@ -18,6 +18,7 @@ from clients.bad_inputs import OK, TRITON_REJECTS, cases, raw_inputs, triton_rej
 from clients.client import ModerationFailed, _to_failure
 from moderation.audit import read_rows
 from moderation.samples import sample_posts
+from moderation.imaging import sha256_hex
 from moderation.text import text_sha256
 
 CASES = {c.name: c for c in cases()}
@@ -71,6 +72,8 @@ def test_raw_grpc(name, triton, client, audit_log):
     assert case.says.lower() in message.lower(), f"{name}: message {message!r} does not name the problem"
     row = _audit_row(audit_log, None if isinstance(case.options, bytes) else rid, text)
     assert (row.get("error") or {}).get("code", OK) == case.expect, row
+    if row.get("request_id") == rid:  # one row per request: the gateway adds none to a coded failure
+        assert len([r for r in read_rows(audit_log) if r.get("request_id") == rid]) == 1
     if case.expect == OK:
         assert row["stage"] == "moderate" and row["route"]
     else:
@@ -104,22 +107,32 @@ def _failures(triton) -> float:
 
 
 @pytest.mark.parametrize("kind", list(TRITON_REJECTS))
-def test_triton_rejects_are_coded_and_unaudited(kind, triton, client, audit_log):
+def test_triton_rejects_are_coded_and_audited_by_the_gateway(kind, triton, client, audit_log):
     status, code, says = TRITON_REJECTS[kind]
     post = sample_posts()[0]
-    model, inputs, version = triton_reject_request(grpcclient, kind, post.image_bytes(), post.text.encode())
+    rid = f"reject-{kind}-{uuid.uuid4().hex[:8]}"
+    image, text = post.image_bytes(), post.text.encode()
+    model, inputs, version = triton_reject_request(grpcclient, kind, image, text, rid)
     c = grpcclient.InferenceServerClient(triton.grpc_url)
-    before, started = _failures(triton), time.time()
+    before = _failures(triton)
     with pytest.raises(InferenceServerException) as e:
-        c.infer(model, inputs, model_version=version, client_timeout=60)
+        c.infer(model, inputs, model_version=version, request_id=rid, client_timeout=60)
     assert e.value.status() == f"StatusCode.{status}"
     f = _to_failure(e.value)
     assert f.code == code and says in f.message, (f.code, f.message)
     # Measured on 2.51: a request refused before any model runs is not counted in nv_inference_request_failure
-    # (a coded failure from preprocess is), and no model sees it, so it has no audit row: docs/errors.md says how
-    # these are observed instead. Should an upgrade start counting them, this fails and the doc must change.
+    # (a coded failure from preprocess is) and no model sees it: the audit gateway writes its row. Should an
+    # upgrade start counting them, this fails and docs/errors.md must change.
     assert _failures(triton) - before == 0
-    assert not [r for r in read_rows(audit_log)[-5:] if r.get("ts", 0) > started and r.get("error")]
+    rows = [r for r in read_rows(audit_log) if r.get("request_id") == rid]
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert row["stage"] == "gateway" and row["model"] == model and row["grpc_status"] == status
+    assert row["error"] == {"code": code, "message": f.message}
+    assert row["latency_ms"]["total"] >= 0 and row["inputs"][0]["name"] == "IMAGE"
+    if kind not in ("wrong_dtype", "wrong_shape", "batch_too_large"):  # one post, readable: joinable hashes
+        assert row["image_sha256"] == sha256_hex(image) and row["text_sha256"] == text_sha256(text)
+    assert post.text not in json.dumps(row, ensure_ascii=False)  # hashes, never the caption
     if kind == "unknown_model":  # the client library names it the same way
         from clients.client import ModerationClient
 

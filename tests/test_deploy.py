@@ -143,8 +143,9 @@ def _hadolint(path: Path) -> subprocess.CompletedProcess:
 
 
 def test_dockerfile_passes_hadolint_and_the_linter_bites(tmp_path):
-    r = _hadolint(DEPLOY / "Dockerfile")
-    assert r.returncode == 0, r.stdout + r.stderr
+    for dockerfile in ("Dockerfile", "Dockerfile.gateway"):
+        r = _hadolint(DEPLOY / dockerfile)
+        assert r.returncode == 0, dockerfile + r.stdout + r.stderr
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM ubuntu:latest\nRUN apt-get install curl\n")
     r = _hadolint(bad)
@@ -168,23 +169,44 @@ def test_dockerfile_base_release_user_and_entrypoint():
         assert needed in ignore
 
 
-def test_requirements_gpu_exact_pins_match_the_cpu_lock():
+def _pins(path: Path) -> dict[str, str]:
     pins = {}
-    for line in (DEPLOY / "requirements-gpu.txt").read_text().splitlines():
+    for line in path.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             name, sep, version = line.partition("==")
             assert sep and re.fullmatch(r"[0-9][0-9A-Za-z.+]*", version), f"not an exact pin: {line}"
             pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_gateway_image_pins_match_the_cpu_lock_and_import_nothing_heavy():
+    text = (DEPLOY / "Dockerfile.gateway").read_text()
+    users = re.findall(r"^USER (\S+)$", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    assert 'ENTRYPOINT ["python3", "-m", "moderation.gateway"]' in text
+    ignore = (DEPLOY / "Dockerfile.gateway.dockerignore").read_text().split()
+    assert "!deploy/requirements-gateway.txt" in ignore and "!moderation/**" in ignore
+    pins = _pins(DEPLOY / "requirements-gateway.txt")
+    lock = _pins(ROOT / "requirements.lock")
+    assert {"grpcio", "tritonclient", "protobuf", "prometheus-client"} <= set(pins)
+    for name, version in pins.items():
+        if name in lock:
+            assert version == lock[name], f"{name}: gateway image {version} != CPU venv {lock[name]}"
+    # The gateway image has none of the model stack: moderation.gateway must not import it.
+    code = ("import sys, moderation.gateway; heavy = {'torch', 'transformers', 'onnxruntime', 'PIL', 'pydantic', "
+            "'yaml'} & set(sys.modules); assert not heavy, heavy")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+
+
+def test_requirements_gpu_exact_pins_match_the_cpu_lock():
+    pins = _pins(DEPLOY / "requirements-gpu.txt")
     for needed in ("torch", "transformers", "onnxruntime-gpu", "tokenizers", "safetensors", "numpy", "pydantic",
                    "pyyaml", "pillow", "jsonschema", "setuptools"):
         assert needed in pins, needed
     assert "onnxruntime" not in pins  # the CPU wheel would shadow onnxruntime-gpu's module
-    lock = {}
-    for line in (ROOT / "requirements.lock").read_text().splitlines():
-        if "==" in line:
-            n, _, v = line.strip().partition("==")
-            lock[n.lower().replace("_", "-")] = v
+    lock = _pins(ROOT / "requirements.lock")
     for same in ("transformers", "tokenizers", "safetensors", "numpy", "pydantic", "pyyaml", "pillow", "jsonschema"):
         assert pins[same] == lock[same], f"{same}: GPU image {pins[same]} != CPU venv {lock[same]}"
     assert pins["torch"] == lock["torch"].split("+")[0]
@@ -210,7 +232,11 @@ def test_compose_one_gpu_host():
     devices = svc["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert all(p.startswith("127.0.0.1:") for p in svc["ports"])
-    assert {p.split(":")[-1] for p in svc["ports"]} == {"8000", "8001", "8002"}
+    assert {p.split(":")[-1] for p in svc["ports"]} == {"8000", "8001", "8002", "8003"}
+    gw = c["services"]["gateway"]  # shares Triton's network namespace: 8001 above is the gateway
+    assert gw["network_mode"] == "service:triton" and gw["build"]["dockerfile"] == "deploy/Dockerfile.gateway"
+    assert gw["read_only"] is True and gw["user"].split(":")[0] != "0"
+    assert gw["volumes"] == [v for v in svc["volumes"] if v.startswith("audit:")]  # one audit log
     assert svc["secrets"] == [{"source": "admin_key", "target": "admin_key"}]
     assert c["secrets"]["admin_key"]["file"] == "./secrets/admin_key"
     assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"] and svc["user"].split(":")[0] != "0"
@@ -256,11 +282,19 @@ def test_deployment_gpu_probes_security_and_rollout():
     spec, pod = dep["spec"], dep["spec"]["template"]["spec"]
     assert "replicas" not in spec  # the HPA owns it
     assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    (c,) = pod["containers"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"triton", "gateway"}
+    c, gw = containers["triton"], containers["gateway"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert {"cpu", "memory"} <= set(c["resources"]["limits"])
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": 8001, "http": 8000, "metrics": 8002}
+    assert {"cpu", "memory"} <= set(c["resources"]["limits"]) and {"cpu", "memory"} <= set(gw["resources"]["limits"])
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8000, "metrics": 8002}
+    assert {p["name"]: p["containerPort"] for p in gw["ports"]} == {"grpc": 8001, "gateway-metrics": 8003}
+    ports = {p["name"]: p["containerPort"] for cont in pod["containers"] for p in cont["ports"]}
+    # The gateway forwards to Triton's loopback gRPC (the entrypoint's default) and shares the models' audit file.
+    assert "127.0.0.1:8011" in gw["args"] and "0.0.0.0:8001" in gw["args"]
+    audit = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}["/var/log/moderation"]
+    assert {m["mountPath"]: m["name"] for m in gw["volumeMounts"]}["/var/log/moderation"] == audit
+    assert gw["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["readinessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
@@ -318,6 +352,10 @@ def test_entrypoint_uses_server_restrictions_and_requires_a_key(tmp_path):
     assert f"--grpc-restricted-protocol={RESTRICTED_GRPC}:{ADMIN_HEADER}={'k' * 32}" in args
     assert f"--http-restricted-api={RESTRICTED_HTTP}:{ADMIN_HEADER}={'k' * 32}" in args
     assert "--model-repository=s3://bucket/repo" in args and "--model-control-mode=explicit" in args
+    # behind the gateway Triton's gRPC is loopback-only; without it, Triton serves gRPC itself
+    assert "--grpc-address=127.0.0.1" in args and "--grpc-port=8011" in args
+    alone = entrypoint.command(_entrypoint_env(tmp_path, MODERATION_GATEWAY="0"))
+    assert "--grpc-address=0.0.0.0" in alone and "--grpc-port=8001" in alone
     assert {a.split("=", 1)[1] for a in args if a.startswith("--load-model=")} == set(ALL_MODELS)
     assert all("k" * 32 not in a for a in entrypoint.redact(args))
     with pytest.raises(SystemExit):

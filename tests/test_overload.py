@@ -1,6 +1,7 @@
 """Overload: a burst far above capacity (64 concurrent clients on this 2-core machine, a few seconds) gets
 fast, coded `overloaded` rejections from preprocess's bounded queue (moderation/repository.py queue policies)
-instead of unbounded latency. Measures p99 of accepted requests and the rejection rate."""
+instead of unbounded latency. Measures p99 of accepted requests and the rejection rate, and that nothing is
+lost: every request of the burst, accepted or shed, has exactly one audit row (a shed one from the gateway)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +11,7 @@ import time
 import numpy as np
 
 from clients.client import AsyncModerationClient, ModerationFailed
+from moderation.audit import read_rows
 from moderation.repository import MODELS
 from moderation.samples import sample_posts
 
@@ -19,32 +21,33 @@ ACCEPTED_P99_BOUND_S = 12.0  # preprocess queue (16) + one batch in flight, time
 REJECT_P99_BOUND_S = 1.0
 
 
-async def _burst(url: str) -> list[tuple[str, float]]:
+async def _burst(url: str) -> list[tuple[str, float, str]]:
     posts = [(p.image_bytes(), p.text) for p in sample_posts()]
-    out: list[tuple[str, float]] = []
+    out: list[tuple[str, float, str]] = []
     stop_at = time.monotonic() + BURST_S
     async with AsyncModerationClient(url, timeout_s=60, retries=0) as c:  # no retries: see the server's answer
         async def worker(k: int):
             i = k
             while time.monotonic() < stop_at:
                 image, text = posts[i % len(posts)]
+                rid = f"burst-{i}"
                 i += CONCURRENCY
                 t = time.perf_counter()
                 try:
-                    await c.moderate(image, text, policy="allow_all")
-                    out.append(("ok", time.perf_counter() - t))
+                    await c.moderate(image, text, policy="allow_all", request_id=rid)
+                    out.append(("ok", time.perf_counter() - t, rid))
                 except ModerationFailed as e:
-                    out.append((e.code, time.perf_counter() - t))
+                    out.append((e.code, time.perf_counter() - t, rid))
         await asyncio.gather(*(worker(k) for k in range(CONCURRENCY)))
     return out
 
 
-def test_burst_gets_fast_coded_rejections_and_bounded_latency(triton, client):
+def test_burst_gets_fast_coded_rejections_and_bounded_latency(triton, client, audit_log):
     assert MODELS["preprocess"]["queue"][0] * 2 < CONCURRENCY  # the burst really exceeds what may queue
     out = asyncio.run(_burst(triton.grpc_url))
-    ok = np.array([s for c, s in out if c == "ok"])
-    rejected = np.array([s for c, s in out if c != "ok"])
-    codes = {c for c, _ in out}
+    ok = np.array([s for c, s, _ in out if c == "ok"])
+    rejected = np.array([s for c, s, _ in out if c != "ok"])
+    codes = {c for c, _, _ in out}
     stats = {"concurrency": CONCURRENCY, "burst_s": BURST_S, "requests": len(out), "accepted": int(ok.size),
              "rejected": int(rejected.size), "rejection_rate": round(rejected.size / len(out), 3),
              "accepted_p50_s": round(float(np.percentile(ok, 50)), 3), "accepted_p99_s": round(float(np.percentile(ok, 99)), 3),
@@ -55,6 +58,13 @@ def test_burst_gets_fast_coded_rejections_and_bounded_latency(triton, client):
     assert ok.size > 0 and rejected.size > 0, stats
     assert stats["accepted_p99_s"] < ACCEPTED_P99_BOUND_S, stats
     assert stats["rejected_p99_s"] < REJECT_P99_BOUND_S, stats
+    rows: dict[str, list[dict]] = {}
+    for r in read_rows(audit_log):
+        if str(r.get("request_id", "")).startswith("burst-"):
+            rows.setdefault(r["request_id"], []).append(r)
+    for code, _, rid in out:
+        assert len(rows.get(rid, [])) == 1, (rid, rows.get(rid))
+        assert (rows[rid][0].get("error") or {}).get("code", "ok") == code, rows[rid]
     # The server is healthy after the burst: the next request is served normally.
     post = sample_posts()[0]
     assert client.moderate(post.image_bytes(), post.text, policy="allow_all")["error"] is None

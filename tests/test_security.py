@@ -88,7 +88,8 @@ def _listening(port: int) -> set[str]:
 
 
 def test_every_listener_is_loopback_only(triton):
-    for port in (triton.config.grpc_port, triton.config.http_port, triton.config.metrics_port):
+    cfg = triton.config  # the gateway's gRPC and metrics, and Triton's own gRPC behind it
+    for port in (cfg.grpc_port, cfg.triton_grpc_port, cfg.gateway_metrics_port, cfg.http_port, cfg.metrics_port):
         addrs = _listening(port)
         assert addrs, f"nothing listens on {port}"
         # 127.0.0.1 (or its IPv4-mapped IPv6 form, as gRPC binds it); never 0.0.0.0 or ::

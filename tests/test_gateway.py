@@ -1,0 +1,184 @@
+"""The audit gateway (moderation/gateway.py) in front of the real server: it forwards every call unchanged,
+audits exactly the failures no model audited (one row each, never content), resists a request id forged to
+look like a model's coded failure, covers the streaming API, counts what it audited on its own /metrics, and
+audits what it cannot deliver when Triton is down."""
+from __future__ import annotations
+
+import json
+import queue
+import re
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from clients.client import build_inputs
+from moderation.audit import read_rows
+from moderation.errors import classify_failure, coded_by_model
+from moderation.gateway import needs_row, request_summary
+from moderation.samples import sample_posts
+from moderation.server import free_port
+
+POST = sample_posts()[0]
+
+
+def _rows(audit_log, rid: str) -> list[dict]:
+    return [r for r in read_rows(audit_log) if r.get("request_id") == rid]
+
+
+def _wrong_dtype():
+    x = grpcclient.InferInput("IMAGE", [1, 1], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 1), np.float32))
+    return [x]
+
+
+def _good(rid: str, policy: str = "allow_all"):
+    inputs, outputs = build_inputs(grpcclient, POST.image_bytes(), POST.text, {"request_id": rid, "policy": policy})
+    return inputs, outputs
+
+
+# ---- library: what the gateway keeps and when it writes -------------------------------------------------
+
+def _serialised(inputs, model="moderate", rid="") -> bytes:
+    from tritonclient.grpc import service_pb2
+
+    req = service_pb2.ModelInferRequest(model_name=model, id=rid)
+    for t in inputs:
+        req.inputs.append(t._get_tensor())
+        req.raw_input_contents.append(t._get_content())
+    return req.SerializeToString()
+
+
+def test_request_summary_hashes_each_input_and_keeps_no_content():
+    inputs, _ = _good("sum-1")
+    s = request_summary(_serialised(inputs, rid="t-1"))
+    assert s["request_id"] == "sum-1" and s["triton_request_id"] == "t-1" and s["model"] == "moderate"
+    assert [i["name"] for i in s["inputs"]] == ["IMAGE", "TEXT", "OPTIONS"]
+    from moderation.imaging import sha256_hex
+    assert s["image_sha256"] == sha256_hex(POST.image_bytes()) == s["inputs"][0]["sha256"][0]
+    assert POST.text not in json.dumps(s, ensure_ascii=False)
+    # wrong dtype: one hash of the raw tensor; the Triton request id stands in for the missing OPTIONS id
+    s2 = request_summary(_serialised(_wrong_dtype(), rid="t-2"))
+    assert s2["inputs"][0]["datatype"] == "FP32" and isinstance(s2["inputs"][0]["sha256"], str)
+    assert s2["request_id"] == "t-2"
+    # not even a protobuf: audited by the body's hash
+    assert request_summary(b"\xff\x00garbage")["request_sha256"]
+
+
+def test_model_codes_are_trusted_only_at_the_head_of_the_message():
+    assert coded_by_model("[bad_image] image is empty (0 bytes)")
+    assert coded_by_model("in ensemble 'moderate', [request id: r1] [overloaded] queue full")
+    assert not coded_by_model("[request id: x] unexpected inference input '[bad_image]' for model 'moderate'")
+    assert not coded_by_model("Request for unknown model: 'no_such_model' is not found")
+    assert not coded_by_model("[not_a_code_of_ours] x")
+    forged = {"triton_request_id": "x] [bad_image", "model": "moderate"}
+    assert needs_row("[request id: x] [bad_image] inference input 'IMAGE' data-type is 'FP32'", forged)
+    assert not needs_row("[bad_image] image is empty", {"triton_request_id": "ok", "model": "moderate"})
+    assert classify_failure("Exceeds maximum queue size", "RESOURCE_EXHAUSTED")[0] == "overloaded"
+    assert classify_failure("x is not found", "NOT_FOUND")[0] == "model_not_found"
+
+
+# ---- against the running server ------------------------------------------------------------------------
+
+def test_forged_request_id_cannot_skip_the_audit(triton, audit_log):
+    rid = f"x] [bad_image-{uuid.uuid4().hex[:6]}"
+    c = grpcclient.InferenceServerClient(triton.grpc_url)
+    with pytest.raises(InferenceServerException):
+        c.infer("moderate", _wrong_dtype(), request_id=rid, client_timeout=30)
+    rows = _rows(audit_log, rid)
+    assert len(rows) == 1 and rows[0]["stage"] == "gateway" and rows[0]["error"]["code"] == "bad_request"
+
+
+def test_stream_infer_is_forwarded_and_its_rejections_audited(triton, audit_log):
+    good_id, bad_id = f"stream-good-{uuid.uuid4().hex[:6]}", f"stream-bad-{uuid.uuid4().hex[:6]}"
+    answers: queue.Queue = queue.Queue()
+    c = grpcclient.InferenceServerClient(triton.grpc_url)
+    c.start_stream(callback=lambda result, error: answers.put((result, error)), stream_timeout=60)
+    try:
+        inputs, outputs = _good(good_id)
+        c.async_stream_infer("moderate", inputs, outputs=outputs, request_id=good_id)
+        c.async_stream_infer("moderate", _wrong_dtype(), request_id=bad_id)
+        got = [answers.get(timeout=60) for _ in range(2)]
+    finally:
+        c.stop_stream()
+    results = [r for r, e in got if e is None]
+    errors = [e for r, e in got if e is not None]
+    assert len(results) == 1 and len(errors) == 1, got
+    assert json.loads(results[0].as_numpy("RESULT").reshape(-1)[0])["request_id"] == good_id
+    assert "FP32" in errors[0].message()
+    bad = _rows(audit_log, bad_id)
+    assert len(bad) == 1 and bad[0]["stage"] == "gateway" and bad[0]["error"]["code"] == "bad_request", bad
+    good = _rows(audit_log, good_id)
+    assert len(good) == 1 and good[0]["stage"] == "moderate", good  # the model's row; nothing from the gateway
+
+
+def _scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(moderation_gateway_\S+) (\S+)$", text, re.M)}
+
+
+def test_gateway_metrics_count_calls_and_audited_failures(triton):
+    before = _scrape(triton.gateway_metrics_url)
+    c = grpcclient.InferenceServerClient(triton.grpc_url)
+    with pytest.raises(InferenceServerException):
+        c.infer("no_such_model", _wrong_dtype(), client_timeout=30)
+    inputs, outputs = _good(f"metrics-{uuid.uuid4().hex[:6]}")
+    c.infer("moderate", inputs, outputs=outputs, client_timeout=60)
+    after = _scrape(triton.gateway_metrics_url)
+    key = 'moderation_gateway_audited_failures_total{code="model_not_found"}'
+    assert after[key] - before.get(key, 0) == 1
+    ok = 'moderation_gateway_calls_total{method="ModelInfer",status="OK"}'
+    assert after[ok] - before.get(ok, 0) >= 1
+
+
+def test_gateway_adds_little_latency(triton):
+    """Side by side, alternating, same requests: the gateway's median against Triton's own port on the gate
+    path (the cheapest real request). perf/gateway_overhead.py measures more and commits the numbers."""
+    direct = grpcclient.InferenceServerClient(triton.triton_grpc_url)
+    gw = grpcclient.InferenceServerClient(triton.grpc_url)
+    times = {"direct": [], "gateway": []}
+    for i in range(24):
+        for name, c in (("direct", direct), ("gateway", gw)) if i % 2 else (("gateway", gw), ("direct", direct)):
+            inputs, outputs = _good(f"lat-{name}-{i}")
+            t = time.perf_counter()
+            c.infer("moderate", inputs, outputs=outputs, client_timeout=60)
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v[4:]) for k, v in times.items()}
+    print(json.dumps(med))
+    assert med["gateway"] < med["direct"] * 1.5 + 0.005, med
+
+
+def test_triton_down_is_answered_unavailable_and_audited(tmp_path):
+    """A gateway whose Triton is gone still answers (UNAVAILABLE, retryable) and audits what it could not deliver."""
+    audit = tmp_path / "audit.jsonl"
+    port = free_port()
+    env = {**__import__("os").environ, "MODERATION_AUDIT_LOG": str(audit)}
+    proc = subprocess.Popen([sys.executable, "-m", "moderation.gateway", "--listen", f"127.0.0.1:{port}",
+                             "--upstream", f"127.0.0.1:{free_port()}", "--metrics", ""], env=env)
+    try:
+        c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        rid = "down-1"
+        inputs, outputs = _good(rid)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                c.infer("moderate", inputs, outputs=outputs, client_timeout=10)
+                raise AssertionError("a request succeeded with no Triton behind the gateway")
+            except InferenceServerException as e:
+                if "UNAVAILABLE" in (e.status() or "") and audit.exists():
+                    break
+                assert time.monotonic() < deadline, (e.status(), e.message())
+                time.sleep(0.2)
+        rows = _rows(audit, rid)
+        assert rows and rows[-1]["stage"] == "gateway" and rows[-1]["error"]["code"] == "unavailable", rows
+        assert rows[-1]["image_sha256"]
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
