@@ -49,12 +49,13 @@ def _load(url, stop, out, policy):
         while not stop.is_set():
             p = POSTS[i % len(POSTS)]
             i += 1
+            rid = f"fault-{policy}-{threading.get_ident()}-{i}"
             t = time.time()
             try:
-                c.moderate(p.image_bytes(), p.text, policy=policy)
-                out.append((t, time.time(), "ok", ""))
+                c.moderate(p.image_bytes(), p.text, policy=policy, request_id=rid)
+                out.append((t, time.time(), "ok", "", rid))
             except ModerationFailed as e:
-                out.append((t, time.time(), e.code, e.message))
+                out.append((t, time.time(), e.code, e.message, rid))
 
 
 def _kill_under_load(srv, model: str, policy: str, watchdog_after_s: float) -> dict:
@@ -110,6 +111,14 @@ def test_killed_stub_fails_clearly_and_the_watchdog_restores_service(faulty, mod
     assert codes <= {"ok", "model_unavailable"}, codes
     failed = [x for x in reqs if x[2] != "ok"]
     assert failed and all(f"{model}_0_0" in x[3] and "not healthy" in x[3] for x in failed), failed[:3]
+    # Nothing lost: every request, served or failed by the dead stub, has exactly one audit row with its code
+    # (a dead preprocess stub writes nothing: the audit gateway does; clip_gate audits a failed BLS call).
+    rows: dict[str, list[dict]] = {}
+    for row in read_rows(faulty.audit):
+        rows.setdefault(row.get("request_id"), []).append(row)
+    for x in reqs:
+        assert len(rows.get(x[4], [])) == 1, (x, rows.get(x[4]))
+        assert (rows[x[4]][0].get("error") or {}).get("code", "ok") == x[2], rows[x[4]]
     if late_s:  # Triton alone: the model stays dead (every request fails) while the server reports ready
         unattended = [x for x in reqs if r["killed_at"] + 0.5 < x[0] and x[1] < r["watching_at"]]
         assert unattended and all(x[2] != "ok" for x in unattended), "Triton restarted the stub: update the docs"
