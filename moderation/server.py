@@ -145,87 +145,95 @@ class ServerConfig:
         return env
 
 
-class TritonProcess:
+class ServerProcess:
+    """One of our server processes: its own session, polled until ready, SIGTERM to stop (it drains first)."""
+
+    name = "server"
+    poll_s = 0.5
+    stop_timeout_s = 60.0
+
     def __init__(self, config: ServerConfig, log_path: Path | None = None):
-        self.config = config
-        self.log_path = log_path
+        self.config, self.log_path = config, log_path
+        self.env = config.env()  # taken now: MODERATION_AUDIT_LOG etc. as the caller set them, even if started later
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "TritonProcess":
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def where(self) -> str:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self):
         out = open(self.log_path, "ab") if self.log_path else None
-        self.proc = subprocess.Popen(self.config.command(), env=self.config.env(), stdout=out or None,
+        self.proc = subprocess.Popen(self.command(), env=self.env, stdout=out or None,
                                      stderr=subprocess.STDOUT if out else None, start_new_session=True)
         return self
-
-    def ready_url(self) -> str:
-        return f"http://{self.config.address}:{self.config.http_port}/v2/health/ready"
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc and self.proc.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with code {self.proc.returncode} before it was ready"
+                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} before it was ready"
                                    + (f"; see {self.log_path}" if self.log_path else ""))
             try:
-                with urllib.request.urlopen(self.ready_url(), timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"tritonserver not ready after {timeout:.0f}s ({self.ready_url()})")
-
-    def stop(self, timeout: float = 60.0) -> int | None:
-        if not self.proc or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)  # Triton drains in-flight requests, then unloads
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait()
-
-
-class GatewayProcess:
-    """The audit gateway as its own process (its event loop never competes with a caller for a GIL)."""
-
-    def __init__(self, config: ServerConfig, log_path: Path | None = None):
-        self.config, self.log_path = config, log_path
-        self.env = config.env()  # taken now: the audit log path must be the models' even if started later
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "GatewayProcess":
-        out = open(self.log_path, "ab") if self.log_path else None
-        self.proc = subprocess.Popen(self.config.gateway_command(), env=self.env, stdout=out or None,
-                                     stderr=subprocess.STDOUT if out else None, start_new_session=True)
-        return self
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        import tritonclient.grpc as grpcclient
-
-        url = f"{self.config.address}:{self.config.grpc_port}"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc and self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with code {self.proc.returncode} before it was ready"
-                                   + (f"; see {self.log_path}" if self.log_path else ""))
-            try:  # ServerReady passes through: ready means the gateway and Triton behind it both answer
-                if grpcclient.InferenceServerClient(url).is_server_ready(client_timeout=2):
+                if self.ready():
                     return
             except Exception:  # noqa: BLE001 - not listening yet
                 pass
-            time.sleep(0.2)
-        raise TimeoutError(f"gateway not ready after {timeout:.0f}s ({url})")
+            time.sleep(self.poll_s)
+        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s ({self.where()})")
 
-    def stop(self, timeout: float = 40.0) -> int | None:
+    def stop(self, timeout: float | None = None) -> int | None:
         if not self.proc or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)  # finishes in-flight calls (grace 30 s), then exits
+        self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
+            return self.proc.wait(timeout or self.stop_timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             return self.proc.wait()
+
+
+class TritonProcess(ServerProcess):
+    """tritonserver: on SIGTERM it drains in-flight requests (--exit-timeout-secs=30), then unloads."""
+
+    name = "tritonserver"
+
+    def command(self) -> list[str]:
+        return self.config.command()
+
+    def where(self) -> str:
+        return self.ready_url()
+
+    def ready_url(self) -> str:
+        return f"http://{self.config.address}:{self.config.http_port}/v2/health/ready"
+
+    def ready(self) -> bool:
+        with urllib.request.urlopen(self.ready_url(), timeout=2) as r:
+            return r.status == 200
+
+
+class GatewayProcess(ServerProcess):
+    """The audit gateway as its own process (its event loop never competes with a caller for a GIL); on SIGTERM
+    it finishes in-flight calls (30 s grace), then exits."""
+
+    name = "gateway"
+    poll_s = 0.2
+    stop_timeout_s = 40.0
+
+    def command(self) -> list[str]:
+        return self.config.gateway_command()
+
+    def where(self) -> str:
+        return f"{self.config.address}:{self.config.grpc_port}"
+
+    def ready(self) -> bool:  # ServerReady passes through: the gateway and Triton behind it both answer
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient.InferenceServerClient(self.where()).is_server_ready(client_timeout=2)
 
 
 def apply_live_versions(config: ServerConfig) -> list[dict]:
@@ -265,7 +273,7 @@ def main() -> int:
 
             StubWatchdog(server.proc.pid, cfg.triton_grpc_url, cfg.key).start()
         if gateway:
-            gateway.start().wait_ready()
+            gateway.start().wait_ready(60)
         print(f"ready: gRPC {cfg.address}:{cfg.grpc_port}"
               + (f" (audit gateway -> Triton {cfg.triton_grpc_url})" if gateway else "")
               + f"  HTTP {cfg.address}:{cfg.http_port}  metrics {cfg.address}:{cfg.metrics_port}", flush=True)
@@ -363,7 +371,7 @@ class running_server:
             self.process.wait_ready(self.timeout)
             apply_live_versions(self.config)
             if self.gateway:
-                self.gateway.start().wait_ready()
+                self.gateway.start().wait_ready(60)
         except BaseException:
             self.stop()
             raise
