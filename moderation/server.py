@@ -252,11 +252,14 @@ def main() -> int:
         return 2
     server = TritonProcess(cfg).start()
     gateway = GatewayProcess(cfg) if cfg.gateway else None
+    watchdog = None
     stopping = False
 
     def _forward(signum, _frame):
         nonlocal stopping
         stopping = True
+        if watchdog:  # stubs exit as Triton unloads: not deaths to repair
+            watchdog.halt()
         for p in (gateway, server):  # the gateway first: it stops taking calls, then Triton drains
             if p and p.proc and p.proc.poll() is None:
                 p.proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
@@ -271,7 +274,8 @@ def main() -> int:
             # Triton 2.51 does not restart a dead python stub: reload its model (moderation/watchdog.py).
             from .watchdog import StubWatchdog
 
-            StubWatchdog(server.proc.pid, cfg.triton_grpc_url, cfg.key).start()
+            watchdog = StubWatchdog(server.proc.pid, cfg.triton_grpc_url, cfg.key)
+            watchdog.start()
         if gateway:
             gateway.start().wait_ready(60)
         print(f"ready: gRPC {cfg.address}:{cfg.grpc_port}"
@@ -287,11 +291,16 @@ def main() -> int:
     # without Triton would answer UNAVAILABLE forever; the orchestrator restarts the pair.
     while server.proc.poll() is None and (not gateway or gateway.proc.poll() is None):
         time.sleep(0.5)
-    if gateway and gateway.proc.poll() is not None and not stopping:
+    gateway_died = bool(gateway and gateway.proc.poll() is not None and not stopping)
+    if gateway_died:
         print(f"error: gateway exited with code {gateway.proc.returncode}; stopping Triton", file=sys.stderr)
+    if watchdog:
+        watchdog.halt()
     if gateway:
         gateway.stop()
     rc = server.stop() if server.proc.poll() is None else server.proc.returncode
+    if gateway_died:
+        return 1
     return 0 if rc in (0, -signal.SIGTERM, -signal.SIGINT) else (rc or 1)
 
 

@@ -69,8 +69,12 @@ class StubWatchdog(threading.Thread):
         self.events: list[dict] = []  # one per reload: model, dead pid, detected/ready times
         self._halt = threading.Event()
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop after the current check, without waiting (safe from a signal handler)."""
         self._halt.set()
+
+    def stop(self) -> None:
+        self.halt()
         self.join(timeout=30)
 
     def check_once(self) -> list[dict]:

@@ -5,8 +5,10 @@ audits what it cannot deliver when Triton is down."""
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -159,7 +161,7 @@ def test_triton_down_is_answered_unavailable_and_audited(tmp_path):
     """A gateway whose Triton is gone still answers (UNAVAILABLE, retryable) and audits what it could not deliver."""
     audit = tmp_path / "audit.jsonl"
     port = free_port()
-    env = {**__import__("os").environ, "MODERATION_AUDIT_LOG": str(audit)}
+    env = {**os.environ, "MODERATION_AUDIT_LOG": str(audit)}
     proc = subprocess.Popen([sys.executable, "-m", "moderation.gateway", "--listen", f"127.0.0.1:{port}",
                              "--upstream", f"127.0.0.1:{free_port()}", "--metrics", ""], env=env)
     try:
@@ -182,3 +184,34 @@ def test_triton_down_is_answered_unavailable_and_audited(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+def test_make_serve_supervises_the_pair(tmp_path):
+    """`python -m moderation.server` (make serve) runs Triton and the gateway as a pair: ready means both answer;
+    if the gateway dies, Triton is stopped too and the command fails, so a supervisor restarts the pair."""
+    ports = {k: str(free_port()) for k in ("GRPC_PORT", "HTTP_PORT", "METRICS_PORT", "TRITON_GRPC_PORT",
+                                            "GATEWAY_METRICS_PORT")}
+    env = {**os.environ, **ports, "MODERATION_AUDIT_LOG": str(tmp_path / "audit.jsonl"), "MODERATION_WATCHDOG": "0"}
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "moderation.server"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while b"ready:" not in (tmp_path / "serve.log").read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
+            time.sleep(1)
+        c = grpcclient.InferenceServerClient(f"127.0.0.1:{ports['GRPC_PORT']}")
+        assert c.is_server_ready()
+        gateway = subprocess.run(["pgrep", "-f", f"moderation.gateway --listen 127.0.0.1:{ports['GRPC_PORT']}"],
+                                 capture_output=True, text=True).stdout.split()
+        assert len(gateway) == 1
+        os.kill(int(gateway[0]), signal.SIGKILL)
+        assert proc.wait(90) == 1
+        assert "gateway exited" in (tmp_path / "serve.log").read_text()
+        with pytest.raises(InferenceServerException):  # Triton went down with it
+            grpcclient.InferenceServerClient(f"127.0.0.1:{ports['TRITON_GRPC_PORT']}").is_server_ready(client_timeout=5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
