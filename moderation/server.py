@@ -35,7 +35,9 @@ def admin_headers(key: str, protocol: str = "grpc") -> dict[str, str]:
     return {GRPC_ADMIN_HEADER if protocol == "grpc" else ADMIN_HEADER: key}
 # Everything that can change or read server state beyond inference and health needs the admin key.
 RESTRICTED_GRPC = "model-repository,model-config,shared-memory,statistics,trace,logging"
-RESTRICTED_HTTP = "model-repository,model-config,shared-memory,statistics,trace,logging"
+# HTTP inference too: callers use gRPC through the audit gateway (moderation/gateway.py), which audits what
+# Triton refuses itself; HTTP inference (perf_analyzer, operators) needs the key, so nothing unaudited is open.
+RESTRICTED_HTTP = "inference,model-repository,model-config,shared-memory,statistics,trace,logging"
 
 
 def pytriton_dir() -> Path:

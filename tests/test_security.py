@@ -23,6 +23,7 @@ GRPC_ADMIN_CALLS = {
 }
 
 HTTP_ADMIN_CALLS = [
+    ("POST", "/v2/models/moderate/infer"),  # inference is gRPC through the audit gateway; HTTP is for operators
     ("POST", "/v2/repository/index"),
     ("GET", "/v2/models/moderate/config"),
     ("GET", "/v2/models/moderate/stats"),
@@ -45,7 +46,8 @@ def test_grpc_admin_protocols_need_the_key(triton, name):
 
 def _http(triton, method, path, headers=None):
     req = urllib.request.Request(f"http://{triton.http_url}{path}", method=method, headers=headers or {},
-                                 data=b"{}" if method == "POST" else None)
+                                 data=(b'{"inputs": []}' if path.endswith("/infer") else b"{}") if method == "POST"
+                                 else None)
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status
