@@ -1,7 +1,9 @@
-"""Bounded soak: N requests (default 2000) of mixed good posts and the bad-input catalogue against a real
-server, from a few concurrent clients; samples every python-backend stub's RSS (psutil) as it goes, and
-checks that no stub grew beyond a stated bound after warm-up and that every answer was the expected one
-(a result for good posts, each bad case's documented code). Writes the raw samples and the verdict as JSON.
+"""Bounded soak: N requests (default 2000) of mixed good posts, the bad-input catalogue and the requests Triton
+refuses itself (raw tritonclient: wrong dtype/shape, unknown model, ...) against a real server through the audit
+gateway, from a few concurrent clients; samples every python-backend stub's and the gateway's RSS (psutil) as it
+goes, and checks that no process grew beyond a stated bound after warm-up, that every answer was the expected
+one (a result for good posts, each bad case's documented code) and that the audit log has a row for every
+request (the gateway's rows: exactly one per refused request). Writes the raw samples and the verdict as JSON.
 
     make soak                                      # starts its own server on free ports, writes perf/results/soak/last.json
     .venv/bin/python -m clients.soak --requests 500 --out /tmp/soak.json
@@ -22,8 +24,8 @@ from pathlib import Path
 
 import psutil
 
-from clients.bad_inputs import OK, cases
-from clients.client import ModerationClient, ModerationFailed
+from clients.bad_inputs import OK, TRITON_REJECTS, cases, triton_reject_request
+from clients.client import ModerationClient, ModerationFailed, _to_failure
 from moderation.samples import sample_posts
 from moderation.watchdog import stubs
 
@@ -32,25 +34,31 @@ RSS_GROWTH_BOUND_MB = 64.0  # per stub, baseline (after warm-up) to end
 BAD_FRACTION = 0.3
 
 
-def rss_by_model(server_pid: int) -> dict[str, float]:
+def rss_by_model(server_pid: int, gateway_pid: int | None = None) -> dict[str, float]:
+    pids = {s.model: s.pid for s in stubs(server_pid).values()}
+    if gateway_pid:
+        pids["gateway"] = gateway_pid
     out = {}
-    for s in stubs(server_pid).values():
+    for name, pid in pids.items():
         try:
-            out[s.model] = round(psutil.Process(s.pid).memory_info().rss / 2**20, 1)
+            out[name] = round(psutil.Process(pid).memory_info().rss / 2**20, 1)
         except psutil.NoSuchProcess:
             pass
     return out
 
 
 def plan(n: int, seed: int) -> list[tuple[str, object]]:
-    """('good', (post, policy)) or ('bad', Case), deterministic for a seed. The several-MB caption is sent a
-    handful of times only (it is the one case that costs transfer time)."""
+    """('good', (post, policy)), ('bad', Case) or ('reject', kind of TRITON_REJECTS), deterministic for a seed.
+    The several-MB caption is sent a handful of times only (it is the one case that costs transfer time)."""
     rng = random.Random(seed)
-    posts, bad = sample_posts(), [c for c in cases() if c.client_ok]
+    posts, bad = sample_posts(), [c for c in cases() if c.client_ok] + list(TRITON_REJECTS)
     items = []
     for i in range(n):
         if rng.random() < BAD_FRACTION:
             c = rng.choice(bad)
+            if isinstance(c, str):
+                items.append(("reject", c))
+                continue
             if c.name == "caption_5mb" and rng.random() > 0.1:
                 c = bad[0]
             items.append(("bad", c))
@@ -59,45 +67,67 @@ def plan(n: int, seed: int) -> list[tuple[str, object]]:
     return items
 
 
-def run(url: str, server_pid: int, n: int, concurrency: int, seed: int = 7, log=print) -> dict:
-    items = plan(n, seed)
+def _refused(url: str, kind: str, i: int) -> str:
+    """A request Triton refuses before any model runs, sent raw (the client library cannot build it)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    post = sample_posts()[i % len(sample_posts())]
+    model, inputs, version = triton_reject_request(grpcclient, kind, post.image_bytes(), post.text.encode(),
+                                                   f"soak-reject-{i}")
+    try:
+        grpcclient.InferenceServerClient(url).infer(model, inputs, model_version=version,
+                                                    request_id=f"soak-reject-{i}", client_timeout=60)
+    except InferenceServerException as e:
+        return _to_failure(e).code
+    return OK
+
+
+def run(url: str, server_pid: int, n: int, concurrency: int, seed: int = 7, log=print,
+        gateway_pid: int | None = None) -> dict:
+    items = list(enumerate(plan(n, seed)))
     samples, outcomes, unexpected = [], Counter(), []
     lock, done = threading.Lock(), [0]
     clients = threading.local()
 
-    def one(item):
-        kind, payload = item
+    def one(numbered):
+        i, (kind, payload) = numbered
         c = getattr(clients, "c", None) or ModerationClient(url, timeout_s=120, retries=2)
         clients.c = c
-        if kind == "good":
-            post, policy = payload
-            image, text, opts, expect = post.image_bytes(), post.text, {"policy": policy}, OK
-        else:
-            image, text, opts, expect = payload.image, payload.text, dict(payload.options or {}), payload.expect
         t = time.perf_counter()
-        try:
-            c.moderate(image, text, **opts)
-            got = OK
-        except ModerationFailed as e:
-            got = e.code
+        if kind == "reject":
+            name, expect = f"triton_{payload}", TRITON_REJECTS[payload][1]
+            got = _refused(url, payload, i)
+        else:
+            if kind == "good":
+                post, policy = payload
+                name, image, text, opts, expect = "good", post.image_bytes(), post.text, {"policy": policy}, OK
+            else:
+                name, image, text = payload.name, payload.image, payload.text
+                opts, expect = dict(payload.options or {}), payload.expect
+            try:
+                c.moderate(image, text, **opts)
+                got = OK
+            except ModerationFailed as e:
+                got = e.code
         ms = (time.perf_counter() - t) * 1e3
         with lock:
-            outcomes[(kind if kind == "good" else payload.name, got)] += 1
+            outcomes[(name, got)] += 1
             if got != expect:
-                unexpected.append({"item": kind if kind == "good" else payload.name, "expected": expect, "got": got})
+                unexpected.append({"item": name, "expected": expect, "got": got})
             done[0] += 1
             k = done[0]
         if k == 1 or k % 100 == 0 or k == WARMUP:
-            samples.append({"requests": k, "t": round(time.time(), 3), "rss_mb": rss_by_model(server_pid),
-                            "last_ms": round(ms, 1)})
+            samples.append({"requests": k, "t": round(time.time(), 3),
+                            "rss_mb": rss_by_model(server_pid, gateway_pid), "last_ms": round(ms, 1)})
             log(f"{k}/{n} requests, stub RSS MB: {samples[-1]['rss_mb']}")
 
     t0 = time.time()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, items))
     wall = time.time() - t0
-    samples.append({"requests": n, "t": round(time.time(), 3), "rss_mb": rss_by_model(server_pid)})
-    base = next(s for s in samples if s["requests"] >= WARMUP)["rss_mb"]
+    samples.append({"requests": n, "t": round(time.time(), 3), "rss_mb": rss_by_model(server_pid, gateway_pid)})
+    base = next((s for s in samples if s["requests"] >= WARMUP), samples[0])["rss_mb"]  # short runs: the first
     end = samples[-1]["rss_mb"]
     growth = {m: round(end[m] - base[m], 1) for m in end if m in base}
     verdict = {
@@ -110,6 +140,7 @@ def run(url: str, server_pid: int, n: int, concurrency: int, seed: int = 7, log=
         "memory_ok": all(g <= RSS_GROWTH_BOUND_MB for g in growth.values()),
         "answers_ok": not unexpected,
     }
+    verdict["refused_requests"] = sum(1 for _, (kind, _) in items if kind == "reject")
     verdict["passed"] = verdict["memory_ok"] and verdict["answers_ok"] and len(growth) >= 5
     return {"verdict": verdict, "samples": samples}
 
@@ -129,14 +160,21 @@ def main(argv=None) -> int:
     policies = write_fixed_route_policies(tmp / "policies")
     env = {"MODERATION_POLICY_DIR": str(policies), "MODERATION_AUDIT_LOG": str(tmp / "audit.jsonl")}
     with running_server(env=env, log_path=tmp / "triton.log") as srv:
-        result = run(srv.grpc_url, srv.process.proc.pid, args.requests, args.concurrency)
+        result = run(srv.grpc_url, srv.process.proc.pid, args.requests, args.concurrency,
+                     gateway_pid=srv.gateway.proc.pid if srv.gateway else None)
         import tritonclient.grpc as grpcclient
 
         result["verdict"]["server_ready_after"] = grpcclient.InferenceServerClient(srv.grpc_url).is_server_ready()
-    audit_rows = sum(1 for _ in open(tmp / "audit.jsonl", encoding="utf-8"))
+    from moderation.audit import read_rows
+
+    rows = read_rows(tmp / "audit.jsonl")
     v = result["verdict"]
-    v["audit_rows"] = audit_rows
-    v["audit_ok"] = audit_rows >= args.requests  # every request, good or bad, leaves at least one row
+    v["audit_rows"] = len(rows)
+    refused = Counter(r["request_id"] for r in rows if str(r.get("request_id")).startswith("soak-reject-"))
+    v["gateway_rows"] = sum(1 for r in rows if r.get("stage") == "gateway")
+    # every request leaves at least one row (a retried one may leave one per try); a refused one exactly one
+    v["audit_ok"] = (len(rows) >= args.requests and len(refused) == v["refused_requests"]
+                     and set(refused.values()) <= {1})
     v["passed"] = v["passed"] and v["server_ready_after"] and v["audit_ok"]
     result["machine"] = {"cpus": psutil.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                          "note": "untrained tiny models on a 2-core CPU shared with other work"}
