@@ -103,18 +103,24 @@ def parse_error_text(text: str) -> tuple[str, str]:
 
 
 def classify_failure(text: str, status: str = "") -> tuple[str, str]:
-    """(code, message) for a failed call: our `[code]`, Triton's load-shedding or dead-stub texts, else the
-    gRPC status (`StatusCode.NOT_FOUND` or `NOT_FOUND`) -> model_not_found, bad_request, unavailable, ..."""
-    code, message = parse_error_text(text)
-    if code == "internal" and not _CODE.search(text):
-        code = next((c for name, c in STATUS_CODES.items() if name in (status or "")), code)
-    return code, message
+    """(code, message) for a failed call as a client sees it: a model's `[code]` at the head of the text (see
+    coded_by_model), else Triton's load-shedding or dead-stub texts, else the gRPC status (`StatusCode.NOT_FOUND`
+    or `NOT_FOUND`) -> model_not_found, bad_request, unavailable, deadline_exceeded; `internal` otherwise."""
+    text = text.strip()
+    m = _MODEL_FAILURE.match(text)
+    if m and m.group(1) in SERVER_CODES:
+        return m.group(1), text[m.end():].strip()
+    if any(s in text for s in OVERLOAD_TEXTS):
+        return "overloaded", text
+    if STUB_DEAD_TEXT in text:
+        return "model_unavailable", text
+    return next((c for name, c in STATUS_CODES.items() if name in (status or "")), "internal"), text
 
 
 def coded_by_model(text: str) -> bool:
     """True when one of our models failed the request (it wrote the audit row): its `[code]` is the first
     bracketed token after Triton's own prefixes ("in ensemble '...', ", "[request id: ...] "). Triton's own
-    refusals quote names the caller chose, so a code appearing anywhere else does not count."""
+    refusals quote names the caller chose (an input named "[bad_image]"), so a code anywhere else is not ours."""
     m = _MODEL_FAILURE.match(text.strip())
     return bool(m) and m.group(1) in SERVER_CODES
 

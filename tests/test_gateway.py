@@ -85,6 +85,11 @@ def test_model_codes_are_trusted_only_at_the_head_of_the_message():
     assert not needs_row("[bad_image] image is empty", {"triton_request_id": "ok", "model": "moderate"})
     assert classify_failure("Exceeds maximum queue size", "RESOURCE_EXHAUSTED")[0] == "overloaded"
     assert classify_failure("x is not found", "NOT_FOUND")[0] == "model_not_found"
+    # a caller-chosen name that looks like a code names nothing: Triton refused the request itself
+    quoted = "[request id: x] unexpected inference input '[bad_image]' for model 'moderate'"
+    assert classify_failure(quoted, "StatusCode.INVALID_ARGUMENT") == ("bad_request", quoted)
+    assert classify_failure("in ensemble 'moderate', [bad_text] caption is not UTF-8", "") == \
+        ("bad_text", "caption is not UTF-8")
 
 
 # ---- against the running server ------------------------------------------------------------------------
