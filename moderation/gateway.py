@@ -148,9 +148,6 @@ class AuditGateway:
         if self.channel:
             await self.channel.close()
 
-    def _timeout(self, context) -> float | None:
-        return context.time_remaining()
-
     async def _record(self, raw: bytes, status: grpc.StatusCode, message: str, started: float) -> None:
         summary = request_summary(raw)
         if not needs_row(message, summary):
@@ -173,7 +170,7 @@ class AuditGateway:
         async def handler(request: bytes, context) -> bytes:
             started = time.perf_counter()
             try:
-                response = await call(request, metadata=_metadata(context), timeout=self._timeout(context))
+                response = await call(request, metadata=_metadata(context), timeout=context.time_remaining())
                 status = grpc.StatusCode.OK
             except aio.AioRpcError as e:
                 status = e.code()
@@ -202,7 +199,7 @@ class AuditGateway:
                     pending.setdefault(rid, []).append((raw, time.perf_counter()))
                     yield raw
 
-            upstream = call(forward(), metadata=_metadata(context), timeout=self._timeout(context))
+            upstream = call(forward(), metadata=_metadata(context), timeout=context.time_remaining())
             try:
                 async for raw in upstream:
                     resp = service_pb2.ModelStreamInferResponse.FromString(raw)
