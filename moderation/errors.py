@@ -87,6 +87,23 @@ STATUS_CODES = {"UNAVAILABLE": "unavailable", "DEADLINE_EXCEEDED": "deadline_exc
                 "NOT_FOUND": "model_not_found", "INVALID_ARGUMENT": "bad_request"}
 
 
+def _triton_code(text: str) -> str | None:
+    """Our name for Triton's own load-shedding and dead-stub texts, which carry no code of ours."""
+    if any(s in text for s in OVERLOAD_TEXTS):
+        return "overloaded"
+    if STUB_DEAD_TEXT in text:
+        return "model_unavailable"
+    return None
+
+
+def _model_code(text: str) -> re.Match | None:
+    """A model's `[code]` as the first bracketed token after Triton's own prefixes ("in ensemble '...', ",
+    "[request id: ...] "); Triton's own refusals quote names the caller chose (an input named "[bad_image]"),
+    so a code anywhere else is not ours."""
+    m = _MODEL_FAILURE.match(text)
+    return m if m and m.group(1) in SERVER_CODES else None
+
+
 def parse_error_text(text: str) -> tuple[str, str]:
     """Split '[code] message' (as produced by ModerationError.__str__) back into (code, message). Triton's
     own prefixes such as "in ensemble 'moderate', [request id: <id_unknown>]" are not codes; Triton's
@@ -95,34 +112,24 @@ def parse_error_text(text: str) -> tuple[str, str]:
     m = _CODE.search(text)
     if m:
         return m.group(1), text[m.end():].strip()
-    if any(s in text for s in OVERLOAD_TEXTS):
-        return "overloaded", text
-    if STUB_DEAD_TEXT in text:
-        return "model_unavailable", text
-    return "internal", text
+    return _triton_code(text) or "internal", text
 
 
 def classify_failure(text: str, status: str = "") -> tuple[str, str]:
-    """(code, message) for a failed call as a client sees it: a model's `[code]` at the head of the text (see
-    coded_by_model), else Triton's load-shedding or dead-stub texts, else the gRPC status (`StatusCode.NOT_FOUND`
-    or `NOT_FOUND`) -> model_not_found, bad_request, unavailable, deadline_exceeded; `internal` otherwise."""
+    """(code, message) for a failed call as a client sees it: a model's `[code]` at the head of the text, else
+    Triton's load-shedding or dead-stub texts, else the gRPC status (`StatusCode.NOT_FOUND` or `NOT_FOUND`) ->
+    model_not_found, bad_request, unavailable, deadline_exceeded; `internal` otherwise."""
     text = text.strip()
-    m = _MODEL_FAILURE.match(text)
-    if m and m.group(1) in SERVER_CODES:
+    m = _model_code(text)
+    if m:
         return m.group(1), text[m.end():].strip()
-    if any(s in text for s in OVERLOAD_TEXTS):
-        return "overloaded", text
-    if STUB_DEAD_TEXT in text:
-        return "model_unavailable", text
-    return next((c for name, c in STATUS_CODES.items() if name in (status or "")), "internal"), text
+    by_status = next((c for name, c in STATUS_CODES.items() if name in (status or "")), "internal")
+    return _triton_code(text) or by_status, text
 
 
 def coded_by_model(text: str) -> bool:
-    """True when one of our models failed the request (it wrote the audit row): its `[code]` is the first
-    bracketed token after Triton's own prefixes ("in ensemble '...', ", "[request id: ...] "). Triton's own
-    refusals quote names the caller chose (an input named "[bad_image]"), so a code anywhere else is not ours."""
-    m = _MODEL_FAILURE.match(text.strip())
-    return bool(m) and m.group(1) in SERVER_CODES
+    """True when one of our models failed the request, so it wrote the audit row (see _model_code)."""
+    return _model_code(text.strip()) is not None
 
 
 _MODEL_FAILURE = re.compile(r"(?:in ensemble '[^']*', )?(?:\[request id: [^\]]*\] )?\[([a-z][a-z0-9_]*)\] ")
