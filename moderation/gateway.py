@@ -29,6 +29,7 @@ import grpc
 from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from tritonclient.grpc import service_pb2
+from tritonclient.utils import deserialize_bytes_tensor
 
 from .audit import AuditLog
 from .errors import classify_failure, coded_by_model
@@ -50,15 +51,11 @@ def _metadata(context) -> tuple[tuple[str, str | bytes], ...]:
 
 
 def _bytes_elements(raw: bytes) -> list[bytes] | None:
-    """Elements of a serialised BYTES tensor (4-byte little-endian length, then the bytes), None if it is not one."""
-    out, i = [], 0
-    while i + 4 <= len(raw):
-        (n,) = struct.unpack_from("<I", raw, i)
-        if i + 4 + n > len(raw):
-            return None
-        out.append(raw[i + 4:i + 4 + n])
-        i += 4 + n
-    return out if i == len(raw) else None
+    """Elements of a serialised BYTES tensor, None if the bytes are not one."""
+    try:
+        return list(deserialize_bytes_tensor(raw))
+    except struct.error:
+        return None
 
 
 def _sha(data: bytes) -> str:
