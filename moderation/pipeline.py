@@ -41,9 +41,11 @@ def hashes_of(image: bytes | None, text: bytes | None) -> dict:
             "text_sha256": text_sha256(text) if isinstance(text, (bytes, bytearray)) else ""}
 
 
-def parse_post(image: bytes, text: bytes, options_raw: bytes | None) -> Post:
-    """Validate everything a client sent; raises ModerationError with a code that names the problem."""
-    options = parse_options(options_raw)
+def parse_post(image: bytes, text: bytes, options: Options | bytes | None) -> Post:
+    """Validate everything a client sent (OPTIONS raw, or already parsed); raises ModerationError with a code
+    that names the problem."""
+    if not isinstance(options, Options):
+        options = parse_options(options)
     policy = load_policy(options.policy)
     caption = decode_caption(text)
     decoded = decode_image(image)

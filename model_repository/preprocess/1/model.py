@@ -32,27 +32,21 @@ class TritonPythonModel:
             # here with a coded error, under its request_id, rather than refused unaudited by Triton.
             images, texts = bytes_rows(request, "IMAGE", optional=True), bytes_rows(request, "TEXT", optional=True)
             options = bytes_rows(request, "OPTIONS", optional=True)
-            meta = hashes_of(images[0] if images else None, texts[0] if texts else None)
-            try:
-                meta["request_id"] = parse_options(options[0]).request_id if options else None
-            except ModerationError:
-                pass
-            for name, got in (("IMAGE", images), ("TEXT", texts)):
-                if not got:
-                    raise BadRequest(f"missing required input {name}: send IMAGE (encoded image bytes) and TEXT "
-                                     "(UTF-8 caption, empty for none) as BYTES tensors of shape [batch, 1]")
-            options = options or [None] * len(images)
-            if not (len(images) == len(texts) == len(options)):
+            option_rows = options or [None] * len(images)
+            missing = [name for name, got in (("IMAGE", images), ("TEXT", texts)) if not got]
+            if missing or not (len(images) == len(texts) == len(option_rows)):
+                meta = _first_post_meta(images, texts, options)  # the audit row of a request refused whole
+                if missing:
+                    raise BadRequest(f"missing required input {missing[0]}: send IMAGE (encoded image bytes) and "
+                                     "TEXT (UTF-8 caption, empty for none) as BYTES tensors of shape [batch, 1]")
                 raise BadRequest(f"IMAGE, TEXT and OPTIONS have {len(images)}, {len(texts)} and "
-                                 f"{len(options)} rows; send one of each per post")
+                                 f"{len(option_rows)} rows; send one of each per post")
             pixels, ids, masks, records, nsfw = [], [], [], [], []
-            for image, text, opt in zip(images, texts, options):
-                meta = hashes_of(image, text)
-                try:
-                    meta["request_id"] = parse_options(opt).request_id
-                except ModerationError:
-                    pass
-                post = parse_post(image, text, opt)
+            for image, text, opt in zip(images, texts, option_rows):
+                meta = hashes_of(image, text)  # a failing post's audit row: hashes, and its request_id once read
+                parsed = parse_options(opt)
+                meta["request_id"] = parsed.request_id
+                post = parse_post(image, text, parsed)
                 p, i, m = self.clip(post)
                 pixels.append(p), ids.append(i), masks.append(m)
                 nsfw.append(self.nsfw(post.image))
@@ -68,3 +62,12 @@ class TritonPythonModel:
                 tensor("NSFW_PIXELS", np.stack(nsfw))])
         except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
             return self.stage.fail(e, meta, t0)
+
+
+def _first_post_meta(images, texts, options) -> dict:
+    meta = hashes_of(images[0] if images else None, texts[0] if texts else None)
+    try:
+        meta["request_id"] = parse_options(options[0]).request_id if options else None
+    except ModerationError:
+        pass
+    return meta
