@@ -30,7 +30,6 @@ class DecodedImage:
     image: Image.Image  # RGB, EXIF orientation applied, first frame
     format: str
     original_size: tuple[int, int]
-    sha256: str
 
 
 def sha256_hex(data: bytes) -> str:
@@ -46,7 +45,6 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: i
         raise BadImage("image is empty (0 bytes)")
     if len(data) > max_bytes:
         raise ImageTooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}")
-    digest = sha256_hex(data)
     try:
         # Only the accepted formats' parsers ever see the bytes: other Pillow plugins are attack surface.
         with Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS)) as im:
@@ -79,7 +77,7 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: i
         raise BadImage(f"image is truncated or corrupt: {e}") from None
     except Exception as e:  # noqa: BLE001 - any other decoder failure on untrusted bytes is still a bad image
         raise BadImage(f"image could not be decoded ({type(e).__name__}: {e})") from None
-    return DecodedImage(image=rgb, format=fmt, original_size=(w, h), sha256=digest)
+    return DecodedImage(image=rgb, format=fmt, original_size=(w, h))
 
 
 ACCEPTED = "JPEG, PNG, WebP, GIF or BMP"

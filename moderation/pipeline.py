@@ -8,7 +8,7 @@ import numpy as np
 
 from .errors import ModerationError
 from .gate import ConceptBank, decide, gate_scores, score_sources, thresholds
-from .imaging import ClipPixels, QwenPixels, decode_image
+from .imaging import ClipPixels, QwenPixels, decode_image, sha256_hex
 from .options import Options, parse_options
 from .policy import Policy, load_policy
 from .text import decode_caption, detect_lang, text_sha256
@@ -36,21 +36,22 @@ class Post:
 
 
 def hashes_of(image: bytes | None, text: bytes | None) -> dict:
-    from .imaging import sha256_hex
     return {"image_sha256": sha256_hex(image) if isinstance(image, (bytes, bytearray)) else "",
             "text_sha256": text_sha256(text) if isinstance(text, (bytes, bytearray)) else ""}
 
 
-def parse_post(image: bytes, text: bytes, options: Options | bytes | None) -> Post:
+def parse_post(image: bytes, text: bytes, options: Options | bytes | None, hashes: dict | None = None) -> Post:
     """Validate everything a client sent (OPTIONS raw, or already parsed); raises ModerationError with a code
-    that names the problem."""
+    that names the problem. `hashes`: the post's hashes_of() when the caller already computed them."""
     if not isinstance(options, Options):
         options = parse_options(options)
     policy = load_policy(options.policy)
     caption = decode_caption(text)
     decoded = decode_image(image)
     lang = detect_lang(caption) if options.lang == "auto" else options.lang
-    return Post(options, policy, decoded.sha256, text_sha256(text if isinstance(text, bytes) else b""), caption,
+    hashes = hashes or {"image_sha256": sha256_hex(bytes(image)),
+                        "text_sha256": text_sha256(text if isinstance(text, bytes) else b"")}
+    return Post(options, policy, hashes["image_sha256"], hashes["text_sha256"], caption,
                 lang, decoded.image, {"image_format": decoded.format, "image_size": list(decoded.original_size)})
 
 

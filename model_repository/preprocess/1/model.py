@@ -43,10 +43,11 @@ class TritonPythonModel:
                                  f"{len(option_rows)} rows; send one of each per post")
             pixels, ids, masks, records, nsfw = [], [], [], [], []
             for image, text, opt in zip(images, texts, option_rows):
-                meta = hashes_of(image, text)  # a failing post's audit row: hashes, and its request_id once read
+                hashes = hashes_of(image, text)
+                meta = dict(hashes)  # a failing post's audit row: hashes, and its request_id once read
                 parsed = parse_options(opt)
                 meta["request_id"] = parsed.request_id
-                post = parse_post(image, text, parsed)
+                post = parse_post(image, text, parsed, hashes)
                 p, i, m = self.clip(post)
                 pixels.append(p), ids.append(i), masks.append(m)
                 nsfw.append(self.nsfw(post.image))

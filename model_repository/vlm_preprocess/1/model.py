@@ -28,7 +28,7 @@ class TritonPythonModel:
             pixels, bodies, infos = [], [], []
             for image, text, opt in zip(images, texts, options):
                 meta = hashes_of(image, text)
-                post = parse_post(image, text, opt)
+                post = parse_post(image, text, opt, meta)
                 p, body, info = self.inputs(post)
                 info["model_versions"] = {"vlm_preprocess": self.stage.version}
                 info["preprocess_ms"] = (time.perf_counter() - t0) * 1e3
