@@ -8,7 +8,7 @@ CHECKPOINTS := build/checkpoints
 MODELS_STAMP := model_repository/language_decoder/1/artifact.json
 PYTEST_ARGS ?=
 
-.PHONY: setup models serve demo test test-unit perf bench lock render manifest release clean soak bench-int8 lora
+.PHONY: setup models serve demo test test-unit lint perf bench lock render manifest release clean soak bench-int8 lora
 
 setup: $(STAMP)
 
@@ -23,37 +23,41 @@ $(STAMP): requirements.lock pyproject.toml
 $(CHECKPOINTS)/tiny-qwen3-vl/config.json: $(STAMP) export/build_tiny.py
 	$(PY) -m export.build_tiny --out $(CHECKPOINTS)
 
-$(MODELS_STAMP): $(CHECKPOINTS)/tiny-qwen3-vl/config.json export/export_models.py moderation/vision_export.py
+$(MODELS_STAMP): $(CHECKPOINTS)/tiny-qwen3-vl/config.json export/export_models.py export/vision_export.py
 	$(PY) -m export.export_models --qwen $(CHECKPOINTS)/tiny-qwen3-vl --clip $(CHECKPOINTS)/tiny-clip
 
 # INT8 variants (export/quantize.py): model.int8.onnx beside each encoder, language_decoder_int8/1.
 INT8_STAMP := model_repository/language_decoder_int8/1/artifact.json
-$(INT8_STAMP): $(MODELS_STAMP) export/quantize.py moderation/int8.py
+$(INT8_STAMP): $(MODELS_STAMP) export/quantize.py moderation/vlm/int8.py
 	$(PY) -m export.quantize
 
 models: $(MODELS_STAMP) $(INT8_STAMP)
 
 serve: models
-	$(PY) -m moderation.server
+	$(PY) -m moderation.launch
 
 demo: models
 	$(PY) -m clients.demo
 
-test: models
+# ruff (rules and line length in pyproject.toml): CI fails on a lint error before any test runs.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint models
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test-unit: models
 	$(PY) -m pytest -q -p no:cacheprovider -m "not integration" $(PYTEST_ARGS)
 
 render:
-	$(PY) -m moderation.repository --target local --out model_repository
+	$(PY) -m moderation.repository.render --target local --out model_repository
 
 # make release MODEL=language_decoder [CHECKPOINT=/path/to/ckpt]: the next version dir + its artifact record
 release: models
 	$(PY) -m export.release --model $(MODEL) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 manifest:
-	$(PY) -m moderation.manifest --write
+	$(PY) -m moderation.repository.manifest --write
 
 lock:
 	$(PY) -m pip freeze --exclude-editable > requirements.lock

@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from moderation.admin import AdminError, RepositoryAdmin
-from moderation.server import admin_key
+from moderation.core.auth import admin_key
+from moderation.ops.admin import AdminError, RepositoryAdmin
 
 from .client import DEFAULT_URL
 
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"available={','.join(r['available_versions']) or '-'} {r['reason']}")
             return 0
         if args.cmd == "purge-caches":
-            from moderation.audit import AuditLog
-            from moderation.cache import purge_server_caches
+            from moderation.core.audit import AuditLog
+            from moderation.ops.purge import purge_server_caches
 
             out = purge_server_caches(args.url, key)
             AuditLog().write({"stage": "admin", "action": "purge_caches", "ok": True, **out})

@@ -42,7 +42,7 @@ def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
 @lru_cache(maxsize=1)
 def photo() -> Image.Image:
     """A real photo (the sample posts' first image), 640x427."""
-    from moderation.samples import sample_posts
+    from moderation.testing.samples import sample_posts
 
     with Image.open(io.BytesIO(sample_posts()[0].image_bytes())) as im:
         return im.convert("RGB")
@@ -111,7 +111,7 @@ def rgba_png() -> bytes:
 
 def cases() -> list[Case]:
     jpg, png = good_jpeg(), good_png()
-    cap = "a quiet street at dusk".encode()
+    cap = b"a quiet street at dusk"
     return [
         # --- image bytes ---------------------------------------------------------------------------------
         Case("zero_byte_image", "bad_image", "empty", image=b"", text=cap),
@@ -126,9 +126,10 @@ def cases() -> list[Case]:
              image=png[:33] + bytes(range(256)) * 8, text=cap),
         Case("jpeg_header_garbage_body", "bad_image", "image",
              image=b"\xff\xd8\xff\xe0" + bytes(range(255, -1, -1)) * 8, text=cap),
-        Case("png_bomb_50000x50000", "image_too_large", "decompression bomb", image=png_claiming(50000, 50000), text=cap,
-             note="IHDR claims 2.5 gigapixels; rejected from the header"),
-        Case("gif_bomb_65535x65535", "image_too_large", "decompression bomb", image=gif_claiming(65535, 65535), text=cap),
+        Case("png_bomb_50000x50000", "image_too_large", "decompression bomb",
+             image=png_claiming(50000, 50000), text=cap, note="IHDR claims 2.5 gigapixels; rejected from the header"),
+        Case("gif_bomb_65535x65535", "image_too_large", "decompression bomb",
+             image=gif_claiming(65535, 65535), text=cap),
         Case("svg_payload", "unsupported_image", "SVG",
              image=b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
                    b'<script>alert(1)</script></svg>', text=cap),

@@ -13,8 +13,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from moderation.errors import classify_failure
-from moderation.result import validate_result
+from moderation.core.errors import classify_failure
+from moderation.core.result import validate_result
 
 DEFAULT_URL = "127.0.0.1:8001"
 RETRYABLE = ("StatusCode.UNAVAILABLE",)

@@ -7,8 +7,8 @@ import time
 import unicodedata
 from pathlib import Path
 
-from moderation.samples import sample_posts
-from moderation.server import running_server
+from moderation.testing.samples import sample_posts
+from moderation.testing.server import running_server
 
 from .client import ModerationClient, ModerationFailed
 
@@ -26,7 +26,7 @@ def _width(s: str) -> int:
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(_width(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c) + " " * (w - _width(str(c))) for c, w in zip(r, widths))  # noqa: E731
+    line = lambda r: "  ".join(str(c) + " " * (w - _width(str(c))) for c, w in zip(r, widths, strict=False))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -51,7 +51,8 @@ def main() -> int:
                 nsfw = f"{r['gate']['scores'][trained[0]]:.4f}" if trained else "-"
                 rows.append([post.name, caption, r["route"], "VIOLATION" if r["violation"] else "ok", top, nsfw,
                              f"{r['latency_ms']['total']:.0f} ms", signals])
-        print(_table(rows, ["post", "caption", "route", "verdict", "top labels (source)", "nsfw", "latency", "signals"]))
+        print(_table(rows, ["post", "caption", "route", "verdict", "top labels (source)", "nsfw", "latency",
+                            "signals"]))
         print("\n" + BANNER)
     print("\nserver stopped.")
     return 0

@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from moderation.policy import load_policy
+    from moderation.core.policy import load_policy
 
     label_keys = load_policy(args.policy).label_keys  # the local copy names the labels; the server judges
     unknown = sorted({x for p in posts for x in p["labels"]} - set(label_keys))
@@ -140,8 +140,8 @@ def main(argv=None) -> int:
 
     with ThreadPoolExecutor(max(1, args.concurrency)) as pool:
         results = list(pool.map(one, range(len(posts))))
-    failed = [(p, r) for p, r in zip(posts, results) if isinstance(r, ModerationFailed)]
-    rows = [(p["labels"], r) for p, r in zip(posts, results) if not isinstance(r, ModerationFailed)]
+    failed = [(p, r) for p, r in zip(posts, results, strict=False) if isinstance(r, ModerationFailed)]
+    rows = [(p["labels"], r) for p, r in zip(posts, results, strict=False) if not isinstance(r, ModerationFailed)]
     report = evaluate(rows, label_keys) | {"failed": len(failed), "policy": args.policy}
     print(render(report))
     for p, e in failed:
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
                      **({"error": {"code": r.code, "message": r.message}} if isinstance(r, ModerationFailed) else
                         {"route": r["route"], "violation": r["violation"], "scores": r["scores"],
                          "predicted_labels": [x["name"] for x in r["labels"]],
-                         "gate_scores": r["gate"]["scores"]})} for p, r in zip(posts, results)]
+                         "gate_scores": r["gate"]["scores"]})} for p, r in zip(posts, results, strict=False)]
         args.json.write_text(json.dumps(report | {"posts": outcomes}, indent=2, ensure_ascii=False))
     return 1 if failed else 0
 

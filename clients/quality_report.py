@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moderation.artifacts import read_artifact_record
-from moderation.imaging import ALLOWED_FORMATS, NsfwPixels, decode_image
-from moderation.policy import load_policy
+from moderation.core.imaging import ALLOWED_FORMATS, decode_image
+from moderation.core.policy import load_policy
+from moderation.gate.inputs import NsfwPixels
+from moderation.repository.artifacts import read_artifact_record
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "model_repository" / "nsfw_image" / "1"
@@ -80,8 +81,8 @@ def catalogue() -> tuple[list[dict], list[dict]]:
     faces = np.load(_pkg_dir("skimage") / "data" / "lfw_subset.npy")
     for i, face in enumerate(faces):
         im = Image.fromarray(np.clip(face * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-        items.append({"package": "scikit-image", "name": f"lfw_subset.npy[{i}]", "group": "face (lfw_subset, 25x25 grey)",
-                      "bytes": _png(im)})
+        items.append({"package": "scikit-image", "name": f"lfw_subset.npy[{i}]",
+                      "group": "face (lfw_subset, 25x25 grey)", "bytes": _png(im)})
     return items, skipped
 
 
@@ -103,7 +104,7 @@ def score_all(items: list[dict]) -> None:
             d = decode_image(it["bytes"])
             it["width"], it["height"] = d.original_size
             pix.append(prep(d.image))
-        for it, row in zip(chunk, sess.run(["outputs"], {"input:0": np.stack(pix)})[0]):
+        for it, row in zip(chunk, sess.run(["outputs"], {"input:0": np.stack(pix)})[0], strict=False):
             it["nsfw"] = float(row[1])
 
 
@@ -154,7 +155,7 @@ def plot(items: list[dict], allow_below: float, block_at: float, path: Path) -> 
 
 def latency(runs: int) -> dict:
     """Per-image CPU cost of nsfw_image as served (1 intra-op thread) and of its preprocessing, side by side."""
-    from moderation.samples import image_paths
+    from moderation.testing.samples import image_paths
 
     sess, prep = _session(threads=1), NsfwPixels()
     img = decode_image(image_paths()["astronaut"].read_bytes()).image
@@ -209,18 +210,18 @@ def conv_flops() -> dict:
 def through_server(items: list[dict]) -> dict:
     """Send every image through the real server (allow_all-free default policy) and compare its gate score."""
     from clients.client import ModerationClient
-    from moderation.server import running_server
+    from moderation.testing.server import running_server
 
     diffs, signals = [], set()
-    with running_server(log_path=ROOT / "build" / "logs" / "quality-server.log",
-                        env={"MODERATION_AUDIT_LOG": str(ROOT / "build" / "audit" / "quality.jsonl")}) as srv:
-        with ModerationClient(srv.grpc_url, timeout_s=120) as c:
-            for it in items:
-                r = c.moderate(it["bytes"], "", request_id="quality")
-                it["served_sexual"] = r["gate"]["scores"]["sexual"]
-                assert r["gate"]["sources"].get("sexual") == "nsfw_image", r["gate"]
-                signals.add(r["signals"]["nsfw_image"])
-                diffs.append(abs(it["served_sexual"] - it["nsfw"]))
+    with (running_server(log_path=ROOT / "build" / "logs" / "quality-server.log",
+                         env={"MODERATION_AUDIT_LOG": str(ROOT / "build" / "audit" / "quality.jsonl")}) as srv,
+          ModerationClient(srv.grpc_url, timeout_s=120) as c):
+        for it in items:
+            r = c.moderate(it["bytes"], "", request_id="quality")
+            it["served_sexual"] = r["gate"]["scores"]["sexual"]
+            assert r["gate"]["sources"].get("sexual") == "nsfw_image", r["gate"]
+            signals.add(r["signals"]["nsfw_image"])
+            diffs.append(abs(it["served_sexual"] - it["nsfw"]))
     return {"images": len(items), "max_abs_diff_served_vs_in_process": max(diffs), "nsfw_signal": sorted(signals)}
 
 
@@ -243,7 +244,8 @@ def main(argv=None) -> int:
         "policy": policy.id, "thresholds": {"nsfw_allow_below": lo, "nsfw_block_at": hi},
         "model": read_artifact_record(MODEL_DIR, verify=False)["source"],
         "machine": f"{platform.machine()} {platform.processor() or ''} python {platform.python_version()}".strip(),
-        "summary": summary, "skipped": skipped, "cost": {"graph": conv_flops(), "cpu_latency": latency(args.latency_runs)},
+        "summary": summary, "skipped": skipped,
+        "cost": {"graph": conv_flops(), "cpu_latency": latency(args.latency_runs)},
     }
     if args.server:
         report["server_check"] = through_server(items)

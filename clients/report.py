@@ -10,12 +10,12 @@ import argparse
 import json
 import sys
 from collections import Counter, defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from moderation.audit import read_rows
+from moderation.core.audit import read_rows
 
 
 def moderation_rows(rows: list[dict]) -> list[dict]:
@@ -24,7 +24,7 @@ def moderation_rows(rows: list[dict]) -> list[dict]:
 
 
 def _bucket(ts: float, size: str) -> str:
-    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
+    dt = datetime.fromtimestamp(ts, tz=UTC)
     return dt.strftime("%Y-%m-%d %H:00" if size == "hour" else "%Y-%m-%d %H:%M")
 
 

@@ -5,12 +5,13 @@ goes, and checks that no process grew beyond a stated bound after warm-up, that 
 one (a result for good posts, each bad case's documented code) and that the audit log has a row for every
 request (the gateway's rows: exactly one per refused request). Writes the raw samples and the verdict as JSON.
 
-    make soak                                      # starts its own server on free ports, writes perf/results/soak/last.json
+    make soak                                      # own server on free ports; writes perf/results/soak/last.json
     .venv/bin/python -m clients.soak --requests 500 --out /tmp/soak.json
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import random
@@ -26,8 +27,8 @@ import psutil
 
 from clients.bad_inputs import OK, TRITON_REJECTS, cases, triton_reject_request
 from clients.client import ModerationClient, ModerationFailed, _to_failure
-from moderation.samples import sample_posts
-from moderation.watchdog import stubs
+from moderation.ops.watchdog import stubs
+from moderation.testing.samples import sample_posts
 
 WARMUP = 200  # requests before the RSS baseline: first-use allocations (policy banks, caches, arenas) settle
 RSS_GROWTH_BOUND_MB = 64.0  # per stub, baseline (after warm-up) to end
@@ -40,10 +41,8 @@ def rss_by_model(server_pid: int, gateway_pid: int | None = None) -> dict[str, f
         pids["gateway"] = gateway_pid
     out = {}
     for name, pid in pids.items():
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             out[name] = round(psutil.Process(pid).memory_info().rss / 2**20, 1)
-        except psutil.NoSuchProcess:
-            pass
     return out
 
 
@@ -53,7 +52,7 @@ def plan(n: int, seed: int) -> list[tuple[str, object]]:
     rng = random.Random(seed)
     posts, bad = sample_posts(), [c for c in cases() if c.client_ok] + list(TRITON_REJECTS)
     items = []
-    for i in range(n):
+    for _i in range(n):
         if rng.random() < BAD_FRACTION:
             c = rng.choice(bad)
             if isinstance(c, str):
@@ -152,8 +151,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("perf/results/soak/last.json"))
     args = ap.parse_args(argv)
 
-    from moderation.policy import write_fixed_route_policies
-    from moderation.server import running_server
+    from moderation.testing.policies import write_fixed_route_policies
+    from moderation.testing.server import running_server
 
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     # the same forced-route policies the tests use (verdict cache off: repeated posts are judged every time)
@@ -165,7 +164,7 @@ def main(argv=None) -> int:
         import tritonclient.grpc as grpcclient
 
         result["verdict"]["server_ready_after"] = grpcclient.InferenceServerClient(srv.grpc_url).is_server_ready()
-    from moderation.audit import read_rows
+    from moderation.core.audit import read_rows
 
     rows = read_rows(tmp / "audit.jsonl")
     v = result["verdict"]
@@ -176,7 +175,8 @@ def main(argv=None) -> int:
     v["audit_ok"] = (len(rows) >= args.requests and len(refused) == v["refused_requests"]
                      and set(refused.values()) <= {1})
     v["passed"] = v["passed"] and v["server_ready_after"] and v["audit_ok"]
-    result["machine"] = {"cpus": psutil.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+    result["machine"] = {"cpus": psutil.cpu_count(), "platform": platform.platform(),
+                         "python": platform.python_version(),
                          "note": "untrained tiny models on a 2-core CPU shared with other work"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")

@@ -1,6 +1,6 @@
 """Container entrypoint: exec the NGC image's tritonserver with the production flags.
 
-The restricted-API flags are moderation/server.py's own constants (the embedded CPU server and the container
+The restricted-API flags are moderation/core/auth.py's constants (the embedded CPU server and the container
 close the same protocols behind the same `admin-key` header); the key is read from a mounted secret file, never
 from an image layer. tritonserver replaces this process (exec), so it is PID 1 and gets SIGTERM directly:
 Triton stops accepting, drains in-flight requests for up to --exit-timeout-secs, then exits.
@@ -28,8 +28,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from moderation.repository import ALL_MODELS
-from moderation.server import ADMIN_HEADER, RESTRICTED_GRPC, RESTRICTED_HTTP
+from moderation.core.auth import ADMIN_HEADER, RESTRICTED_GRPC, RESTRICTED_HTTP
+from moderation.repository.render import ALL_MODELS
 
 MIN_KEY_CHARS = 16
 
@@ -40,7 +40,8 @@ def read_admin_key(env: dict[str, str]) -> str:
         key = path.read_text().strip()
     except OSError as e:
         raise SystemExit(f"error: admin key file {path} is unreadable ({e.strerror}); mount the secret "
-                         "(compose `secrets:`, Kubernetes Secret volume) — the server does not start without it")
+                         "(compose `secrets:`, Kubernetes Secret volume) — "
+                         "the server does not start without it") from None
     if len(key) < MIN_KEY_CHARS or any(c.isspace() for c in key):
         raise SystemExit(f"error: admin key in {path} must be at least {MIN_KEY_CHARS} characters with no spaces")
     return key
@@ -85,7 +86,7 @@ def redact(args: list[str]) -> list[str]:
     return [a.split(f":{ADMIN_HEADER}=")[0] + f":{ADMIN_HEADER}=***" if f":{ADMIN_HEADER}=" in a else a for a in args]
 
 
-# Inherited by the python-backend stubs, as moderation/server.py sets them for the embedded server.
+# Inherited by the python-backend stubs, as moderation/launch/config.py sets them for the embedded server.
 STUB_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 

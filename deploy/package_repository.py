@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's (or the build context's) moderation
 
-from moderation import __version__  # noqa: E402
-from moderation.artifacts import RECORD, read_artifact_record  # noqa: E402
-from moderation.repository import ALL_MODELS, ENSEMBLES, MODELS, ONNX_ACCELERATORS, render_repository  # noqa: E402
+from moderation import __version__
+from moderation.repository.artifacts import RECORD, read_artifact_record
+from moderation.repository.render import ALL_MODELS, ENSEMBLES, MODELS, ONNX_ACCELERATORS, render_repository
 
 MANIFEST = "MANIFEST.json"
 _SKIP = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -43,7 +43,8 @@ def package(src: Path, out: Path, target: str = "production", onnx_accelerator: 
     manifest = {"target": target, "onnx_accelerator": onnx_accelerator if target == "production" else None,
                 "moderation_version": __version__, "models": {}}
     for name in models:
-        versions = sorted((d for d in (src / name).glob("*") if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
+        versions = sorted((d for d in (src / name).glob("*") if d.is_dir() and d.name.isdigit()),
+                          key=lambda d: int(d.name))
         if not versions:
             raise SystemExit(f"error: {src / name} has no version directory: run `make models` (or export) first")
         entry = {"config_sha256": _sha256(out / name / "config.pbtxt"), "versions": {}}

@@ -28,7 +28,7 @@ CLIP_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
 def _corpus() -> list[str]:
     """Training text for the toy BPE: the policy's prompts and options plus sample captions,
     so that answer options ("yes", "no", "是", "否", label keys) become single tokens."""
-    from moderation.policy import load_policy
+    from moderation.core.policy import load_policy
 
     lines: list[str] = []
     policy = load_policy("default")

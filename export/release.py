@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from moderation.artifacts import read_artifact_record, write_artifact_record
+from moderation.repository.artifacts import read_artifact_record, write_artifact_record
 
 
 def versions(model_dir: Path) -> list[int]:

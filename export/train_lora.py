@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moderation.policy import load_policy
+from moderation.core.policy import load_policy
 
 QUESTIONS_SKIPPED = ("sentiment",)  # the rows carry no sentiment labels
 
 
 def read_rows(path: Path) -> list[dict]:
-    from moderation.samples import image_paths
+    from moderation.testing.samples import image_paths
 
     rows = []
     for i, line in enumerate(path.read_text().splitlines()):
@@ -53,9 +53,10 @@ class Examples:
     def __init__(self, rows: list[dict], repo: Path, version: str, decoder, policy):
         import onnxruntime as ort
 
-        from moderation.decoder import DecoderRequest
-        from moderation.imaging import QwenPixels, decode_image
-        from moderation.text import detect_lang
+        from moderation.core.imaging import decode_image
+        from moderation.core.text import detect_lang
+        from moderation.vlm.decoder import DecoderRequest
+        from moderation.vlm.inputs import QwenPixels
 
         qp = QwenPixels(str(repo / "vlm_preprocess" / version / "qwen"))
         sess = ort.InferenceSession(str(repo / "vision_encoder" / version / "model.onnx"),
@@ -81,7 +82,8 @@ def _loss_and_gap(decoder, ex: Examples) -> tuple[torch.Tensor, float]:
     """Mean cross-entropy over (yes, no) of every trained question, and mean |P(yes) - label|."""
     losses = []
     for reqs, tgts in ex.groups.values():
-        logits, qs, *_ = decoder.question_logits(reqs)
+        got = decoder.question_logits(reqs)
+        logits, qs = got.logits, got.questions
         Q = len(qs)
         rows, opts, target = [], [], []
         for b, t in enumerate(tgts):
@@ -108,7 +110,7 @@ def train(data: Path, out: Path, repo: Path, version: str, policy_name: str, ste
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    from moderation.decoder import VerdictDecoder
+    from moderation.vlm.decoder import VerdictDecoder
 
     ckpt = repo / "language_decoder" / version / "checkpoint"
     policy = load_policy(policy_name)
@@ -125,7 +127,7 @@ def train(data: Path, out: Path, repo: Path, version: str, policy_name: str, ste
     with torch.no_grad():
         loss0, gap0 = _loss_and_gap(decoder, ex)
     history = []
-    for step in range(steps):
+    for _step in range(steps):
         loss, gap = _loss_and_gap(decoder, ex)
         opt.zero_grad()
         loss.backward()
@@ -140,14 +142,16 @@ def train(data: Path, out: Path, repo: Path, version: str, policy_name: str, ste
     report = {
         "name": out.name, "base": f"language_decoder/{version}", "policy": policy.id,
         "data": {"path": str(data), "sha256": hashlib.sha256(data.read_bytes()).hexdigest(), "rows": len(rows)},
-        "lora": {"r": rank, "alpha": 2 * rank, "target_modules": sorted(cfg.target_modules), "trainable_params": trainable},
+        "lora": {"r": rank, "alpha": 2 * rank, "target_modules": sorted(cfg.target_modules),
+                 "trainable_params": trainable},
         "steps": steps, "lr": lr, "seed": seed, "seconds": round(seconds, 2),
         "loss_before": float(loss0), "loss_after": float(loss1), "loss_history": history,
         "mean_abs_score_minus_label_before": gap0, "mean_abs_score_minus_label_after": gap1,
         "base_untrained": (ckpt / "UNTRAINED.json").exists(),
     }
     (out / "training.json").write_text(json.dumps(report, indent=2))
-    print(f"LoRA {out.name}: {len(rows)} rows, {steps} steps in {seconds:.1f}s, loss {float(loss0):.3f} -> {float(loss1):.3f}, "
+    print(f"LoRA {out.name}: {len(rows)} rows, {steps} steps in {seconds:.1f}s, "
+          f"loss {float(loss0):.3f} -> {float(loss1):.3f}, "
           f"mean |score - label| {gap0:.3f} -> {gap1:.3f}")
     return report
 
@@ -155,7 +159,7 @@ def train(data: Path, out: Path, repo: Path, version: str, policy_name: str, ste
 def release_adapter(repo: Path, adapter: Path, from_version: str, note: str = "") -> Path:
     """language_decoder/<next>/ = from_version + adapter/, recorded in its artifact.json."""
     from export.release import release
-    from moderation.artifacts import read_artifact_record, write_artifact_record
+    from moderation.repository.artifacts import read_artifact_record, write_artifact_record
 
     dst = release(repo, "language_decoder", from_version=from_version, note=note or f"LoRA adapter {adapter.name}")
     if (dst / "adapter").exists():
@@ -166,7 +170,8 @@ def release_adapter(repo: Path, adapter: Path, from_version: str, note: str = ""
     extra = {k: v for k, v in rec.items() if k not in ("model", "version", "source", "untrained", "export", "files")}
     extra["adapter"] = {"name": info["name"], "data_sha256": info["data"]["sha256"], "policy": info["policy"],
                         "lora": info["lora"], "base": info["base"]}
-    write_artifact_record(dst, source=rec["source"], untrained=rec["untrained"], export=rec.get("export", {}), extra=extra)
+    write_artifact_record(dst, source=rec["source"], untrained=rec["untrained"], export=rec.get("export", {}),
+                          extra=extra)
     print(json.dumps({"model": "language_decoder", "version": dst.name, "adapter": info["name"]}))
     return dst
 
@@ -186,7 +191,8 @@ def main(argv=None) -> int:
                     help="also release the adapter as the next language_decoder version in REPOSITORY")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    train(args.data, args.out, args.repository, args.base_version, args.policy, args.steps, args.lr, args.rank, args.seed)
+    train(args.data, args.out, args.repository, args.base_version, args.policy, args.steps, args.lr, args.rank,
+          args.seed)
     if args.release:
         release_adapter(args.release, args.out, args.base_version)
     return 0

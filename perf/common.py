@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 PERF = ROOT / "perf"
 BUILD = ROOT / "build" / "perf"
@@ -21,8 +20,8 @@ VENV_BIN = Path(sys.executable).parent
 def perf_policy_dir(directory: Path = BUILD / "policies") -> Path:
     """Shipped policies + `allow_all` (the gate settles every post: the gate path) and `escalate_all`
     (every post goes to the VLM), verdict cache off: the models are measured, not the cache (the caches have
-    their own benchmarks: bench part e and perf/cache_savings.py)."""
-    from moderation.policy import write_fixed_route_policies
+    their own benchmarks: bench part e and perf/cache_savings/)."""
+    from moderation.testing.policies import write_fixed_route_policies
 
     return write_fixed_route_policies(directory)
 
@@ -98,12 +97,15 @@ def stats(http_url: str, headers: dict | None) -> dict[str, dict]:
     return out
 
 
+def counts_delta(before: dict, after: dict) -> dict[str, dict]:
+    """Per-model difference of every cumulative statistic between two snapshots of stats()."""
+    return {name: {k: a[k] - before.get(name, {}).get(k, 0) for k in a} for name, a in after.items()}
+
+
 def stats_delta(before: dict, after: dict) -> dict[str, dict]:
     """Per-model per-request mean time in each stage between two snapshots (ms), plus counts."""
     out = {}
-    for name, a in after.items():
-        b = before.get(name, {})
-        d = {k: a[k] - b.get(k, 0) for k in a}
+    for name, d in counts_delta(before, after).items():
         n = d["success_n"]
         if n <= 0 and d["cache_hit_n"] <= 0:
             continue

@@ -25,9 +25,9 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from clients.client import build_inputs
-from moderation.samples import sample_posts
-from moderation.server import running_server
-from perf.common import BUILD, REPO, RESULTS, dump_json, git_commit, machine, perf_policy_dir
+from moderation.testing.samples import sample_posts
+from perf.common import BUILD, REPO, RESULTS, dump_json, git_commit, machine
+from perf.harness import pct, serve
 
 
 def _gate_request(client, i: int, tag: str):
@@ -57,16 +57,14 @@ def _timed(fn, *args) -> float:
 
 
 def _summary(xs: list[float]) -> dict:
-    a = np.array(xs)
-    return {"n": int(a.size), "p50_ms": round(float(np.percentile(a, 50)) * 1e3, 3),
-            "p99_ms": round(float(np.percentile(a, 99)) * 1e3, 3), "mean_ms": round(float(a.mean()) * 1e3, 3)}
+    return {"n": len(xs), "p50_ms": round(pct(xs, 50) * 1e3, 3), "p99_ms": round(pct(xs, 99) * 1e3, 3),
+            "mean_ms": round(float(np.mean(xs)) * 1e3, 3)}
 
 
 def run(runs: int, n: int) -> dict:
     out: dict = {"what": __doc__.split("\n\n")[0], "runs": runs, "requests_per_arm_per_run": n,
                  "machine": machine(), "commit": git_commit(), "raw_s": {}, "summary": {}}
-    env = {"MODERATION_POLICY_DIR": str(perf_policy_dir()), "MODERATION_AUDIT_LOG": str(BUILD / "gateway_audit.jsonl")}
-    with running_server(repository=REPO, env=env, log_path=BUILD / "gateway_overhead.log") as srv:
+    with serve(REPO, audit=BUILD / "gateway_audit.jsonl", log=BUILD / "gateway_overhead.log") as srv:
         arms = {"direct": srv.triton_grpc_url, "gateway": srv.grpc_url}
         clients = {k: grpcclient.InferenceServerClient(u) for k, u in arms.items()}
         for name, fn in CALLS.items():
@@ -91,8 +89,10 @@ def run(runs: int, n: int) -> dict:
             for arm in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
                 cs = [grpcclient.InferenceServerClient(arms[arm]) for _ in range(8)]
                 t0 = time.perf_counter()
+                tag = f"c8-{arm}-{r}"
                 with ThreadPoolExecutor(8) as pool:
-                    lat = list(pool.map(lambda i: _timed(_gate_request, cs[i % 8], i, f"c8-{arm}-{r}"), range(n * 2)))
+                    lat = list(pool.map(lambda i, cs=cs, tag=tag: _timed(_gate_request, cs[i % 8], i, tag),
+                                        range(n * 2)))
                 raw_c8[arm]["rps"].append(round(n * 2 / (time.perf_counter() - t0), 3))
                 raw_c8[arm]["latency"] += lat
         out["raw_s"]["gate_c8"] = raw_c8

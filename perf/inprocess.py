@@ -1,14 +1,27 @@
-"""The moderate pipeline in one process, for `make bench` (a) and (c): the same library stages the Triton
-models call (moderation.pipeline / gate / decoder / result / audit) and onnxruntime sessions on the same
-model.onnx files with the same thread settings as the server's runner (intra-op 1; torch 2 threads for the
-decoder), but no Triton: no ensemble scheduling, no python-backend IPC, no dynamic batching, no gRPC."""
+"""The moderate pipeline in one process, for `make bench` (a): the library stages the Triton models call
+(gate.inputs.Preprocess, gate.router.GateRouter, vlm.inputs.VlmInputs, vlm.decoder.VerdictDecoder,
+core.result.finish_post) and onnxruntime sessions on the same model.onnx files with the same thread settings as
+the server's runner (intra-op 1; torch 2 threads for the decoder), but no Triton: no ensemble scheduling, no
+python-backend IPC, no dynamic batching, no gRPC. The router's model calls go to an in-process Executor."""
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 from pathlib import Path
 
 import numpy as np
+
+from moderation.core.audit import AuditLog
+from moderation.core.contracts import DecoderOptions
+from moderation.core.errors import ModelUnavailable
+from moderation.core.policy import load_policy
+from moderation.core.post import parse_post
+from moderation.core.result import finish_post
+from moderation.gate.inputs import ClipTokens, Preprocess
+from moderation.gate.router import GatePost, GateRouter
+from moderation.repository.artifacts import read_artifact_record, signal_of
+
+VERSION = "1"
 
 
 def _session(path: Path):
@@ -20,86 +33,81 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-class InProcessPipeline:
-    def __init__(self, repo: Path, audit_path: Path, torch_threads: int = 2):
+class InProcessExecutor:
+    """GateRouter's Executor without Triton: clip_text, and the vlm ensemble's three steps, in this process."""
+
+    def __init__(self, repo: Path, torch_threads: int = 2):
         import torch
 
-        from moderation.audit import AuditLog
-        from moderation.decoder import VerdictDecoder
-        from moderation.imaging import NsfwPixels
-        from moderation.pipeline import ClipInputs, Gate, VlmInputs
+        from moderation.vlm.decoder import VerdictDecoder
+        from moderation.vlm.inputs import VlmInputs
 
         torch.set_num_threads(torch_threads)
-        self.clip = ClipInputs(str(repo / "preprocess" / "1" / "clip"))
-        self.nsfw_pixels = NsfwPixels()
-        self.clip_image = _session(repo / "clip_image" / "1" / "model.onnx")
-        self.clip_text = _session(repo / "clip_text" / "1" / "model.onnx")
-        nsfw = repo / "nsfw_image" / "1" / "model.onnx"
+        self.clip_text = _session(repo / "clip_text" / VERSION / "model.onnx")
+        self.vlm_inputs = VlmInputs(str(repo / "vlm_preprocess" / VERSION / "qwen"), VERSION)
+        self.vision = _session(repo / "vision_encoder" / VERSION / "model.onnx")
+        self.decoder = VerdictDecoder(repo / "language_decoder" / VERSION / "checkpoint")
+
+    async def infer(self, model, inputs, outputs, version=-1):
+        if model == "clip_text":
+            return {"TEXT_EMBEDS": self.clip_text.run(["TEXT_EMBEDS"], inputs)[0]}
+        if model == "vlm_preprocess":
+            pixels, body, opts = self.vlm_inputs(parse_post(inputs["IMAGE"][0, 0], inputs["TEXT"][0, 0],
+                                                            inputs["OPTIONS"][0, 0]))
+            return {"PIXEL_VALUES": pixels[None], "BODY_IDS": body[None],
+                    "DECODER_OPTIONS": np.array([[opts.to_json()]], dtype=np.object_)}
+        if model == "vision_encoder":
+            vis, ds = self.vision.run(["VISUAL_TOKENS", "DEEPSTACK"], inputs)
+            return {"VISUAL_TOKENS": vis, "DEEPSTACK": ds}
+        if model == "language_decoder":
+            return {"VLM_RESULT": self._decode(inputs)}
+        if model == "vlm":  # the ensemble: the same three steps
+            pre = await self.infer("vlm_preprocess", inputs, [])
+            vis = await self.infer("vision_encoder", {"PIXEL_VALUES": pre.pop("PIXEL_VALUES")}, [])
+            return await self.infer("language_decoder", {**pre, **vis}, [])
+        raise ModelUnavailable(f"{model} is not served in-process")
+
+    def _decode(self, inputs) -> np.ndarray:
+        from moderation.vlm.decoder import DecoderRequest
+
+        opts = DecoderOptions.from_json(inputs["DECODER_OPTIONS"][0, 0])
+        res = self.decoder.score([DecoderRequest(inputs["BODY_IDS"][0], inputs["VISUAL_TOKENS"][0],
+                                                 inputs["DEEPSTACK"][0], load_policy(opts.policy_name), opts.lang,
+                                                 opts.describe)])[0]
+        verdict = res.verdict(untrained=self.decoder.untrained, caption_truncated=opts.caption_truncated,
+                              model_versions={"vlm_preprocess": opts.vlm_preprocess_version,
+                                              "language_decoder": VERSION})
+        return np.array([[verdict.to_json()]], dtype=np.object_)
+
+    def is_ready(self, model: str, version: str) -> bool:
+        return True
+
+
+class InProcessPipeline:
+    def __init__(self, repo: Path, audit_path: Path, torch_threads: int = 2):
+        pre_dir = repo / "preprocess" / VERSION
+        self.preprocess = Preprocess(str(pre_dir / "clip"), VERSION)
+        self.clip_image = _session(repo / "clip_image" / VERSION / "model.onnx")
+        self.clip_text = _session(repo / "clip_text" / VERSION / "model.onnx")
+        nsfw = repo / "nsfw_image" / VERSION / "model.onnx"
         self.nsfw = _session(nsfw) if nsfw.exists() else None
-        self.gate = Gate()
-        self.vlm_inputs = VlmInputs(str(repo / "vlm_preprocess" / "1" / "qwen"))
-        self.vision = _session(repo / "vision_encoder" / "1" / "model.onnx")
-        self.decoder = VerdictDecoder(repo / "language_decoder" / "1" / "checkpoint")
+        gate_dir = repo / "clip_gate" / VERSION
+        signals = {"clip": "untrained" if read_artifact_record(gate_dir, verify=False).get("untrained") else "trained",
+                   "nsfw_image": signal_of(repo / "nsfw_image")}
+        self.router = GateRouter(InProcessExecutor(repo, torch_threads), ClipTokens(str(gate_dir / "clip")), VERSION,
+                                 signals)
         self.audit = AuditLog(audit_path)
-
-    def _encode_texts(self, texts):
-        ids, mask = self.clip.tokens(texts)
-        return self.clip_text.run(["TEXT_EMBEDS"], {"input_ids": ids, "attention_mask": mask})[0]
-
-    def vlm(self, image: bytes, text: bytes, options: bytes) -> dict:
-        """The `vlm` ensemble's work for one post: vlm_preprocess -> vision_encoder -> language_decoder."""
-        from moderation.decoder import DecoderRequest
-        from moderation.pipeline import parse_post
-
-        t = time.perf_counter()
-        post = parse_post(image, text, options)
-        pixels, body, info = self.vlm_inputs(post)
-        vis, ds = self.vision.run(["VISUAL_TOKENS", "DEEPSTACK"], {"PIXEL_VALUES": pixels[None]})
-        res = self.decoder.score([DecoderRequest(body, vis[0], ds[0], post.policy, info["lang"],
-                                                 info["describe"])])[0]
-        return {"violation": res.violation, "labels": res.labels, "sentiment": res.sentiment,
-                "description": res.description, "untrained": self.decoder.untrained,
-                "caption_truncated": info["caption_truncated"],
-                "model_versions": {"vlm_preprocess": "1", "vision_encoder": "1", "language_decoder": "1"},
-                "timings_ms": res.timings_ms, "roundtrip_ms": (time.perf_counter() - t) * 1e3}
 
     def moderate(self, image: bytes, text: bytes, options: bytes) -> dict:
         """preprocess -> clip_image / clip_text / nsfw_image -> clip_gate (-> vlm) -> postprocess."""
-        from moderation.gate import ESCALATE, ConceptBank
-        from moderation.pipeline import parse_post
-        from moderation.result import build_result, validate_result
-
-        t0, wall0 = time.perf_counter(), time.time()
-        post = parse_post(image, text, options)
-        pixels, ids, mask = self.clip(post)
-        nsfw_px = self.nsfw_pixels(post.image)
-        t_pre = time.perf_counter()
-        img = self.clip_image.run(["IMAGE_EMBEDS"], {"pixel_values": pixels[None]})[0][0]
-        txt = self.clip_text.run(["TEXT_EMBEDS"], {"input_ids": ids[None], "attention_mask": mask[None]})[0][0]
-        nsfw = self.nsfw.run(["outputs"], {"input:0": nsfw_px[None]})[0][0] if self.nsfw else None
-        t_enc = time.perf_counter()
-        policy = post.policy
-        bank = self.gate.bank(policy, self._encode_texts) if any(lab.gate_concepts for lab in policy.labels) \
-            else self.gate.bank(policy, lambda _t: np.zeros((0, 1), np.float32))
-        d = self.gate(policy, bank, img, txt, has_caption=bool(post.caption.strip()),
-                      nsfw_score=None if nsfw is None else float(nsfw[1]))
-        d.update(signals={"clip": "untrained"}, gate_version="1", gate_ms=(time.perf_counter() - t_enc) * 1e3)
-        if d["route"] == ESCALATE:
-            d["vlm"] = self.vlm(image, text, json.dumps({"request_id": post.options.request_id,
-                                                         "describe": post.options.describe, "lang": post.lang,
-                                                         "policy": post.options.policy}).encode())
-        rec = post.request_record()
-        versions = {"preprocess": "1", "clip_gate": "1", "postprocess": "1"}
-        latency = {"preprocess": (t_pre - t0) * 1e3, "clip_encoders": (t_enc - t_pre) * 1e3, "gate": d["gate_ms"]}
-        if d.get("vlm"):
-            versions.update(d["vlm"]["model_versions"])
-            latency["vlm"] = d["vlm"]["roundtrip_ms"]
-        latency["total"] = (time.time() - wall0) * 1e3
-        result = validate_result(build_result(policy, rec, d, versions, latency))
-        self.audit.write({"request_id": result["request_id"], "stage": "moderate", "route": result["route"],
-                          "violation": result["violation"], "labels": result["labels"], "scores": result["scores"],
-                          "sentiment": result["sentiment"], "policy": result["policy"], "model_versions": versions,
-                          "latency_ms": result["latency_ms"], "image_sha256": rec["image_sha256"],
-                          "text_sha256": rec["text_sha256"], "lang": rec["lang"], "error": None,
-                          "untrained": result["untrained"]})
-        return result
+        t0, received = time.perf_counter(), time.time()
+        inputs = self.preprocess(image, text, options, received, t0)
+        img = self.clip_image.run(["IMAGE_EMBEDS"], {"pixel_values": inputs.clip_pixels[None]})[0][0]
+        txt = self.clip_text.run(["TEXT_EMBEDS"], {"input_ids": inputs.clip_input_ids[None],
+                                                   "attention_mask": inputs.clip_attention_mask[None]})[0][0]
+        nsfw = self.nsfw.run(["outputs"], {"input:0": inputs.nsfw_pixels[None]})[0][0] if self.nsfw else None
+        post = GatePost(inputs.record, image, text, img, txt, None if nsfw is None else float(nsfw[1]))
+        decision = asyncio.run(self.router.decide([post]))[0]
+        done = finish_post(inputs.record, decision, VERSION)
+        self.audit.write(done.audit_row)
+        return done.result

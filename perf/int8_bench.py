@@ -25,7 +25,7 @@ REPO = Path("model_repository")
 
 
 def posts():
-    from moderation.samples import sample_posts
+    from moderation.testing.samples import sample_posts
 
     base = sample_posts()
     return [(p.image_bytes(), p.text) for p in base] + \
@@ -47,9 +47,11 @@ def _time_pair(fns: dict, runs: int) -> dict:
 def encoders(items, runs: int) -> dict:
     import onnxruntime as ort
 
-    from moderation.imaging import ClipPixels, QwenPixels, decode_image
-    from moderation.pipeline import ClipTokens, Gate
-    from moderation.policy import load_policy
+    from moderation.core.imaging import decode_image
+    from moderation.core.policy import load_policy
+    from moderation.gate.inputs import ClipPixels, ClipTokens
+    from moderation.gate.scoring import ConceptBank, judge
+    from moderation.vlm.inputs import QwenPixels
 
     clip_dir = str(REPO / "preprocess" / "1" / "clip")
     images = [decode_image(b).image for b, _ in items]
@@ -73,8 +75,9 @@ def encoders(items, runs: int) -> dict:
         res = {k: sess.run(None, feed) for k, sess in s.items()}
         a, b = res["fp32"][0].reshape(len(res["fp32"][0]), -1), res["int8"][0].reshape(len(res["int8"][0]), -1)
         cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-        timing = _time_pair({k: (lambda sess=sess: sess.run(None, feed)) for k, sess in s.items()}, runs)
-        out[model] = {"batch": int(len(a)), "max_abs_diff": float(np.max(np.abs(a - b))), "min_cosine": float(cos.min()),
+        timing = _time_pair({k: (lambda sess=sess, feed=feed: sess.run(None, feed)) for k, sess in s.items()}, runs)
+        out[model] = {"batch": int(len(a)), "max_abs_diff": float(np.max(np.abs(a - b))),
+                      "min_cosine": float(cos.min()),
                       "bytes": {k: (REPO / model / "1" / f).stat().st_size for k, f in
                                 (("fp32", "model.onnx"), ("int8", "model.int8.onnx"))},
                       "timing": timing,
@@ -87,16 +90,12 @@ def encoders(items, runs: int) -> dict:
     policy = load_policy("default")
     routes = {}
     for k in ("fp32", "int8"):
-        gate = Gate()
-
-        def encode(texts, sess=emb["sessions_text"][k]):
-            i, m = tokens(texts)
-            return sess.run(None, {"input_ids": i, "attention_mask": m})[0]
-
-        bank = gate.bank(policy, encode)
-        routes[k] = [gate(policy, bank, emb["clip_image"][k][j], emb["clip_text"][k][j],
-                          has_caption=bool(items[j][1].strip()))["route"] for j in range(len(items))]
-    agree = sum(a == b for a, b in zip(routes["fp32"], routes["int8"]))
+        i, m = tokens([t for _, t in ConceptBank.concept_texts(policy)])
+        bank = ConceptBank.from_embeddings(policy, emb["sessions_text"][k].run(
+            None, {"input_ids": i, "attention_mask": m})[0])
+        routes[k] = [judge(policy, bank, emb["clip_image"][k][j], emb["clip_text"][k][j],
+                           has_caption=bool(items[j][1].strip()))["route"] for j in range(len(items))]
+    agree = sum(a == b for a, b in zip(routes["fp32"], routes["int8"], strict=False))
     out["gate_routes"] = {"posts": len(items), "agree": agree, "agreement_pct": 100.0 * agree / len(items),
                           "fp32": routes["fp32"], "int8": routes["int8"]}
     return out
@@ -106,10 +105,11 @@ def decoder(items, runs: int) -> dict:
     import onnxruntime as ort
     import torch
 
-    from moderation.decoder import DecoderRequest, VerdictDecoder
-    from moderation.imaging import QwenPixels, decode_image
-    from moderation.policy import load_policy
-    from moderation.text import detect_lang
+    from moderation.core.imaging import decode_image
+    from moderation.core.policy import load_policy
+    from moderation.core.text import detect_lang
+    from moderation.vlm.decoder import DecoderRequest, VerdictDecoder
+    from moderation.vlm.inputs import QwenPixels
 
     torch.set_num_threads(1)
     ckpt = REPO / "language_decoder" / "1" / "checkpoint"
@@ -133,13 +133,15 @@ def decoder(items, runs: int) -> dict:
     out = {}
     ref = results["fp32"]
     for k in ("int8_dynamic", "int8_weight_only"):
-        agree = sum(verdict(a) == verdict(b) for a, b in zip(results[k], ref))
-        diffs = [abs(a.violation - b.violation) for a, b in zip(results[k], ref)]
-        diffs += [abs(a.labels[l] - b.labels[l]) for a, b in zip(results[k], ref) for l in a.labels]
-        diffs += [abs(a.sentiment[s] - b.sentiment[s]) for a, b in zip(results[k], ref) for s in a.sentiment]
+        agree = sum(verdict(a) == verdict(b) for a, b in zip(results[k], ref, strict=False))
+        diffs = [abs(a.violation - b.violation) for a, b in zip(results[k], ref, strict=False)]
+        diffs += [abs(a.labels[lab] - b.labels[lab])
+                  for a, b in zip(results[k], ref, strict=False) for lab in a.labels]
+        diffs += [abs(a.sentiment[s] - b.sentiment[s])
+                  for a, b in zip(results[k], ref, strict=False) for s in a.sentiment]
         out[k] = {"posts": len(reqs), "verdict_agree": agree, "verdict_agreement_pct": 100.0 * agree / len(reqs),
                   "violation_agreement_pct": 100.0 * sum((a.violation >= th_v) == (b.violation >= th_v)
-                                                         for a, b in zip(results[k], ref)) / len(reqs),
+                                                         for a, b in zip(results[k], ref, strict=False)) / len(reqs),
                   "max_abs_score_diff": float(max(diffs)), "mean_abs_score_diff": float(np.mean(diffs)),
                   "device_label": variants[k].device_label}
     timing = _time_pair({k: (lambda d=d: d.score(reqs[:8])) for k, d in variants.items()}, runs)
@@ -168,12 +170,14 @@ def main(argv=None) -> int:
     enc, dec = report["encoders"], report["decoder"]
     for m in ("clip_image", "clip_text", "vision_encoder"):
         e = enc[m]
-        print(f"{m:15s} fp32 {e['timing']['fp32']['median_ms']:8.2f} ms  int8 {e['timing']['int8']['median_ms']:8.2f} ms  "
+        print(f"{m:15s} fp32 {e['timing']['fp32']['median_ms']:8.2f} ms  "
+              f"int8 {e['timing']['int8']['median_ms']:8.2f} ms  "
               f"x{e['speedup_int8']:.2f}  min cos {e['min_cosine']:.4f}")
     print(f"gate routes agree {enc['gate_routes']['agree']}/{enc['gate_routes']['posts']}")
     for k in ("int8_dynamic", "int8_weight_only"):
         d = dec[k]
-        print(f"decoder {k:17s} verdicts agree {d['verdict_agree']}/{d['posts']}  max |diff| {d['max_abs_score_diff']:.4f}  "
+        print(f"decoder {k:17s} verdicts agree {d['verdict_agree']}/{d['posts']}  "
+              f"max |diff| {d['max_abs_score_diff']:.4f}  "
               f"x{dec['speedup_vs_fp32'][k]:.2f} (fp32 {dec['timing_batch8']['fp32']['median_ms']:.1f} ms, batch 8)")
     print(f"wrote {args.out}")
     return 0

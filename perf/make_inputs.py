@@ -57,7 +57,7 @@ def decode_b64_bytes(d: dict) -> list[bytes]:
 
 
 def post_entries(policy: str, posts=None) -> list[dict]:
-    from moderation.samples import sample_posts
+    from moderation.testing.samples import sample_posts
 
     out = []
     for p in posts or sample_posts():
@@ -72,10 +72,11 @@ def vlm_entries(repo: Path, n: int, policy: str = "default") -> tuple[list[dict]
     """vision_encoder and language_decoder inputs, computed exactly as the vlm ensemble would."""
     import onnxruntime as ort
 
-    from moderation.pipeline import VlmInputs, parse_post
-    from moderation.samples import sample_posts
+    from moderation.core.post import parse_post
+    from moderation.testing.samples import sample_posts
+    from moderation.vlm.inputs import VlmInputs
 
-    vin = VlmInputs(str(repo / "vlm_preprocess" / "1" / "qwen"))
+    vin = VlmInputs(str(repo / "vlm_preprocess" / "1" / "qwen"), "1")
     sess = ort.InferenceSession(str(repo / "vision_encoder" / "1" / "model.onnx"),
                                 providers=["CPUExecutionProvider"])
     venc, dec = [], []
@@ -84,12 +85,11 @@ def vlm_entries(repo: Path, n: int, policy: str = "default") -> tuple[list[dict]
         pixels, body, info = vin(post)
         vis, ds = sess.run(["VISUAL_TOKENS", "DEEPSTACK"], {"PIXEL_VALUES": pixels[None]})
         venc.append({"PIXEL_VALUES": b64_array(pixels.astype(np.float32))})
-        info["model_versions"] = {"vlm_preprocess": "1"}
         # perf_analyzer wants every variable dim spelled out ([196, -1], [-1, 196, -1], [-1])
         dec.append({"VISUAL_TOKENS": b64_array(vis[0].astype(np.float32), with_shape=True),
                     "DEEPSTACK": b64_array(ds[0].astype(np.float32), with_shape=True),
                     "BODY_IDS": b64_array(body.astype(np.int64), with_shape=True),
-                    "DECODER_OPTIONS": b64_bytes([json.dumps(info, ensure_ascii=False).encode("utf-8")])})
+                    "DECODER_OPTIONS": b64_bytes([info.to_json()])})
     return venc, dec
 
 
@@ -107,8 +107,9 @@ def nsfw_entries(repo: Path, n: int) -> list[dict] | None:
     from tritonclient.grpc import model_config_pb2
 
     mc = text_format.Parse(cfg.read_text(), model_config_pb2.ModelConfig())
-    from moderation.imaging import NsfwPixels, decode_image
-    from moderation.samples import sample_posts
+    from moderation.core.imaging import decode_image
+    from moderation.gate.inputs import NsfwPixels
+    from moderation.testing.samples import sample_posts
 
     if len(mc.input) != 1:
         raise SystemExit(f"nsfw_image has {len(mc.input)} inputs; perf/make_inputs.py knows only one")

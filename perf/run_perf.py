@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import re
 import secrets
 import subprocess
@@ -27,8 +26,19 @@ from pathlib import Path
 
 import yaml
 
-from perf.common import (BUILD, PERF, REPO, RESULTS, dump_json, git_commit, machine, perf_analyzer_env,
-                         perf_analyzer_path, perf_policy_dir, stats, stats_delta)
+from perf.common import (
+    BUILD,
+    PERF,
+    REPO,
+    RESULTS,
+    dump_json,
+    git_commit,
+    machine,
+    perf_analyzer_env,
+    perf_analyzer_path,
+    stats,
+    stats_delta,
+)
 
 
 def load_targets(path: Path = PERF / "targets.yaml") -> tuple[dict, dict]:
@@ -84,8 +94,9 @@ def from_profile(path: Path) -> dict:
     resp = [x.strip() for x in re.findall(rb'"response_timestamps":\s*\[([\d,\s]*)\]', raw)]
     if not start or len(start) != len(resp):
         raise ValueError(f"{path}: {len(start)} request and {len(resp)} response timestamp lists")
-    pairs = [(s_, int(r.split(b",")[-1])) for s_, r in zip(start, resp) if r]  # requests still in flight: none
-    start, end = (np.array(x, dtype=np.int64) for x in zip(*pairs))
+    # requests still in flight (no response timestamp): none
+    pairs = [(s_, int(r.split(b",")[-1])) for s_, r in zip(start, resp, strict=True) if r]
+    start, end = (np.array(x, dtype=np.int64) for x in zip(*pairs, strict=False))
     reqs = start
     lat = (end - start) / 1e6
     span_s = (end.max() - start.min()) / 1e9
@@ -177,7 +188,7 @@ def plot(results: list[dict], out: Path) -> list[Path]:
         return paths
     n = len(done)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
-    for ax, r in zip(axes[0], done):
+    for ax, r in zip(axes[0], done, strict=False):
         thr = [x["throughput"] for x in r["rows"]]
         for key, style in (("p50_ms", "o-"), ("p99_ms", "s--")):
             ax.plot(thr, [x[key] for x in r["rows"]], style, label=key.split("_")[0])
@@ -215,7 +226,7 @@ def plot(results: list[dict], out: Path) -> list[Path]:
                     vals.append(st["compute_input_ms"] + st["compute_infer_ms"] + st["compute_output_ms"])
             ax.bar(labels, vals, bottom=bottoms, color=cmap(mi % 20), hatch=hatch, edgecolor="white",
                    label=f"{m} {'queue' if part == 'queue_ms' else 'compute'}")
-            bottoms = [b + v for b, v in zip(bottoms, vals)]
+            bottoms = [b + v for b, v in zip(bottoms, vals, strict=False)]
     ax.set_ylabel("mean ms per request (all concurrency levels)")
     ax.set_title("Per-stage latency from Triton's statistics API (hatched: queue)", fontsize=10)
     ax.legend(fontsize=6, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
@@ -273,11 +284,10 @@ def main(argv=None) -> int:
         report = run_all(args.url, key, args.targets, args.budget, args.out, args.inputs, overrides)
         server = {"url": args.url, "started_by_perf": False}
     else:
-        from moderation.server import running_server
+        from perf.harness import serve
 
         key = secrets.token_hex(16)
-        env = {"MODERATION_POLICY_DIR": str(perf_policy_dir()), "MODERATION_AUDIT_LOG": str(BUILD / "audit.jsonl")}
-        with running_server(env=env, log_path=BUILD / "perf-server.log", key=key) as srv:
+        with serve(None, audit=BUILD / "audit.jsonl", log=BUILD / "perf-server.log", key=key) as srv:
             report = run_all(srv.http_url, key, args.targets, args.budget, args.out, args.inputs, overrides)
         server = {"url": "embedded, free loopback ports", "started_by_perf": True,
                   "repository": str(REPO.relative_to(REPO.parent))}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moderation.policy import derive_policy, write_fixed_route_policies
+from moderation.testing.policies import derive_policy, write_fixed_route_policies
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = ROOT / "model_repository"
@@ -35,7 +35,8 @@ def audit_log(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def triton(policy_dir, audit_log, tmp_path_factory):
-    from moderation.server import admin_headers, running_server
+    from moderation.core.auth import admin_headers
+    from moderation.testing.server import running_server
 
     if not (REPO / "language_decoder" / "1" / "artifact.json").exists():
         pytest.fail("model_repository has no exported models: run `make models`")

@@ -3,7 +3,7 @@ every row readable; raw content stays out unless configured."""
 import json
 import multiprocessing as mp
 
-from moderation.audit import AuditLog, read_rows
+from moderation.core.audit import AuditLog, read_rows
 
 
 def _writer(path, n, who, max_bytes):

@@ -16,10 +16,10 @@ from tritonclient.utils import InferenceServerException
 
 from clients.bad_inputs import OK, TRITON_REJECTS, cases, raw_inputs, triton_reject_request
 from clients.client import ModerationFailed, _to_failure
-from moderation.audit import read_rows
-from moderation.samples import sample_posts
-from moderation.imaging import sha256_hex
-from moderation.text import text_sha256
+from moderation.core.audit import read_rows
+from moderation.core.hashing import sha256_hex
+from moderation.core.hashing import sha256_hex as text_sha256
+from moderation.testing.samples import sample_posts
 
 CASES = {c.name: c for c in cases()}
 GOOD = sample_posts()[1]
@@ -136,8 +136,8 @@ def test_triton_rejects_are_coded_and_audited_by_the_gateway(kind, triton, clien
     if kind == "unknown_model":  # the client library names it the same way
         from clients.client import ModerationClient
 
-        with ModerationClient(triton.grpc_url, model="no_such_model", retries=0) as bad:
-            with pytest.raises(ModerationFailed) as e2:
-                bad.moderate(post.image_bytes(), post.text)
+        with (ModerationClient(triton.grpc_url, model="no_such_model", retries=0) as bad,
+              pytest.raises(ModerationFailed) as e2):
+            bad.moderate(post.image_bytes(), post.text)
         assert e2.value.code == "model_not_found"
     _check_next_good(client)

@@ -6,7 +6,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from moderation.repository import ALL_MODELS, ONNX_MODELS, render
+from moderation.repository.render import ALL_MODELS, ONNX_MODELS, render
 
 REPO = Path(__file__).resolve().parents[1] / "model_repository"
 
@@ -60,14 +60,14 @@ def test_manifest_of_committed_configs_is_current():
     """Changing a served config, model.py or policy without recording it in MANIFEST.json fails CI."""
     import json
 
-    from moderation.manifest import MANIFEST, committed_manifest
+    from moderation.repository.manifest import MANIFEST, committed_manifest
 
     recorded = json.loads((REPO / MANIFEST).read_text())
     assert recorded == committed_manifest(REPO), "run `make manifest` and commit MANIFEST.json"
 
 
 def test_full_manifest_includes_verified_artifact_records():
-    from moderation.manifest import full_manifest
+    from moderation.repository.manifest import full_manifest
 
     m = full_manifest(REPO)
     rec = m["models"]["language_decoder"]["versions"]["1"]["artifact"]

@@ -7,11 +7,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from moderation.decoder import DecoderRequest, VerdictDecoder
-from moderation.imaging import QwenPixels, decode_image
-from moderation.policy import load_policy
-from moderation.samples import sample_posts
-from moderation.text import detect_lang
+from moderation.core.imaging import decode_image
+from moderation.core.policy import load_policy
+from moderation.core.text import detect_lang
+from moderation.testing.samples import sample_posts
+from moderation.vlm.decoder import DecoderRequest, VerdictDecoder
+from moderation.vlm.inputs import QwenPixels
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "model_repository" / "language_decoder" / "1" / "checkpoint"
@@ -53,7 +54,7 @@ def _plain_probs(plain, builder, pol, pv, grid, body, lang):
         with torch.no_grad():
             logits = plain(input_ids=ids, pixel_values=torch.from_numpy(pv), image_grid_thw=torch.from_numpy(grid),
                            mm_token_type_ids=(ids == plain.config.image_token_id).int()).logits[0, -1]
-        out[q.name] = dict(zip(q.options, torch.softmax(logits[list(q.option_ids)], -1).tolist()))
+        out[q.name] = dict(zip(q.options, torch.softmax(logits[list(q.option_ids)], -1).tolist(), strict=False))
     return out
 
 
@@ -62,7 +63,7 @@ def test_padded_batch_verdict_matches_plain_transformers(parts):
     posts = sample_posts()[:4]  # en and zh captions of different lengths -> a padded batch
     reqs, raw, builder, pol = _requests(parts, posts)
     results = dec.score(reqs)
-    for res, (pv, grid, body, lang) in zip(results, raw):
+    for res, (pv, grid, body, lang) in zip(results, raw, strict=False):
         ref = _plain_probs(plain, builder, pol, pv, grid, body, lang)
         assert abs(res.violation - ref["violation"]["yes"]) < TOL
         for lab in pol.label_keys:
@@ -78,7 +79,7 @@ def test_prefix_kv_reuse_gives_the_same_scores(parts):
     a, b = dec.score(reqs), fresh.score(reqs)
     again = dec.score(reqs)
     assert dec.stats["prefix_reused"] >= 1 and fresh.stats["prefix_reused"] == 0
-    for x, y, z in zip(a, b, again):
+    for x, y, z in zip(a, b, again, strict=False):
         assert abs(x.violation - y.violation) < 1e-6 and abs(x.violation - z.violation) < 1e-6
         assert max(abs(x.labels[k] - y.labels[k]) for k in x.labels) < 1e-6
 

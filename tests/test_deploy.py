@@ -21,7 +21,7 @@ import yaml
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from moderation.repository import ALL_MODELS, ENSEMBLES, MODELS, ONNX_ACCELERATORS, render_repository
+from moderation.repository.render import ALL_MODELS, ENSEMBLES, MODELS, ONNX_ACCELERATORS, render_repository
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -122,7 +122,7 @@ def test_package_renders_copies_verifies_and_records(tmp_path):
             assert (out / name / "1" / "model.py").exists()
         assert not list((out / name).rglob("__pycache__"))
     # The checkpoint travels whole: the decoder's record still verifies in the packaged copy.
-    from moderation.artifacts import read_artifact_record
+    from moderation.repository.artifacts import read_artifact_record
     read_artifact_record(out / "language_decoder" / "1", verify=True)
 
 
@@ -186,7 +186,7 @@ def test_gateway_image_pins_match_the_cpu_lock_and_import_nothing_heavy():
     assert users and users[-1].split(":")[0] not in ("0", "root")
     assert 'ENTRYPOINT ["python3", "-m", "moderation.gateway"]' in text
     ignore = (DEPLOY / "Dockerfile.gateway.dockerignore").read_text().split()
-    assert "!deploy/requirements-gateway.txt" in ignore and "!moderation/**" in ignore
+    assert "!deploy/requirements-gateway.txt" in ignore and "!moderation/gateway/**" in ignore
     pins = _pins(DEPLOY / "requirements-gateway.txt")
     lock = _pins(ROOT / "requirements.lock")
     assert {"grpcio", "tritonclient", "protobuf", "prometheus-client"} <= set(pins)
@@ -194,7 +194,7 @@ def test_gateway_image_pins_match_the_cpu_lock_and_import_nothing_heavy():
         if name in lock:
             assert version == lock[name], f"{name}: gateway image {version} != CPU venv {lock[name]}"
     # The gateway image has none of the model stack: moderation.gateway must not import it.
-    code = ("import sys, moderation.gateway; heavy = {'torch', 'transformers', 'onnxruntime', 'PIL', 'pydantic', "
+    code = ("import sys, moderation.gateway.proxy; heavy = {'torch', 'transformers', 'onnxruntime', 'PIL', 'pydantic', "
             "'yaml'} & set(sys.modules); assert not heavy, heavy")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr
@@ -256,7 +256,7 @@ def test_manifests_validate_against_pinned_kubernetes():
     import kubernetes_validate
 
     n = 0
-    for name, docs in _k8s_resources().items():
+    for _name, docs in _k8s_resources().items():
         for doc in docs:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises on any schema error
             n += 1
@@ -346,7 +346,7 @@ def test_entrypoint_uses_server_restrictions_and_requires_a_key(tmp_path):
         import entrypoint
     finally:
         sys.path.remove(str(DEPLOY))
-    from moderation.server import ADMIN_HEADER, RESTRICTED_GRPC, RESTRICTED_HTTP
+    from moderation.core.auth import ADMIN_HEADER, RESTRICTED_GRPC, RESTRICTED_HTTP
 
     args = entrypoint.command(_entrypoint_env(tmp_path, MODEL_REPOSITORY="s3://bucket/repo"))
     assert f"--grpc-restricted-protocol={RESTRICTED_GRPC}:{ADMIN_HEADER}={'k' * 32}" in args
@@ -380,7 +380,9 @@ def test_entrypoint_runs_triton_with_probes_and_locked_admin_api(tmp_path):
     """The container's entrypoint exec's the embedded tritonserver (same flags; the NGC binary is not here):
     the probe endpoints answer, the admin API refuses without the key from the secret file, accepts with it,
     and SIGTERM drains to a clean exit."""
-    from moderation.server import ADMIN_HEADER, ServerConfig, backend_dir, free_port, pytriton_dir
+    from moderation.core.auth import ADMIN_HEADER
+    from moderation.launch.config import ServerConfig, backend_dir, pytriton_dir
+    from moderation.testing.server import free_port
 
     key = "s" * 40
     http, grpc, metrics = free_port(), free_port(), free_port()
@@ -391,9 +393,9 @@ def test_entrypoint_runs_triton_with_probes_and_locked_admin_api(tmp_path):
                TRITONSERVER=str(pytriton_dir() / "tritonserver" / "bin" / "tritonserver"),
                TRITON_BACKEND_DIR=str(backend_dir()), TRITON_CACHE_DIR=str(pytriton_dir() / "tritonserver" / "caches"),
                TRITON_EXTRA_ARGS="--allow-gpu-metrics=false")
-    log = open(tmp_path / "triton.log", "wb")
-    proc = subprocess.Popen([sys.executable, str(DEPLOY / "entrypoint.py")], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp_path / "triton.log", "wb") as log:  # the child writes through its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, str(DEPLOY / "entrypoint.py")], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{http}"
     try:
         deadline = time.monotonic() + 120
@@ -413,7 +415,6 @@ def test_entrypoint_runs_triton_with_probes_and_locked_admin_api(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        log.close()
 
 
 # --- 4. the GPU measurement script, smoke-run on CPU --------------------------------------------------------------
@@ -425,7 +426,7 @@ def test_measure_8b_tiny_runs_on_cpu(tmp_path):
     rep = json.loads(path.read_text())
     assert rep["untrained"] is True and rep["results"]["decoder_device"] == "cpu:float32"
     assert set(rep["results"]["vision"]) == set(rep["results"]["verdict"]) == {"1", "2"}
-    for b, v in rep["results"]["verdict"].items():
+    for _b, v in rep["results"]["verdict"].items():
         assert v["runs"] == len(v["raw_ms"]) and v["median_ms"] > 0 and v["body_tokens"] > 196
     assert rep["int8_weight_only"]["method"] and rep["int8_weight_only"]["decode"]["1"]["median_ms_per_token"] > 0
 

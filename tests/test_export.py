@@ -7,11 +7,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from moderation.artifacts import read_artifact_record
-from moderation.errors import ArtifactMismatch
-from moderation.imaging import ClipPixels, decode_image
-from moderation.repository import ONNX_MODELS, PYTHON_MODELS
-from moderation.samples import sample_posts
+from moderation.core.errors import ArtifactMismatch
+from moderation.core.imaging import decode_image
+from moderation.gate.inputs import ClipPixels
+from moderation.repository.artifacts import read_artifact_record
+from moderation.repository.render import ONNX_MODELS, PYTHON_MODELS
+from moderation.testing.samples import sample_posts
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = ROOT / "model_repository"

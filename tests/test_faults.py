@@ -14,10 +14,10 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from clients.client import ModerationClient, ModerationFailed
-from moderation.audit import AuditLog, read_rows
-from moderation.samples import sample_posts
-from moderation.server import running_server
-from moderation.watchdog import StubWatchdog, stubs
+from moderation.core.audit import AuditLog, read_rows
+from moderation.ops.watchdog import StubWatchdog, stubs
+from moderation.testing.samples import sample_posts
+from moderation.testing.server import running_server
 
 from .conftest import ADMIN_KEY, REPO
 
@@ -141,7 +141,8 @@ class _FlakyClient:
     """Stands in for tritonclient's InferenceServerClient: fails `fails` times with `status`, then answers."""
 
     def __init__(self, fails: int, status: str, message: str = "unavailable", delay: float = 0.0):
-        self.fails, self.status, self.message, self.delay, self.calls, self.timeouts = fails, status, message, delay, 0, []
+        self.fails, self.status, self.message, self.delay = fails, status, message, delay
+        self.calls, self.timeouts = 0, []
 
     def infer(self, model, inputs, outputs=None, client_timeout=None):
         self.calls += 1
@@ -175,7 +176,8 @@ def test_client_retries_unavailable_with_backoff_then_answers():
 
 
 def test_client_retries_a_dead_stub_but_not_bad_input():
-    fake = _FlakyClient(1, "StatusCode.INTERNAL", "in ensemble 'moderate', Stub process 'preprocess_0_0' is not healthy.")
+    fake = _FlakyClient(1, "StatusCode.INTERNAL",
+                        "in ensemble 'moderate', Stub process 'preprocess_0_0' is not healthy.")
     with pytest.raises(_Answered):
         _client(fake, retries=2, backoff_s=0.01).moderate(b"x", "y")
     assert fake.calls == 2
@@ -186,7 +188,8 @@ def test_client_retries_a_dead_stub_but_not_bad_input():
 
 
 def test_client_gives_up_with_a_coded_error_when_retries_run_out():
-    fake = _FlakyClient(9, "StatusCode.UNAVAILABLE", "in ensemble 'moderate', [request id: <id_unknown>] Exceeds maximum queue size")
+    fake = _FlakyClient(9, "StatusCode.UNAVAILABLE",
+                        "in ensemble 'moderate', [request id: <id_unknown>] Exceeds maximum queue size")
     with pytest.raises(ModerationFailed) as e:
         _client(fake, retries=2, backoff_s=0.01).moderate(b"x", "y")
     assert fake.calls == 3 and e.value.code == "overloaded"

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from clients.bad_inputs import gif_claiming, png_claiming
-from moderation.errors import ModerationError
-from moderation.imaging import decode_image
-from moderation.options import parse_options
-from moderation.text import decode_caption
+from moderation.core.errors import ModerationError
+from moderation.core.imaging import decode_image
+from moderation.core.options import parse_options
+from moderation.core.text import decode_caption
 
 TIME_LIMIT_S = 2.0  # per call, on this 2-core machine shared with other work
 RSS_GROWTH_LIMIT_MB = 600  # peak RSS may not grow past this over a whole property (40 MP RGB is 120 MB)
@@ -144,7 +144,8 @@ def _random_payload(rng: random.Random) -> tuple[bytes, bytes, bytes | None]:
     text = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 64))) if kind == 2 else "fuzz 测试 ok".encode()
     options = None
     if kind == 3:
-        options = rng.choice([b"{", b"[]", b'{"policy": 5}', b'{"describe": true}', bytes(rng.randrange(256) for _ in range(20))])
+        options = rng.choice([b"{", b"[]", b'{"policy": 5}', b'{"describe": true}',
+                              bytes(rng.randrange(256) for _ in range(20))])
     return image, text, options
 
 
@@ -154,13 +155,13 @@ def test_live_server_fuzz(triton):
     from tritonclient.utils import InferenceServerException
 
     from clients.client import _to_failure
-    from moderation.result import validate_result
+    from moderation.core.result import validate_result
 
 
     rng = random.Random(20261125)
     c = grpcclient.InferenceServerClient(triton.grpc_url)
     codes = {}
-    for i in range(FUZZ_REQUESTS):
+    for _i in range(FUZZ_REQUESTS):
         image, text, options = _random_payload(rng)
         inputs = []
         for name, value in (("IMAGE", image), ("TEXT", text), ("OPTIONS", options)):

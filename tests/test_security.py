@@ -2,15 +2,15 @@
 and HTTP, inference and health open."""
 from __future__ import annotations
 
-import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from moderation.samples import sample_posts
+from moderation.testing.samples import sample_posts
 
 GRPC_ADMIN_CALLS = {
     "model-repository": lambda c, h: c.get_model_repository_index(headers=h),
@@ -78,7 +78,7 @@ def _listening(port: int) -> set[str]:
     addrs = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
-            lines = open(table).read().splitlines()[1:]
+            lines = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
@@ -99,7 +99,7 @@ def test_every_listener_is_loopback_only(triton):
 
 
 def test_launch_flags_restrict_every_admin_protocol():
-    from moderation.server import ServerConfig
+    from moderation.launch.config import ServerConfig
 
     cmd = " ".join(ServerConfig(key="k" * 16).command())
     for proto in ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging"):

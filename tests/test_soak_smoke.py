@@ -4,7 +4,7 @@ answers, samples the stubs' and the gateway's RSS, and the refused requests each
 from __future__ import annotations
 
 from clients.soak import plan, run
-from moderation.audit import read_rows
+from moderation.core.audit import read_rows
 
 N = 40
 

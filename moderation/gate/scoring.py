@@ -1,0 +1,105 @@
+"""The CLIP gate: concept-bank similarities (as in Stable Diffusion's safety checker) plus image-caption
+consistency, turned into per-label scores and an allow / block / escalate decision by the policy."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..core.contracts import ALLOW, BLOCK, ESCALATE
+from ..core.policy import Policy
+from ..core.vectors import l2_normalize
+
+NSFW_SOURCE = "nsfw_image"  # the trained image-safety model's name, used as the score's source
+
+
+def _sigmoid(x: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-x)))
+
+
+@dataclass
+class ConceptBank:
+    """Normalised CLIP text embeddings of every gate concept, grouped by label."""
+    policy_digest: str
+    by_label: dict[str, np.ndarray]
+
+    @staticmethod
+    def concept_texts(policy: Policy) -> list[tuple[str, str]]:
+        return [(lab.key, c) for lab in policy.labels for c in lab.gate_concepts]
+
+    @classmethod
+    def from_embeddings(cls, policy: Policy, embeddings: np.ndarray | None) -> ConceptBank:
+        """`embeddings`: one row per concept_texts() entry; None for a policy without gate concepts."""
+        pairs = cls.concept_texts(policy)
+        by_label: dict[str, list] = {}
+        if pairs:
+            for (label, _), e in zip(pairs, l2_normalize(embeddings), strict=True):
+                by_label.setdefault(label, []).append(e)
+        return cls(policy.digest, {k: np.stack(v) for k, v in by_label.items()})
+
+
+def gate_scores(policy: Policy, bank: ConceptBank, image_emb: np.ndarray, text_emb: np.ndarray | None,
+                nsfw_score: float | None = None) -> tuple[dict[str, float], float | None]:
+    g = policy.gate
+    img = l2_normalize(image_emb)
+    scores: dict[str, float] = {}
+    for lab in policy.labels:
+        concepts = bank.by_label.get(lab.key)
+        if concepts is not None and len(concepts):
+            sim = float(np.max(concepts @ img))
+            scores[lab.key] = _sigmoid(g.concept_scale * (sim - g.concept_center))
+        else:
+            scores[lab.key] = 0.0
+    consistency = None
+    if text_emb is not None:
+        consistency = float(l2_normalize(text_emb) @ img)
+        if "mismatch" in scores:
+            scores["mismatch"] = _sigmoid(g.consistency_scale * (g.consistency_center - consistency))
+    if nsfw_score is not None and g.nsfw_label in scores:
+        scores[g.nsfw_label] = float(nsfw_score)  # a trained classifier beats an untrained concept match
+    return scores, consistency
+
+
+def score_sources(policy: Policy, nsfw_score: float | None) -> dict[str, str]:
+    """{label: source} for labels scored by a trained signal instead of the CLIP concept bank."""
+    label = policy.gate.nsfw_label
+    return {label: NSFW_SOURCE} if nsfw_score is not None and label in policy.label_keys else {}
+
+
+def thresholds(policy: Policy, label: str, sources: dict[str, str] | None = None) -> tuple[float, float]:
+    """(allow_below, block_at) for one label: the trained signal's own pair, else the gate's."""
+    g = policy.gate
+    if (sources or {}).get(label) == NSFW_SOURCE:
+        return g.nsfw_allow_below, g.nsfw_block_at
+    return g.allow_below, g.block_at
+
+
+def decide(policy: Policy, scores: dict[str, float], sources: dict[str, str] | None = None) -> tuple[str, str]:
+    """Block when a blockable label reaches its block threshold, allow when every label is below its allow
+    threshold, escalate otherwise. Labels in `sources` use that signal's thresholds (see thresholds())."""
+    g = policy.gate
+    th = {k: thresholds(policy, k, sources) for k in scores}
+    blocking = {k: v for k, v in scores.items() if k in g.block_labels and v >= th[k][1]}
+    if blocking:
+        top = max(blocking, key=blocking.get)
+        via = f" ({sources[top]})" if sources and top in sources else ""
+        return BLOCK, f"{top} score {blocking[top]:.3f}{via} >= block_at {th[top][1]}"
+    ambiguous = {k: v for k, v in scores.items() if v >= th[k][0]}
+    if not ambiguous:
+        return ALLOW, f"every label score below its allow threshold (allow_below {g.allow_below}" + (
+            f", {g.nsfw_label} from {NSFW_SOURCE} below {g.nsfw_allow_below})" if sources else ")")
+    top = max(ambiguous, key=ambiguous.get)
+    via = f" ({sources[top]})" if sources and top in sources else ""
+    return ESCALATE, (f"{top} score {scores[top]:.3f}{via} is ambiguous "
+                      f"(between {th[top][0]} and {th[top][1]})")
+
+
+def judge(policy: Policy, bank: ConceptBank, image_emb, text_emb, has_caption: bool,
+          nsfw_score: float | None = None) -> dict:
+    """The gate's decision fields for one post: route, reason, scores, consistency, and the labels a trained
+    signal scored (sources) with that signal's allow thresholds."""
+    scores, consistency = gate_scores(policy, bank, image_emb, text_emb if has_caption else None, nsfw_score)
+    sources = score_sources(policy, nsfw_score)
+    route, reason = decide(policy, scores, sources)
+    return {"route": route, "reason": reason, "scores": scores, "consistency": consistency, "sources": sources,
+            "thresholds": {k: thresholds(policy, k, sources)[0] for k in sources}}

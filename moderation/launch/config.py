@@ -1,0 +1,127 @@
+"""How the embedded Triton server (the `tritonserver` binary inside the nvidia-pytriton wheel) and the audit gateway
+are started: their configuration, command lines and environment. CPU-only, bound to 127.0.0.1, explicit model
+control, restricted admin protocols."""
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.auth import ADMIN_HEADER, RESTRICTED_GRPC, RESTRICTED_HTTP, admin_key
+from ..repository.render import ALL_MODELS
+
+
+def pytriton_dir() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).parent
+
+
+def backend_dir(root: Path = Path("build/triton_backends")) -> Path:
+    """Triton wants <backend-dir>/python/{libtriton_python.so, stub, utils}; assemble it from the wheel."""
+    src = pytriton_dir() / "tritonserver"
+    py = root / "python"
+    py.mkdir(parents=True, exist_ok=True)
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    links = {"libtriton_python.so": src / "backends" / "python" / "libtriton_python.so",
+             "triton_python_backend_utils.py": src / "backends" / "python" / "triton_python_backend_utils.py",
+             "triton_python_backend_stub": src / "python_backend_stubs" / ver / "triton_python_backend_stub"}
+    for name, target in links.items():
+        link = py / name
+        if link.is_symlink() or link.exists():
+            if link.resolve() == target.resolve():
+                continue
+            link.unlink()
+        link.symlink_to(target.resolve())
+    return root.resolve()
+
+
+@dataclass
+class ServerConfig:
+    repository: Path = Path("model_repository")
+    grpc_port: int = 8001
+    triton_grpc_port: int = 8011
+    gateway_metrics_port: int = 8003
+    gateway: bool = True
+    http_port: int = 8000
+    metrics_port: int = 8002
+    address: str = "127.0.0.1"
+    models: tuple[str, ...] = ALL_MODELS
+    key: str = ""
+    cache_bytes: int = 64 * 1024 * 1024
+    log_verbose: int = 0
+    extra_args: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> ServerConfig:
+        """The configuration the environment names (README: Environment), then `overrides`."""
+        env = os.environ if environ is None else environ
+        values = {"repository": Path(env.get("MODEL_REPOSITORY", "model_repository")),
+                  "grpc_port": int(env.get("GRPC_PORT", 8001)),
+                  "triton_grpc_port": int(env.get("TRITON_GRPC_PORT", 8011)),
+                  "gateway_metrics_port": int(env.get("GATEWAY_METRICS_PORT", 8003)),
+                  "gateway": env.get("MODERATION_GATEWAY", "1") != "0",
+                  "http_port": int(env.get("HTTP_PORT", 8000)), "metrics_port": int(env.get("METRICS_PORT", 8002)),
+                  "address": env.get("BIND_ADDRESS", "127.0.0.1"), "key": admin_key(),
+                  "log_verbose": int(env.get("TRITON_LOG_VERBOSE", 0))}
+        return cls(**{**values, **overrides})
+
+    def __post_init__(self):
+        if not self.key:  # no key configured: a random one nobody is told keeps the admin APIs closed
+            self.key = secrets.token_hex(16)
+
+    def command(self) -> list[str]:
+        tdir = pytriton_dir() / "tritonserver"
+        key = self.key
+        args = [
+            str(tdir / "bin" / "tritonserver"),
+            f"--model-repository={Path(self.repository).resolve()}",
+            f"--backend-directory={backend_dir()}",
+            f"--cache-directory={tdir / 'caches'}",
+            f"--cache-config=local,size={self.cache_bytes}",
+            "--model-control-mode=explicit",
+            *[f"--load-model={m}" for m in self.models],
+            # Behind the gateway Triton's gRPC is loopback-only: every inference passes the audit gateway.
+            f"--grpc-address={'127.0.0.1' if self.gateway else self.address}",
+            f"--grpc-port={self.triton_grpc_port if self.gateway else self.grpc_port}",
+            f"--http-address={self.address}", f"--http-port={self.http_port}",
+            f"--metrics-address={self.address}", f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true", "--allow-gpu-metrics=false",
+            f"--grpc-restricted-protocol={RESTRICTED_GRPC}:{ADMIN_HEADER}={key}",
+            f"--http-restricted-api={RESTRICTED_HTTP}:{ADMIN_HEADER}={key}",
+            "--strict-readiness=true", "--exit-timeout-secs=30",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+        return args
+
+    @property
+    def triton_grpc_url(self) -> str:
+        """Triton's own gRPC endpoint (admin tooling, the watchdog); clients use the gateway on grpc_port."""
+        return f"127.0.0.1:{self.triton_grpc_port}" if self.gateway else f"{self.address}:{self.grpc_port}"
+
+    def gateway_command(self) -> list[str]:
+        return [sys.executable, "-m", "moderation.gateway", "--listen", f"{self.address}:{self.grpc_port}",
+                "--upstream", self.triton_grpc_url, "--metrics", f"127.0.0.1:{self.gateway_metrics_port}"]
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        libs = pytriton_dir().parent / "nvidia_pytriton.libs"
+        paths = [str(libs)]
+        # The stub links libpython3.X.so dynamically: make it the interpreter's own (the one whose stdlib
+        # and extension modules the stub will import), not whichever the system loader finds first.
+        libdir = sysconfig.get_config_var("LIBDIR")
+        if libdir and Path(libdir, sysconfig.get_config_var("LDLIBRARY") or "").exists():
+            paths.insert(0, libdir)
+        env["LD_LIBRARY_PATH"] = ":".join(paths + [env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
+        # The python stubs must find this venv's packages and this checkout's `moderation` package.
+        venv_bin = str(Path(sys.executable).parent)
+        env["PATH"] = f"{venv_bin}:{env.get('PATH', '')}"
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.setdefault("HF_HUB_OFFLINE", "1")  # local-only inference: never reach a model hub
+        env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        return env

@@ -1,0 +1,105 @@
+"""Our server processes: each in its own session, polled until ready, SIGTERM to stop (it drains first)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from .config import ServerConfig
+
+
+class ServerProcess:
+    """One of our server processes: its own session, polled until ready, SIGTERM to stop (it drains first)."""
+
+    name = "server"
+    poll_s = 0.5
+    stop_timeout_s = 60.0
+
+    def __init__(self, config: ServerConfig, log_path: Path | None = None):
+        self.config, self.log_path = config, log_path
+        self.env = config.env()  # taken now: MODERATION_AUDIT_LOG etc. as the caller set them, even if started later
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def where(self) -> str:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self):
+        if self.log_path:
+            with open(self.log_path, "ab") as out:  # the child keeps its own copy of the descriptor
+                self.proc = subprocess.Popen(self.command(), env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+        else:
+            self.proc = subprocess.Popen(self.command(), env=self.env, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} before it was ready"
+                                   + (f"; see {self.log_path}" if self.log_path else ""))
+            try:
+                if self.ready():
+                    return
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            time.sleep(self.poll_s)
+        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s ({self.where()})")
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        if not self.proc or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout or self.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait()
+
+
+class TritonProcess(ServerProcess):
+    """tritonserver: on SIGTERM it drains in-flight requests (--exit-timeout-secs=30), then unloads."""
+
+    name = "tritonserver"
+
+    def command(self) -> list[str]:
+        return self.config.command()
+
+    def where(self) -> str:
+        return self.ready_url()
+
+    def ready_url(self) -> str:
+        return f"http://{self.config.address}:{self.config.http_port}/v2/health/ready"
+
+    def ready(self) -> bool:
+        with urllib.request.urlopen(self.ready_url(), timeout=2) as r:
+            return r.status == 200
+
+
+class GatewayProcess(ServerProcess):
+    """The audit gateway as its own process (its event loop never competes with a caller for a GIL); on SIGTERM
+    it finishes in-flight calls (30 s grace), then exits."""
+
+    name = "gateway"
+    poll_s = 0.2
+    stop_timeout_s = 40.0
+
+    def command(self) -> list[str]:
+        return self.config.gateway_command()
+
+    def where(self) -> str:
+        return f"{self.config.address}:{self.config.grpc_port}"
+
+    def ready(self) -> bool:  # ServerReady passes through: the gateway and Triton behind it both answer
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient.InferenceServerClient(self.where()).is_server_ready(client_timeout=2)

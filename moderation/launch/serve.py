@@ -1,0 +1,84 @@
+"""Run the embedded Triton server and the audit gateway in front of it, supervised (make serve).
+
+    .venv/bin/python -m moderation.launch            # foreground, Ctrl-C to stop
+
+Clients reach gRPC through the audit gateway (moderation/gateway/) on GRPC_PORT; Triton's own gRPC listens on
+TRITON_GRPC_PORT, loopback only (MODERATION_GATEWAY=0: no gateway, Triton on GRPC_PORT). Every variable it reads
+is listed in the README (Environment)."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from ..ops.admin import STATE_FILE, RepositoryAdmin
+from .config import ServerConfig
+from .processes import GatewayProcess, TritonProcess
+
+
+def apply_live_versions(config: ServerConfig) -> list[dict]:
+    """Re-apply versions made live by `clients.admin swap` before a restart (<repository>/.live_versions.json)."""
+    if not (Path(config.repository) / STATE_FILE).exists():
+        return []
+    return RepositoryAdmin(config.triton_grpc_url, config.key, config.repository).apply_state()
+
+
+def main() -> int:
+    cfg = ServerConfig.from_env()
+    if not (cfg.repository / "language_decoder" / "1" / "artifact.json").exists():
+        print(f"error: {cfg.repository} has no exported models; run `make models` first", file=sys.stderr)
+        return 2
+    server = TritonProcess(cfg).start()
+    gateway = GatewayProcess(cfg) if cfg.gateway else None
+    watchdog = None
+    stopping = False
+
+    def _forward(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        if watchdog:  # stubs exit as Triton unloads: not deaths to repair
+            watchdog.halt()
+        for p in (gateway, server):  # the gateway first: it stops taking calls, then Triton drains
+            if p and p.proc and p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    signal.signal(signal.SIGINT, _forward)
+    signal.signal(signal.SIGTERM, _forward)
+    try:
+        server.wait_ready()
+        for swap in apply_live_versions(cfg):
+            print(f"live version restored: {swap['model']} v{swap['to']}", flush=True)
+        if os.environ.get("MODERATION_WATCHDOG", "1") != "0":
+            # Triton 2.51 does not restart a dead python stub: reload its model (moderation/watchdog.py).
+            from ..ops.watchdog import StubWatchdog
+
+            watchdog = StubWatchdog(server.proc.pid, cfg.triton_grpc_url, cfg.key)
+            watchdog.start()
+        if gateway:
+            gateway.start().wait_ready(60)
+        print(f"ready: gRPC {cfg.address}:{cfg.grpc_port}"
+              + (f" (audit gateway -> Triton {cfg.triton_grpc_url})" if gateway else "")
+              + f"  HTTP {cfg.address}:{cfg.http_port}  metrics {cfg.address}:{cfg.metrics_port}", flush=True)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        if gateway:
+            gateway.stop()
+        server.stop()
+        return 1
+    # Either process ending ends the service: a Triton without its gateway would be unreachable, and a gateway
+    # without Triton would answer UNAVAILABLE forever; the orchestrator restarts the pair.
+    while server.proc.poll() is None and (not gateway or gateway.proc.poll() is None):
+        time.sleep(0.5)
+    gateway_died = bool(gateway and gateway.proc.poll() is not None and not stopping)
+    if gateway_died:
+        print(f"error: gateway exited with code {gateway.proc.returncode}; stopping Triton", file=sys.stderr)
+    if watchdog:
+        watchdog.halt()
+    if gateway:
+        gateway.stop()
+    rc = server.stop() if server.proc.poll() is None else server.proc.returncode
+    if gateway_died:
+        return 1
+    return 0 if rc in (0, -signal.SIGTERM, -signal.SIGINT) else (rc or 1)

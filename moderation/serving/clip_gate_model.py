@@ -1,0 +1,59 @@
+"""clip_gate: the gate router (gate/router.py) behind Triton; its calls to clip_text and the VLM path are BLS."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ..core.contracts import RequestRecord
+from ..gate.inputs import ClipTokens
+from ..gate.router import GatePost, GateRouter, failed_call
+from ..repository.artifacts import read_artifact_record, signal_of
+from .metrics import CountByName
+from .pb import pb
+from .triton_io import Stage, bytes_rows, rows, string_tensor, version_dir
+
+
+class BlsExecutor:
+    """GateRouter's Executor over Triton's business-logic scripting (async BLS)."""
+
+    async def infer(self, model, inputs, outputs, version=-1):
+        u = pb()
+        req = u.InferenceRequest(model_name=model, model_version=version, requested_output_names=outputs,
+                                 inputs=[u.Tensor(k, v) for k, v in inputs.items()])
+        resp = await req.async_exec()
+        if resp.has_error():
+            raise failed_call(model, resp.error().message())
+        return {n: u.get_output_tensor_by_name(resp, n).as_numpy() for n in outputs}
+
+    def is_ready(self, model: str, version: str) -> bool:
+        return pb().is_model_ready(model_name=model, model_version=version)
+
+
+class ClipGateModel:
+    def initialize(self, args):
+        self.stage = Stage(args)
+        vdir = version_dir(args)
+        record = read_artifact_record(vdir)
+        signals = {"clip": "untrained" if record.get("untrained") else "trained",
+                   "nsfw_image": signal_of(vdir.parent.parent / "nsfw_image")}
+        self.router = GateRouter(BlsExecutor(), ClipTokens(str(vdir / "clip")), self.stage.version, signals,
+                                 count=CountByName(), warn=self.stage.logger.log_warn)
+
+    async def execute(self, requests):
+        return await asyncio.gather(*(self._one(r) for r in requests))
+
+    async def _one(self, request):
+        t0, meta = time.perf_counter(), {}
+        try:
+            records = [RequestRecord.from_json(r) for r in bytes_rows(request, "REQUEST")]
+            if len(records) == 1:
+                meta = records[0].model_dump(include={"request_id", "image_sha256", "text_sha256"})
+            images, texts = bytes_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
+            img_emb, txt_emb = rows(request, "IMAGE_EMBEDS"), rows(request, "TEXT_EMBEDS")
+            nsfw = rows(request, "NSFW_SCORES", optional=True)  # [B, 2] = (sfw, nsfw) from nsfw_image
+            posts = [GatePost(rec, images[i], texts[i], img_emb[i], txt_emb[i],
+                              None if nsfw is None else float(nsfw[i][1])) for i, rec in enumerate(records)]
+            decisions = await self.router.decide(posts, started=t0)
+            return pb().InferenceResponse([string_tensor("GATE", [d.to_json() for d in decisions])])
+        except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
+            return self.stage.fail(e, meta, t0)

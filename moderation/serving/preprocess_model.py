@@ -1,0 +1,50 @@
+"""preprocess: validate and decode each post (safe image decode, caption checks, options, policy), then CLIP
+pixels, CLIP tokens, open_nsfw pixels and the post's RequestRecord. Bad input fails that request only, with a
+coded error and its audit row."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..core.errors import BadRequest
+from ..gate.inputs import Preprocess, check_rows, first_post_meta
+from ..repository.artifacts import read_artifact_record
+from .pb import pb
+from .triton_io import Stage, bytes_rows, string_tensor, tensor, version_dir
+
+
+class PreprocessModel:
+    def initialize(self, args):
+        self.stage = Stage(args)
+        vdir = version_dir(args)
+        read_artifact_record(vdir)  # refuses to load when a file differs from its record
+        self.preprocess = Preprocess(str(vdir / "clip"), self.stage.version)
+
+    def execute(self, requests):
+        return [self._one(r) for r in requests]
+
+    def _one(self, request):
+        t0, received, meta = time.perf_counter(), time.time(), {}
+        try:
+            # IMAGE and TEXT are optional in the config so that a request lacking one is answered (and audited)
+            # here with a coded error, under its request_id, rather than refused unaudited by Triton.
+            images, texts = bytes_rows(request, "IMAGE", optional=True), bytes_rows(request, "TEXT", optional=True)
+            options = bytes_rows(request, "OPTIONS", optional=True)
+            try:
+                option_rows = check_rows(images, texts, options)
+            except BadRequest:
+                meta = first_post_meta(images, texts, options)  # the audit row of a request refused whole
+                raise
+            posts = []
+            for image, text, opt in zip(images, texts, option_rows, strict=True):
+                meta = {}  # a failing post's audit row: its hashes, and its request_id once read
+                posts.append(self.preprocess(image, text, opt, received, t0, meta))
+            return pb().InferenceResponse([
+                tensor("CLIP_PIXELS", np.stack([p.clip_pixels for p in posts])),
+                tensor("CLIP_INPUT_IDS", np.stack([p.clip_input_ids for p in posts])),
+                tensor("CLIP_ATTENTION_MASK", np.stack([p.clip_attention_mask for p in posts])),
+                string_tensor("REQUEST", [p.record.to_json() for p in posts]),
+                tensor("NSFW_PIXELS", np.stack([p.nsfw_pixels for p in posts]))])
+        except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
+            return self.stage.fail(e, meta, t0)

@@ -1,0 +1,43 @@
+"""vlm_preprocess: Qwen3-VL patches at the fixed resolution, the prompt body's token ids and DecoderOptions."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..core.hashing import post_hashes
+from ..core.post import parse_post
+from ..repository.artifacts import read_artifact_record
+from ..vlm.inputs import VlmInputs
+from .pb import pb
+from .triton_io import Stage, bytes_rows, string_tensor, tensor, version_dir
+
+
+class VlmPreprocessModel:
+    def initialize(self, args):
+        self.stage = Stage(args)
+        vdir = version_dir(args)
+        read_artifact_record(vdir)
+        self.inputs = VlmInputs(str(vdir / "qwen"), self.stage.version)
+
+    def execute(self, requests):
+        return [self._one(r) for r in requests]
+
+    def _one(self, request):
+        t0, meta = time.perf_counter(), {}
+        try:
+            images, texts = bytes_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
+            options = bytes_rows(request, "OPTIONS", optional=True) or [None] * len(images)
+            pixels, bodies, infos = [], [], []
+            for image, text, opt in zip(images, texts, options, strict=True):
+                meta = post_hashes(image, text)
+                p, body, info = self.inputs(parse_post(image, text, opt, meta))
+                pixels.append(p), bodies.append(body), infos.append(info.to_json())
+            width = max(len(b) for b in bodies)
+            if any(len(b) != width for b in bodies):  # rows of one request share a length: pad with -1
+                bodies = [np.pad(b, (0, width - len(b)), constant_values=-1) for b in bodies]
+            return pb().InferenceResponse([tensor("PIXEL_VALUES", np.stack(pixels)),
+                                           tensor("BODY_IDS", np.stack(bodies)),
+                                           string_tensor("DECODER_OPTIONS", infos)])
+        except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
+            return self.stage.fail(e, meta, t0)

@@ -1,0 +1,38 @@
+"""Policies for tests and benchmarks: the shipped ones under new names with some settings changed, so routes
+are forced through thresholds, never per post."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from ..core.policy import PACKAGE_POLICY_DIR
+
+
+def derive_policy(directory: Path, name: str, base: str = "default", gate: dict | None = None,
+                  cache: dict | None = None, decoder: dict | None = None) -> Path:
+    """Write `<directory>/<name>.yaml`: the shipped `base` policy under a new name with some gate and cache
+    settings changed (tests and benchmarks force routes through thresholds this way, never per post)."""
+    data = yaml.safe_load((PACKAGE_POLICY_DIR / f"{base}.yaml").read_text())
+    data["name"] = name
+    data["gate"].update(gate or {})
+    data.setdefault("cache", {}).update(cache or {})
+    data.setdefault("decoder", {}).update(decoder or {})
+    path = Path(directory) / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+    return path
+
+
+def write_fixed_route_policies(directory: Path, cache_enabled: bool = False) -> Path:
+    """A policy directory for tests and benchmarks: the shipped policies plus `escalate_all` (allow_below 0:
+    nothing allowed, block_at 1.01: nothing blocked), `block_all` and `allow_all`. The verdict cache is set
+    to `cache_enabled` in every one of them, so repeated sample posts are judged, not served from it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in PACKAGE_POLICY_DIR.glob("*.yaml"):
+        derive_policy(directory, f.stem, base=f.stem, cache={"enabled": cache_enabled})
+    fixed = {"escalate_all": (0.0, 1.01), "block_all": (0.0, 0.0), "allow_all": (1.01, 1.01)}
+    for name, (allow_below, block_at) in fixed.items():
+        derive_policy(directory, name, gate={"allow_below": allow_below, "block_at": block_at},
+                      cache={"enabled": cache_enabled})
+    return directory

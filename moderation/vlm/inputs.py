@@ -1,0 +1,60 @@
+"""vlm_preprocess: Qwen3-VL patches at a fixed resolution and the prompt body's token ids for one post."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from ..core.contracts import DecoderOptions
+from ..core.post import Post
+from .prompts import PromptBuilder
+
+MAX_CAPTION_TOKENS = 256  # caption tokens the VLM reads; longer captions are cut, and RESULT says so
+
+
+class QwenPixels:
+    """Qwen3-VL patches at one fixed resolution (448x448 -> 784 patches -> 196 visual tokens), so the
+    ONNX vision encoder has static shapes and batches."""
+
+    def __init__(self, checkpoint_dir: str, side: int = 448):
+        from transformers import Qwen2VLImageProcessorPil
+
+        base = Qwen2VLImageProcessorPil.from_pretrained(checkpoint_dir)
+        self.processor = Qwen2VLImageProcessorPil(
+            patch_size=base.patch_size, temporal_patch_size=base.temporal_patch_size, merge_size=base.merge_size,
+            image_mean=base.image_mean, image_std=base.image_std,
+            min_pixels=side * side, max_pixels=side * side,
+        )
+        self.side = side
+        self.merge_size = base.merge_size
+
+    def __call__(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        image = image.resize((self.side, self.side), Image.BICUBIC)
+        out = self.processor(images=[image], return_tensors="np")
+        return out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        patches = (self.side // self.processor.patch_size) ** 2
+        return patches // (self.merge_size ** 2)
+
+
+class VlmInputs:
+    """Qwen patches at the fixed resolution, the prompt body's token ids and the decoder's options."""
+
+    def __init__(self, qwen_dir: str, version: str):
+        from transformers import AutoTokenizer
+
+        self.pixels = QwenPixels(qwen_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(qwen_dir)
+        self.prompts = PromptBuilder(self.tokenizer, self.pixels.num_visual_tokens)
+        self.version = version
+
+    def __call__(self, post: Post) -> tuple[np.ndarray, np.ndarray, DecoderOptions]:
+        pixel_values, _ = self.pixels(post.image)
+        ids = self.tokenizer.encode(post.caption, add_special_tokens=False)
+        truncated = len(ids) > MAX_CAPTION_TOKENS
+        caption = self.tokenizer.decode(ids[:MAX_CAPTION_TOKENS]) if truncated else post.caption
+        body = np.asarray(self.prompts.body_ids(post.policy, post.lang, caption), dtype=np.int64)
+        options = DecoderOptions(policy_name=post.options.policy, lang=post.lang, describe=post.options.describe,
+                                 caption_truncated=truncated, vlm_preprocess_version=self.version)
+        return pixel_values, body, options

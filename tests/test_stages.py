@@ -1,0 +1,226 @@
+"""The python models' adapters and the library code they call (gate/router.py, core/result.py, gate/inputs.py),
+run without a server: `triton_python_backend_utils` is replaced by a test double (tests/pb_utils_double.py) whose
+BLS calls go to handlers each test sets. The same stages run on a real server in the other test files."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import json_format
+
+from moderation.core.audit import read_rows
+from moderation.core.contracts import DecoderOptions, GateDecision, RequestRecord, VlmVerdict
+from moderation.repository.render import model_config
+from moderation.testing.policies import derive_policy, write_fixed_route_policies
+from moderation.testing.records import request_record
+from moderation.testing.samples import sample_posts
+
+from . import pb_utils_double
+
+REPO = Path(__file__).resolve().parents[1] / "model_repository"
+D = 32  # embedding width the fake clip_text answers with
+
+
+@pytest.fixture
+def pb(tmp_path, monkeypatch):
+    policies = write_fixed_route_policies(tmp_path / "policies")
+    derive_policy(policies, "ab_all", gate={"allow_below": 0.0, "block_at": 1.01}, cache={"enabled": False})
+    data = (policies / "ab_all.yaml").read_text() + '\nab:\n  decoder_version: "2"\n  fraction: 1.0\n'
+    (policies / "ab_all.yaml").write_text(data)
+    derive_policy(policies, "fallback_1", gate={"allow_below": 0.0, "block_at": 1.01}, cache={"enabled": False},
+                  decoder={"fallback": {"max_inflight": 1}})
+    derive_policy(policies, "escalate_cached", gate={"allow_below": 0.0, "block_at": 1.01},
+                  cache={"enabled": True})
+    monkeypatch.setenv("MODERATION_POLICY_DIR", str(policies))
+    monkeypatch.setenv("MODERATION_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    u = pb_utils_double.install()
+    rng = np.random.default_rng(0)
+    u.InferenceRequest.handlers["clip_text"] = lambda feed, _v: {
+        "TEXT_EMBEDS": rng.normal(size=(len(feed["input_ids"]), D)).astype(np.float32)}
+    for decoder in ("vlm", "language_decoder", "language_decoder_int8"):
+        u.InferenceRequest.handlers[decoder] = _verdict_handler(decoder)
+    u.InferenceRequest.handlers["vlm_preprocess"] = lambda feed, _v: {
+        "PIXEL_VALUES": np.zeros((1, 784, 1536), np.float32), "BODY_IDS": np.zeros((1, 4), np.int64),
+        "DECODER_OPTIONS": np.array([[b"{}"]], dtype=np.object_)}
+    u.InferenceRequest.handlers["vision_encoder"] = lambda feed, _v: {
+        "VISUAL_TOKENS": np.zeros((1, 196, 8), np.float32), "DEEPSTACK": np.zeros((1, 2, 196, 8), np.float32)}
+    u.ready_models.update({("language_decoder", "1"), ("vlm_preprocess", "1")})
+    u.audit_path = tmp_path / "audit.jsonl"
+    yield u
+
+
+def _verdict_handler(decoder: str):
+    def handle(feed, version):
+        v = VlmVerdict(violation=0.9, labels={"violence": 0.8}, sentiment={"negative": 1.0}, description=None,
+                       untrained=True, caption_truncated=False,
+                       model_versions={"vlm_preprocess": "1", "language_decoder": "1", "answered_by": decoder})
+        return {"VLM_RESULT": np.array([[v.to_json()]], dtype=np.object_)}
+    return handle
+
+
+def _args(name: str) -> dict:
+    cfg = json_format.MessageToDict(model_config(name), preserving_proto_field_name=True)
+    return {"model_name": name, "model_version": "1", "model_repository": str(REPO / name),
+            "model_config": json.dumps(cfg)}
+
+
+def _gate_request(u, records: list[RequestRecord], seed: int = 1):
+    rng = np.random.default_rng(seed)
+    n = len(records)
+    return u.Request(REQUEST=np.array([[r.to_json()] for r in records], dtype=np.object_),
+                     IMAGE=np.array([[b"image-bytes"]] * n, dtype=np.object_),
+                     TEXT=np.array([[b"caption"]] * n, dtype=np.object_),
+                     IMAGE_EMBEDS=np.tile(rng.normal(size=(1, D)).astype(np.float32), (n, 1)),
+                     TEXT_EMBEDS=np.tile(rng.normal(size=(1, D)).astype(np.float32), (n, 1)),
+                     NSFW_SCORES=np.array([[0.99, 0.01]] * n, dtype=np.float32))
+
+
+def _gate(u):
+    from moderation.serving.clip_gate_model import ClipGateModel
+
+    m = ClipGateModel()
+    m.initialize(_args("clip_gate"))
+    return m
+
+
+def _decisions(u, response) -> list[GateDecision]:
+    assert not response.has_error(), response.error().message()
+    return [GateDecision.from_json(x[0]) for x in u.get_output_tensor_by_name(response, "GATE").as_numpy()]
+
+
+def _run(model, request):
+    return asyncio.run(model.execute([request]))[0]
+
+
+# clip_gate -----------------------------------------------------------------------------------------------------
+def test_gate_escalates_through_the_vlm_ensemble_and_settles_by_policy(pb):
+    gate = _gate(pb)
+    d = _decisions(pb, _run(gate, _gate_request(pb, [request_record(policy_name="escalate_all")])))[0]
+    assert d.route == "vlm" and d.vlm.model_versions["answered_by"] == "vlm" and d.vlm_ms > 0
+    assert d.signals == {"clip": "untrained", "nsfw_image": "trained"} and d.ab_arm is None
+    assert [c["model"] for c in pb.InferenceRequest.calls] == ["clip_text", "vlm"]  # concept bank, then escalation
+    opts = json.loads(pb.InferenceRequest.calls[-1]["inputs"]["OPTIONS"][0, 0])
+    assert opts == {"request_id": "r1", "describe": False, "lang": "en", "policy": "escalate_all"}
+    for policy, route in (("allow_all", "gate_allow"), ("block_all", "gate_block")):
+        d = _decisions(pb, _run(gate, _gate_request(pb, [request_record(policy_name=policy)])))[0]
+        assert d.route == route and d.vlm is None
+    assert [c["model"] for c in pb.InferenceRequest.calls].count("vlm") == 1  # the bank is encoded once
+
+
+def test_gate_ab_arm_pins_the_decoder_version_by_chain(pb):
+    d = _decisions(pb, _run(_gate(pb), _gate_request(pb, [request_record(policy_name="ab_all")])))[0]
+    chain = [(c["model"], c["version"]) for c in pb.InferenceRequest.calls if c["model"] != "clip_text"]
+    assert chain == [("vlm_preprocess", -1), ("vision_encoder", -1), ("language_decoder", 2)]
+    assert d.ab_arm == "b" and d.vlm.model_versions["answered_by"] == "language_decoder"
+
+
+def test_gate_sends_escalations_past_max_inflight_to_the_int8_decoder(pb):
+    import moderation.serving.clip_gate_model as served
+
+    async def slow_exec(self, real=served.pb().InferenceRequest.async_exec):
+        await asyncio.sleep(0.01)  # both escalations are in flight together, as on a server
+        return await real(self)
+
+    pb.InferenceRequest.async_exec = slow_exec
+    records = [request_record(policy_name="fallback_1", request_id=f"r{i}") for i in range(2)]
+    ds = _decisions(pb, _run(_gate(pb), _gate_request(pb, records)))
+    assert ds[0].fallback is None and ds[0].vlm.model_versions["answered_by"] == "vlm"
+    assert ds[1].fallback.reason == "inflight" and ds[1].fallback.model == "language_decoder_int8"
+    assert ds[1].vlm.model_versions["answered_by"] == "language_decoder_int8"
+
+
+def test_gate_answers_a_near_duplicate_from_the_verdict_cache(pb):
+    gate = _gate(pb)
+    rec = request_record(policy_name="escalate_cached", fingerprint=[1.0] + [0.0] * 191)
+    first = _decisions(pb, _run(gate, _gate_request(pb, [rec])))[0]
+    second = _decisions(pb, _run(gate, _gate_request(pb, [rec.model_copy(update={"request_id": "r2"})])))[0]
+    assert first.route == "vlm" and first.cache == {"hit": False, "stored": True}
+    assert second.route == "cache" and second.cache["hit"] and second.vlm.violation == first.vlm.violation
+    assert [c["model"] for c in pb.InferenceRequest.calls].count("vlm") == 1
+    forget = rec.model_copy(update={"request_id": "r3", "forget": True})
+    assert _decisions(pb, _run(gate, _gate_request(pb, [forget])))[0].route == "cache"
+    assert _decisions(pb, _run(gate, _gate_request(pb, [rec])))[0].route == "vlm"  # forgotten: judged again
+
+
+def test_gate_fails_one_request_with_the_callees_code_and_audits_it(pb):
+    pb.InferenceRequest.handlers["vlm"] = lambda feed, v: "in ensemble 'vlm', [bad_image] image is truncated"
+    resp = _run(_gate(pb), _gate_request(pb, [request_record(policy_name="escalate_all")]))
+    assert resp.has_error() and resp.error().message() == "[bad_image] vlm: image is truncated"
+    rows = read_rows(pb.audit_path)
+    assert len(rows) == 1 and rows[0]["error"]["code"] == "bad_image" and rows[0]["request_id"] == "r1"
+    pb.InferenceRequest.handlers["vlm"] = lambda feed, v: "Request for unknown model: 'vlm' is not found"
+    resp = _run(_gate(pb), _gate_request(pb, [request_record(policy_name="escalate_all")]))
+    assert resp.error().message().startswith("[model_unavailable] vlm: ")
+
+
+def test_gate_refuses_a_malformed_record_as_bad_request(pb):
+    req = _gate_request(pb, [request_record()])
+    req.inputs[0] = pb.Tensor("REQUEST", np.array([[b'{"request_id": "x"}']], dtype=np.object_))
+    resp = _run(_gate(pb), req)
+    assert resp.error().message().startswith("[bad_request] RequestRecord field ")
+
+
+# postprocess ---------------------------------------------------------------------------------------------------
+def test_postprocess_builds_result_scores_and_one_audit_row_per_post(pb):
+    from moderation.serving.postprocess_model import PostprocessModel
+
+    rec = request_record(policy_name="escalate_all", caption_truncated=True, return_embedding=True)
+    gate = _decisions(pb, _run(_gate(pb), _gate_request(pb, [rec])))[0]
+    post = PostprocessModel()
+    post.initialize(_args("postprocess"))
+    resp = post.execute([pb.Request(REQUEST=np.array([[rec.to_json()]], dtype=np.object_),
+                                    GATE=np.array([[gate.to_json()]], dtype=np.object_),
+                                    IMAGE_EMBEDS=np.ones((1, D), np.float32),
+                                    TEXT_EMBEDS=np.zeros((1, D), np.float32))])[0]
+    assert not resp.has_error(), resp.error().message()
+    result = json.loads(pb.get_output_tensor_by_name(resp, "RESULT").as_numpy()[0, 0])
+    assert result["route"] == "vlm" and result["violation"] is True
+    assert result["caption_truncated"] == {"clip": True, "vlm": False}
+    assert {"preprocess", "clip_encoders", "gate", "vlm", "total"} <= set(result["latency_ms"])
+    assert result["model_versions"]["postprocess"] == "1" and result["model_versions"]["clip_gate"] == "1"
+    assert pb.get_output_tensor_by_name(resp, "VERDICT").as_numpy().tolist() == [[1]]
+    assert pb.get_output_tensor_by_name(resp, "EMBEDDING").as_numpy().shape == (1, 2 * D)
+    rows = [r for r in read_rows(pb.audit_path) if r["stage"] == "moderate"]
+    assert len(rows) == 1 and rows[0]["request_id"] == "r1" and rows[0]["caption_truncated"]["clip"] is True
+    assert "caption" not in json.dumps(rows[0]).replace("caption_truncated", "")  # hashes only, never text
+
+
+# preprocess and vlm_preprocess ---------------------------------------------------------------------------------
+def test_preprocess_records_truncation_fingerprint_and_forget_once(pb):
+    from moderation.serving.preprocess_model import PreprocessModel
+
+    m = PreprocessModel()
+    m.initialize(_args("preprocess"))
+    post = sample_posts()[0]
+    long_caption = " ".join(["word"] * 120).encode()
+    opts = json.dumps({"request_id": "p1", "forget": True, "policy": "escalate_cached"}).encode()
+    resp = m.execute([pb.Request(IMAGE=np.array([[post.image_bytes()]], dtype=np.object_),
+                                 TEXT=np.array([[long_caption]], dtype=np.object_),
+                                 OPTIONS=np.array([[opts]], dtype=np.object_))])[0]
+    assert not resp.has_error(), resp.error().message()
+    rec = RequestRecord.from_json(pb.get_output_tensor_by_name(resp, "REQUEST").as_numpy()[0, 0])
+    assert rec.request_id == "p1" and rec.forget and rec.caption_truncated and rec.has_caption
+    assert rec.fingerprint is not None and len(rec.fingerprint) == 192  # its cache checks the fingerprint
+    assert pb.get_output_tensor_by_name(resp, "CLIP_INPUT_IDS").as_numpy().shape == (1, 77)
+    bad = m.execute([pb.Request(IMAGE=np.array([[b"not an image"]], dtype=np.object_),
+                                TEXT=np.array([[b"x"]], dtype=np.object_))])[0]
+    assert bad.error().message().startswith("[bad_image] ")
+    rows = read_rows(pb.audit_path)
+    assert len(rows) == 1 and rows[0]["stage"] == "preprocess" and rows[0]["image_sha256"]
+
+
+def test_vlm_preprocess_hands_the_decoder_typed_options(pb):
+    from moderation.serving.vlm_preprocess_model import VlmPreprocessModel
+
+    m = VlmPreprocessModel()
+    m.initialize(_args("vlm_preprocess"))
+    post = sample_posts()[1]
+    resp = m.execute([pb.Request(IMAGE=np.array([[post.image_bytes()]], dtype=np.object_),
+                                 TEXT=np.array([[post.text.encode()]], dtype=np.object_))])[0]
+    assert not resp.has_error(), resp.error().message()
+    opts = DecoderOptions.from_json(pb.get_output_tensor_by_name(resp, "DECODER_OPTIONS").as_numpy()[0, 0])
+    assert opts.lang == "zh" and opts.vlm_preprocess_version == "1" and not opts.caption_truncated
+    assert pb.get_output_tensor_by_name(resp, "PIXEL_VALUES").as_numpy().shape == (1, 784, 1536)
