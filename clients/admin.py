@@ -7,6 +7,16 @@ $MODERATION_ADMIN_KEY or the file named by $MODERATION_ADMIN_KEY_FILE).
     .venv/bin/python -m clients.admin --url 127.0.0.1:8001 load --model vlm [--versions 1,2]
     .venv/bin/python -m clients.admin --url 127.0.0.1:8001 unload --model vlm
     .venv/bin/python -m clients.admin --url 127.0.0.1:8001 purge-caches   # empty every verdict cache (privacy)
+    .venv/bin/python -m clients.admin --url 127.0.0.1:8001 lists show --policy default
+    .venv/bin/python -m clients.admin --url 127.0.0.1:8001 lists add-image --policy default --list block \
+        --image meme.jpg [--label scam] [--note "..."]
+    .venv/bin/python -m clients.admin --url 127.0.0.1:8001 lists add-term --policy default --list review \
+        --term "click the link in bio" [--label scam]
+    .venv/bin/python -m clients.admin --url 127.0.0.1:8001 lists remove-image --policy default --id img-…
+    .venv/bin/python -m clients.admin --url 127.0.0.1:8001 feedback REQUEST_ID --verdict violation [--label L]
+
+Lists are edited in the policy directory (--policy-dir, default $MODERATION_POLICY_DIR or the shipped one) that
+the server reads; the server must accept the admin key first. Every action is an audit row.
 """
 from __future__ import annotations
 
@@ -15,8 +25,9 @@ import json
 import sys
 from pathlib import Path
 
+from moderation.core.audit import AuditLog
 from moderation.core.auth import admin_key
-from moderation.ops.admin import AdminError, RepositoryAdmin
+from moderation.ops.admin import AdminError, RepositoryAdmin, record_feedback, verify_admin_key
 
 from .client import DEFAULT_URL
 
@@ -30,6 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("status")
     sub.add_parser("purge-caches", help="empty the near-duplicate verdict caches (reloads clip_gate, no request fails)")
+    lists = sub.add_parser("lists", help="custom block / allow / review lists of images and terms, live")
+    lists.add_argument("action", choices=["show", "add-image", "remove-image", "add-term", "remove-term"])
+    lists.add_argument("--policy", default="default")
+    lists.add_argument("--policy-dir", type=Path, default=None)
+    lists.add_argument("--list", dest="list_name", choices=["block", "allow", "review"], default=None)
+    lists.add_argument("--image", type=Path, help="add-image: the image file")
+    lists.add_argument("--term", help="add-term: the term (matched after case / width / spacing folding)")
+    lists.add_argument("--label", default=None, help="the policy label a hit is reported under")
+    lists.add_argument("--note", default="")
+    lists.add_argument("--id", dest="entry_id", help="remove-*: the entry id (see `lists show`)")
+    fb = sub.add_parser("feedback", help="record a reviewer's decision on a judged post (joins its audit row)")
+    fb.add_argument("request_id")
+    fb.add_argument("--verdict", choices=["violation", "ok"], required=True)
+    fb.add_argument("--label", default=None)
+    fb.add_argument("--reviewer", default=None)
     for name in ("load", "unload", "swap", "rollback"):
         p = sub.add_parser(name)
         p.add_argument("--model", required=True)
@@ -45,14 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     repo = args.repository if args.repository.is_dir() else None
     admin = RepositoryAdmin(args.url, key, repo)
     try:
-        if args.cmd == "status":
+        if args.cmd == "lists":
+            out = _lists(args, key)
+        elif args.cmd == "feedback":
+            verify_admin_key(args.url, key)
+            out = record_feedback(AuditLog(), args.request_id, args.verdict, args.label, args.reviewer)
+        elif args.cmd == "status":
             rows = admin.status()
             for r in rows:
                 print(f"{r['model']:<18} v{r['version'] or '-':<4} {r['state']:<12} ready={str(r['ready']).lower():<5} "
                       f"available={','.join(r['available_versions']) or '-'} {r['reason']}")
             return 0
-        if args.cmd == "purge-caches":
-            from moderation.core.audit import AuditLog
+        elif args.cmd == "purge-caches":
             from moderation.ops.purge import purge_server_caches
 
             out = purge_server_caches(args.url, key)
@@ -73,8 +103,29 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - e.g. the server refused the key or is down
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(out))
+    print(json.dumps(out, ensure_ascii=False))
     return 0
+
+
+def _lists(args, key: str) -> dict:
+    from moderation.ops.lists import ListAdmin, ListError
+
+    lists = ListAdmin(args.url, key, args.policy_dir)
+    if args.action == "show":
+        return lists.show(args.policy)
+    if args.action.startswith("add-") and not args.list_name:
+        raise ListError(f"{args.action} needs --list block|allow|review")
+    if args.action == "add-image":
+        if not args.image:
+            raise ListError("add-image needs --image PATH")
+        return lists.add_image(args.policy, args.list_name, args.image.read_bytes(), args.label, args.note)
+    if args.action == "add-term":
+        if not args.term:
+            raise ListError("add-term needs --term TEXT")
+        return lists.add_term(args.policy, args.list_name, args.term, args.label, args.note)
+    if not args.entry_id:
+        raise ListError(f"{args.action} needs --id ENTRY_ID")
+    return lists.remove(args.policy, args.action.split("-", 1)[1], args.entry_id)
 
 
 if __name__ == "__main__":

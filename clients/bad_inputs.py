@@ -213,7 +213,9 @@ def triton_reject_request(module, kind: str, image: bytes, text: bytes,
         x.set_data_from_numpy(arr)
         return x
 
-    one = lambda v: np.array([[v]], dtype=np.object_)  # noqa: E731
+    def one(v) -> np.ndarray:
+        return np.array([[v]], dtype=np.object_)
+
     opts = [t("OPTIONS", one(json.dumps({"request_id": request_id}).encode()))] if request_id else []
     good = [t("IMAGE", one(image)), t("TEXT", one(text)), *opts]
     if kind == "wrong_dtype":

@@ -34,24 +34,32 @@ def _image_bytes(image: bytes | str | Path) -> bytes:
     return Path(image).read_bytes()
 
 
-def build_inputs(module, image: bytes, text: str | bytes, options: dict | None):
-    text_b = text.encode("utf-8") if isinstance(text, str) else text
-    tensors = [("IMAGE", image), ("TEXT", text_b)]
-    if options:
-        tensors.append(("OPTIONS", json.dumps(options, ensure_ascii=False).encode("utf-8")))
+def build_batch_inputs(module, posts: list[tuple[bytes, str | bytes, dict | None]]):
+    """Tensors of one request carrying every post (one row each); OPTIONS is sent when any post has options."""
+    rows = {"IMAGE": [p[0] for p in posts],
+            "TEXT": [p[1].encode("utf-8") if isinstance(p[1], str) else p[1] for p in posts]}
+    if any(p[2] for p in posts):
+        rows["OPTIONS"] = [json.dumps(p[2] or {}, ensure_ascii=False).encode("utf-8") for p in posts]
     inputs = []
-    for name, value in tensors:
-        t = module.InferInput(name, [1, 1], "BYTES")
-        t.set_data_from_numpy(np.array([[value]], dtype=np.object_))
+    for name, values in rows.items():
+        t = module.InferInput(name, [len(values), 1], "BYTES")
+        t.set_data_from_numpy(np.array([[v] for v in values], dtype=np.object_))
         inputs.append(t)
     outputs = [module.InferRequestedOutput(n) for n in ("RESULT", "VERDICT", "SCORES", "EMBEDDING")]
     return inputs, outputs
 
 
-def _options(describe, request_id, policy, lang, return_embedding, forget=False) -> dict:
+def build_inputs(module, image: bytes, text: str | bytes, options: dict | None):
+    return build_batch_inputs(module, [(image, text, options)])
+
+
+def _options(describe=False, request_id=None, policy=None, lang=None, return_embedding=False, forget=False,
+             escalate=False) -> dict:
     opts = {"describe": bool(describe)}
     if forget:  # privacy: the verdict cache keeps nothing from this post and drops what it matches
         opts["forget"] = True
+    if escalate:  # to the VLM whatever the gate decides (reported posts, appeals, spot checks)
+        opts["escalate"] = True
     if request_id:
         opts["request_id"] = request_id
     if policy:
@@ -63,17 +71,25 @@ def _options(describe, request_id, policy, lang, return_embedding, forget=False)
     return opts
 
 
-def parse_response(resp) -> dict:
-    result = json.loads(resp.as_numpy("RESULT").reshape(-1)[0])
-    validate_result(result)
+def parse_results(resp) -> list[dict]:
+    """Every RESULT row of a response, schema-validated, with its EMBEDDING when it has one."""
+    results = [json.loads(r) for r in resp.as_numpy("RESULT").reshape(-1)]
     emb = resp.as_numpy("EMBEDDING")
-    if emb is not None and emb.size:
-        result["embedding"] = emb.reshape(-1).tolist()
-    return result
+    for i, result in enumerate(results):
+        validate_result(result)
+        if emb is not None and emb.size and result["error"] is None and result.get("action") is not None:
+            row = emb.reshape(len(results), -1)[i]
+            if np.any(row):
+                result["embedding"] = row.tolist()
+    return results
+
+
+def parse_response(resp) -> dict:
+    return parse_results(resp)[0]
 
 
 def _to_failure(e: InferenceServerException) -> ModerationFailed:
-    """Coded failure from a server or transport error (codes: docs/errors.md; moderation.errors.classify_failure)."""
+    """Coded failure from a server or transport error (codes: docs/errors.md; core.errors.classify_failure)."""
     status = e.status() or ""
     code, message = classify_failure(e.message() or str(e), status)
     return ModerationFailed(code, message, status or None)
@@ -85,39 +101,67 @@ def _retryable(e: InferenceServerException) -> bool:
     return (e.status() or "") in RETRYABLE or _to_failure(e).code == "model_unavailable"
 
 
-def _retry_pause(e: InferenceServerException, attempt: int, retries: int, backoff_s: float,
-                 deadline: float) -> float | None:
-    """Seconds to wait before the next try (exponential backoff with jitter), or None to give up: not
-    retryable, out of tries, or the pause would pass the call's deadline."""
-    if attempt >= retries or not _retryable(e):
-        return None
-    pause = backoff_s * (2 ** attempt) * (1 + random.random())
-    return pause if time.monotonic() + pause < deadline else None
+class _Attempts:
+    """One call's retry schedule: a deadline for the call, retries included; exponential backoff with jitter."""
+
+    def __init__(self, timeout_s: float, retries: int, backoff_s: float):
+        self.deadline, self.retries, self.backoff_s, self.attempt = time.monotonic() + timeout_s, retries, backoff_s, 0
+
+    def remaining(self) -> float:
+        return max(0.001, self.deadline - time.monotonic())
+
+    def pause_after(self, e: InferenceServerException) -> float:
+        """Seconds to wait before the next try; raises the coded failure when not retryable, out of tries, or
+        when the pause would pass the deadline."""
+        pause = self.backoff_s * (2 ** self.attempt) * (1 + random.random())
+        if self.attempt >= self.retries or not _retryable(e) or time.monotonic() + pause >= self.deadline:
+            raise _to_failure(e) from None
+        self.attempt += 1
+        return pause
 
 
-class ModerationClient:
+def _posts_inputs(module, posts) -> tuple:
+    return build_batch_inputs(module, [(_image_bytes(img), text, opts) for img, text, opts in posts])
+
+
+def _single(results: list[dict]) -> dict:
+    """A one-post request's RESULT (the server fails a bad single post as a whole, so it always has an action)."""
+    r = results[0]
+    if r["error"] is not None:
+        raise ModerationFailed(r["error"]["code"], r["error"]["message"])
+    return r
+
+
+class _ClientBase:
+    def __init__(self, url: str, model: str, timeout_s: float, retries: int, backoff_s: float):
+        self.url, self.model, self.timeout_s, self.retries, self.backoff_s = url, model, timeout_s, retries, backoff_s
+
+    def _attempts(self) -> _Attempts:
+        return _Attempts(self.timeout_s, self.retries, self.backoff_s)
+
+
+class ModerationClient(_ClientBase):
     def __init__(self, url: str = DEFAULT_URL, model: str = "moderate", timeout_s: float = 30.0,
                  retries: int = 3, backoff_s: float = 0.2):
-        self.url, self.model, self.timeout_s, self.retries, self.backoff_s = url, model, timeout_s, retries, backoff_s
+        super().__init__(url, model, timeout_s, retries, backoff_s)
         self.client = grpcclient.InferenceServerClient(url=url)
 
-    def moderate(self, image: bytes | str | Path, text: str | bytes, *, describe: bool = False,
-                 request_id: str | None = None, policy: str | None = None, lang: str | None = None,
-                 return_embedding: bool = False, forget: bool = False) -> dict:
-        inputs, outputs = build_inputs(grpcclient, _image_bytes(image), text,
-                                       _options(describe, request_id, policy, lang, return_embedding, forget))
-        deadline = time.monotonic() + self.timeout_s  # one deadline for the call, retries included
-        for attempt in range(self.retries + 1):
+    def moderate(self, image: bytes | str | Path, text: str | bytes, **options) -> dict:
+        """One post's RESULT; raises ModerationFailed with the code. Options: describe, request_id, policy, lang,
+        return_embedding, forget, escalate."""
+        return _single(self.moderate_batch([(image, text, _options(**options))]))
+
+    def moderate_batch(self, posts: list[tuple[bytes | str | Path, str | bytes, dict | None]]) -> list[dict]:
+        """One request carrying several posts (image, text, OPTIONS dict): one RESULT per post, in order. A bad
+        post's row has `error` and no action; ModerationFailed only when the request fails as a whole."""
+        inputs, outputs = _posts_inputs(grpcclient, posts)
+        attempts = self._attempts()
+        while True:
             try:
-                resp = self.client.infer(self.model, inputs, outputs=outputs,
-                                         client_timeout=max(0.001, deadline - time.monotonic()))
-                return parse_response(resp)
+                return parse_results(self.client.infer(self.model, inputs, outputs=outputs,
+                                                       client_timeout=attempts.remaining()))
             except InferenceServerException as e:
-                pause = _retry_pause(e, attempt, self.retries, self.backoff_s, deadline)
-                if pause is None:
-                    raise _to_failure(e) from None
-                time.sleep(pause)
-        raise AssertionError("unreachable")
+                time.sleep(attempts.pause_after(e))
 
     def close(self) -> None:
         self.client.close()
@@ -129,29 +173,24 @@ class ModerationClient:
         self.close()
 
 
-class AsyncModerationClient:
+class AsyncModerationClient(_ClientBase):
     def __init__(self, url: str = DEFAULT_URL, model: str = "moderate", timeout_s: float = 30.0,
                  retries: int = 3, backoff_s: float = 0.2):
-        self.url, self.model, self.timeout_s, self.retries, self.backoff_s = url, model, timeout_s, retries, backoff_s
+        super().__init__(url, model, timeout_s, retries, backoff_s)
         self.client = grpcaio.InferenceServerClient(url=url)
 
-    async def moderate(self, image: bytes | str | Path, text: str | bytes, *, describe: bool = False,
-                       request_id: str | None = None, policy: str | None = None, lang: str | None = None,
-                       return_embedding: bool = False, forget: bool = False) -> dict:
-        inputs, outputs = build_inputs(grpcaio, _image_bytes(image), text,
-                                       _options(describe, request_id, policy, lang, return_embedding, forget))
-        deadline = time.monotonic() + self.timeout_s  # one deadline for the call, retries included
-        for attempt in range(self.retries + 1):
+    async def moderate(self, image: bytes | str | Path, text: str | bytes, **options) -> dict:
+        return _single(await self.moderate_batch([(image, text, _options(**options))]))
+
+    async def moderate_batch(self, posts: list[tuple[bytes | str | Path, str | bytes, dict | None]]) -> list[dict]:
+        inputs, outputs = _posts_inputs(grpcaio, posts)
+        attempts = self._attempts()
+        while True:
             try:
-                resp = await self.client.infer(self.model, inputs, outputs=outputs,
-                                         client_timeout=max(0.001, deadline - time.monotonic()))
-                return parse_response(resp)
+                return parse_results(await self.client.infer(self.model, inputs, outputs=outputs,
+                                                             client_timeout=attempts.remaining()))
             except InferenceServerException as e:
-                pause = _retry_pause(e, attempt, self.retries, self.backoff_s, deadline)
-                if pause is None:
-                    raise _to_failure(e) from None
-                await asyncio.sleep(pause)
-        raise AssertionError("unreachable")
+                await asyncio.sleep(attempts.pause_after(e))
 
     async def close(self) -> None:
         await self.client.close()

@@ -26,7 +26,10 @@ def _width(s: str) -> int:
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(_width(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c) + " " * (w - _width(str(c))) for c, w in zip(r, widths, strict=False))  # noqa: E731
+
+    def line(r: list[str]) -> str:
+        return "  ".join(str(c) + " " * (w - _width(str(c))) for c, w in zip(r, widths, strict=False))
+
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 

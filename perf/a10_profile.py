@@ -25,8 +25,8 @@ TINY = ROOT / "build" / "checkpoints" / "tiny-qwen3-vl"
 CLIP = ROOT / "build" / "checkpoints" / "tiny-clip"
 # Language model: 16 layers, width 768 (GQA 12/4 heads of 64), MLP 2304: ~110 M parameters in the layers,
 # about 2 x 110e6 x 300 tokens = 66 GFLOP per escalated post (body prefill + question pass). Picked by
-# measuring in-process on this CPU (8 layers x 512 gave R ~ 10, 12 x 768 gave R ~ 21; this gives R ~ 27); the bench measures
-# and reports the ratio it actually gets in each run.
+# measuring in-process on this CPU (8 layers x 512 gave R ~ 10, 12 x 768 gave R ~ 21; this gives R ~ 27); the bench
+# measures and reports the ratio it actually gets in each run.
 PROFILE = dict(hidden_size=768, intermediate_size=2304, num_hidden_layers=16, num_attention_heads=12,
                num_key_value_heads=4, head_dim=64)
 SEED = 20261126

@@ -36,13 +36,22 @@ def edit_config(repo: Path, model: str, fn) -> None:
     p.write_text("# benchmark variant (perf/variants.py) of the committed config\n" + fn(p.read_text()))
 
 
-def without_dynamic_batching(repo: Path, models: list[str]) -> Path:
+def without_block(repo: Path, models: list[str], block: str) -> Path:
+    """`block { ... }` removed from the config of each of `models`."""
     for m in models:
-        edit_config(repo, m, lambda t: strip_block(t, "dynamic_batching"))
+        edit_config(repo, m, lambda t: strip_block(t, block))
     return repo
+
+
+def without_dynamic_batching(repo: Path, models: list[str]) -> Path:
+    return without_block(repo, models, "dynamic_batching")
 
 
 def with_response_cache(repo: Path, models: list[str]) -> Path:
     for m in models:
         edit_config(repo, m, lambda t: strip_block(t, "response_cache") + "response_cache { enable: true }\n")
     return repo
+
+
+def without_response_cache(repo: Path, models: list[str]) -> Path:
+    return without_block(repo, models, "response_cache")

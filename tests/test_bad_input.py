@@ -2,7 +2,7 @@
 raw tritonclient gRPC and, where the client API can express it, through clients.client. Each gets its
 documented code (docs/errors.md) and a message naming the problem, or is moderated normally; each leaves
 exactly one audit row; the next good request succeeds. Requests Triton refuses before any model runs get their
-row from the audit gateway (moderation/gateway.py), the only component that sees them."""
+row from the audit gateway (moderation/gateway/), the only component that sees them."""
 from __future__ import annotations
 
 import json

@@ -105,7 +105,7 @@ def test_thread_safe_under_concurrent_store_and_lookup():
                 v = _vec(seed * 1000 + i % 7)
                 c.store(KEY, S, v, None, "c", None, {"i": i})
                 c.lookup(KEY, S, v, None, "c")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any failure in a worker thread is collected and fails the test
             errors.append(e)
 
     ts = [threading.Thread(target=work, args=(s,)) for s in range(4)]
@@ -201,7 +201,10 @@ def test_near_copies_hit_different_image_misses_purge_clears(triton, cached_poli
         assert r["route"] == "cache", (kind, r["route"], r.get("cache"))
         c = r["cache"]
         assert c["hit"] and c["similarity"] >= 0.98 and c["source_route"] == "vlm" and c["age_s"] >= 0, kind
-        vlm_scores = lambda x: {k: v for k, v in x["scores"].items() if k not in x["gate"]["sources"]}  # noqa: E731
+
+        def vlm_scores(x: dict) -> dict:
+            return {k: v for k, v in x["scores"].items() if k not in x["gate"]["sources"]}
+
         assert vlm_scores(r) == vlm_scores(first) and r["violation"] == first["violation"]  # the stored verdict
         assert r["model_versions"]["language_decoder"] == first["model_versions"]["language_decoder"]
         assert "cache_lookup" in r["latency_ms"] and "vlm" not in r["latency_ms"]

@@ -1,4 +1,4 @@
-"""The audit gateway (moderation/gateway.py) in front of the real server: it forwards every call unchanged,
+"""The audit gateway (moderation/gateway/) in front of the real server: it forwards every call unchanged,
 audits exactly the failures no model audited (one row each, never content), resists a request id forged to
 look like a model's coded failure, covers the streaming API, counts what it audited on its own /metrics, and
 audits what it cannot deliver when Triton is down."""

@@ -63,7 +63,10 @@ def test_adapter_moves_trained_scores_toward_labels(adapter):
     pos, neg, _ = _scores(dec)
     assert np.mean(pos) > np.mean(base_pos) + 0.1, (np.mean(base_pos), np.mean(pos))
     assert np.mean(neg) < np.mean(base_neg) - 0.05, (np.mean(base_neg), np.mean(neg))
-    gap = lambda p, n: np.mean(np.abs(1 - np.array(p))) + np.mean(np.array(n))  # noqa: E731
+
+    def gap(p, n) -> float:
+        return np.mean(np.abs(1 - np.array(p))) + np.mean(np.array(n))
+
     assert gap(pos, neg) < gap(base_pos, base_neg)
     # the int8 twin of an adapter version quantizes the merged weights and keeps the shift
     q_pos, q_neg, _ = _scores(VerdictDecoder(CKPT, adapter=adapter, quantization="int8"))

@@ -99,7 +99,9 @@ def test_swaps_under_load_fail_no_request(ops):
     assert len(swaps) == SWAPS
     seen = {(o[2]["clip_gate"], o[2]["language_decoder"]) for o in during}
     assert {v for v, _ in seen} == {"1", "2"} and {v for _, v in seen} == {"1", "2"}, seen
-    p99 = lambda xs: float(np.percentile([o[1] * 1e3 for o in xs], 99))  # noqa: E731
+    def p99(xs) -> float:
+        return float(np.percentile([o[1] * 1e3 for o in xs], 99))
+
     report = {"swaps": SWAPS, "requests_during_swaps": len(during), "requests_baseline": len(baseline),
               "failed": 0, "p99_ms_baseline": p99(baseline), "p99_ms_during_swaps": p99(during),
               "swap_ms_median": float(np.median([s["ms"] for s in swaps]))}
@@ -138,9 +140,12 @@ def test_ab_split_is_sticky_and_named_in_result_and_audit(ops):
 
 def test_admin_cli(ops):
     env = dict(os.environ, MODERATION_ADMIN_KEY=ADMIN_KEY, MODERATION_AUDIT_LOG=str(ops.audit))
-    run = lambda *a, **kw: subprocess.run([sys.executable, "-m", "clients.admin", "--url", ops.grpc_url,  # noqa: E731
-                                           "--repository", str(ops.repo), *a], capture_output=True, text=True,
-                                          timeout=300, cwd=ROOT, **kw)
+
+    def run(*a, **kw):
+        return subprocess.run([sys.executable, "-m", "clients.admin", "--url", ops.grpc_url,
+                               "--repository", str(ops.repo), *a], capture_output=True, text=True,
+                              timeout=300, cwd=ROOT, **kw)
+
     p = run("status", env=env)
     assert p.returncode == 0 and "language_decoder" in p.stdout and "READY" in p.stdout, p.stderr
     p = run("swap", "--model", "clip_gate", "--version", "1", env=env)
@@ -175,8 +180,11 @@ def test_metrics_move_with_requests(ops):
         with pytest.raises(ModerationFailed):
             c.moderate(b"not an image", "x")
     after = scrape()
-    delta = lambda prefix: sum(v for k, v in after.items() if k.startswith(prefix)) - sum(  # noqa: E731
-        v for k, v in before.items() if k.startswith(prefix))
+
+    def delta(prefix: str) -> float:
+        return (sum(v for k, v in after.items() if k.startswith(prefix))
+                - sum(v for k, v in before.items() if k.startswith(prefix)))
+
     assert delta('moderation_requests_total{route="vlm"') == 3
     assert delta("moderation_escalations_total") == 3
     assert delta('moderation_errors_total{code="bad_image"') >= 1

@@ -15,9 +15,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import BadRequest
 
-# Routes of RESULT.route: settled by the gate, judged by the VLM, or answered from a near-duplicate's verdict.
-ALLOW, BLOCK, ESCALATE, CACHE = "gate_allow", "gate_block", "vlm", "cache"
-Route = Literal["gate_allow", "gate_block", "vlm", "cache"]
+# Routes of RESULT.route: settled by the gate, judged by the VLM, answered from a near-duplicate's verdict, or
+# settled by a custom block/allow list before any escalation.
+ALLOW, BLOCK, ESCALATE, CACHE, LIST = "gate_allow", "gate_block", "vlm", "cache", "list"
+Route = Literal["gate_allow", "gate_block", "vlm", "cache", "list"]
 Signal = Literal["trained", "untrained"]
 
 
@@ -37,8 +38,13 @@ class Contract(BaseModel):
             raise BadRequest(f"{cls.__name__} field {where!r}: {first['msg']}") from None
 
 
+class PostError(Contract):
+    code: str
+    message: str
+
+
 class RequestRecord(Contract):
-    """One validated post, as preprocess read it."""
+    """One post as preprocess read it: validated, or (in a request of several posts) failed with `error`."""
     request_id: str
     policy_id: str            # name@version, RESULT.policy
     policy_name: str          # the policy file the post asked for
@@ -54,6 +60,10 @@ class RequestRecord(Contract):
     caption_key: str          # verdict-cache key of the normalised caption
     caption_truncated: bool   # CLIP read only its first 77 tokens
     fingerprint: list[float] | None = None  # thumbnail fingerprint, when the policy's cache checks one
+    escalate: bool = False    # OPTIONS escalate: to the VLM whatever the gate decides
+    pdq: str | None = None    # PDQ hash, when the policy has an image list
+    list_hits: list[dict[str, Any]] = []  # custom-list entries the post matched (core/lists.py ListHit)
+    error: PostError | None = None
     received_at: float        # wall clock, s
     preprocessed_at: float    # wall clock, s
     preprocess_ms: float
@@ -90,8 +100,9 @@ class FallbackInfo(Contract):
 
 
 class GateDecision(Contract):
-    """clip_gate's decision for one post, with the VLM's verdict when it escalated."""
-    route: Route
+    """clip_gate's decision for one post, with the VLM's verdict when it escalated; a failed post has only
+    `error` (and route None)."""
+    route: Route | None
     reason: str
     scores: dict[str, float]
     consistency: float | None
@@ -106,3 +117,10 @@ class GateDecision(Contract):
     ab_arm: Literal["a", "b"] | None = None
     fallback: FallbackInfo | None = None
     cache: dict[str, Any] | None = None  # RESULT.cache
+    escalated: Literal["gate", "forced"] | None = None  # who sent the post to the VLM
+    error: PostError | None = None
+
+    @classmethod
+    def failed(cls, error: PostError, version: str, started: float, ms: float) -> GateDecision:
+        return cls(route=None, reason="", scores={}, consistency=None, signals={}, gate_version=version,
+                   gate_started=started, gate_ms=ms, error=error)

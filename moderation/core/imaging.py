@@ -127,3 +127,27 @@ def fingerprint(image: Image.Image) -> np.ndarray:
     thumb = image.convert("RGB").resize((FINGERPRINT_SIDE, FINGERPRINT_SIDE), Image.BILINEAR)
     x = np.asarray(thumb, dtype=np.float32).reshape(-1)
     return l2_normalize(x - x.mean())
+
+
+# Centred crops whose PDQ hashes a list entry also stores: PDQ follows re-encoding and resizing but not
+# translation, so a copy cut by up to ~7 % on every side matches the entry's nearest crop (docs/quality.md).
+PDQ_ENTRY_CROPS = (1.0, 0.95, 0.9, 0.85)
+
+
+def pdq_hash(image: Image.Image) -> tuple[str, int]:
+    """Meta's PDQ perceptual hash (256 bits, hex) of an image and its quality (0-100; below 50 the hash says
+    little: flat or tiny images)."""
+    import pdqhash
+
+    bits, quality = pdqhash.compute(np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8)))
+    return np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes().hex(), int(quality)
+
+
+def centred_crop(image: Image.Image, keep: float) -> Image.Image:
+    w, h = image.size
+    dx, dy = int(w * (1 - keep) / 2), int(h * (1 - keep) / 2)
+    return image.crop((dx, dy, w - dx, h - dy)) if keep < 1 else image
+
+
+def pdq_distance(a: str, b: str) -> int:
+    return (int(a, 16) ^ int(b, 16)).bit_count()

@@ -23,8 +23,10 @@ class Options(BaseModel):
     lang: Literal["auto", "en", "zh"] = "auto"
     return_embedding: bool = False
     # Privacy: clear caches after processing. The verdict cache stores nothing from this post and evicts every
-    # stored verdict the post matches (moderation/cache.py).
+    # stored verdict the post matches (moderation/gate/cache.py).
     forget: bool = False
+    # Send the post to the VLM whatever the gate decided (reported posts, appeals, spot checks); audited.
+    escalate: bool = False
 
 
 def parse_options(raw: bytes | str | None) -> Options:

@@ -5,6 +5,7 @@ ones shipped in this package). A request picks one with OPTIONS {"policy": name}
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from pathlib import Path
@@ -84,6 +85,60 @@ class CacheSettings(_Strict):
     max_entries: int = Field(4096, ge=1, le=1_000_000)
 
 
+class LabelDecision(_Strict):
+    """Per-label overrides of the action bands (a score >= review -> review, >= block -> block) and the signals
+    that may settle the label (lists always may); unset: every signal's own bands, every trained signal."""
+    review: float | None = Field(None, ge=0.0, le=1.01)
+    block: float | None = Field(None, ge=0.0, le=1.01)
+    deciders: list[str] | None = None
+
+
+class Band(_Strict):
+    """A signal's action band on a label score: >= review sends to review, >= block blocks."""
+    review: float = Field(ge=0.0, le=1.01)
+    block: float = Field(ge=0.0, le=1.01)
+
+
+def _default_bands() -> dict[str, Band]:
+    # open_nsfw's guidance (< 0.2 likely safe, > 0.8 likely NSFW); the others as the gate's defaults
+    return {"clip": Band(review=0.5, block=0.97), "nsfw_image": Band(review=0.2, block=0.8),
+            "vlm": Band(review=0.5, block=0.9)}
+
+
+class Decisions(_Strict):
+    """How RESULT.action is chosen (moderation/core/decision.py). Untrained signals may escalate and may send a
+    post to review, never settle it: what no trained signal flagged gets `default_action`. The bands are the
+    action's, apart from the gate's routing thresholds (a policy that escalates everything does not flag it)."""
+    default_action: Literal["allow", "review"] = "allow"
+    bands: dict[str, Band] = Field(default_factory=_default_bands)  # per signal; unknown signals use "clip"'s
+    image_match_distance: int = Field(31, ge=0, le=128)  # PDQ Hamming distance of an image-list match
+    labels: dict[str, LabelDecision] = {}
+
+
+class ListEntry(_Strict):
+    id: str
+    list: Literal["block", "allow", "review"]
+    label: str | None = None   # the policy label a block/review hit is reported under
+    note: str = ""
+    added: float = 0.0
+
+
+class ImageEntry(ListEntry):
+    pdq: list[str]             # PDQ hashes (hex) of the image and of centred crops of it
+    quality: int = 0
+
+
+class TermEntry(ListEntry):
+    term: str
+
+
+class PolicyLists(_Strict):
+    """Custom lists of a policy (`<name>.lists.json` beside its YAML), edited live with `clients.admin lists`."""
+    revision: int = 0
+    images: list[ImageEntry] = []
+    terms: list[TermEntry] = []
+
+
 class SentimentOption(_Strict):
     key: str
     en: str
@@ -109,9 +164,11 @@ class Policy(_Strict):
     decoder: DecoderSettings = DecoderSettings()
     ab: ABTest | None = None
     cache: CacheSettings = CacheSettings()
+    decisions: Decisions = Decisions()
     sentiment: list[SentimentOption]
     prompts: dict[Literal["en", "zh"], Prompt]
     digest: str = ""
+    lists: PolicyLists = PolicyLists()
 
     @field_validator("labels")
     @classmethod
@@ -133,6 +190,9 @@ class Policy(_Strict):
             raise ValueError("gate.nsfw_allow_below must not exceed gate.nsfw_block_at")
         if self.gate.nsfw_label is not None and self.gate.nsfw_label not in keys:
             raise ValueError(f"gate.nsfw_label names an unknown label {self.gate.nsfw_label!r}")
+        bad = [k for k in self.decisions.labels if k not in keys]
+        if bad:
+            raise ValueError(f"decisions.labels names unknown labels {bad}")
         return self
 
     @property
@@ -141,7 +201,8 @@ class Policy(_Strict):
 
     @property
     def id(self) -> str:
-        return f"{self.name}@{self.version}"
+        """name@version, plus the lists' revision once they were edited (results and audit rows carry it)."""
+        return f"{self.name}@{self.version}" + (f"+lists.{self.lists.revision}" if self.lists.revision else "")
 
     def label_names(self, lang: str) -> list[str]:
         return [getattr(lab, lang) for lab in self.labels]
@@ -160,18 +221,27 @@ def policy_dir() -> Path:
     return Path(os.environ.get("MODERATION_POLICY_DIR") or PACKAGE_POLICY_DIR)
 
 
+def lists_path(policy_yaml: Path) -> Path:
+    return Path(policy_yaml).with_suffix(".lists.json")
+
+
 def load_policy(name: str = "default", directory: Path | None = None) -> Policy:
+    """The policy file `<name>.yaml` with its lists; re-read when either file changes."""
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise UnknownPolicy(f"policy name {name!r} is not a valid name")
     path = Path(directory or policy_dir()) / f"{name}.yaml"
     if not path.is_file():
         raise UnknownPolicy(f"unknown policy {name!r}: no {path.name} in the policy directory")
-    return _load_cached(str(path), path.stat().st_mtime_ns)
+    lists = lists_path(path)
+    return _load_cached(str(path), path.stat().st_mtime_ns, lists.stat().st_mtime_ns if lists.exists() else 0)
 
 
 @functools.lru_cache(maxsize=32)
-def _load_cached(path: str, _mtime: int) -> Policy:
+def _load_cached(path: str, _mtime: int, _lists_mtime: int) -> Policy:
     raw = Path(path).read_bytes()
     data = yaml.safe_load(raw)
-    data["digest"] = sha256_hex(raw)[:16]
+    data["digest"] = sha256_hex(raw)[:16]  # of the YAML: caches keyed on it survive list edits
+    lists = lists_path(Path(path))
+    if lists.exists():
+        data["lists"] = json.loads(lists.read_text())
     return Policy.model_validate(data)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import jsonschema
 
-from .contracts import BLOCK, CACHE, ESCALATE, GateDecision, RequestRecord
+from .contracts import CACHE, ESCALATE, GateDecision, PostError, RequestRecord
+from .decision import decide, evidence
 from .policy import Policy, load_policy
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "result.schema.json"
@@ -30,10 +31,10 @@ def validate_result(result: dict) -> dict:
 
 def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, versions: dict[str, str],
                  latency_ms: dict[str, float]) -> dict:
-    """Combine the gate's decision and, for escalated posts, the decoder's answer into RESULT."""
+    """Combine the gate's decision, the decoder's answer for escalated posts and list hits into RESULT."""
     route, gate_scores, vlm = gate.route, gate.scores, gate.vlm
+    decision = decide(policy, gate, record.list_hits)
     if route in (ESCALATE, CACHE) and vlm:  # CACHE: an earlier VLM verdict of a near-duplicate post
-        violation = vlm.violation >= policy.decoder.violation_threshold
         threshold, source = policy.decoder.label_threshold, "vlm"
         sent = max(vlm.sentiment, key=vlm.sentiment.get)
         sentiment = {"label": sent, "score": vlm.sentiment[sent]}
@@ -41,7 +42,6 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
         scores = {**vlm.labels, "violation": vlm.violation}
     else:
         scores = dict(gate_scores)
-        violation = route == BLOCK
         threshold, source = policy.gate.allow_below, "clip_gate"
         sentiment, description = None, None
     # A trained gate signal (e.g. nsfw_image) names itself and its own threshold. It also outranks an untrained
@@ -58,7 +58,11 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
         signals["vlm"] = "untrained" if vlm and vlm.untrained else "trained"
     return {
         "request_id": record.request_id,
-        "violation": bool(violation),
+        "action": decision.action,
+        "decided_by": decision.decided_by,
+        "severity": decision.severity,
+        "decision": {"reason": decision.reason, **({"list_hit": decision.list_hit} if decision.list_hit else {})},
+        "violation": decision.action == "block",
         "labels": labels,
         "sentiment": sentiment,
         "description": description,
@@ -73,6 +77,8 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
         "policy": record.policy_id,
         "hashes": {"image_sha256": record.image_sha256, "text_sha256": record.text_sha256},
         "caption_truncated": {"clip": record.caption_truncated, "vlm": vlm.caption_truncated if vlm else None},
+        "list_hits": record.list_hits,
+        "escalated": gate.escalated,
         "error": None,
         # the verdict cache's answer for posts the gate escalated under a policy with `cache.enabled`
         **({"cache": gate.cache} if gate.cache else {}),
@@ -88,11 +94,29 @@ class FinishedPost:
     result: dict       # RESULT, schema-validated
     audit_row: dict
     scores: list[float]  # SCORES: one per policy label, in policy order
+    verdict: int       # VERDICT: 1 block, 0 allow or review, -1 a post that failed
+
+
+def _failed_post(record: RequestRecord, error: PostError, versions: dict[str, str], now: float) -> FinishedPost:
+    """A post that failed in a request of several posts: its own row, with the error and no action."""
+    latency = {"total": round((now - record.received_at) * 1e3, 3)}
+    hashes = {"image_sha256": record.image_sha256, "text_sha256": record.text_sha256}
+    result = validate_result({"request_id": record.request_id, "action": None, "error": error.model_dump(),
+                              "model_versions": versions, "latency_ms": latency, "hashes": hashes})
+    row = {"request_id": record.request_id, "stage": "moderate", "error": error.model_dump(), "action": None,
+           "model_versions": versions, "latency_ms": latency, **hashes,
+           **({"policy": record.policy_id} if record.policy_id else {})}
+    return FinishedPost(result, row, [], -1)
 
 
 def finish_post(record: RequestRecord, gate: GateDecision, postprocess_version: str,
                 now: float | None = None) -> FinishedPost:
     """RESULT with every stage's version and latency, and the post's audit row (hashes, never content)."""
+    now = now or time.time()
+    error = record.error or gate.error
+    if error is not None:
+        return _failed_post(record, error, {"preprocess": record.preprocess_version, "clip_gate": gate.gate_version,
+                                            "postprocess": postprocess_version}, now)
     policy = load_policy(record.policy_name)
     versions = {"preprocess": record.preprocess_version, "clip_gate": gate.gate_version,
                 "postprocess": postprocess_version}
@@ -106,15 +130,21 @@ def finish_post(record: RequestRecord, gate: GateDecision, postprocess_version: 
         else:
             latency["vlm"] = gate.vlm_ms or 0.0
             latency.update({f"decoder_{k}": v for k, v in gate.vlm.timings_ms.items()})
-    latency["total"] = ((now or time.time()) - record.received_at) * 1e3
+    latency["total"] = (now - record.received_at) * 1e3
     result = validate_result(build_result(policy, record, gate, versions, latency))
     row = {"request_id": result["request_id"], "stage": "moderate", "route": result["route"],
+           "action": result["action"], "decided_by": result["decided_by"], "severity": result["severity"],
            "violation": result["violation"], "labels": result["labels"], "scores": result["scores"],
+           # every (signal, label, score, trained) the action was chosen from: clients.evaluate recalibrates on it
+           "evidence": [[e.signal, e.label, round(e.score, 6), e.trained] for e in evidence(policy, gate)],
            "sentiment": result["sentiment"], "policy": result["policy"], "model_versions": versions,
            "latency_ms": result["latency_ms"], "image_sha256": record.image_sha256,
            "text_sha256": record.text_sha256, "image_format": record.image_format,
            "image_size": list(record.image_size), "caption_truncated": result["caption_truncated"],
            "lang": record.lang, "error": None, "untrained": result["untrained"],
+           **({"list_hits": result["list_hits"]} if result["list_hits"] else {}),
+           **({"escalated": result["escalated"]} if result["escalated"] else {}),
            **({"ab": result["ab"]} if "ab" in result else {}),
            **({"cache": result["cache"]} if "cache" in result else {})}
-    return FinishedPost(result, row, [result["scores"].get(k, 0.0) for k in policy.label_keys])
+    return FinishedPost(result, row, [result["scores"].get(k, 0.0) for k in policy.label_keys],
+                        int(result["action"] == "block"))

@@ -43,9 +43,14 @@ def normalize_caption(text: str) -> str:
     return text.strip()
 
 
+def fold_caption(text: str) -> str:
+    """A caption as matching compares it: normalised, whitespace collapsed, case-folded."""
+    return _WS.sub(" ", normalize_caption(text)).casefold()
+
+
 def caption_key(caption: str) -> str:
-    """The verdict cache's key of a caption: normalised, whitespace collapsed, case-folded, hashed."""
-    return sha256_hex(_WS.sub(" ", normalize_caption(caption)).casefold().encode())
+    """The verdict cache's key of a caption: its folded form, hashed."""
+    return sha256_hex(fold_caption(caption).encode())
 
 
 def detect_lang(text: str) -> str:

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..core.contracts import RequestRecord
+from ..core.contracts import PostError, RequestRecord
 from ..core.errors import BadRequest, ModerationError
 from ..core.hashing import post_hashes
-from ..core.imaging import fingerprint
+from ..core.imaging import fingerprint, pdq_hash
+from ..core.lists import image_hits, term_hits
 from ..core.options import parse_options
 from ..core.post import parse_post
 from ..core.text import caption_key
@@ -136,7 +137,9 @@ class Preprocess:
         meta["request_id"] = parsed.request_id
         post = parse_post(image, text, parsed, hashes)
         ids, mask, truncated = self.tokens.encode([post.caption])
-        cache = post.policy.cache
+        policy, cache = post.policy, post.policy.cache
+        pdq = pdq_hash(post.image)[0] if policy.lists.images else None
+        hits = image_hits(policy, pdq) + term_hits(policy, post.caption)
         record = RequestRecord(
             request_id=parsed.request_id, policy_id=post.policy.id, policy_name=parsed.policy, lang=post.lang,
             describe=parsed.describe, return_embedding=parsed.return_embedding, forget=parsed.forget,
@@ -144,9 +147,25 @@ class Preprocess:
             caption_key=caption_key(post.caption), caption_truncated=truncated[0],
             fingerprint=fingerprint(post.image).tolist() if cache.enabled and cache.fingerprint_threshold is not None
             else None,
+            escalate=parsed.escalate, pdq=pdq, list_hits=[h.to_dict() for h in hits],
             received_at=received_at, preprocessed_at=time.time(),
             preprocess_ms=(time.perf_counter() - started) * 1e3, preprocess_version=self.version, **hashes)
         return GateInputs(record, self.pixels(post.image), ids[0], mask[0], self.nsfw(post.image))
+
+    def failed(self, err: Exception, meta: dict, received_at: float, started: float,
+               like: GateInputs | None) -> GateInputs:
+        """A failed post's row in a request of several posts: its record carries the error; its tensors are
+        zeros shaped like a good row's (`like`), so the batch keeps one row per post."""
+        code, message = (err.code, err.message) if isinstance(err, ModerationError) else \
+            ("internal", f"{type(err).__name__}: {err}")
+        record = RequestRecord.failed(meta.get("request_id"), meta, PostError(code=code, message=message),
+                                      received_at, (time.perf_counter() - started) * 1e3, self.version)
+        if like is None:  # every post failed: the shapes of a blank image's tensors
+            blank = Image.new("RGB", (8, 8))
+            ids, mask, _ = self.tokens.encode([""])
+            like = GateInputs(record, self.pixels(blank), ids[0], mask[0], self.nsfw(blank))
+        return GateInputs(record, np.zeros_like(like.clip_pixels), np.zeros_like(like.clip_input_ids),
+                          np.zeros_like(like.clip_attention_mask), np.zeros_like(like.nsfw_pixels))
 
 
 def check_rows(images: list, texts: list, options: list) -> list:

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..core.contracts import CACHE, ESCALATE, GateDecision, RequestRecord, VlmVerdict
+from ..core.contracts import CACHE, ESCALATE, LIST, GateDecision, PostError, RequestRecord, VlmVerdict
 from ..core.errors import ModerationError, classify_failure
 from ..core.hashing import unit_interval
 from ..core.policy import Policy, load_policy
@@ -98,11 +98,17 @@ class GateRouter:
         return np.concatenate(out)
 
     async def decide(self, posts: list[GatePost], started: float | None = None) -> list[GateDecision]:
-        """One decision per post, in order; escalations (and cache lookups) included."""
+        """One decision per post, in order; escalations (and cache lookups) included. A post that failed before
+        (its record has an error) keeps it; an escalation that fails costs its post only in a request of several
+        posts (a request of one fails with it)."""
         t0 = started if started is not None else time.perf_counter()
         decisions, pending = [], []
-        for _i, post in enumerate(posts):
+        for i, post in enumerate(posts):
             rec = post.record
+            if rec.error is not None:
+                decisions.append(GateDecision.failed(rec.error, self.version, time.time(),
+                                                     (time.perf_counter() - t0) * 1e3))
+                continue
             policy = load_policy(rec.policy_name)
             judged = judge(policy, await self.bank(policy), post.image_emb, post.text_emb, rec.has_caption,
                            post.nsfw_score)
@@ -112,7 +118,17 @@ class GateRouter:
             d = GateDecision(**judged, signals=signals, gate_version=self.version, gate_started=time.time(),
                              gate_ms=(time.perf_counter() - t0) * 1e3)
             decisions.append(d)
+            if rec.escalate and d.route != ESCALATE:  # reported posts, appeals, spot checks
+                d.route, d.reason = ESCALATE, f"escalation forced by OPTIONS (the gate said {d.route}: {d.reason})"
+                d.escalated = "forced"
+            elif d.route == ESCALATE:
+                d.escalated = "gate"
             if d.route != ESCALATE:
+                continue
+            settled = next((h for h in rec.list_hits if h["list"] in ("block", "allow")), None)
+            if settled is not None and not rec.escalate:  # an operator's list already decides: no VLM needed
+                d.route, d.escalated = LIST, None
+                d.reason = f"{settled['kind']} on the {settled['list']} list (entry {settled['id']}); {d.reason}"
                 continue
             arm = ab_arm(policy, rec.image_sha256, rec.text_sha256)
             probe = self.verdicts.probe(policy, rec, post.image_emb, post.text_emb, arm)
@@ -122,12 +138,18 @@ class GateRouter:
             if hit:  # a near-duplicate's stored VLM verdict: no escalation
                 d.route, d.vlm, d.cache = CACHE, hit[0], hit[1]
             else:
-                pending.append((d, probe, self._escalate(post, policy, arm)))
-        for (d, probe, _), (verdict, ms, arm_name, fallback) in zip(
-                pending, await asyncio.gather(*(p for *_, p in pending)), strict=True):
-            d.vlm, d.vlm_ms, d.ab_arm, d.fallback = verdict, ms, arm_name, fallback
+                pending.append((i, d, probe, self._escalate(post, policy, arm)))
+        answers = await asyncio.gather(*(p for *_, p in pending), return_exceptions=True)
+        for (i, d, probe, _), answer in zip(pending, answers, strict=True):
+            if isinstance(answer, BaseException):
+                if len(posts) == 1 or not isinstance(answer, ModerationError):
+                    raise answer
+                decisions[i] = GateDecision.failed(PostError(code=answer.code, message=answer.message),
+                                                   self.version, d.gate_started, d.gate_ms)
+                continue
+            d.vlm, d.vlm_ms, d.ab_arm, d.fallback = answer
             if probe:
-                d.cache = self.verdicts.after(probe, verdict)
+                d.cache = self.verdicts.after(probe, d.vlm)
         return decisions
 
     async def _escalate(self, post: GatePost, policy: Policy, arm: str | None):

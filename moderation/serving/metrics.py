@@ -10,6 +10,8 @@ _FAMILIES: dict[str, object] = {}
 
 SPECS = {
     "moderation_requests_total": ("COUNTER", "Posts finished by postprocess, by route and verdict"),
+    "moderation_actions_total": ("COUNTER", "Posts answered, by action (allow/review/block, or error) and the "
+                                 "signal that decided it (decided_by; the error code for a failed post)"),
     "moderation_escalations_total": ("COUNTER", "Posts the gate sent to the VLM, by decoder arm"),
     "moderation_errors_total": ("COUNTER", "Requests failed with a coded error, by stage and code"),
     "moderation_cache_total": ("COUNTER", "Verdict-cache lookups by result (hit/miss)"),

@@ -18,6 +18,7 @@ class PostprocessModel:
     def initialize(self, args):
         self.stage = Stage(args)
         self.finished = Counter("moderation_requests_total")
+        self.actions = Counter("moderation_actions_total")
 
     def execute(self, requests):
         return [self._one(r) for r in requests]
@@ -35,17 +36,27 @@ class PostprocessModel:
                 done = finish_post(rec, gate, self.stage.version)
                 self.stage.audit.write(done.audit_row)
                 results.append(done.result)
-                verdicts.append([int(done.result["violation"])])
-                scores.append(done.scores)
-                embeds.append(np.concatenate([img_emb[i], txt_emb[i]]) if rec.return_embedding
+                verdicts.append([done.verdict])
+                scores.append(np.asarray(done.scores, np.float32))
+                embeds.append(np.concatenate([img_emb[i], txt_emb[i]]) if rec.return_embedding and done.verdict >= 0
                               else np.zeros(0, np.float32))
-                self.finished.inc(route=done.result["route"], violation=str(done.result["violation"]).lower())
-            width = max(len(e) for e in embeds)
-            embeds = [np.pad(e, (0, width - len(e))) for e in embeds]
+                if done.result["action"] is None:
+                    self.finished.inc(route="error", violation="error")
+                    self.actions.inc(action="error", decided_by=done.result["error"]["code"])
+                else:
+                    self.finished.inc(route=done.result["route"], violation=str(done.result["violation"]).lower())
+                    self.actions.inc(action=done.result["action"], decided_by=done.result["decided_by"])
+            embeds, scores = _pad_rows(embeds), _pad_rows(scores)
             return pb().InferenceResponse([
                 string_tensor("RESULT", [json.dumps(r, ensure_ascii=False) for r in results]),
                 tensor("VERDICT", np.array(verdicts, dtype=np.int32)),
-                tensor("SCORES", np.array(scores, dtype=np.float32)),
+                tensor("SCORES", np.stack(scores).astype(np.float32)),
                 tensor("EMBEDDING", np.stack(embeds).astype(np.float32))])
         except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
             return self.stage.fail(e, meta, t0)
+
+
+def _pad_rows(rows: list[np.ndarray]) -> list[np.ndarray]:
+    """Rows of one request share a width: a failed post's empty SCORES / EMBEDDING row is zero-padded."""
+    width = max(len(r) for r in rows)
+    return [np.pad(r, (0, width - len(r))) for r in rows]

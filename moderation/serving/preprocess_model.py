@@ -36,10 +36,8 @@ class PreprocessModel:
             except BadRequest:
                 meta = first_post_meta(images, texts, options)  # the audit row of a request refused whole
                 raise
-            posts = []
-            for image, text, opt in zip(images, texts, option_rows, strict=True):
-                meta = {}  # a failing post's audit row: its hashes, and its request_id once read
-                posts.append(self.preprocess(image, text, opt, received, t0, meta))
+            meta = {}
+            posts = self._posts(images, texts, option_rows, received, t0, meta)
             return pb().InferenceResponse([
                 tensor("CLIP_PIXELS", np.stack([p.clip_pixels for p in posts])),
                 tensor("CLIP_INPUT_IDS", np.stack([p.clip_input_ids for p in posts])),
@@ -48,3 +46,21 @@ class PreprocessModel:
                 tensor("NSFW_PIXELS", np.stack([p.nsfw_pixels for p in posts]))])
         except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
             return self.stage.fail(e, meta, t0)
+
+    def _posts(self, images, texts, option_rows, received, t0, meta: dict):
+        """One GateInputs per post. A request of one post fails with its post (raises); in a request of several,
+        a bad post becomes a row with its error and the others are judged (postprocess writes each row)."""
+        if len(images) == 1:
+            return [self.preprocess(images[0], texts[0], option_rows[0], received, t0, meta)]
+        posts, failed = [], []
+        for image, text, opt in zip(images, texts, option_rows, strict=True):
+            post_meta: dict = {}
+            try:
+                posts.append(self.preprocess(image, text, opt, received, t0, post_meta))
+            except Exception as e:  # noqa: BLE001 - a bad post costs only its own row
+                posts.append(None)
+                failed.append((len(posts) - 1, e, post_meta))
+        like = next((p for p in posts if p is not None), None)
+        for i, e, post_meta in failed:
+            posts[i] = self.preprocess.failed(e, post_meta, received, t0, like)
+        return posts

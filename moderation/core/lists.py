@@ -1,0 +1,70 @@
+"""Matching a post against its policy's custom lists (policy.lists): images by PDQ hash, terms in the caption.
+Hits are trained-grade evidence: an operator wrote them. Editing the lists is moderation/ops/lists.py."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from .imaging import pdq_distance
+from .policy import Policy
+from .text import fold_caption
+
+
+@dataclass(frozen=True)
+class ListHit:
+    kind: str          # "image" | "term"
+    list: str          # "block" | "allow" | "review"
+    id: str
+    label: str | None
+    field: str         # what matched: "image", or the text field ("caption")
+    detail: dict       # image: {"distance"}; term: {"span": [start, end]} in the folded text
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "list": self.list, "id": self.id, "label": self.label, "field": self.field,
+                **self.detail}
+
+
+def image_hits(policy: Policy, pdq: str | None) -> list[ListHit]:
+    """Entries whose nearest stored hash is within the policy's distance (none for an image without a hash)."""
+    if not pdq:
+        return []
+    limit, hits = policy.decisions.image_match_distance, []
+    for e in policy.lists.images:
+        d = min(pdq_distance(pdq, h) for h in e.pdq)
+        if d <= limit:
+            hits.append(ListHit("image", e.list, e.id, e.label, "image", {"distance": d}))
+    return hits
+
+
+@functools.lru_cache(maxsize=64)
+def _automaton(policy_name: str, revision: int, digest: str, terms: tuple[tuple[str, str], ...]):
+    import ahocorasick
+
+    auto = ahocorasick.Automaton()
+    for entry_id, term in terms:
+        folded = fold_caption(term)
+        if folded:  # two entries may hold one term: the word maps to every entry id
+            _, ids = auto.get(folded, (folded, ()))
+            auto.add_word(folded, (folded, (*ids, entry_id)))
+    auto.make_automaton()
+    return auto
+
+
+def term_hits(policy: Policy, text: str, field: str = "caption") -> list[ListHit]:
+    """Every term entry found in `text` after the caption folding (NFKC, invisible characters, case, spacing)."""
+    if not policy.lists.terms or not text:
+        return []
+    entries = {e.id: e for e in policy.lists.terms}
+    auto = _automaton(policy.name, policy.lists.revision, policy.digest,
+                      tuple((e.id, e.term) for e in policy.lists.terms))
+    if not len(auto):
+        return []
+    folded = fold_caption(text)
+    hits, seen = [], set()
+    for end, (word, ids) in auto.iter(folded):
+        for entry_id in ids:
+            if entry_id not in seen:
+                seen.add(entry_id)
+                e = entries[entry_id]
+                hits.append(ListHit("term", e.list, e.id, e.label, field, {"span": [end - len(word) + 1, end + 1]}))
+    return hits
