@@ -2,6 +2,7 @@
 wheels, zh and en captions, several deliberately mismatched), print a table, stop the server."""
 from __future__ import annotations
 
+import secrets
 import sys
 import time
 import unicodedata
@@ -17,7 +18,10 @@ NOTE: the embedded CLIP and Qwen3-VL are tiny and RANDOM-INITIALISED (untrained)
 architectures: signals marked 'untrained' are noise that shows the service's routes, tensors and latencies,
 not real moderation decisions (point export.export_models at real checkpoints for real ones). One signal is
 TRAINED: nsfw_image (Yahoo open_nsfw) scores the `sexual` label for real (column nsfw; the policy allows
-below gate.nsfw_allow_below and blocks at gate.nsfw_block_at; docs/quality.md has its measured false positives)."""
+below gate.nsfw_allow_below and blocks at gate.nsfw_block_at; docs/quality.md has its measured false positives).
+Actions: an untrained signal never allows or blocks a post. What only an untrained judge flagged goes to REVIEW
+(a person decides); what no trained signal flagged gets the policy's default (ALLOW, decided by policy_default);
+BLOCK needs trained evidence: here the operator's lists (image_list: the coins photo, terms: a spam phrase)."""
 
 
 def _width(s: str) -> int:
@@ -33,12 +37,40 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def _demo_policies(root: Path) -> Path:
+    """The shipped policies, plus custom lists on `default` as an operator would add them (shown in the table):
+    a known scam-ad photo on the block list, a spam phrase on the block list, a phrase sent to review."""
+    import shutil
+
+    from moderation.core.policy import PACKAGE_POLICY_DIR
+
+    if root.exists():
+        shutil.rmtree(root)
+    shutil.copytree(PACKAGE_POLICY_DIR, root)
+    return root
+
+
+def _add_demo_lists(url: str, key: str, policies: Path) -> None:
+    from moderation.core.audit import AuditLog
+    from moderation.ops.lists import ListAdmin
+
+    lists = ListAdmin(url, key, policies, audit=AuditLog(Path("build/audit/demo.jsonl")))
+    coins = next(p for p in sample_posts() if p.name == "coins_scam_zh")
+    lists.add_image("default", "block", coins.image_bytes(), label="scam", note="demo: a known scam-ad photo")
+    lists.add_term("default", "block", "click the link in bio", label="scam", note="demo: spam phrase")
+    lists.add_term("default", "review", "deserved everything", label="hate", note="demo: send to a person")
+
+
 def main() -> int:
     log = Path("build/logs/demo-server.log")
+    policies = _demo_policies(Path("build/demo/policies"))
+    key = secrets.token_hex(16)
     print("starting the embedded Triton server (CPU) ...", flush=True)
     t = time.time()
-    with running_server(log_path=log, env={"MODERATION_AUDIT_LOG": "build/audit/demo.jsonl"}) as srv:
+    env = {"MODERATION_AUDIT_LOG": "build/audit/demo.jsonl", "MODERATION_POLICY_DIR": str(policies)}
+    with running_server(log_path=log, env=env, key=key) as srv:
         print(f"ready in {time.time() - t:.1f}s on gRPC {srv.grpc_url} (server log: {log})\n", flush=True)
+        _add_demo_lists(srv.grpc_url, key, policies)
         rows = []
         with ModerationClient(srv.grpc_url) as client:
             for post in sample_posts():
@@ -46,16 +78,17 @@ def main() -> int:
                 try:
                     r = client.moderate(post.image_bytes(), post.text, describe=True)
                 except ModerationFailed as e:
-                    rows.append([post.name, caption, "error", e.code, "", "", "", ""])
+                    rows.append([post.name, caption, "error", e.code, "", "", "", "", ""])
                     continue
                 top = ", ".join(f"{x['name']} {x['score']:.2f} ({x['source']})" for x in r["labels"][:2]) or "-"
                 signals = " ".join(f"{k}:{v}" for k, v in sorted(r["signals"].items()))
                 trained = [k for k, src in r["gate"].get("sources", {}).items() if src == "nsfw_image"]
                 nsfw = f"{r['gate']['scores'][trained[0]]:.4f}" if trained else "-"
-                rows.append([post.name, caption, r["route"], "VIOLATION" if r["violation"] else "ok", top, nsfw,
+                by = r["decided_by"] + (f" {r['decision']['list_hit']['id']}" if "list_hit" in r["decision"] else "")
+                rows.append([post.name, caption, r["action"].upper(), by, r["route"], top, nsfw,
                              f"{r['latency_ms']['total']:.0f} ms", signals])
-        print(_table(rows, ["post", "caption", "route", "verdict", "top labels (source)", "nsfw", "latency",
-                            "signals"]))
+        print(_table(rows, ["post", "caption", "action", "decided by", "route", "top labels (source)", "nsfw",
+                            "latency", "signals"]))
         print("\n" + BANNER)
     print("\nserver stopped.")
     return 0

@@ -1,6 +1,15 @@
-"""Measure the service on a labelled set: precision, recall and AUROC per label and per route.
+"""Measure the service on a labelled set, or on its own audit log joined with reviewers' feedback.
 
     .venv/bin/python -m clients.evaluate --url 127.0.0.1:8001 labelled.jsonl [--policy default] [--json out.json]
+    .venv/bin/python -m clients.evaluate --audit build/audit/audit.jsonl [--target-recall 0.95] [--policy default]
+
+With --audit: every judged post (`stage: moderate` rows) that a reviewer gave feedback on (`clients.admin feedback
+REQUEST_ID --verdict violation|ok [--label L]`, joined by request id; the latest feedback wins) is a labelled
+example. It prints precision (of block), recall (block or review) and review rate per action, route and deciding
+signal. --target-recall R proposes, per label with labelled violations, the review band that catches a fraction R
+of them with the least review load (from the per-signal scores the audit row keeps: a trained signal's score on a
+label outranks the untrained ones, as in the decision), printed as a diff of the policy (--write-policy PATH
+writes the proposed policy).
 
 Each JSONL line is one post: {"image": path, "caption": str, "labels": [label keys that apply]} — an empty
 list means the post is safe; relative image paths are read from the JSONL file's folder ("text" is accepted
@@ -108,15 +117,136 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+# feedback mode -----------------------------------------------------------------------------------------------
+def join_feedback(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(judged row, latest feedback row) for every judged post with feedback."""
+    judged = {r["request_id"]: r for r in rows if r.get("stage") == "moderate" and r.get("action")}
+    feedback = {r["request_id"]: r for r in rows if r.get("stage") == "feedback"}
+    return [(judged[rid], fb) for rid, fb in feedback.items() if rid in judged]
+
+
+def _action_metrics(pairs: list[tuple[dict, dict]]) -> dict:
+    """Post level: truth = the reviewer said violation; precision of block, recall of block-or-review."""
+    truth = [fb["verdict"] == "violation" for _, fb in pairs]
+    action = [r["action"] for r, _ in pairs]
+    n, positives = len(pairs), sum(truth)
+    blocked, reviewed = action.count("block"), action.count("review")
+    true_blocks = sum(t and a == "block" for t, a in zip(truth, action, strict=True))
+    caught = sum(t and a in ("block", "review") for t, a in zip(truth, action, strict=True))
+    return {"n": n, "positives": positives, "blocked": blocked, "reviewed": reviewed,
+            "precision": true_blocks / blocked if blocked else None,
+            "recall": caught / positives if positives else None, "review_rate": reviewed / n if n else None}
+
+
+def evaluate_feedback(pairs: list[tuple[dict, dict]]) -> dict:
+    def by(key):
+        groups: dict[str, list] = {}
+        for r, fb in pairs:
+            groups.setdefault(str(r.get(key)), []).append((r, fb))
+        return {k: _action_metrics(v) for k, v in sorted(groups.items())}
+
+    return {"n": len(pairs), "overall": _action_metrics(pairs), "per_action": by("action"), "per_route": by("route"),
+            "per_decided_by": by("decided_by")}
+
+
+def label_score(row: dict, label: str) -> float:
+    """The post's score on `label` as the decision weighs it: the best trained signal's, else the best untrained."""
+    ev = [e for e in row.get("evidence", []) if e[1] == label]
+    trained = [e[2] for e in ev if e[3]]
+    return max(trained or [e[2] for e in ev] or [0.0])
+
+
+def propose_bands(pairs: list[tuple[dict, dict]], target_recall: float) -> dict:
+    """Per label with labelled violations: the highest review band that still catches `target_recall` of them,
+    and the review load it implies on the labelled posts."""
+    out = {}
+    labels = sorted({fb["label"] for _, fb in pairs if fb["verdict"] == "violation" and fb.get("label")})
+    for label in labels:
+        pos = sorted((label_score(r, label) for r, fb in pairs if fb["verdict"] == "violation"
+                      and fb.get("label") == label), reverse=True)
+        need = max(1, int(np.ceil(target_recall * len(pos))))
+        band = float(np.floor(pos[need - 1] * 1000) / 1000)
+        scores = [label_score(r, label) for r, _ in pairs]
+        out[label] = {"review": band, "violations": len(pos), "caught": sum(s >= band for s in pos),
+                      "recall": sum(s >= band for s in pos) / len(pos),
+                      "review_load": sum(s >= band for s in scores) / len(scores)}
+    return out
+
+
+def policy_diff(policy_path: Path, bands: dict) -> tuple[str, str]:
+    """(unified diff, new policy text) with decisions.labels.<label>.review set to each proposed band."""
+    import difflib
+
+    import yaml
+
+    before = yaml.safe_load(policy_path.read_text())
+    after = json.loads(json.dumps(before))
+    labels = after.setdefault("decisions", {}).setdefault("labels", {})
+    for label, b in bands.items():
+        labels.setdefault(label, {})["review"] = b["review"]
+    dump = lambda d: yaml.safe_dump(d, allow_unicode=True, sort_keys=False)  # noqa: E731 - two uses, one line
+    diff = "".join(difflib.unified_diff(dump(before).splitlines(True), dump(after).splitlines(True),
+                                        f"{policy_path.name} (now)", f"{policy_path.name} (proposed)"))
+    return diff, dump(after)
+
+
+def main_feedback(args) -> int:
+    from moderation.core.audit import read_rows
+    from moderation.core.policy import policy_dir
+
+    pairs = join_feedback(read_rows(args.audit))
+    if not pairs:
+        print(f"error: no judged post in {args.audit} has feedback (clients.admin feedback REQUEST_ID ...)",
+              file=sys.stderr)
+        return 2
+    report = evaluate_feedback(pairs)
+    cols = ["n", "positives", "blocked", "reviewed", "precision", "recall", "review_rate"]
+    lines = [f"{report['n']} judged posts with reviewer feedback", ""]
+    for title, key in (("per action", "per_action"), ("per route", "per_route"),
+                       ("per deciding signal", "per_decided_by")):
+        lines += [title, f"{'':<16}" + "".join(f"{c:>12}" for c in cols)]
+        for name, m in list(report[key].items()) + ([("ALL", report["overall"])] if key == "per_action" else []):
+            lines.append(f"{name:<16}" + "".join(f"{_fmt(m[c]):>12}" for c in cols))
+        lines.append("")
+    print("\n".join(lines))
+    if args.target_recall is not None:
+        bands = propose_bands(pairs, args.target_recall)
+        report["proposed_bands"] = bands
+        if not bands:
+            print("no labelled violations (feedback --label L) to propose bands from", file=sys.stderr)
+        else:
+            path = Path(args.policy_dir or policy_dir()) / f"{args.policy}.yaml"
+            diff, text = policy_diff(path, bands)
+            report["policy_diff"] = diff
+            print(f"proposed review bands for recall >= {args.target_recall}:")
+            for label, b in bands.items():
+                print(f"  {label}: review >= {b['review']} catches {b['caught']}/{b['violations']}, "
+                      f"review load {b['review_load']:.1%} of the labelled posts")
+            print(diff)
+            if args.write_policy:
+                args.write_policy.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("labelled", type=Path, help="JSONL: {image, caption, labels} per line")
+    ap.add_argument("labelled", type=Path, nargs="?", help="JSONL: {image, caption, labels} per line")
+    ap.add_argument("--audit", type=Path, help="evaluate the audit log joined with reviewers' feedback instead")
+    ap.add_argument("--target-recall", type=float, default=None, help="with --audit: propose review bands")
+    ap.add_argument("--policy-dir", type=Path, default=None)
+    ap.add_argument("--write-policy", type=Path, default=None, help="with --target-recall: the proposed policy")
     ap.add_argument("--url", default=DEFAULT_URL, help="gRPC address of the server")
     ap.add_argument("--policy", default="default")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--json", type=Path, help="also write the metrics and every post's outcome here")
     args = ap.parse_args(argv)
+    if args.audit:
+        return main_feedback(args)
+    if not args.labelled:
+        ap.error("give a labelled JSONL file, or --audit AUDIT.jsonl")
     try:
         posts = read_labelled(args.labelled)
         images = [p["image"].read_bytes() for p in posts]

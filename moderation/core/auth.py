@@ -24,5 +24,5 @@ def admin_key() -> str:
     key = os.environ.get("MODERATION_ADMIN_KEY")
     path = os.environ.get("MODERATION_ADMIN_KEY_FILE")
     if not key and path and Path(path).exists():
-        key = Path(path).read_text().strip()
+        key = Path(path).read_text(encoding="utf-8").strip()
     return key or ""

@@ -69,6 +69,16 @@ class RequestRecord(Contract):
     preprocess_ms: float
     preprocess_version: str
 
+    @classmethod
+    def failed(cls, request_id: str | None, hashes: dict[str, str], error: PostError, received_at: float,
+               preprocess_ms: float, version: str) -> RequestRecord:
+        """The record of a post that failed validation in a request of several posts."""
+        return cls(request_id=request_id or "-", policy_id="", policy_name="default", lang="en", describe=False,
+                   return_embedding=False, forget=False, image_sha256=hashes.get("image_sha256", ""),
+                   text_sha256=hashes.get("text_sha256", ""), image_format="", image_size=(0, 0),
+                   has_caption=False, caption_key="", caption_truncated=False, received_at=received_at,
+                   preprocessed_at=received_at, preprocess_ms=preprocess_ms, preprocess_version=version, error=error)
+
 
 class DecoderOptions(Contract):
     """How the decoder reads one post (vlm_preprocess built its prompt body)."""

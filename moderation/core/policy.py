@@ -243,5 +243,5 @@ def _load_cached(path: str, _mtime: int, _lists_mtime: int) -> Policy:
     data["digest"] = sha256_hex(raw)[:16]  # of the YAML: caches keyed on it survive list edits
     lists = lists_path(Path(path))
     if lists.exists():
-        data["lists"] = json.loads(lists.read_text())
+        data["lists"] = json.loads(lists.read_text(encoding="utf-8"))
     return Policy.model_validate(data)

@@ -20,7 +20,7 @@ SCHEMA_PATH = Path(__file__).parent / "schemas" / "result.schema.json"
 
 @functools.lru_cache(maxsize=1)
 def _validator() -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
+    return jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
 
 
 def validate_result(result: dict) -> dict:

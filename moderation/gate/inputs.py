@@ -64,7 +64,7 @@ class ClipTokens:
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_file(str(Path(clip_dir) / "tokenizer.json"))
-        cfg = json.loads((Path(clip_dir) / "tokenizer_config.json").read_text())
+        cfg = json.loads((Path(clip_dir) / "tokenizer_config.json").read_text(encoding="utf-8"))
         pad = cfg.get("pad_token") or cfg.get("eos_token")
         pad = pad["content"] if isinstance(pad, dict) else pad
         self.tok.enable_truncation(max_length)

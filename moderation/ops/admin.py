@@ -63,13 +63,13 @@ class RepositoryAdmin:
 
     def load_state(self) -> dict:
         p = self._state_path()
-        return json.loads(p.read_text()) if p and p.exists() else {}
+        return json.loads(p.read_text(encoding="utf-8")) if p and p.exists() else {}
 
     def _save_state(self, state: dict) -> None:
         p = self._state_path()
         if p:
             tmp = p.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+            tmp.write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
             tmp.replace(p)
 
     def _log(self, action: str, **fields) -> None:

@@ -21,6 +21,7 @@ from .admin import AdminError, verify_admin_key
 
 KINDS = ("block", "allow", "review")
 MIN_PDQ_QUALITY = 50  # below it PDQ's own guidance says the hash carries too little of the image
+MIN_SIDE = 32  # a thumbnail-sized image (e.g. 14x25) hashes to noise: re-encoded copies land 50+ bits away
 
 
 class ListError(AdminError):
@@ -44,7 +45,8 @@ class ListAdmin:
         path = lists_path(self.directory / f"{policy}.yaml")
         with open(path.with_suffix(".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            lists = PolicyLists.model_validate_json(path.read_text()) if path.exists() else PolicyLists()
+            raw = path.read_text(encoding="utf-8") if path.exists() else "{}"
+            lists = PolicyLists.model_validate_json(raw)
             data = lists.model_dump()
             try:
                 yield pol, data
@@ -55,7 +57,7 @@ class ListAdmin:
             data["revision"] = lists.revision + 1
             new = PolicyLists.model_validate(data)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(new.model_dump(), ensure_ascii=False, indent=1))
+            tmp.write_text(json.dumps(new.model_dump(), ensure_ascii=False, indent=1), encoding="utf-8")
             os.replace(tmp, path)
         self.audit.write({"stage": "admin", "action": f"lists.{action}", "policy": policy, "ok": True,
                           "revision": new.revision, **fields})
@@ -67,6 +69,9 @@ class ListAdmin:
         entry_id = "img-" + digest[:12]
         with self._edit(policy, "add-image", list=list_name, id=entry_id, image_sha256=digest) as (pol, data):
             self._check(pol, list_name, label)
+            if min(decoded.size) < MIN_SIDE:
+                raise ListError(f"the image is {decoded.size[0]}x{decoded.size[1]}; list images need at least "
+                                f"{MIN_SIDE} px per side for a perceptual hash that survives re-encoding")
             if hashes[0][1] < MIN_PDQ_QUALITY:
                 raise ListError(f"the image carries too little detail for a perceptual hash (PDQ quality "
                                 f"{hashes[0][1]} < {MIN_PDQ_QUALITY})")

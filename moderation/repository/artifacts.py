@@ -33,7 +33,7 @@ def write_artifact_record(version_dir: Path, *, source: str, untrained: bool, ex
         "files": {str(p.relative_to(version_dir)): file_sha256(p) for p in _files(version_dir)},
         **(extra or {}),
     }
-    (version_dir / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
+    (version_dir / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
     return record
 
 
@@ -43,7 +43,7 @@ def read_artifact_record(version_dir: Path, verify: bool = True) -> dict:
     path = version_dir / RECORD
     if not path.exists():
         raise ArtifactMismatch(f"{path} is missing: export this model version with export.export_models")
-    record = json.loads(path.read_text())
+    record = json.loads(path.read_text(encoding="utf-8"))
     if verify:
         for rel, digest in record.get("files", {}).items():
             f = version_dir / rel

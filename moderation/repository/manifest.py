@@ -56,10 +56,10 @@ def main(argv=None) -> int:
         return 0
     current = committed_manifest(args.repository)
     if args.write:
-        path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+        path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         print(f"wrote {path}")
         return 0
-    recorded = json.loads(path.read_text()) if path.exists() else {}
+    recorded = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     if recorded != current:
         changed = sorted({f"{k}" for k in set(current["models"]) | set(recorded.get("models", {}))
                           if current["models"].get(k) != recorded.get("models", {}).get(k)} |

@@ -224,7 +224,7 @@ def render_repository(out: Path, target: str, onnx_accelerator: str = "tensorrt"
     for name in ALL_MODELS:
         d = Path(out) / name
         d.mkdir(parents=True, exist_ok=True)
-        (d / "config.pbtxt").write_text(render(name, target, onnx_accelerator))
+        (d / "config.pbtxt").write_text(render(name, target, onnx_accelerator), encoding="utf-8")
         written.append(d / "config.pbtxt")
     return written
 

@@ -28,7 +28,7 @@ class DecoderModel:
         self.record = read_artifact_record(vdir)
         quantization = params.get("quantization", "none")
         if (vdir / "quantization.json").exists():
-            quantization = json.loads((vdir / "quantization.json").read_text())["scheme"]
+            quantization = json.loads((vdir / "quantization.json").read_text(encoding="utf-8"))["scheme"]
         adapter = vdir / "adapter" if (vdir / "adapter" / "adapter_config.json").exists() else None
         self.decoder = VerdictDecoder(vdir / "checkpoint", device=params.get("device", "auto"),
                                       dtype=params.get("dtype", "auto"), quantization=quantization, adapter=adapter)

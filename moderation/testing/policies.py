@@ -13,13 +13,13 @@ def derive_policy(directory: Path, name: str, base: str = "default", gate: dict 
                   cache: dict | None = None, decoder: dict | None = None) -> Path:
     """Write `<directory>/<name>.yaml`: the shipped `base` policy under a new name with some gate and cache
     settings changed (tests and benchmarks force routes through thresholds this way, never per post)."""
-    data = yaml.safe_load((PACKAGE_POLICY_DIR / f"{base}.yaml").read_text())
+    data = yaml.safe_load((PACKAGE_POLICY_DIR / f"{base}.yaml").read_text(encoding="utf-8"))
     data["name"] = name
     data["gate"].update(gate or {})
     data.setdefault("cache", {}).update(cache or {})
     data.setdefault("decoder", {}).update(decoder or {})
     path = Path(directory) / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return path
 
 
