@@ -15,9 +15,10 @@ setup: $(STAMP)
 # Idempotent: reruns only when the lock or the project metadata changes.
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
-	@dpkg -s libb64-0d >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libb64-0d; }
+	@dpkg -s libb64-0d fonts-wqy-microhei >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq libb64-0d fonts-wqy-microhei; }
 	@touch $@
 
 $(CHECKPOINTS)/tiny-qwen3-vl/config.json: $(STAMP) export/build_tiny.py
@@ -31,7 +32,12 @@ INT8_STAMP := model_repository/language_decoder_int8/1/artifact.json
 $(INT8_STAMP): $(MODELS_STAMP) export/quantize.py moderation/vlm/int8.py
 	$(PY) -m export.quantize
 
-models: $(MODELS_STAMP) $(INT8_STAMP)
+# PaddleOCR PP-OCRv4 from the rapidocr-onnxruntime wheel: ocr_detect / ocr_classify / ocr_recognize, parity-checked.
+OCR_STAMP := model_repository/ocr_recognize/1/artifact.json
+$(OCR_STAMP): $(STAMP) export/export_ocr.py moderation/ocr/reader.py
+	$(PY) -m export.export_ocr
+
+models: $(MODELS_STAMP) $(INT8_STAMP) $(OCR_STAMP)
 
 serve: models
 	$(PY) -m moderation.launch
@@ -78,7 +84,7 @@ bench: models
 # with psutil; writes perf/results/soak/last.json and fails when a stub grows past the bound or an answer is
 # not the expected one (docs/reliability.md).
 soak: models
-	$(PY) -m clients.soak $(SOAK_ARGS)
+	$(PY) -m perf.soak $(SOAK_ARGS)
 
 # INT8 vs fp32 agreement and speed (encoders and decoder side by side, in-process): perf/results/int8.json
 bench-int8: models

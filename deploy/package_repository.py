@@ -10,7 +10,6 @@ Dockerfile's build stage can run it with the base image's python3."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -19,15 +18,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's (or the build context's) moderation
 
 from moderation import __version__
+from moderation.core.hashing import file_sha256
 from moderation.repository.artifacts import RECORD, read_artifact_record
 from moderation.repository.render import ALL_MODELS, ENSEMBLES, MODELS, ONNX_ACCELERATORS, render_repository
 
 MANIFEST = "MANIFEST.json"
 _SKIP = shutil.ignore_patterns("__pycache__", "*.pyc")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def package(src: Path, out: Path, target: str = "production", onnx_accelerator: str = "tensorrt",
@@ -47,7 +43,7 @@ def package(src: Path, out: Path, target: str = "production", onnx_accelerator: 
                           key=lambda d: int(d.name))
         if not versions:
             raise SystemExit(f"error: {src / name} has no version directory: run `make models` (or export) first")
-        entry = {"config_sha256": _sha256(out / name / "config.pbtxt"), "versions": {}}
+        entry = {"config_sha256": file_sha256(out / name / "config.pbtxt"), "versions": {}}
         for vdir in versions:
             backend = MODELS[name]["backend"]
             if name not in ENSEMBLES:
@@ -61,7 +57,7 @@ def package(src: Path, out: Path, target: str = "production", onnx_accelerator: 
             record = vdir / RECORD
             rec = json.loads(record.read_text()) if record.exists() else {}
             entry["versions"][vdir.name] = {
-                "artifact_sha256": _sha256(record) if record.exists() else None,
+                "artifact_sha256": file_sha256(record) if record.exists() else None,
                 "untrained": rec.get("untrained"), "source": rec.get("source"),
                 "files": len(rec.get("files", {})),
             }

@@ -16,7 +16,6 @@ checkpoint + adapter/, with the adapter in its artifact record; `clients.admin s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moderation.core.hashing import file_sha256
 from moderation.core.policy import load_policy
 
 QUESTIONS_SKIPPED = ("sentiment",)  # the rows carry no sentiment labels
@@ -141,7 +141,7 @@ def train(data: Path, out: Path, repo: Path, version: str, policy_name: str, ste
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report = {
         "name": out.name, "base": f"language_decoder/{version}", "policy": policy.id,
-        "data": {"path": str(data), "sha256": hashlib.sha256(data.read_bytes()).hexdigest(), "rows": len(rows)},
+        "data": {"path": str(data), "sha256": file_sha256(data), "rows": len(rows)},
         "lora": {"r": rank, "alpha": 2 * rank, "target_modules": sorted(cfg.target_modules),
                  "trainable_params": trainable},
         "steps": steps, "lr": lr, "seed": seed, "seconds": round(seconds, 2),

@@ -19,6 +19,7 @@ from moderation.core.post import parse_post
 from moderation.core.result import finish_post
 from moderation.gate.inputs import ClipTokens, Preprocess
 from moderation.gate.router import GatePost, GateRouter
+from moderation.ocr.reader import ImageTextReader
 from moderation.repository.artifacts import read_artifact_record, signal_of
 
 VERSION = "1"
@@ -52,8 +53,9 @@ class InProcessExecutor:
         if model == "clip_text":
             return {"TEXT_EMBEDS": self.clip_text.run(["TEXT_EMBEDS"], inputs)[0]}
         if model == "vlm_preprocess":
+            drawn = inputs["IMAGE_TEXT"][0, 0].decode("utf-8") if "IMAGE_TEXT" in inputs else ""
             pixels, body, opts = self.vlm_inputs(parse_post(inputs["IMAGE"][0, 0], inputs["TEXT"][0, 0],
-                                                            inputs["OPTIONS"][0, 0]))
+                                                            inputs["OPTIONS"][0, 0]), drawn)
             return {"PIXEL_VALUES": pixels[None], "BODY_IDS": body[None],
                     "DECODER_OPTIONS": np.array([[opts.to_json()]], dtype=np.object_)}
         if model == "vision_encoder":
@@ -86,7 +88,7 @@ class InProcessExecutor:
 class InProcessPipeline:
     def __init__(self, repo: Path, audit_path: Path, torch_threads: int = 2):
         pre_dir = repo / "preprocess" / VERSION
-        self.preprocess = Preprocess(str(pre_dir / "clip"), VERSION)
+        self.preprocess = Preprocess(str(pre_dir / "clip"), VERSION, ImageTextReader())  # the wheel's own sessions
         self.clip_image = _session(repo / "clip_image" / VERSION / "model.onnx")
         self.clip_text = _session(repo / "clip_text" / VERSION / "model.onnx")
         nsfw = repo / "nsfw_image" / VERSION / "model.onnx"

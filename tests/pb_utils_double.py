@@ -62,6 +62,9 @@ class InferenceRequest:
         self.inputs, self.outputs = inputs, requested_output_names
 
     async def async_exec(self) -> InferenceResponse:
+        return self.exec()
+
+    def exec(self) -> InferenceResponse:
         feed = {t.name(): t.as_numpy() for t in self.inputs}
         InferenceRequest.calls.append({"model": self.model_name, "version": self.model_version, "inputs": feed})
         handler = InferenceRequest.handlers.get(self.model_name)

@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clients.bad_inputs import gif_claiming, png_claiming
 from moderation.core.errors import ModerationError
 from moderation.core.imaging import decode_image
 from moderation.core.options import parse_options
 from moderation.core.text import decode_caption
+from perf.bad_inputs import gif_claiming, png_claiming
 
 TIME_LIMIT_S = 2.0  # per call, on this 2-core machine shared with other work
 RSS_GROWTH_LIMIT_MB = 600  # peak RSS may not grow past this over a whole property (40 MP RGB is 120 MB)

@@ -101,7 +101,7 @@ def _low_scores(policy, **over):
 def test_nsfw_thresholds_decide_the_sexual_label(nsfw, route):
     pol = load_policy("default")
     assert (pol.gate.nsfw_allow_below, pol.gate.nsfw_block_at) == (0.2, 0.8)
-    sources = score_sources(pol, nsfw)
+    sources = score_sources(pol, {NSFW_SOURCE: nsfw})
     assert sources == {"sexual": NSFW_SOURCE}
     got, reason = decide(pol, _low_scores(pol, sexual=nsfw), sources)
     assert got == route, reason

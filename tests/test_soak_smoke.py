@@ -1,10 +1,10 @@
-"""`make soak` (clients/soak.py) in miniature against the session server, so the soak's own code is exercised in
+"""`make soak` (perf/soak.py) in miniature against the session server, so the soak's own code is exercised in
 `make test`: a short mixed run (good posts, the catalogue, requests Triton refuses itself) gets only expected
 answers, samples the stubs' and the gateway's RSS, and the refused requests each have their gateway audit row."""
 from __future__ import annotations
 
-from clients.soak import plan, run
 from moderation.core.audit import read_rows
+from perf.soak import plan, run
 
 N = 40
 

@@ -8,11 +8,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from google.protobuf import json_format
 
 from moderation.core.audit import read_rows
 from moderation.core.contracts import DecoderOptions, GateDecision, RequestRecord, VlmVerdict
+from moderation.ocr.reader import MODELS as OCR_MODELS
 from moderation.repository.render import model_config
 from moderation.testing.policies import derive_policy, write_fixed_route_policies
 from moderation.testing.records import request_record
@@ -47,6 +49,10 @@ def pb(tmp_path, monkeypatch):
         "DECODER_OPTIONS": np.array([[b"{}"]], dtype=np.object_)}
     u.InferenceRequest.handlers["vision_encoder"] = lambda feed, _v: {
         "VISUAL_TOKENS": np.zeros((1, 196, 8), np.float32), "DEEPSTACK": np.zeros((1, 2, 196, 8), np.float32)}
+    for model, (name_in, name_out) in OCR_MODELS.items():  # the exported PP-OCRv4 files, as Triton would run them
+        session = ort.InferenceSession(str(REPO / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        u.InferenceRequest.handlers[model] = lambda feed, _v, s=session, i=name_in, o=name_out: {
+            o: s.run([o], {i: feed[i]})[0]}
     u.ready_models.update({("language_decoder", "1"), ("vlm_preprocess", "1")})
     u.audit_path = tmp_path / "audit.jsonl"
     yield u

@@ -63,6 +63,8 @@ class RequestRecord(Contract):
     escalate: bool = False    # OPTIONS escalate: to the VLM whatever the gate decides
     pdq: str | None = None    # PDQ hash, when the policy has an image list
     list_hits: list[dict[str, Any]] = []  # custom-list entries the post matched (core/lists.py ListHit)
+    image_text: list[dict[str, Any]] | None = None  # OCR lines (ocr/reader.py TextLine); None: not read
+    text_scores: dict[str, float] = {}  # trained text signals on caption + image text, e.g. {"profanity": p}
     error: PostError | None = None
     received_at: float        # wall clock, s
     preprocessed_at: float    # wall clock, s

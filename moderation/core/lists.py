@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .imaging import pdq_distance
 from .policy import Policy
-from .text import fold_caption
+from .terms import TermMatcher
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class ListHit:
     id: str
     label: str | None
     field: str         # what matched: "image", or the text field ("caption")
-    detail: dict       # image: {"distance"}; term: {"span": [start, end]} in the folded text
+    detail: dict       # image: {"distance"}; term: {"span": [start, end] in the field's text, "variant"}
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "list": self.list, "id": self.id, "label": self.label, "field": self.field,
@@ -37,34 +37,16 @@ def image_hits(policy: Policy, pdq: str | None) -> list[ListHit]:
 
 
 @functools.lru_cache(maxsize=64)
-def _automaton(policy_name: str, revision: int, digest: str, terms: tuple[tuple[str, str], ...]):
-    import ahocorasick
-
-    auto = ahocorasick.Automaton()
-    for entry_id, term in terms:
-        folded = fold_caption(term)
-        if folded:  # two entries may hold one term: the word maps to every entry id
-            _, ids = auto.get(folded, (folded, ()))
-            auto.add_word(folded, (folded, (*ids, entry_id)))
-    auto.make_automaton()
-    return auto
+def _matcher(policy_name: str, revision: int, digest: str, terms: tuple[tuple[str, str], ...]) -> TermMatcher:
+    return TermMatcher(list(terms))
 
 
 def term_hits(policy: Policy, text: str, field: str = "caption") -> list[ListHit]:
-    """Every term entry found in `text` after the caption folding (NFKC, invisible characters, case, spacing)."""
+    """Every term entry found in `text`, with the variant it was written in (core/terms.py)."""
     if not policy.lists.terms or not text:
         return []
     entries = {e.id: e for e in policy.lists.terms}
-    auto = _automaton(policy.name, policy.lists.revision, policy.digest,
-                      tuple((e.id, e.term) for e in policy.lists.terms))
-    if not len(auto):
-        return []
-    folded = fold_caption(text)
-    hits, seen = [], set()
-    for end, (word, ids) in auto.iter(folded):
-        for entry_id in ids:
-            if entry_id not in seen:
-                seen.add(entry_id)
-                e = entries[entry_id]
-                hits.append(ListHit("term", e.list, e.id, e.label, field, {"span": [end - len(word) + 1, end + 1]}))
-    return hits
+    matcher = _matcher(policy.name, policy.lists.revision, policy.digest,
+                       tuple((e.id, e.term) for e in policy.lists.terms))
+    return [ListHit("term", entries[h.entry_id].list, h.entry_id, entries[h.entry_id].label, field,
+                    {"span": list(h.span), "variant": h.variant}) for h in matcher.match(text)]

@@ -27,6 +27,8 @@ class Options(BaseModel):
     forget: bool = False
     # Send the post to the VLM whatever the gate decided (reported posts, appeals, spot checks); audited.
     escalate: bool = False
+    # Read the text drawn in the image (OCR); false skips it for this post.
+    ocr: bool = True
 
 
 def parse_options(raw: bytes | str | None) -> Options:

@@ -42,6 +42,8 @@ class Gate(_Strict):
     block_labels: list[str] = []
     # Signals from trained classifiers (e.g. nsfw_image) override concept scores for their label.
     nsfw_label: str | None = "sexual"
+    # The trained English profanity classifier (alt-profanity-check) on caption + image text scores this label.
+    profanity_label: str | None = "hate"
     # The trained nsfw_image signal (open_nsfw's P(nsfw)) has its own thresholds on nsfw_label: allow below
     # nsfw_allow_below, block at nsfw_block_at (if the label is in block_labels), escalate in between.
     nsfw_allow_below: float = Field(0.2, ge=0.0, le=1.01)
@@ -102,7 +104,7 @@ class Band(_Strict):
 def _default_bands() -> dict[str, Band]:
     # open_nsfw's guidance (< 0.2 likely safe, > 0.8 likely NSFW); the others as the gate's defaults
     return {"clip": Band(review=0.5, block=0.97), "nsfw_image": Band(review=0.2, block=0.8),
-            "vlm": Band(review=0.5, block=0.9)}
+            "vlm": Band(review=0.5, block=0.9), "profanity": Band(review=0.5, block=0.9)}
 
 
 class Decisions(_Strict):
@@ -139,6 +141,12 @@ class PolicyLists(_Strict):
     terms: list[TermEntry] = []
 
 
+class OcrSettings(_Strict):
+    """Reading the text drawn in images (moderation/ocr/reader.py); OPTIONS {"ocr": false} skips it per post."""
+    enabled: bool = True
+    prompt_max_tokens: int = Field(128, ge=0, le=1024)  # image-text tokens the VLM prompt carries
+
+
 class SentimentOption(_Strict):
     key: str
     en: str
@@ -154,6 +162,7 @@ class Prompt(_Strict):
     describe: str
     yes: str
     no: str
+    image_text: str = ""  # the prompt's line for the text in the image, e.g. "Text in the image: {text}"
 
 
 class Policy(_Strict):
@@ -165,6 +174,7 @@ class Policy(_Strict):
     ab: ABTest | None = None
     cache: CacheSettings = CacheSettings()
     decisions: Decisions = Decisions()
+    ocr: OcrSettings = OcrSettings()
     sentiment: list[SentimentOption]
     prompts: dict[Literal["en", "zh"], Prompt]
     digest: str = ""
@@ -188,6 +198,8 @@ class Policy(_Strict):
             raise ValueError("gate.allow_below must not exceed gate.block_at")
         if self.gate.nsfw_allow_below > self.gate.nsfw_block_at:
             raise ValueError("gate.nsfw_allow_below must not exceed gate.nsfw_block_at")
+        if self.gate.profanity_label is not None and self.gate.profanity_label not in keys:
+            raise ValueError(f"gate.profanity_label names an unknown label {self.gate.profanity_label!r}")
         if self.gate.nsfw_label is not None and self.gate.nsfw_label not in keys:
             raise ValueError(f"gate.nsfw_label names an unknown label {self.gate.nsfw_label!r}")
         bad = [k for k in self.decisions.labels if k not in keys]

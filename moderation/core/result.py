@@ -13,6 +13,7 @@ import jsonschema
 
 from .contracts import CACHE, ESCALATE, GateDecision, PostError, RequestRecord
 from .decision import decide, evidence
+from .hashing import sha256_hex
 from .policy import Policy, load_policy
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "result.schema.json"
@@ -78,6 +79,8 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
         "hashes": {"image_sha256": record.image_sha256, "text_sha256": record.text_sha256},
         "caption_truncated": {"clip": record.caption_truncated, "vlm": vlm.caption_truncated if vlm else None},
         "list_hits": record.list_hits,
+        # the words OCR read in the image (null: not read, OPTIONS ocr false or the policy's ocr off)
+        "image_text": None if record.image_text is None else {"lines": record.image_text},
         "escalated": gate.escalated,
         "error": None,
         # the verdict cache's answer for posts the gate escalated under a policy with `cache.enabled`
@@ -87,6 +90,14 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
         # set only when the gate sent this post to the INT8 decoder at peak (policy decoder.fallback)
         **({"fallback": gate.fallback.model_dump()} if gate.fallback else {}),
     }
+
+
+def _image_text_audit(record: RequestRecord) -> dict:
+    """What the audit row keeps of the image's words: their hash and line count, never the text."""
+    if record.image_text is None:
+        return {}
+    text = "\n".join(line["text"] for line in record.image_text)
+    return {"image_text_sha256": sha256_hex(text.encode("utf-8")), "image_text_lines": len(record.image_text)}
 
 
 @dataclass
@@ -142,6 +153,7 @@ def finish_post(record: RequestRecord, gate: GateDecision, postprocess_version: 
            "text_sha256": record.text_sha256, "image_format": record.image_format,
            "image_size": list(record.image_size), "caption_truncated": result["caption_truncated"],
            "lang": record.lang, "error": None, "untrained": result["untrained"],
+           **_image_text_audit(record),
            **({"list_hits": result["list_hits"]} if result["list_hits"] else {}),
            **({"escalated": result["escalated"]} if result["escalated"] else {}),
            **({"ab": result["ab"]} if "ab" in result else {}),

@@ -20,6 +20,8 @@ from ..core.lists import image_hits, term_hits
 from ..core.options import parse_options
 from ..core.post import parse_post
 from ..core.text import caption_key
+from ..ocr.reader import ImageTextReader
+from .text_signals import text_scores
 
 CLIP_MAX_TOKENS = 77
 
@@ -121,11 +123,13 @@ class GateInputs:
 class Preprocess:
     """The preprocess stage: validate a post and build its GateInputs."""
 
-    def __init__(self, clip_dir: str, version: str):
+    def __init__(self, clip_dir: str, version: str, reader: ImageTextReader | None = None):
+        """`reader` reads the text drawn in images (None: posts carry no image text)."""
         self.pixels = ClipPixels(clip_dir)
         self.tokens = ClipTokens(clip_dir)
         self.nsfw = NsfwPixels()  # open_nsfw's reference preprocessing for the nsfw_image model
         self.version = version
+        self.reader = reader
 
     def __call__(self, image: bytes, text: bytes, options: bytes | None, received_at: float,
                  started: float, failure_meta: dict | None = None) -> GateInputs:
@@ -138,16 +142,21 @@ class Preprocess:
         post = parse_post(image, text, parsed, hashes)
         ids, mask, truncated = self.tokens.encode([post.caption])
         policy, cache = post.policy, post.policy.cache
+        lines = self.reader.read(post.image) if self.reader and policy.ocr.enabled and parsed.ocr else None
+        image_text = image_text_of(lines)
         pdq = pdq_hash(post.image)[0] if policy.lists.images else None
-        hits = image_hits(policy, pdq) + term_hits(policy, post.caption)
+        hits = image_hits(policy, pdq) + term_hits(policy, post.caption) + term_hits(policy, image_text, "image_text")
         record = RequestRecord(
             request_id=parsed.request_id, policy_id=post.policy.id, policy_name=parsed.policy, lang=post.lang,
             describe=parsed.describe, return_embedding=parsed.return_embedding, forget=parsed.forget,
             image_format=post.image_format, image_size=post.image_size, has_caption=bool(post.caption),
-            caption_key=caption_key(post.caption), caption_truncated=truncated[0],
+            # the verdict cache's key: a meme template with other words drawn on it is another post
+            caption_key=caption_key(post.caption + "\n" + image_text), caption_truncated=truncated[0],
             fingerprint=fingerprint(post.image).tolist() if cache.enabled and cache.fingerprint_threshold is not None
             else None,
             escalate=parsed.escalate, pdq=pdq, list_hits=[h.to_dict() for h in hits],
+            image_text=None if lines is None else [line.to_dict() for line in lines],
+            text_scores=text_scores(post.caption, image_text),
             received_at=received_at, preprocessed_at=time.time(),
             preprocess_ms=(time.perf_counter() - started) * 1e3, preprocess_version=self.version, **hashes)
         return GateInputs(record, self.pixels(post.image), ids[0], mask[0], self.nsfw(post.image))
@@ -166,6 +175,11 @@ class Preprocess:
             like = GateInputs(record, self.pixels(blank), ids[0], mask[0], self.nsfw(blank))
         return GateInputs(record, np.zeros_like(like.clip_pixels), np.zeros_like(like.clip_input_ids),
                           np.zeros_like(like.clip_attention_mask), np.zeros_like(like.nsfw_pixels))
+
+
+def image_text_of(lines) -> str:
+    """The image's lines as one text, in reading order ("" for none)."""
+    return "\n".join(line.text for line in lines or ())
 
 
 def check_rows(images: list, texts: list, options: list) -> list:

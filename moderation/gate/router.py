@@ -24,6 +24,7 @@ from .cache import GateCache
 from .fallback import FallbackSwitch
 from .inputs import ClipTokens
 from .scoring import ConceptBank, judge
+from .text_signals import SIGNALS as TEXT_SIGNALS
 
 TEXT_BATCH = 64  # concept texts per clip_text call (its max_batch_size)
 
@@ -73,7 +74,7 @@ class GateRouter:
         """`signals`: 'trained' / 'untrained' per signal the gate reads (clip, nsfw_image), from artifact records;
         `count(metric, **labels)` feeds the custom metrics; `warn` logs a degraded path."""
         self.executor, self.clip_tokens, self.version = executor, clip_tokens, version
-        self.signals, self.count, self.warn = signals, count, warn
+        self.signals, self.count, self.warn = {**TEXT_SIGNALS, **signals}, count, warn
         self.banks: dict[str, ConceptBank] = {}
         # near-duplicate verdict cache (policy `cache`); verdicts of swapped-out model versions are not served
         self.verdicts = GateCache(is_ready=executor.is_ready)
@@ -110,11 +111,13 @@ class GateRouter:
                                                      (time.perf_counter() - t0) * 1e3))
                 continue
             policy = load_policy(rec.policy_name)
-            judged = judge(policy, await self.bank(policy), post.image_emb, post.text_emb, rec.has_caption,
-                           post.nsfw_score)
-            signals = {"clip": self.signals["clip"]}
+            trained = dict(rec.text_scores)
             if post.nsfw_score is not None:
-                signals["nsfw_image"] = self.signals.get("nsfw_image", "untrained")
+                trained["nsfw_image"] = post.nsfw_score
+            judged = judge(policy, await self.bank(policy), post.image_emb, post.text_emb, rec.has_caption, trained)
+            signals = {"clip": self.signals["clip"]}
+            for source in trained:  # an artifact record (or the text classifier's own module) says trained
+                signals[source] = self.signals.get(source, "untrained")
             d = GateDecision(**judged, signals=signals, gate_version=self.version, gate_started=time.time(),
                              gate_ms=(time.perf_counter() - t0) * 1e3)
             decisions.append(d)
@@ -159,6 +162,9 @@ class GateRouter:
         inputs = {"IMAGE": np.array([[post.image]], dtype=np.object_),
                   "TEXT": np.array([[post.text]], dtype=np.object_),
                   "OPTIONS": np.array([[opts]], dtype=np.object_)}
+        if post.record.image_text:  # the words drawn in the image, for the prompt (OCR ran once, in preprocess)
+            text = "\n".join(line["text"] for line in post.record.image_text)
+            inputs["IMAGE_TEXT"] = np.array([[text.encode("utf-8")]], dtype=np.object_)
         t = time.perf_counter()
         out = None
         fallback = self.fallback.check(policy.decoder.fallback)

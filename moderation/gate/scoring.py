@@ -11,6 +11,14 @@ from ..core.policy import Policy
 from ..core.vectors import l2_normalize
 
 NSFW_SOURCE = "nsfw_image"  # the trained image-safety model's name, used as the score's source
+PROFANITY_SOURCE = "profanity"  # the trained English profanity classifier (gate/text_signals.py)
+
+
+def trained_labels(policy: Policy) -> dict[str, str]:
+    """{trained signal: the policy label it scores} for the trained signals the gate reads."""
+    g = policy.gate
+    return {s: lab for s, lab in ((NSFW_SOURCE, g.nsfw_label), (PROFANITY_SOURCE, g.profanity_label))
+            if lab is not None and lab in policy.label_keys}
 
 
 def _sigmoid(x: float) -> float:
@@ -39,7 +47,9 @@ class ConceptBank:
 
 
 def gate_scores(policy: Policy, bank: ConceptBank, image_emb: np.ndarray, text_emb: np.ndarray | None,
-                nsfw_score: float | None = None) -> tuple[dict[str, float], float | None]:
+                trained: dict[str, float] | None = None) -> tuple[dict[str, float], float | None]:
+    """Per-label scores (concept bank, consistency for `mismatch`); a trained signal's score (`trained`:
+    {signal: score}) replaces the concept score of its label: trained beats untrained."""
     g = policy.gate
     img = l2_normalize(image_emb)
     scores: dict[str, float] = {}
@@ -55,22 +65,30 @@ def gate_scores(policy: Policy, bank: ConceptBank, image_emb: np.ndarray, text_e
         consistency = float(l2_normalize(text_emb) @ img)
         if "mismatch" in scores:
             scores["mismatch"] = _sigmoid(g.consistency_scale * (g.consistency_center - consistency))
-    if nsfw_score is not None and g.nsfw_label in scores:
-        scores[g.nsfw_label] = float(nsfw_score)  # a trained classifier beats an untrained concept match
+    for label, source in score_sources(policy, trained).items():
+        scores[label] = float(trained[source])
     return scores, consistency
 
 
-def score_sources(policy: Policy, nsfw_score: float | None) -> dict[str, str]:
-    """{label: source} for labels scored by a trained signal instead of the CLIP concept bank."""
-    label = policy.gate.nsfw_label
-    return {label: NSFW_SOURCE} if nsfw_score is not None and label in policy.label_keys else {}
+def score_sources(policy: Policy, trained: dict[str, float] | None) -> dict[str, str]:
+    """{label: source} for labels scored by a trained signal instead of the CLIP concept bank (a label two trained
+    signals score keeps the first: nsfw_image, then profanity)."""
+    out: dict[str, str] = {}
+    for source, label in trained_labels(policy).items():
+        if (trained or {}).get(source) is not None:
+            out.setdefault(label, source)
+    return out
 
 
 def thresholds(policy: Policy, label: str, sources: dict[str, str] | None = None) -> tuple[float, float]:
     """(allow_below, block_at) for one label: the trained signal's own pair, else the gate's."""
     g = policy.gate
-    if (sources or {}).get(label) == NSFW_SOURCE:
+    source = (sources or {}).get(label)
+    if source == NSFW_SOURCE:
         return g.nsfw_allow_below, g.nsfw_block_at
+    if source in policy.decisions.bands:  # other trained signals route by their action bands
+        band = policy.decisions.bands[source]
+        return band.review, band.block
     return g.allow_below, g.block_at
 
 
@@ -86,8 +104,8 @@ def decide(policy: Policy, scores: dict[str, float], sources: dict[str, str] | N
         return BLOCK, f"{top} score {blocking[top]:.3f}{via} >= block_at {th[top][1]}"
     ambiguous = {k: v for k, v in scores.items() if v >= th[k][0]}
     if not ambiguous:
-        return ALLOW, f"every label score below its allow threshold (allow_below {g.allow_below}" + (
-            f", {g.nsfw_label} from {NSFW_SOURCE} below {g.nsfw_allow_below})" if sources else ")")
+        trained = "".join(f", {lab} from {src} below {th[lab][0]}" for lab, src in (sources or {}).items())
+        return ALLOW, f"every label score below its allow threshold (allow_below {g.allow_below}{trained})"
     top = max(ambiguous, key=ambiguous.get)
     via = f" ({sources[top]})" if sources and top in sources else ""
     return ESCALATE, (f"{top} score {scores[top]:.3f}{via} is ambiguous "
@@ -95,11 +113,11 @@ def decide(policy: Policy, scores: dict[str, float], sources: dict[str, str] | N
 
 
 def judge(policy: Policy, bank: ConceptBank, image_emb, text_emb, has_caption: bool,
-          nsfw_score: float | None = None) -> dict:
+          trained: dict[str, float] | None = None) -> dict:
     """The gate's decision fields for one post: route, reason, scores, consistency, and the labels a trained
-    signal scored (sources) with that signal's allow thresholds."""
-    scores, consistency = gate_scores(policy, bank, image_emb, text_emb if has_caption else None, nsfw_score)
-    sources = score_sources(policy, nsfw_score)
+    signal scored (sources) with that signal's allow thresholds. `trained`: {signal: score}."""
+    scores, consistency = gate_scores(policy, bank, image_emb, text_emb if has_caption else None, trained)
+    sources = score_sources(policy, trained)
     route, reason = decide(policy, scores, sources)
     return {"route": route, "reason": reason, "scores": scores, "consistency": consistency, "sources": sources,
             "thresholds": {k: thresholds(policy, k, sources)[0] for k in sources}}

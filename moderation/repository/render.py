@@ -19,7 +19,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-ONNX_MODELS = ("clip_image", "clip_text", "vision_encoder", "nsfw_image")
+ONNX_MODELS = ("clip_image", "clip_text", "vision_encoder", "nsfw_image", "ocr_detect", "ocr_classify",
+               "ocr_recognize")
 PYTHON_MODELS = ("preprocess", "clip_gate", "postprocess", "vlm_preprocess", "language_decoder",
                  "language_decoder_int8")
 ENSEMBLES = ("moderate", "vlm")
@@ -27,7 +28,8 @@ ENSEMBLES = ("moderate", "vlm")
 # pure function of their input tensors and never empty. Triton 2.51 does cache a top-level ensemble, but
 # `moderate` is not cached: a hit would skip the audit row, echo the first request's request_id, and insertion
 # fails whenever EMBEDDING is empty ("Response buffer from output was nullptr"); see docs/performance.md.
-RESPONSE_CACHE = ("clip_image", "clip_text", "nsfw_image", "vision_encoder")
+RESPONSE_CACHE = ("clip_image", "clip_text", "nsfw_image", "vision_encoder", "ocr_detect", "ocr_classify",
+                  "ocr_recognize")
 ALL_MODELS = ONNX_MODELS + PYTHON_MODELS + ENSEMBLES
 
 S, F32, I64, I32 = "TYPE_STRING", "TYPE_FP32", "TYPE_INT64", "TYPE_INT32"
@@ -73,6 +75,17 @@ MODELS: dict[str, dict] = {
     "nsfw_image": dict(
         backend="onnx", max_batch_size=16, instances=1, queue_delay_us=2000,
         inputs=[_io("input:0", F32, [224, 224, 3])], outputs=[_io("outputs", F32, [2])]),
+    # PaddleOCR PP-OCRv4 (trained, from the rapidocr-onnxruntime wheel), called by preprocess (BLS) through the
+    # package's own pre/post-processing (moderation/ocr/reader.py). Tensor names are the ONNX files' own.
+    "ocr_detect": dict(
+        backend="onnx", max_batch_size=4, instances=1, queue_delay_us=0,
+        inputs=[_io("x", F32, [3, -1, -1])], outputs=[_io("sigmoid_0.tmp_0", F32, [1, -1, -1])]),
+    "ocr_classify": dict(
+        backend="onnx", max_batch_size=16, instances=1, queue_delay_us=1000,
+        inputs=[_io("x", F32, [3, 48, 192])], outputs=[_io("save_infer_model/scale_0.tmp_1", F32, [2])]),
+    "ocr_recognize": dict(
+        backend="onnx", max_batch_size=16, instances=1, queue_delay_us=1000,
+        inputs=[_io("x", F32, [3, 48, -1])], outputs=[_io("softmax_11.tmp_0", F32, [-1, 6625])]),
     "clip_gate": dict(
         backend="python", max_batch_size=16, instances=1, queue_delay_us=2000,
         # IMAGE and TEXT travel on to the vlm ensemble for escalated posts; the rest of the post is in REQUEST
@@ -87,7 +100,7 @@ MODELS: dict[str, dict] = {
                  _io("EMBEDDING", F32, [-1])]),
     "vlm_preprocess": dict(
         backend="python", max_batch_size=8, instances=1, queue_delay_us=2000,
-        inputs=POST_INPUTS,
+        inputs=POST_INPUTS + [_io("IMAGE_TEXT", S, [1], optional=True)],
         outputs=[_io("PIXEL_VALUES", F32, [784, 1536]), _io("BODY_IDS", I64, [-1]), _io("DECODER_OPTIONS", S, [1])]),
     "vision_encoder": dict(
         backend="onnx", max_batch_size=8, instances=1, queue_delay_us=5000,
@@ -101,9 +114,9 @@ MODELS: dict[str, dict] = {
         parameters={"torch_threads": "1", "dtype": "auto", "device": "auto"}),
     "vlm": dict(
         backend="ensemble", max_batch_size=8,
-        inputs=POST_INPUTS, outputs=[_io("VLM_RESULT", S, [1])],
+        inputs=POST_INPUTS + [_io("IMAGE_TEXT", S, [1], optional=True)], outputs=[_io("VLM_RESULT", S, [1])],
         steps=[
-            ("vlm_preprocess", {"IMAGE": "IMAGE", "TEXT": "TEXT", "OPTIONS": "OPTIONS"},
+            ("vlm_preprocess", {"IMAGE": "IMAGE", "TEXT": "TEXT", "OPTIONS": "OPTIONS", "IMAGE_TEXT": "IMAGE_TEXT"},
              {"PIXEL_VALUES": "pixel_values", "BODY_IDS": "body_ids", "DECODER_OPTIONS": "decoder_options"}),
             ("vision_encoder", {"PIXEL_VALUES": "pixel_values"},
              {"VISUAL_TOKENS": "visual_tokens", "DEEPSTACK": "deepstack"}),

@@ -9,6 +9,9 @@ import numpy as np
 
 from ..core.errors import BadRequest
 from ..gate.inputs import Preprocess, check_rows, first_post_meta
+from ..gate.router import failed_call
+from ..ocr.reader import MODELS as OCR_MODELS
+from ..ocr.reader import ImageTextReader
 from ..repository.artifacts import read_artifact_record
 from .pb import pb
 from .triton_io import Stage, bytes_rows, string_tensor, tensor, version_dir
@@ -19,7 +22,7 @@ class PreprocessModel:
         self.stage = Stage(args)
         vdir = version_dir(args)
         read_artifact_record(vdir)  # refuses to load when a file differs from its record
-        self.preprocess = Preprocess(str(vdir / "clip"), self.stage.version)
+        self.preprocess = Preprocess(str(vdir / "clip"), self.stage.version, ImageTextReader(_ocr_bls))
 
     def execute(self, requests):
         return [self._one(r) for r in requests]
@@ -64,3 +67,14 @@ class PreprocessModel:
         for i, e, post_meta in failed:
             posts[i] = self.preprocess.failed(e, post_meta, received, t0, like)
         return posts
+
+
+def _ocr_bls(model: str, x: np.ndarray) -> np.ndarray:
+    """One OCR model call by BLS (the reader runs inside preprocess's own execute, so a blocking call)."""
+    u = pb()
+    name_in, name_out = OCR_MODELS[model]
+    resp = u.InferenceRequest(model_name=model, requested_output_names=[name_out],
+                              inputs=[u.Tensor(name_in, np.ascontiguousarray(x, dtype=np.float32))]).exec()
+    if resp.has_error():
+        raise failed_call(model, resp.error().message())
+    return u.get_output_tensor_by_name(resp, name_out).as_numpy()

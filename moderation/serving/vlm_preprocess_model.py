@@ -28,10 +28,12 @@ class VlmPreprocessModel:
         try:
             images, texts = bytes_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
             options = bytes_rows(request, "OPTIONS", optional=True) or [None] * len(images)
+            image_texts = bytes_rows(request, "IMAGE_TEXT", optional=True) or [b""] * len(images)
             pixels, bodies, infos = [], [], []
-            for image, text, opt in zip(images, texts, options, strict=True):
+            for image, text, opt, drawn in zip(images, texts, options, image_texts, strict=True):
                 meta = post_hashes(image, text)
-                p, body, info = self.inputs(parse_post(image, text, opt, meta))
+                drawn = (drawn or b"").decode("utf-8", "replace")  # the image's words, read by preprocess
+                p, body, info = self.inputs(parse_post(image, text, opt, meta), drawn)
                 pixels.append(p), bodies.append(body), infos.append(info.to_json())
             width = max(len(b) for b in bodies)
             if any(len(b) != width for b in bodies):  # rows of one request share a length: pad with -1

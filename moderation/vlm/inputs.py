@@ -49,12 +49,16 @@ class VlmInputs:
         self.prompts = PromptBuilder(self.tokenizer, self.pixels.num_visual_tokens)
         self.version = version
 
-    def __call__(self, post: Post) -> tuple[np.ndarray, np.ndarray, DecoderOptions]:
+    def _cap(self, text: str, max_tokens: int) -> tuple[str, bool]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return (self.tokenizer.decode(ids[:max_tokens]), True) if len(ids) > max_tokens else (text, False)
+
+    def __call__(self, post: Post, image_text: str = "") -> tuple[np.ndarray, np.ndarray, DecoderOptions]:
+        """`image_text`: the words OCR read in the image (preprocess), capped at the policy's prompt_max_tokens."""
         pixel_values, _ = self.pixels(post.image)
-        ids = self.tokenizer.encode(post.caption, add_special_tokens=False)
-        truncated = len(ids) > MAX_CAPTION_TOKENS
-        caption = self.tokenizer.decode(ids[:MAX_CAPTION_TOKENS]) if truncated else post.caption
-        body = np.asarray(self.prompts.body_ids(post.policy, post.lang, caption), dtype=np.int64)
+        caption, truncated = self._cap(post.caption, MAX_CAPTION_TOKENS)
+        image_text, _ = self._cap(image_text, post.policy.ocr.prompt_max_tokens) if image_text else ("", False)
+        body = np.asarray(self.prompts.body_ids(post.policy, post.lang, caption, image_text), dtype=np.int64)
         options = DecoderOptions(policy_name=post.options.policy, lang=post.lang, describe=post.options.describe,
                                  caption_truncated=truncated, vlm_preprocess_version=self.version)
         return pixel_values, body, options

@@ -2,7 +2,7 @@
 
 Layout (Qwen chat format):
     prefix   <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n          shared by every post
-    body     <|vision_start|><|image_pad|>*N<|vision_end|>{caption}<|im_end|>\n<|im_start|>assistant\n
+    body     <|vision_start|><|image_pad|>*N<|vision_end|>{caption}{image text}<|im_end|>\n<|im_start|>assistant\n
     question "violation:" | "{label}:" | "sentiment:"    one short continuation per answer read
 The verdict reads the next-token distribution over each question's fixed options (" yes"/" no", ...),
 so a post costs one prefill of prefix+body plus a few tokens per question, never free-text decoding."""
@@ -38,11 +38,12 @@ class PromptBuilder:
         system = p.system.format(labels=", ".join(policy.label_names(lang)))
         return self._ids(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
 
-    def body_ids(self, policy: Policy, lang: str, caption: str) -> list[int]:
+    def body_ids(self, policy: Policy, lang: str, caption: str, image_text: str = "") -> list[int]:
         p = policy.prompts[lang]
         vision = "<|vision_start|>" + IMAGE_PAD * self.num_visual_tokens + "<|vision_end|>"
         caption_line = p.caption.format(caption=caption) if caption else ""
-        return self._ids(f"{vision}{caption_line}<|im_end|>\n<|im_start|>assistant\n")
+        text_line = ("\n" + p.image_text.format(text=image_text)) if image_text and p.image_text else ""
+        return self._ids(f"{vision}{caption_line}{text_line}<|im_end|>\n<|im_start|>assistant\n")
 
     def describe_ids(self, policy: Policy, lang: str) -> list[int]:
         return self._ids(policy.prompts[lang].describe)

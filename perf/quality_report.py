@@ -1,7 +1,7 @@
 """False positives of the trained nsfw_image signal on every real safe-for-work image that ships offline.
 
-    .venv/bin/python -m clients.quality_report                 # scores, plot, JSON (in-process, ~1 min)
-    .venv/bin/python -m clients.quality_report --server        # also re-score every image through the real
+    .venv/bin/python -m perf.quality_report                 # scores, plot, JSON (in-process, ~1 min)
+    .venv/bin/python -m perf.quality_report --server        # also re-score every image through the real
                                                                # Triton server and check the scores agree
 
 Scores each image with the served artifact (model_repository/nsfw_image/1/model.onnx, checked against its

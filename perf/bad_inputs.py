@@ -1,9 +1,9 @@
 """A catalogue of hostile, broken and odd-but-valid posts, built in memory (no huge buffers: bombs are
-crafted headers). tests/test_bad_input.py sends every case to a real server; clients/soak.py mixes them
+crafted headers). tests/test_bad_input.py sends every case to a real server; perf/soak.py mixes them
 into its traffic. Each case names the error code it must get (docs/errors.md) or "ok" when the post
 must be moderated normally, and a word its error message must contain.
 
-    .venv/bin/python -m clients.bad_inputs --url 127.0.0.1:8001     # one line per case: expected vs got
+    .venv/bin/python -m perf.bad_inputs --url 127.0.0.1:8001     # one line per case: expected vs got
 """
 from __future__ import annotations
 

@@ -1,0 +1,60 @@
+"""The text drawn in an image: PaddleOCR's PP-OCRv4 detection and recognition (and its direction classifier) from
+the rapidocr-onnxruntime wheel, through that package's own pre- and post-processing (DB box decoding, crops,
+batching, CTC decoding), so the served text is the package's by construction. On the server the three ONNX models
+run as Triton models (ocr_detect, ocr_classify, ocr_recognize: dynamic batching, response cache); `infer` is the
+call that reaches them (BLS). Without it the package's own onnxruntime sessions run in-process (benchmarks).
+
+Cost control: detection runs at most at `det_side` pixels on the longer side; an image where detection finds no
+text costs detection only."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+DET_SIDE = 640   # chosen by measurement: docs/performance.md (OCR)
+MAX_LINES = 32   # lines kept per image, in reading order
+# Triton model -> (input, output) tensor names: the ONNX files' own, so the onnxruntime backend serves them too.
+MODELS = {"ocr_detect": ("x", "sigmoid_0.tmp_0"), "ocr_classify": ("x", "save_infer_model/scale_0.tmp_1"),
+          "ocr_recognize": ("x", "softmax_11.tmp_0")}
+ONNX_FILES = {"ocr_detect": "ch_PP-OCRv4_det_infer.onnx", "ocr_classify": "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+              "ocr_recognize": "ch_PP-OCRv4_rec_infer.onnx"}
+
+
+def package_dir() -> Path:
+    import rapidocr_onnxruntime
+
+    return Path(rapidocr_onnxruntime.__file__).parent
+
+
+@dataclass(frozen=True)
+class TextLine:
+    text: str
+    confidence: float
+    box: list[list[int]]  # four corners, clockwise from top-left, in the image's pixels
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "confidence": round(self.confidence, 4), "box": self.box}
+
+
+class ImageTextReader:
+    def __init__(self, infer: Callable[[str, np.ndarray], np.ndarray] | None = None, det_side: int = DET_SIDE):
+        """`infer(model, input) -> output`: run one of MODELS (None: the package's own sessions)."""
+        from rapidocr_onnxruntime import RapidOCR
+
+        self.engine = RapidOCR(det_limit_side_len=det_side, det_limit_type="max")
+        if infer is not None:
+            self.engine.text_det.infer = lambda x: [infer("ocr_detect", x)]
+            self.engine.text_cls.infer = lambda x: [infer("ocr_classify", x)]
+            self.engine.text_rec.session = lambda x: [infer("ocr_recognize", x)]
+
+    def read(self, image: Image.Image) -> list[TextLine]:
+        """Lines in reading order (top to bottom, then left to right), as the package orders them."""
+        result, _ = self.engine(image.convert("RGB"))
+        lines = []
+        for box, text, score in (result or [])[:MAX_LINES]:
+            lines.append(TextLine(str(text), float(score), [[int(round(x)), int(round(y))] for x, y in box]))
+        return lines
