@@ -32,8 +32,12 @@ def decode_utf8(data: bytes | str, *, name: str, max_bytes: int, bad: type[Moder
 
 
 def decode_caption(data: bytes | str, *, max_bytes: int = MAX_TEXT_BYTES) -> str:
-    return normalize_caption(decode_utf8(data, name="caption", max_bytes=max_bytes, bad=BadText,
-                                         too_long=TextTooLong))
+    return normalize_caption(decode_caption_as_sent(data, max_bytes=max_bytes))
+
+
+def decode_caption_as_sent(data: bytes | str, *, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """The caption's characters before normalisation (term matching reports spans and variants against them)."""
+    return decode_utf8(data, name="caption", max_bytes=max_bytes, bad=BadText, too_long=TextTooLong)
 
 
 def normalize_caption(text: str) -> str:

@@ -145,7 +145,8 @@ class Preprocess:
         lines = self.reader.read(post.image) if self.reader and policy.ocr.enabled and parsed.ocr else None
         image_text = image_text_of(lines)
         pdq = pdq_hash(post.image)[0] if policy.lists.images else None
-        hits = image_hits(policy, pdq) + term_hits(policy, post.caption) + term_hits(policy, image_text, "image_text")
+        hits = (image_hits(policy, pdq) + term_hits(policy, post.caption_as_sent)
+                + term_hits(policy, image_text, "image_text"))
         record = RequestRecord(
             request_id=parsed.request_id, policy_id=post.policy.id, policy_name=parsed.policy, lang=post.lang,
             describe=parsed.describe, return_embedding=parsed.return_embedding, forget=parsed.forget,
