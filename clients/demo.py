@@ -8,6 +8,7 @@ import time
 import unicodedata
 from pathlib import Path
 
+from moderation.testing.memes import memes, render
 from moderation.testing.samples import sample_posts
 from moderation.testing.server import running_server
 
@@ -59,6 +60,8 @@ def _add_demo_lists(url: str, key: str, policies: Path) -> None:
     lists.add_image("default", "block", coins.image_bytes(), label="scam", note="demo: a known scam-ad photo")
     lists.add_term("default", "block", "click the link in bio", label="scam", note="demo: spam phrase")
     lists.add_term("default", "review", "deserved everything", label="hate", note="demo: send to a person")
+    lists.add_term("default", "block", "稳赚不赔", label="scam", note="demo: scam slogan (caught in image text too)")
+    lists.add_term("default", "review", "加微信", label="scam", note="demo: contact bait, and its 加V信 variant")
 
 
 def main() -> int:
@@ -71,8 +74,14 @@ def main() -> int:
     with running_server(log_path=log, env=env, key=key) as srv:
         print(f"ready in {time.time() - t:.1f}s on gRPC {srv.grpc_url} (server log: {log})\n", flush=True)
         _add_demo_lists(srv.grpc_url, key, policies)
-        rows = []
+        rows, meme_rows = [], []
         with ModerationClient(srv.grpc_url) as client:
+            for meme in memes():
+                r = client.moderate(render(meme), meme.caption)
+                drawn = " / ".join(x["text"] for x in (r["image_text"] or {}).get("lines", [])) or "-"
+                hits = ", ".join(f"{h['list']}:{h['variant']}@{h['field']}" for h in r["list_hits"]) or "-"
+                meme_rows.append([meme.name, drawn[:34] + ("…" if len(drawn) > 34 else ""), r["action"].upper(),
+                                  r["decided_by"], r["route"], hits, f"{r['latency_ms']['total']:.0f} ms"])
             for post in sample_posts():
                 caption = post.text if len(post.text) <= 28 else post.text[:27] + "…"
                 try:
@@ -89,6 +98,8 @@ def main() -> int:
                              f"{r['latency_ms']['total']:.0f} ms", signals])
         print(_table(rows, ["post", "caption", "action", "decided by", "route", "top labels (source)", "nsfw",
                             "latency", "signals"]))
+        print("\nmemes: the text drawn in the image (PP-OCRv4, trained), matched against the term lists")
+        print(_table(meme_rows, ["meme", "image text (OCR)", "action", "decided by", "route", "list hits", "latency"]))
         print("\n" + BANNER)
     print("\nserver stopped.")
     return 0

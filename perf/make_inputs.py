@@ -15,6 +15,8 @@ Targets:
   vision_encoder.json    PIXEL_VALUES [784, 1536] from vlm_preprocess's own QwenPixels
   language_decoder.json  VISUAL_TOKENS / DEEPSTACK from the exported vision encoder, BODY_IDS, DECODER_OPTIONS
   nsfw_image.json        only when model_repository/nsfw_image exists (its inputs read from its config)
+  gate_memes.json        the entry ensemble, policy `allow_all`, on the rendered memes (gate path + OCR of their text)
+  ocr_detect.json        the detection input of each meme at the reader's bounded side (moderation/ocr/reader.py)
 """
 from __future__ import annotations
 
@@ -128,6 +130,29 @@ def nsfw_entries(repo: Path, n: int) -> list[dict] | None:
     return out
 
 
+def meme_entries(policy: str) -> list[dict]:
+    from moderation.testing.memes import memes, render
+
+    opts = json.dumps({"policy": policy}).encode()
+    return [{"IMAGE": b64_bytes([render(m)]), "TEXT": b64_bytes([m.caption.encode("utf-8")]),
+             "OPTIONS": b64_bytes([opts])} for m in memes()]
+
+
+def ocr_detect_entries() -> list[dict]:
+    """ocr_detect's input for each meme, made by the reader's own detection preprocessing."""
+    from moderation.core.imaging import decode_image
+    from moderation.ocr.reader import ImageTextReader
+    from moderation.testing.memes import memes, render
+
+    det = ImageTextReader().engine.text_det
+    out = []
+    for m in memes():
+        bgr = np.asarray(decode_image(render(m)).image)[:, :, ::-1]
+        x = det.get_preprocess(max(bgr.shape[:2]))(bgr)[0].astype(np.float32)
+        out.append({"x": b64_array(x, with_shape=True)})
+    return out
+
+
 def write(out: Path, name: str, entries: list[dict]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
@@ -147,6 +172,8 @@ def make_all(out: Path = BUILD / "inputs", repo: Path = REPO, vlm_samples: int =
     nsfw = nsfw_entries(repo, vlm_samples)
     if nsfw is not None:
         files["nsfw_image"] = write(out, "nsfw_image", nsfw)
+    files["gate_memes"] = write(out, "gate_memes", meme_entries("allow_all"))
+    files["ocr_detect"] = write(out, "ocr_detect", ocr_detect_entries())
     return files
 
 

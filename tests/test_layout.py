@@ -13,10 +13,11 @@ PKG = ROOT / "moderation"
 # Which folders each folder may import (docs/architecture.md). Everything may import core; core imports no folder.
 ALLOWED = {
     "core": set(),
-    "gate": {"core"},
+    "ocr": {"core"},
+    "gate": {"core", "ocr"},
     "vlm": {"core"},
     "repository": {"core"},
-    "serving": {"core", "gate", "vlm", "repository"},
+    "serving": {"core", "gate", "ocr", "vlm", "repository"},
     "ops": {"core"},
     "gateway": {"core"},
     "launch": {"core", "repository", "ops"},

@@ -183,7 +183,7 @@ def test_results_carry_the_trained_nsfw_signal(client, reference):
     for p in POSTS:
         r = client.moderate(p.image_bytes(), p.text, request_id=f"nsfw-{p.name}")
         assert r["signals"]["nsfw_image"] == "trained" and r["signals"]["clip"] == "untrained", p.name
-        assert r["gate"]["sources"] == {"sexual": NSFW_SOURCE}
+        assert r["gate"]["sources"]["sexual"] == NSFW_SOURCE
         assert abs(r["gate"]["scores"]["sexual"] - reference[p.name]) < 1e-4, p.name
         if r["route"] != "vlm":
             assert abs(r["scores"]["sexual"] - reference[p.name]) < 1e-4
@@ -210,5 +210,6 @@ def test_policy_nsfw_thresholds_drive_the_served_route(client, policy_dir, refer
     assert NSFW_SOURCE in blocked["gate"]["reason"]
     between = client.moderate(p.image_bytes(), p.text, policy="nsfw_between")
     assert between["route"] == "vlm" and "sexual" in between["gate"]["reason"]
+    # the caption "Houston 我们有麻烦了" has Latin letters, so the trained profanity classifier read it too
     assert json.dumps(between["signals"], sort_keys=True) == json.dumps(
-        {"clip": "untrained", "nsfw_image": "trained", "vlm": "untrained"}, sort_keys=True)
+        {"clip": "untrained", "nsfw_image": "trained", "profanity": "trained", "vlm": "untrained"}, sort_keys=True)

@@ -57,6 +57,18 @@ def caption_key(caption: str) -> str:
     return sha256_hex(fold_caption(caption).encode())
 
 
+# OCR reads stray marks in photos ("O" on a cup, "★★★" on a medal at 0.83): only confident lines with at least two
+# letters, digits or CJK characters count as the image's words (cache key, term lists, profanity, the VLM prompt).
+IMAGE_WORDS_MIN_CONFIDENCE = 0.8
+
+
+def image_words(lines: list[dict] | None) -> str:
+    """The words drawn in an image: its OCR lines (dicts with text and confidence) that count, one per line."""
+    keep = [x["text"] for x in lines or () if x["confidence"] >= IMAGE_WORDS_MIN_CONFIDENCE
+            and sum(c.isalnum() for c in x["text"]) >= 2]
+    return "\n".join(keep)
+
+
 def detect_lang(text: str) -> str:
     """'zh' when the caption is mostly Chinese, else 'en' (the prompt language)."""
     if not text:

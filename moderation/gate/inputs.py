@@ -19,7 +19,7 @@ from ..core.imaging import fingerprint, pdq_hash
 from ..core.lists import image_hits, term_hits
 from ..core.options import parse_options
 from ..core.post import parse_post
-from ..core.text import caption_key
+from ..core.text import caption_key, image_words
 from ..ocr.reader import ImageTextReader
 from .text_signals import text_scores
 
@@ -143,7 +143,7 @@ class Preprocess:
         ids, mask, truncated = self.tokens.encode([post.caption])
         policy, cache = post.policy, post.policy.cache
         lines = self.reader.read(post.image) if self.reader and policy.ocr.enabled and parsed.ocr else None
-        image_text = image_text_of(lines)
+        image_text = image_words([x.to_dict() for x in lines or ()])
         pdq = pdq_hash(post.image)[0] if policy.lists.images else None
         hits = (image_hits(policy, pdq) + term_hits(policy, post.caption_as_sent)
                 + term_hits(policy, image_text, "image_text"))
@@ -176,11 +176,6 @@ class Preprocess:
             like = GateInputs(record, self.pixels(blank), ids[0], mask[0], self.nsfw(blank))
         return GateInputs(record, np.zeros_like(like.clip_pixels), np.zeros_like(like.clip_input_ids),
                           np.zeros_like(like.clip_attention_mask), np.zeros_like(like.nsfw_pixels))
-
-
-def image_text_of(lines) -> str:
-    """The image's lines as one text, in reading order ("" for none)."""
-    return "\n".join(line.text for line in lines or ())
 
 
 def check_rows(images: list, texts: list, options: list) -> list:

@@ -20,6 +20,7 @@ from ..core.contracts import CACHE, ESCALATE, LIST, GateDecision, PostError, Req
 from ..core.errors import ModerationError, classify_failure
 from ..core.hashing import unit_interval
 from ..core.policy import Policy, load_policy
+from ..core.text import image_words
 from .cache import GateCache
 from .fallback import FallbackSwitch
 from .inputs import ClipTokens
@@ -162,9 +163,9 @@ class GateRouter:
         inputs = {"IMAGE": np.array([[post.image]], dtype=np.object_),
                   "TEXT": np.array([[post.text]], dtype=np.object_),
                   "OPTIONS": np.array([[opts]], dtype=np.object_)}
-        if post.record.image_text:  # the words drawn in the image, for the prompt (OCR ran once, in preprocess)
-            text = "\n".join(line["text"] for line in post.record.image_text)
-            inputs["IMAGE_TEXT"] = np.array([[text.encode("utf-8")]], dtype=np.object_)
+        words = image_words(post.record.image_text)  # for the prompt (OCR ran once, in preprocess)
+        if words:
+            inputs["IMAGE_TEXT"] = np.array([[words.encode("utf-8")]], dtype=np.object_)
         t = time.perf_counter()
         out = None
         fallback = self.fallback.check(policy.decoder.fallback)

@@ -17,6 +17,7 @@ from PIL import Image
 
 DET_SIDE = 640   # chosen by measurement: docs/performance.md (OCR)
 MAX_LINES = 32   # lines kept per image, in reading order
+MAX_ASPECT = 8   # wider or taller images are padded to this first (banners keep their text; strips cost nothing)
 # Triton model -> (input, output) tensor names: the ONNX files' own, so the onnxruntime backend serves them too.
 MODELS = {"ocr_detect": ("x", "sigmoid_0.tmp_0"), "ocr_classify": ("x", "save_infer_model/scale_0.tmp_1"),
           "ocr_recognize": ("x", "softmax_11.tmp_0")}
@@ -53,8 +54,24 @@ class ImageTextReader:
 
     def read(self, image: Image.Image) -> list[TextLine]:
         """Lines in reading order (top to bottom, then left to right), as the package orders them."""
-        result, _ = self.engine(image.convert("RGB"))
+        canvas, (dx, dy) = _within_aspect(image.convert("RGB"))
+        result, _ = self.engine(canvas)
+        w, h = image.size
         lines = []
         for box, text, score in (result or [])[:MAX_LINES]:
-            lines.append(TextLine(str(text), float(score), [[int(round(x)), int(round(y))] for x, y in box]))
+            corners = [[min(w, max(0, int(round(x)) - dx)), min(h, max(0, int(round(y)) - dy))] for x, y in box]
+            lines.append(TextLine(str(text), float(score), corners))
         return lines
+
+
+def _within_aspect(image: Image.Image) -> tuple[Image.Image, tuple[int, int]]:
+    """The image centred on a white canvas of at most MAX_ASPECT:1 (a 4000x1 strip would otherwise be scaled to a
+    30-pixel short side, 120 000 pixels long), and its offset on the canvas."""
+    w, h = image.size
+    if max(w, h) <= MAX_ASPECT * min(w, h):
+        return image, (0, 0)
+    nw, nh = max(w, -(-h // MAX_ASPECT)), max(h, -(-w // MAX_ASPECT))
+    canvas = Image.new("RGB", (nw, nh), (255, 255, 255))
+    offset = ((nw - w) // 2, (nh - h) // 2)
+    canvas.paste(image, offset)
+    return canvas, offset
