@@ -8,7 +8,7 @@ CHECKPOINTS := build/checkpoints
 MODELS_STAMP := model_repository/language_decoder/1/artifact.json
 PYTEST_ARGS ?=
 
-.PHONY: setup models serve demo test test-unit lint perf bench lock render manifest release clean soak bench-int8 lora
+.PHONY: setup models serve demo test test-unit lint perf bench lock render manifest release clean soak bench-int8 lora bench-ocr
 
 setup: $(STAMP)
 
@@ -94,3 +94,7 @@ bench-int8: models
 # also releases it as the next language_decoder version (swap it live with clients.admin).
 lora: models
 	$(PY) -m export.train_lora $(LORA_ARGS)
+
+# OCR accuracy and cost, term matching, OCR on/off on a real server side by side: perf/results/ocr.json
+bench-ocr: models
+	$(PY) -m perf.ocr_bench $(BENCH_OCR_ARGS)
