@@ -44,6 +44,7 @@ class Decision:
     reason: str
     severity: dict[str, int] = field(default_factory=dict)
     list_hit: dict | None = None  # the entry that decided, for image_list / terms
+    evidence: list[Evidence] = field(default_factory=list)  # every score the decision weighed
 
 
 def _bands(policy: Policy, signal: str, label: str) -> tuple[float, float | None]:
@@ -101,6 +102,12 @@ def _label_severity(policy: Policy, evs: list[Evidence]) -> dict[str, int]:
 
 def decide(policy: Policy, gate: GateDecision, list_hits: list[dict]) -> Decision:
     evs = evidence(policy, gate)
+    decision = _choose(policy, evs, list_hits)
+    decision.evidence = evs
+    return decision
+
+
+def _choose(policy: Policy, evs: list[Evidence], list_hits: list[dict]) -> Decision:
     sev = _label_severity(policy, evs)
     for hit in list_hits:
         if hit["label"] in sev and hit["list"] == "block":

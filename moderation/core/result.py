@@ -12,7 +12,7 @@ from pathlib import Path
 import jsonschema
 
 from .contracts import CACHE, ESCALATE, GateDecision, PostError, RequestRecord
-from .decision import decide, evidence
+from .decision import Decision, decide
 from .hashing import sha256_hex
 from .policy import Policy, load_policy
 
@@ -31,10 +31,11 @@ def validate_result(result: dict) -> dict:
 
 
 def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, versions: dict[str, str],
-                 latency_ms: dict[str, float]) -> dict:
-    """Combine the gate's decision, the decoder's answer for escalated posts and list hits into RESULT."""
+                 latency_ms: dict[str, float], decision: Decision | None = None) -> dict:
+    """Combine the gate's decision, the decoder's answer for escalated posts and list hits into RESULT
+    (`decision`: the action already chosen for this post, else chosen here)."""
     route, gate_scores, vlm = gate.route, gate.scores, gate.vlm
-    decision = decide(policy, gate, record.list_hits)
+    decision = decision or decide(policy, gate, record.list_hits)
     if route in (ESCALATE, CACHE) and vlm:  # CACHE: an earlier VLM verdict of a near-duplicate post
         threshold, source = policy.decoder.label_threshold, "vlm"
         sent = max(vlm.sentiment, key=vlm.sentiment.get)
@@ -142,12 +143,13 @@ def finish_post(record: RequestRecord, gate: GateDecision, postprocess_version: 
             latency["vlm"] = gate.vlm_ms or 0.0
             latency.update({f"decoder_{k}": v for k, v in gate.vlm.timings_ms.items()})
     latency["total"] = (now - record.received_at) * 1e3
-    result = validate_result(build_result(policy, record, gate, versions, latency))
+    decision = decide(policy, gate, record.list_hits)
+    result = validate_result(build_result(policy, record, gate, versions, latency, decision))
     row = {"request_id": result["request_id"], "stage": "moderate", "route": result["route"],
            "action": result["action"], "decided_by": result["decided_by"], "severity": result["severity"],
            "violation": result["violation"], "labels": result["labels"], "scores": result["scores"],
            # every (signal, label, score, trained) the action was chosen from: clients.evaluate recalibrates on it
-           "evidence": [[e.signal, e.label, round(e.score, 6), e.trained] for e in evidence(policy, gate)],
+           "evidence": [[e.signal, e.label, round(e.score, 6), e.trained] for e in decision.evidence],
            "sentiment": result["sentiment"], "policy": result["policy"], "model_versions": versions,
            "latency_ms": result["latency_ms"], "image_sha256": record.image_sha256,
            "text_sha256": record.text_sha256, "image_format": record.image_format,

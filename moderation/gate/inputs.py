@@ -142,8 +142,9 @@ class Preprocess:
         post = parse_post(image, text, parsed, hashes)
         ids, mask, truncated = self.tokens.encode([post.caption])
         policy, cache = post.policy, post.policy.cache
-        lines = self.reader.read(post.image) if self.reader and policy.ocr.enabled and parsed.ocr else None
-        image_text = image_words([x.to_dict() for x in lines or ()])
+        read = self.reader.read(post.image) if self.reader and policy.ocr.enabled and parsed.ocr else None
+        lines = None if read is None else [line.to_dict() for line in read]
+        image_text = image_words(lines)
         pdq = pdq_hash(post.image)[0] if policy.lists.images else None
         hits = (image_hits(policy, pdq) + term_hits(policy, post.caption_as_sent)
                 + term_hits(policy, image_text, "image_text"))
@@ -156,7 +157,7 @@ class Preprocess:
             fingerprint=fingerprint(post.image).tolist() if cache.enabled and cache.fingerprint_threshold is not None
             else None,
             escalate=parsed.escalate, pdq=pdq, list_hits=[h.to_dict() for h in hits],
-            image_text=None if lines is None else [line.to_dict() for line in lines],
+            image_text=lines,
             text_scores=text_scores(post.caption, image_text),
             received_at=received_at, preprocessed_at=time.time(),
             preprocess_ms=(time.perf_counter() - started) * 1e3, preprocess_version=self.version, **hashes)
