@@ -13,6 +13,7 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 # Idempotent: reruns only when the lock or the project metadata changes.
+# The lock pins setuptools and wheel too: the editable install builds without isolation.
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements.lock
@@ -66,7 +67,7 @@ manifest:
 	$(PY) -m moderation.repository.manifest --write
 
 lock:
-	$(PY) -m pip freeze --exclude-editable > requirements.lock
+	$(PY) -m pip freeze --all --exclude-editable | grep -v '^pip==' > requirements.lock
 
 clean:
 	rm -rf build
