@@ -17,6 +17,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from moderation.core.limits import ENTRY_MAX_POSTS
+
 OK = "ok"
 
 
@@ -223,7 +225,7 @@ def triton_reject_request(module, kind: str, image: bytes, text: bytes,
     if kind == "wrong_shape":
         return "moderate", [t("IMAGE", np.array([[image, image]], dtype=np.object_)), *good[1:]], ""
     if kind == "batch_too_large":
-        n = 17  # moderate's max_batch_size is 16
+        n = ENTRY_MAX_POSTS + 1  # one over moderate's max_batch_size
         return "moderate", [t("IMAGE", np.array([[image]] * n, dtype=np.object_)),
                             t("TEXT", np.array([[text]] * n, dtype=np.object_))], ""  # no id: 17 posts, one row
     if kind == "unknown_input_name":

@@ -65,8 +65,8 @@ def run(runs: int, n: int) -> dict:
     out: dict = {"what": __doc__.split("\n\n")[0], "runs": runs, "requests_per_arm_per_run": n,
                  "machine": machine(), "commit": git_commit(), "raw_s": {}, "summary": {}}
     with serve(REPO, audit=BUILD / "gateway_audit.jsonl", log=BUILD / "gateway_overhead.log") as srv:
-        arms = {"direct": srv.triton_grpc_url, "gateway": srv.grpc_url}
-        clients = {k: grpcclient.InferenceServerClient(u) for k, u in arms.items()}
+        clients = {"direct": srv.direct_client(), "gateway": grpcclient.InferenceServerClient(srv.grpc_url)}
+        arms = list(clients)
         for name, fn in CALLS.items():
             for arm, c in clients.items():  # warm-up, not recorded
                 for i in range(5):
@@ -87,7 +87,8 @@ def run(runs: int, n: int) -> dict:
         raw_c8: dict = {arm: {"latency": [], "rps": []} for arm in arms}
         for r in range(runs):
             for arm in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
-                cs = [grpcclient.InferenceServerClient(arms[arm]) for _ in range(8)]
+                cs = [srv.direct_client() if arm == "direct" else grpcclient.InferenceServerClient(srv.grpc_url)
+                      for _ in range(8)]
                 t0 = time.perf_counter()
                 tag = f"c8-{arm}-{r}"
                 with ThreadPoolExecutor(8) as pool:

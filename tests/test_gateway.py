@@ -148,7 +148,7 @@ def test_gateway_metrics_count_calls_and_audited_failures(triton):
 def test_gateway_adds_little_latency(triton):
     """Side by side, alternating, same requests: the gateway's median against Triton's own port on the gate
     path (the cheapest real request). perf/gateway_overhead.py measures more and commits the numbers."""
-    direct = grpcclient.InferenceServerClient(triton.triton_grpc_url)
+    direct = triton.direct_client()
     gw = grpcclient.InferenceServerClient(triton.grpc_url)
     times = {"direct": [], "gateway": []}
     for i in range(24):

@@ -36,6 +36,10 @@ BadRequest = _coded("BadRequest", "bad_request",
                     "The request's tensors themselves are wrong (a missing input, a wrong shape or row count).")
 Overloaded = _coded("Overloaded", "overloaded",
                     "A model's queue is full or a request waited past its queue timeout: retry later with backoff.")
+ModelNotFound = _coded("ModelNotFound", "model_not_found",
+                      "An unknown model or version, or a model the public port does not serve (the internal ones).")
+RequestTooLarge = _coded("RequestTooLarge", "request_too_large",
+                         "The message is larger than any request the entry model can accept; refused unread.")
 ArtifactMismatch = _coded("ArtifactMismatch", "artifact_mismatch", "A model file differs from its artifact record.")
 
 
@@ -53,7 +57,8 @@ def _codes(cls=ModerationError) -> set[str]:
 SERVER_CODES = frozenset(_codes())
 # Triton's gRPC status for a failure that carries no code of ours names it instead (docs/errors.md).
 STATUS_CODES = {"UNAVAILABLE": "unavailable", "DEADLINE_EXCEEDED": "deadline_exceeded",
-                "NOT_FOUND": "model_not_found", "INVALID_ARGUMENT": "bad_request"}
+                "NOT_FOUND": "model_not_found", "INVALID_ARGUMENT": "bad_request",
+                "RESOURCE_EXHAUSTED": "request_too_large"}
 # A model's `[code]` is the first bracketed token after Triton's own prefixes ("in ensemble '...', ",
 # "[request id: ...] "); Triton's own refusals quote names the caller chose (an input named "[bad_image]"),
 # so a code anywhere else is not ours.

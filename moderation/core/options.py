@@ -8,9 +8,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import BadOptions
+from .limits import MAX_OPTIONS_BYTES
 from .text import decode_utf8
-
-MAX_OPTIONS_BYTES = 4096
 
 
 class Options(BaseModel):

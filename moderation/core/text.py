@@ -6,8 +6,8 @@ import unicodedata
 
 from .errors import BadText, ModerationError, TextTooLong
 from .hashing import sha256_hex
+from .limits import MAX_TEXT_BYTES
 
-MAX_TEXT_BYTES = 16 * 1024
 # Zero-width and bidi controls are used to split banned words past keyword filters: drop them for the
 # model; the audit hash is of the bytes as sent.
 _INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff\u00ad]")

@@ -1,98 +1,66 @@
-"""Audit gateway: the public gRPC endpoint, a thin proxy in front of Triton's own (loopback) gRPC port.
+"""Audit gateway: the public gRPC endpoint, a proxy in front of Triton's own (loopback) gRPC port.
 
 Why it exists: Triton 2.51 refuses some requests before any model runs — a wrong dtype or shape, a batch over
-max_batch_size, an unknown input name, an unknown model or version, a full queue at the ensemble's first step,
-a dead python stub. No model sees those, and Triton neither logs nor counts them, so without this nothing would
-audit them. Every call passes through byte for byte (no protobuf re-serialisation on the way); a failed
-inference whose error carries no code of ours (so no model wrote its row) gets one audit row here: the request
-id, hashes and shapes of every input, the code and message the caller got, the latency. Everything else (health,
-metadata, statistics, the restricted admin protocols with their key header) is forwarded untouched, so Triton
-still enforces the admin key.
+max_batch_size, an unknown input name, a full queue at the ensemble's first step, a dead python stub. No model sees
+those, and Triton neither logs nor counts them, so without this nothing would audit them. What it does:
+- serves inference only for the public models (core/limits.PUBLIC_MODELS): any other model name is answered
+  `model_not_found` here and audited; Triton's own port takes inference only with the key the gateway holds, so the
+  internal models are reached only through the ensemble and BLS, and only they write `stage: moderate` rows;
+- refuses before Triton, coded and audited, what no model could accept: a message over MAX_REQUEST_BYTES (refused
+  by gRPC from its length prefix, never buffered: `request_too_large`), absurd input counts, names or versions,
+  a zero batch dimension, a body that is not a request;
+- admits a bounded number of calls and bytes in flight, and a bounded number per client (admission.py): the rest
+  is shed at once with `overloaded`;
+- forwards admitted calls byte for byte; a failed inference whose error carries no code of ours (so no model wrote
+  its row) gets one audit row here. Every call gets exactly one row, from a model or from here: the summary is
+  bounded and total (summary.py), and a row that cannot be built is replaced by a minimal one.
+Health, metadata and the restricted admin protocols (with the caller's key header) pass through untouched, so
+Triton still enforces the admin key.
 
     python -m moderation.gateway --listen 127.0.0.1:8001 --upstream 127.0.0.1:8011 [--metrics 127.0.0.1:8003]
 
-Environment: MODERATION_AUDIT_LOG (the same file the models append to; rows are flock-serialised).
+Environment: MODERATION_AUDIT_LOG (the same file the models append to; rows are flock-serialised),
+MODERATION_ADMIN_KEY / _FILE (the key Triton's inference protocol needs; never on a command line),
+MODERATION_GATEWAY_* (admission limits, see admission.py).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
-import struct
 import sys
 import time
 
 import grpc
 from grpc import aio
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from tritonclient.grpc import service_pb2
-from tritonclient.utils import deserialize_bytes_tensor
 
 from ..core.audit import AuditLog
+from ..core.auth import GRPC_ADMIN_HEADER, admin_key
 from ..core.errors import classify_failure, coded_by_model
 from ..core.hashing import sha256_hex
+from ..core.limits import MAX_REQUEST_BYTES, PUBLIC_MODELS
+from .admission import Admission, AdmissionLimits, Shed
+from .summary import cap, parse_request, refusal, request_summary
 
 SERVICE = "inference.GRPCInferenceService"
 INFER = f"/{SERVICE}/ModelInfer"
-# Triton's own gRPC message limit (INT32_MAX): the gateway refuses nothing Triton would take.
+STREAM_INFER = f"/{SERVICE}/ModelStreamInfer"
+# Triton's own gRPC message limit (INT32_MAX) towards Triton and back to callers; the public port takes less.
 MAX_MESSAGE_BYTES = 2**31 - 1
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 # Transport headers grpc sets itself on the upstream call; everything else (the admin key) is forwarded.
 _TRANSPORT_HEADERS = ("user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout")
+_REFUSAL_STATUS = {"model_not_found": grpc.StatusCode.NOT_FOUND, "bad_request": grpc.StatusCode.INVALID_ARGUMENT,
+                   "overloaded": grpc.StatusCode.UNAVAILABLE, "request_too_large": grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 def _metadata(context) -> tuple[tuple[str, str | bytes], ...]:
     return tuple((k, v) for k, v in (context.invocation_metadata() or ())
                  if not k.startswith(":") and k not in _TRANSPORT_HEADERS)
-
-
-def _bytes_elements(raw: bytes) -> list[bytes] | None:
-    """Elements of a serialised BYTES tensor, None if the bytes are not one."""
-    try:
-        return list(deserialize_bytes_tensor(raw))
-    except struct.error:
-        return None
-
-
-def request_summary(raw: bytes) -> dict:
-    """What the audit row keeps of a request: ids, model, and per input its name, dtype, shape, size and sha256
-    (one per element for BYTES tensors, so image_sha256/text_sha256 join with the models' rows). Never content."""
-    try:
-        req = service_pb2.ModelInferRequest.FromString(raw)
-    except Exception as e:  # noqa: BLE001 - an unparsable body is still audited, by its hash
-        return {"model": None, "request_sha256": sha256_hex(raw), "parse_error": type(e).__name__}
-    row: dict = {"model": req.model_name, "model_version": req.model_version or None,
-                 "triton_request_id": req.id or None, "inputs": []}
-    for i, t in enumerate(req.inputs):
-        raw_t = req.raw_input_contents[i] if i < len(req.raw_input_contents) else b""
-        elements = _bytes_elements(raw_t) if t.datatype == "BYTES" and raw_t else None
-        if elements is None and not raw_t and t.datatype == "BYTES":
-            elements = list(t.contents.bytes_contents)
-        data = raw_t or t.contents.SerializeToString()
-        entry = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape), "bytes": len(data)}
-        entry["sha256"] = [sha256_hex(e) for e in elements] if elements is not None else sha256_hex(data)
-        row["inputs"].append(entry)
-        if elements is not None and len(elements) == 1:
-            if t.name == "IMAGE":
-                row["image_sha256"] = entry["sha256"][0]
-            elif t.name == "TEXT":
-                row["text_sha256"] = entry["sha256"][0]
-            elif t.name == "OPTIONS":
-                row["request_id"] = _options_request_id(elements[0])
-    # The id the models would log (OPTIONS' request_id), else the caller's Triton request id.
-    row["request_id"] = row.get("request_id") or row["triton_request_id"]
-    return row
-
-
-def _options_request_id(options: bytes) -> str | None:
-    try:
-        rid = json.loads(options.decode("utf-8")).get("request_id")
-    except (ValueError, AttributeError):
-        return None
-    return rid if isinstance(rid, str) and len(rid) <= 128 else None
 
 
 def needs_row(message: str, summary: dict) -> bool:
@@ -111,22 +79,37 @@ class Metrics:
         self.audited = Counter("moderation_gateway_audited_failures",
                                "Failed inferences no model had audited, written to the audit log by the gateway",
                                ["code"], registry=self.registry)
+        self.refused = Counter("moderation_gateway_refused", "Calls the gateway answered itself, by code",
+                               ["code"], registry=self.registry)
+        self.audit_failures = Counter("moderation_audit_failures", "Audit rows the gateway could not write",
+                                      registry=self.registry)
         self.seconds = Histogram("moderation_gateway_call_seconds", "Call latency seen by the gateway (upstream "
                                  "included)", ["method"], registry=self.registry,
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.in_flight = Gauge("moderation_gateway_in_flight", "Admitted calls and their bytes", ["what"],
+                               registry=self.registry)
 
 
 class AuditGateway:
-    def __init__(self, listen: str, upstream: str, audit: AuditLog | None = None, grace_s: float = 30.0):
+    def __init__(self, listen: str, upstream: str, audit: AuditLog | None = None, grace_s: float = 30.0,
+                 key: str | None = None, limits: AdmissionLimits | None = None,
+                 public: tuple[str, ...] = PUBLIC_MODELS, max_request_bytes: int = MAX_REQUEST_BYTES):
         self.listen, self.upstream, self.grace_s = listen, upstream, grace_s
         self.audit = audit or AuditLog()
+        self.key = admin_key() if key is None else key
+        self.public, self.max_request_bytes = tuple(public), max_request_bytes
+        self.admission = Admission(limits or AdmissionLimits.from_env())
         self.metrics = Metrics()
+        self.metrics.in_flight.labels(what="calls").set_function(lambda: self.admission.calls)
+        self.metrics.in_flight.labels(what="bytes").set_function(lambda: self.admission.bytes)
         self.channel: aio.Channel | None = None
         self.server: aio.Server | None = None
 
     async def start(self) -> int:
         self.channel = aio.insecure_channel(self.upstream, options=CHANNEL_OPTIONS)
-        self.server = aio.server(options=CHANNEL_OPTIONS)
+        # The public limit is checked by gRPC from each message's length prefix, before the body is buffered.
+        self.server = aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                          ("grpc.max_receive_message_length", self.max_request_bytes)])
         self.server.add_generic_rpc_handlers((_Router(self),))
         port = self.server.add_insecure_port(self.listen)
         if not port:
@@ -140,75 +123,161 @@ class AuditGateway:
         if self.channel:
             await self.channel.close()
 
-    async def _record(self, raw: bytes, status: grpc.StatusCode, message: str, started: float) -> None:
-        summary = request_summary(raw)
-        if not needs_row(message, summary):
-            return
-        code, message = classify_failure(message, status.name)
-        row = {"request_id": summary.pop("request_id"), "stage": "gateway", **summary,
-               "grpc_status": status.name, "error": {"code": code, "message": message},
-               "latency_ms": {"total": round((time.perf_counter() - started) * 1e3, 3)}}
-        self.metrics.audited.labels(code=code).inc()
-        try:  # flock + fsync: off the event loop, and before the caller hears the answer
-            await asyncio.to_thread(self.audit.write, row)
-        except OSError as e:
-            print(f"gateway: audit write failed: {e}", file=sys.stderr, flush=True)
+    def _upstream_metadata(self, context) -> tuple[tuple[str, str | bytes], ...]:
+        """The caller's metadata for an inference Triton will run: its own copy of the key header never passes."""
+        md = tuple((k, v) for k, v in _metadata(context) if k != GRPC_ADMIN_HEADER)
+        return md + ((GRPC_ADMIN_HEADER, self.key),) if self.key else md
+
+    async def _write(self, row: dict) -> None:
+        try:  # flock + fsync off the event loop, before the caller hears the answer; shielded: a call gRPC or the
+            # caller cancels (an oversized message is refused by cancelling it) still gets its row
+            await asyncio.shield(asyncio.to_thread(self.audit.write, row))
+        except Exception as e:  # noqa: BLE001 - a row that cannot be written is counted, never a failed call here
+            self.metrics.audit_failures.inc()
+            print(f"gateway: audit write failed: {type(e).__name__}", file=sys.stderr, flush=True)
+
+    async def _record(self, raw: bytes | None, status: grpc.StatusCode, message: str, started: float,
+                      req=None, code: str | None = None, always: bool = False, **extra) -> None:
+        """One row for a call no model audited. Never raises: a summary that fails becomes a minimal row."""
+        try:
+            summary = request_summary(raw, req) if raw is not None else {"model": None}
+            if not always and not needs_row(message, summary):
+                return
+            if code is None:
+                code, message = classify_failure(message, status.name)
+            row = {"request_id": summary.pop("request_id", None), "stage": "gateway", **summary, **extra,
+                   "grpc_status": status.name, "error": {"code": code, "message": cap(message, 512)}}
+        except Exception as e:  # noqa: BLE001 - the row must exist even if the summary cannot be built
+            row = {"request_id": None, "stage": "gateway", "summary_error": type(e).__name__,
+                   "request_sha256": sha256_hex(raw) if isinstance(raw, bytes) else None, "grpc_status": status.name,
+                   "error": {"code": code or "internal", "message": cap(message, 512)}}
+        row["latency_ms"] = {"total": round((time.perf_counter() - started) * 1e3, 3)}
+        self.metrics.audited.labels(code=row["error"]["code"]).inc()
+        await self._write(row)
+
+    async def _refuse(self, raw: bytes | None, req, code: str, message: str, started: float, **extra) -> str:
+        """Audit a call the gateway answers itself; the text the caller gets."""
+        self.metrics.refused.labels(code=code).inc()
+        await self._record(raw, _REFUSAL_STATUS[code], message, started, req=req, code=code, always=True, **extra)
+        return f"[{code}] {message}"
+
+    def _admit(self, context, size: int):
+        return self.admission.admit(self.admission.client_id(context.peer(), _metadata(context)), size)
+
+    def infer(self):
+        """ModelInfer, served as a stream handler so that a call whose message gRPC refused (over the size limit)
+        still reaches here and is audited: the handler starts on the call's headers, the message never arrives."""
+        call = self.channel.unary_unary(INFER)  # no (de)serialisers: bytes in, bytes out
+
+        async def handler(requests, context):
+            started = time.perf_counter()
+            raw = await anext(aiter(requests), None)
+            if raw is None:
+                await self._refuse(None, None, "request_too_large", f"no request message arrived: over the "
+                                   f"{self.max_request_bytes}-byte limit of this port, or none was sent", started,
+                                   peer=cap(context.peer()))
+                self._observe("ModelInfer", grpc.StatusCode.RESOURCE_EXHAUSTED, started)
+                return  # gRPC has answered RESOURCE_EXHAUSTED already
+            req = parse_request(raw)
+            code, message = refusal(req, self.public)
+            try:
+                ticket = None if code else self._admit(context, len(raw))
+            except Shed as e:
+                code, message = "overloaded", f"{e}; retry with backoff"
+            if code:
+                text = await self._refuse(raw, req, code, message, started)
+                self._observe("ModelInfer", _REFUSAL_STATUS[code], started)
+                await context.abort(_REFUSAL_STATUS[code], text)
+            async with ticket:
+                try:
+                    response = await call(raw, metadata=self._upstream_metadata(context),
+                                          timeout=context.time_remaining())
+                except aio.AioRpcError as e:
+                    await self._record(raw, e.code(), e.details() or "", started, req=req)
+                    self._observe("ModelInfer", e.code(), started)
+                    await context.abort(e.code(), e.details() or "")
+            self._observe("ModelInfer", grpc.StatusCode.OK, started)
+            yield response
+
+        return grpc.stream_stream_rpc_method_handler(handler)
 
     def unary(self, method: str):
-        call = self.channel.unary_unary(method)  # no (de)serialisers: bytes in, bytes out
+        call = self.channel.unary_unary(method)
         name = method.rsplit("/", 1)[1]
-        audited = method == INFER
 
         async def handler(request: bytes, context) -> bytes:
             started = time.perf_counter()
             try:
                 response = await call(request, metadata=_metadata(context), timeout=context.time_remaining())
-                status = grpc.StatusCode.OK
             except aio.AioRpcError as e:
-                status = e.code()
-                if audited:
-                    await self._record(request, status, e.details() or "", started)
-                self._observe(name, status, started)
-                await context.abort(status, e.details() or "")
-            self._observe(name, status, started)
+                self._observe(name, e.code(), started)
+                await context.abort(e.code(), e.details() or "")
+            self._observe(name, grpc.StatusCode.OK, started)
             return response
 
         return grpc.unary_unary_rpc_method_handler(handler)
 
-    def stream(self, method: str):
-        call = self.channel.stream_stream(method)
+    def stream(self):
+        """ModelStreamInfer: every message is checked as ModelInfer's is; a refused one is answered in-band (as
+        Triton answers its own errors on a stream) and audited, and the stream goes on."""
+        call = self.channel.stream_stream(STREAM_INFER)
 
         async def handler(requests, context):
             started = time.perf_counter()
             pending: dict[str, list[tuple[bytes, float]]] = {}  # request id -> requests waiting for an answer
+            out: asyncio.Queue = asyncio.Queue()
+            try:
+                ticket = self._admit(context, 0)
+            except Shed as e:
+                text = await self._refuse(None, None, "overloaded", f"{e}; retry with backoff", started)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, text)
 
             async def forward():
                 async for raw in requests:
-                    try:
-                        rid = service_pb2.ModelInferRequest.FromString(raw).id
-                    except Exception:  # noqa: BLE001 - Triton answers it; the row keeps the body's hash
-                        rid = ""
-                    pending.setdefault(rid, []).append((raw, time.perf_counter()))
+                    t0 = time.perf_counter()
+                    req = parse_request(raw)
+                    code, message = refusal(req, self.public)
+                    if code:
+                        text = await self._refuse(raw, req, code, message, t0)
+                        out.put_nowait(service_pb2.ModelStreamInferResponse(
+                            error_message=text, infer_response=service_pb2.ModelInferResponse(
+                                model_name=req.model_name if req else "", id=req.id if req else "")
+                        ).SerializeToString())
+                        continue
+                    pending.setdefault(req.id, []).append((raw, t0))
                     yield raw
 
-            upstream = call(forward(), metadata=_metadata(context), timeout=context.time_remaining())
-            try:
-                async for raw in upstream:
-                    resp = service_pb2.ModelStreamInferResponse.FromString(raw)
-                    waiting = pending.get(resp.infer_response.id) or next((v for v in pending.values() if v), [])
-                    if waiting:
-                        request, t0 = waiting.pop(0)
-                        if resp.error_message:  # a stream answers errors in-band, without a status
-                            status = (grpc.StatusCode.NOT_FOUND if "not found" in resp.error_message
-                                      else grpc.StatusCode.INVALID_ARGUMENT)
-                            await self._record(request, status, resp.error_message, t0)
-                    yield raw
-            except aio.AioRpcError as e:
-                for waiting in pending.values():  # the stream broke: everything unanswered is audited
-                    for request, t0 in waiting:
-                        await self._record(request, e.code(), e.details() or "", t0)
-                self._observe("ModelStreamInfer", e.code(), started)
-                await context.abort(e.code(), e.details() or "")
+            async def pump():
+                try:
+                    async for raw in call(forward(), metadata=self._upstream_metadata(context),
+                                          timeout=context.time_remaining()):
+                        resp = service_pb2.ModelStreamInferResponse.FromString(raw)
+                        waiting = pending.get(resp.infer_response.id) or next((v for v in pending.values() if v), [])
+                        if waiting:
+                            request, t0 = waiting.pop(0)
+                            if resp.error_message:  # a stream answers errors in-band, without a status
+                                status = (grpc.StatusCode.NOT_FOUND if "not found" in resp.error_message
+                                          else grpc.StatusCode.INVALID_ARGUMENT)
+                                await self._record(request, status, resp.error_message, t0)
+                        out.put_nowait(raw)
+                except aio.AioRpcError as e:
+                    for waiting in pending.values():  # the stream broke: everything unanswered is audited
+                        for request, t0 in waiting:
+                            await self._record(request, e.code(), e.details() or "", t0)
+                    out.put_nowait(e)
+                finally:
+                    out.put_nowait(None)
+
+            async with ticket:
+                task = asyncio.create_task(pump())
+                try:
+                    while (item := await out.get()) is not None:
+                        if isinstance(item, aio.AioRpcError):
+                            self._observe("ModelStreamInfer", item.code(), started)
+                            await context.abort(item.code(), item.details() or "")
+                        yield item
+                finally:
+                    task.cancel()
             self._observe("ModelStreamInfer", grpc.StatusCode.OK, started)
 
         return grpc.stream_stream_rpc_method_handler(handler)
@@ -226,7 +295,9 @@ class _Router(grpc.GenericRpcHandler):
         self.handlers = {}
         for m in methods:
             path = f"/{SERVICE}/{m.name}"
-            self.handlers[path] = gateway.stream(path) if m.client_streaming else gateway.unary(path)
+            self.handlers[path] = gateway.unary(path)
+        self.handlers[INFER] = gateway.infer()
+        self.handlers[STREAM_INFER] = gateway.stream()
 
     def service(self, handler_call_details):
         return self.handlers.get(handler_call_details.method)

@@ -90,7 +90,10 @@ class ServerConfig:
             f"--http-address={self.address}", f"--http-port={self.http_port}",
             f"--metrics-address={self.address}", f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true", "--allow-gpu-metrics=false",
-            f"--grpc-restricted-protocol={RESTRICTED_GRPC}:{ADMIN_HEADER}={key}",
+            # Behind the gateway, inference on Triton's port needs the key too: only the gateway (which holds it)
+            # reaches the models, and it forwards inference for the public models alone.
+            f"--grpc-restricted-protocol={RESTRICTED_GRPC}{',inference' if self.gateway else ''}"
+            f":{ADMIN_HEADER}={key}",
             f"--http-restricted-api={RESTRICTED_HTTP}:{ADMIN_HEADER}={key}",
             "--strict-readiness=true", "--exit-timeout-secs=30",
             f"--log-verbose={self.log_verbose}",
@@ -106,6 +109,10 @@ class ServerConfig:
     def gateway_command(self) -> list[str]:
         return [sys.executable, "-m", "moderation.gateway", "--listen", f"{self.address}:{self.grpc_port}",
                 "--upstream", self.triton_grpc_url, "--metrics", f"127.0.0.1:{self.gateway_metrics_port}"]
+
+    def gateway_env(self) -> dict[str, str]:
+        """The gateway's environment: the key reaches it here, never on its command line."""
+        return {**self.env(), "MODERATION_ADMIN_KEY": self.key}
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)

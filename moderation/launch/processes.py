@@ -93,6 +93,10 @@ class GatewayProcess(ServerProcess):
     poll_s = 0.2
     stop_timeout_s = 40.0
 
+    def __init__(self, config: ServerConfig, log_path: Path | None = None):
+        super().__init__(config, log_path)
+        self.env = config.gateway_env()
+
     def command(self) -> list[str]:
         return self.config.gateway_command()
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from ..core.limits import ENTRY_MAX_POSTS
+
 ONNX_MODELS = ("clip_image", "clip_text", "vision_encoder", "nsfw_image", "ocr_detect", "ocr_classify",
                "ocr_recognize")
 PYTHON_MODELS = ("preprocess", "clip_gate", "postprocess", "vlm_preprocess", "language_decoder",
@@ -124,7 +126,7 @@ MODELS: dict[str, dict] = {
                                   "DECODER_OPTIONS": "decoder_options"}, {"VLM_RESULT": "VLM_RESULT"}),
         ]),
     "moderate": dict(
-        backend="ensemble", max_batch_size=16,
+        backend="ensemble", max_batch_size=ENTRY_MAX_POSTS,
         inputs=ENTRY_INPUTS,
         outputs=[_io("RESULT", S, [1]), _io("VERDICT", I32, [1]), _io("SCORES", F32, [-1]),
                  _io("EMBEDDING", F32, [-1])],

@@ -48,6 +48,14 @@ class running_server:
     def triton_grpc_url(self) -> str:
         return self.config.triton_grpc_url
 
+    def direct_client(self):
+        """A tritonclient gRPC client on Triton's own port, behind the gateway: its inference needs the key."""
+        import tritonclient.grpc as grpcclient
+
+        from ..core.auth import admin_headers
+
+        return KeyedClient(grpcclient.InferenceServerClient(self.triton_grpc_url), admin_headers(self.config.key))
+
     @property
     def gateway_metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.config.gateway_metrics_port}/metrics"
@@ -93,3 +101,21 @@ class running_server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class KeyedClient:
+    """A tritonclient client whose every call carries `headers` (the admin key), otherwise the client itself."""
+
+    def __init__(self, client, headers: dict[str, str]):
+        self.client, self.headers = client, headers
+
+    def __getattr__(self, name):
+        attr = getattr(self.client, name)
+        if not callable(attr):
+            return attr
+
+        def with_headers(*args, **kwargs):
+            kwargs["headers"] = {**self.headers, **(kwargs.get("headers") or {})}
+            return attr(*args, **kwargs)
+
+        return with_headers
