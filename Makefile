@@ -8,7 +8,7 @@ CHECKPOINTS := build/checkpoints
 MODELS_STAMP := model_repository/language_decoder/1/artifact.json
 PYTEST_ARGS ?=
 
-.PHONY: setup models serve demo test test-unit lint perf bench lock render manifest release clean soak bench-int8 lora bench-ocr
+.PHONY: setup models serve demo test test-unit lint perf bench lock render manifest release clean soak bench-int8 lora bench-ocr chaos bench-front-door
 
 setup: $(STAMP)
 
@@ -99,3 +99,11 @@ lora: models
 # OCR accuracy and cost, term matching, OCR on/off on a real server side by side: perf/results/ocr.json
 bench-ocr: models
 	$(PY) -m perf.ocr_bench $(BENCH_OCR_ARGS)
+
+# A fault schedule under load (perf/chaos.py): 0 requests lost, every row readable, none forged; commits the report.
+chaos: models
+	$(PY) -m perf.chaos --seconds 120
+
+# The public port under hostile load (perf/front_door.py): oversized messages and a greedy client.
+bench-front-door: models
+	$(PY) -m perf.front_door

@@ -28,7 +28,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from moderation.core.auth import ADMIN_HEADER, RESTRICTED_GRPC, RESTRICTED_HTTP
+from moderation.core.auth import ADMIN_HEADER, RESTRICTED_HTTP, restricted_grpc
 from moderation.repository.render import ALL_MODELS
 
 MIN_KEY_CHARS = 16
@@ -61,7 +61,7 @@ def command(env: dict[str, str] | None = None) -> list[str]:
         f"--http-address={addr}", f"--http-port={env.get('HTTP_PORT', '8000')}",
         f"--metrics-address={addr}", f"--metrics-port={env.get('METRICS_PORT', '8002')}",
         "--allow-metrics=true",
-        f"--grpc-restricted-protocol={RESTRICTED_GRPC}:{ADMIN_HEADER}={key}",
+        f"--grpc-restricted-protocol={restricted_grpc(env.get('MODERATION_GATEWAY', '1') != '0')}:{ADMIN_HEADER}={key}",
         f"--http-restricted-api={RESTRICTED_HTTP}:{ADMIN_HEADER}={key}",
         f"--cache-config=local,size={env.get('RESPONSE_CACHE_BYTES', str(256 << 20))}",
         f"--backend-config=python,shm-default-byte-size={env.get('PYTHON_SHM_BYTES', str(64 << 20))}",

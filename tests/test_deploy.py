@@ -349,13 +349,15 @@ def test_entrypoint_uses_server_restrictions_and_requires_a_key(tmp_path):
     from moderation.core.auth import ADMIN_HEADER, RESTRICTED_GRPC, RESTRICTED_HTTP
 
     args = entrypoint.command(_entrypoint_env(tmp_path, MODEL_REPOSITORY="s3://bucket/repo"))
-    assert f"--grpc-restricted-protocol={RESTRICTED_GRPC}:{ADMIN_HEADER}={'k' * 32}" in args
+    # behind the gateway inference on Triton's port needs the key as well: the gateway holds it
+    assert f"--grpc-restricted-protocol={RESTRICTED_GRPC},inference:{ADMIN_HEADER}={'k' * 32}" in args
     assert f"--http-restricted-api={RESTRICTED_HTTP}:{ADMIN_HEADER}={'k' * 32}" in args
     assert "--model-repository=s3://bucket/repo" in args and "--model-control-mode=explicit" in args
     # behind the gateway Triton's gRPC is loopback-only; without it, Triton serves gRPC itself
     assert "--grpc-address=127.0.0.1" in args and "--grpc-port=8011" in args
     alone = entrypoint.command(_entrypoint_env(tmp_path, MODERATION_GATEWAY="0"))
     assert "--grpc-address=0.0.0.0" in alone and "--grpc-port=8001" in alone
+    assert f"--grpc-restricted-protocol={RESTRICTED_GRPC}:{ADMIN_HEADER}={'k' * 32}" in alone
     assert {a.split("=", 1)[1] for a in args if a.startswith("--load-model=")} == set(ALL_MODELS)
     assert all("k" * 32 not in a for a in entrypoint.redact(args))
     with pytest.raises(SystemExit):

@@ -107,5 +107,18 @@ def test_launch_flags_restrict_every_admin_protocol():
         assert f"{proto}" in cmd.split("--http-restricted-api=")[1].split(":")[0]
     assert "--grpc-address=127.0.0.1" in cmd and "--http-address=127.0.0.1" in cmd
     assert "--metrics-address=127.0.0.1" in cmd
+    assert "inference" in cmd.split("--grpc-restricted-protocol=")[1].split(":")[0]  # only the gateway infers
+    alone = " ".join(ServerConfig(key="k" * 16, gateway=False).command())
+    assert "inference" not in alone.split("--grpc-restricted-protocol=")[1].split(":")[0]
     # without a configured key a random one closes the admin APIs to everyone
     assert ServerConfig(key="").key and ServerConfig(key="").key != ServerConfig(key="").key
+
+
+def test_the_key_is_on_no_command_line_but_tritons(triton):
+    """The gateway gets the key in its environment; Triton 2.51 reads it only from its arguments, so its command
+    line is the one exposure (docs/security.md: per-start key, hidepid, one tenant per pod)."""
+    key = triton.config.key.encode()
+    gateway = Path(f"/proc/{triton.gateway.proc.pid}/cmdline").read_bytes()
+    assert key not in gateway
+    assert key in Path(f"/proc/{triton.gateway.proc.pid}/environ").read_bytes()
+    assert key in Path(f"/proc/{triton.process.proc.pid}/cmdline").read_bytes()  # the stated exposure

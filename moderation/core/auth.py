@@ -15,6 +15,12 @@ RESTRICTED_GRPC = "model-repository,model-config,shared-memory,statistics,trace,
 RESTRICTED_HTTP = "inference,model-repository,model-config,shared-memory,statistics,trace,logging"
 
 
+def restricted_grpc(behind_gateway: bool) -> str:
+    """The gRPC protocols Triton closes behind the key. Behind the audit gateway inference too: only the gateway,
+    which holds the key and forwards inference for the public models alone, reaches the models."""
+    return RESTRICTED_GRPC + (",inference" if behind_gateway else "")
+
+
 def admin_headers(key: str, protocol: str = "grpc") -> dict[str, str]:
     return {GRPC_ADMIN_HEADER if protocol == "grpc" else ADMIN_HEADER: key}
 

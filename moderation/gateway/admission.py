@@ -21,7 +21,7 @@ from dataclasses import dataclass
 class AdmissionLimits:
     max_calls: int = 256
     max_bytes: int = 384 * 1024 * 1024
-    per_client: int = 4
+    per_client: int = 2
     per_client_queue: int = 64
     client_header: str = ""
 

@@ -10,7 +10,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.auth import ADMIN_HEADER, RESTRICTED_GRPC, RESTRICTED_HTTP, admin_key
+from ..core.auth import ADMIN_HEADER, RESTRICTED_HTTP, admin_key, restricted_grpc
 from ..repository.render import ALL_MODELS
 
 
@@ -90,10 +90,7 @@ class ServerConfig:
             f"--http-address={self.address}", f"--http-port={self.http_port}",
             f"--metrics-address={self.address}", f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true", "--allow-gpu-metrics=false",
-            # Behind the gateway, inference on Triton's port needs the key too: only the gateway (which holds it)
-            # reaches the models, and it forwards inference for the public models alone.
-            f"--grpc-restricted-protocol={RESTRICTED_GRPC}{',inference' if self.gateway else ''}"
-            f":{ADMIN_HEADER}={key}",
+            f"--grpc-restricted-protocol={restricted_grpc(self.gateway)}:{ADMIN_HEADER}={key}",
             f"--http-restricted-api={RESTRICTED_HTTP}:{ADMIN_HEADER}={key}",
             "--strict-readiness=true", "--exit-timeout-secs=30",
             f"--log-verbose={self.log_verbose}",

@@ -1,0 +1,228 @@
+"""The public port as a hostile caller finds it: only the entry model is served, Triton's own port takes no
+inference without the key (so no caller can write a model's audit row), every refused call has exactly one coded
+row however odd its bytes, a bad message never ends a stream, oversized messages are refused unread, and a greedy
+client cannot starve a polite one. Against the real server (the session's `triton`), plus the gateway's admission
+and summary logic on their own."""
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import uuid
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import InferenceServerException
+
+from clients.client import build_inputs
+from moderation.core.audit import read_rows
+from moderation.core.errors import classify_failure
+from moderation.core.hashing import sha256_hex
+from moderation.core.limits import MAX_REQUEST_BYTES, PUBLIC_MODELS
+from moderation.gateway.admission import Admission, AdmissionLimits, Shed
+from moderation.gateway.summary import refusal, request_summary
+from moderation.repository.render import ALL_MODELS
+from moderation.testing.samples import sample_posts
+from perf import front_door
+
+POST = sample_posts()[0]
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+INTERNAL = [m for m in ALL_MODELS if m not in PUBLIC_MODELS]
+
+
+def _rows(audit_log, rid: str) -> list[dict]:
+    return [r for r in read_rows(audit_log) if r.get("request_id") == rid]
+
+
+def _good_inputs(rid: str):
+    return build_inputs(grpcclient, POST.image_bytes(), POST.text, {"request_id": rid, "policy": "allow_all"})
+
+
+def _message(inputs, model="moderate", rid="", version="", outputs=()) -> bytes:
+    req = service_pb2.ModelInferRequest(model_name=model, id=rid, model_version=version)
+    for t in inputs:
+        req.inputs.append(t._get_tensor())
+        req.raw_input_contents.append(t._get_content())
+    for o in outputs:
+        req.outputs.append(o._get_tensor())
+    return req.SerializeToString()
+
+
+def _wrong_dtype_with_options(options: bytes):
+    x = grpcclient.InferInput("IMAGE", [1, 1], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 1), np.float32))
+    o = grpcclient.InferInput("OPTIONS", [1, 1], "BYTES")
+    o.set_data_from_numpy(np.array([[options]], dtype=np.object_))
+    return [x, o]
+
+
+def _raw_call(url: str, body: bytes) -> tuple[str, str]:
+    with grpc.insecure_channel(url) as ch:
+        try:
+            ch.unary_unary(INFER)(body, timeout=60)
+            return "OK", ""
+        except grpc.RpcError as e:
+            return e.code().name, e.details() or ""
+
+
+# ---- only the entry model; no row can be forged --------------------------------------------------------------
+
+def test_internal_models_are_not_served_and_each_call_is_audited(triton, audit_log):
+    c = grpcclient.InferenceServerClient(triton.grpc_url)
+    for model in INTERNAL:
+        rid = f"internal-{model}-{uuid.uuid4().hex[:6]}"
+        inputs, _ = _good_inputs(rid)
+        with pytest.raises(InferenceServerException) as e:
+            c.infer(model, inputs, client_timeout=30)
+        assert e.value.status() == "StatusCode.NOT_FOUND" and e.value.message().startswith("[model_not_found]")
+        rows = _rows(audit_log, rid)
+        assert len(rows) == 1 and rows[0]["stage"] == "gateway" and rows[0]["model"] == model, rows
+        assert rows[0]["error"]["code"] == "model_not_found"
+    assert c.is_model_ready("moderate")  # metadata and health still pass
+
+
+def test_triton_port_takes_no_inference_without_the_key_so_no_model_row_can_be_forged(triton, audit_log):
+    """The forging route that was found: preprocess then postprocess with edited tensors on Triton's own port.
+    Without the key Triton runs no model, so no `stage: moderate` row with a caller-chosen id appears."""
+    rid = f"forged-{uuid.uuid4().hex[:6]}"
+    direct = grpcclient.InferenceServerClient(triton.triton_grpc_url)
+    inputs, outputs = _good_inputs(rid)
+    for model in ("preprocess", "postprocess", "language_decoder", "moderate"):
+        with pytest.raises(InferenceServerException, match="restricted"):
+            direct.infer(model, inputs, client_timeout=30)
+    assert _rows(audit_log, rid) == []
+    ok = triton.direct_client().infer("moderate", inputs, outputs=outputs, client_timeout=60)  # operators: the key
+    assert json.loads(ok.as_numpy("RESULT").reshape(-1)[0])["request_id"] == rid
+
+
+# ---- every call one truthful row ------------------------------------------------------------------------------
+
+def test_deep_garbage_and_absurd_requests_get_one_coded_row_each(triton, audit_log):
+    url = triton.grpc_url
+    nested = b"[" * 5000 + b"]" * 5000
+    cases = {  # triton request id -> (body, status, code)
+        "deep": (_message(_wrong_dtype_with_options(nested), rid="deep"), "INVALID_ARGUMENT", "bad_request"),
+        "version": (_message(_good_inputs("v")[0], rid="version", version="1 [bad_image] x"), "INVALID_ARGUMENT",
+                    "bad_request"),
+    }
+    zero = grpcclient.InferInput("IMAGE", [0, 1], "BYTES")
+    zero.set_data_from_numpy(np.zeros((0, 1), np.object_))
+    cases["zero-batch"] = (_message([zero], rid="zero-batch"), "INVALID_ARGUMENT", "bad_request")
+    tiny = []
+    for i in range(50_000):
+        t = grpcclient.InferInput(f"X{i}", [1], "INT8")
+        t.set_data_from_numpy(np.zeros(1, np.int8))
+        tiny.append(t)
+    cases["many-inputs"] = (_message(tiny, rid="many-inputs"), "INVALID_ARGUMENT", "bad_request")
+    odd = "odd\u2028id\u0085" + "x" * 300
+    cases[odd] = (_message(_wrong_dtype_with_options(b"{}"), rid=odd), "INVALID_ARGUMENT", "bad_request")
+    for rid, (body, status, code) in cases.items():
+        got_status, details = _raw_call(url, body)
+        assert got_status == status and classify_failure(details, got_status)[0] == code, (rid[:20], details)
+        assert "Traceback" not in details and "Unexpected <class" not in details
+    rows = read_rows(audit_log)  # splits on \n only: U+2028 / U+0085 in a row never break it
+    by_tid = {r.get("triton_request_id", "")[:40]: r for r in rows if r.get("stage") == "gateway"}
+    for rid in cases:
+        row = by_tid[rid[:40]]
+        assert row["error"]["code"] == "bad_request", row
+        assert len(json.dumps(row)) < 8192, (rid[:20], len(json.dumps(row)))
+    assert len(by_tid[odd[:40]]["triton_request_id"]) < 160  # capped
+    assert by_tid["many-inputs"]["more_inputs"]["count"] == 50_000 - 8
+    # not even a protobuf: refused, and kept by its hash
+    garbage = b"\xff\x00garbage"
+    status, details = _raw_call(url, garbage)
+    assert status == "INVALID_ARGUMENT" and details.startswith("[bad_request]"), details
+    assert any(r.get("request_sha256") == sha256_hex(garbage) for r in read_rows(audit_log))
+    inputs, outputs = _good_inputs(f"after-{uuid.uuid4().hex[:6]}")  # the server is still up
+    grpcclient.InferenceServerClient(url).infer("moderate", inputs, outputs=outputs, client_timeout=60)
+
+
+def test_a_bad_message_does_not_end_a_stream(triton, audit_log):
+    ids = [f"s{i}-{uuid.uuid4().hex[:6]}" for i in range(2)]
+    good = [_message(_good_inputs(rid)[0], rid=rid, outputs=_good_inputs(rid)[1]) for rid in ids]
+    bad_internal = _message(_good_inputs("x")[0], model="language_decoder", rid=f"bad-{ids[0]}")
+    deep = _message(_wrong_dtype_with_options(b"[" * 5000 + b"]" * 5000), rid=f"deep-{ids[0]}")
+    answers: queue.Queue = queue.Queue()
+    with grpc.insecure_channel(triton.grpc_url) as ch:
+        responses = ch.stream_stream(STREAM)(iter([good[0], b"\xff\x00garbage", bad_internal, deep, good[1]]),
+                                             timeout=120)
+        for raw in responses:
+            answers.put(service_pb2.ModelStreamInferResponse.FromString(raw))
+    got = [answers.get_nowait() for _ in range(answers.qsize())]
+    assert len(got) == 5, got
+    errors = sorted(classify_failure(r.error_message, "INVALID_ARGUMENT")[0] for r in got if r.error_message)
+    assert errors == ["bad_request", "bad_request", "model_not_found"], [r.error_message for r in got]
+    answered = {r.infer_response.id for r in got if not r.error_message}
+    assert answered == set(ids)
+    for rid in ids:
+        assert [r["stage"] for r in _rows(audit_log, rid)] == ["moderate"]
+
+
+def test_summaries_are_bounded_and_never_raise():
+    nested = b"[" * 100_000 + b"]" * 100_000
+    s = request_summary(_message(_wrong_dtype_with_options(nested), rid="r"))
+    assert s["request_id"] == "r" and s["inputs"][1]["bytes"] == len(nested) + 4
+    elements = grpcclient.InferInput("TEXT", [40_000, 1], "BYTES")
+    elements.set_data_from_numpy(np.array([[b"t"]] * 40_000, dtype=np.object_))
+    s = request_summary(_message([elements]))
+    assert len(s["inputs"][0]["sha256"]) == 16 and s["inputs"][0]["elements"] == 40_000
+    assert len(json.dumps(s)) < 4096
+    for body in (b"", b"\x0a\xff\xff\xff\xff\x0f", b"\x0a" * 10_000, bytes(range(256)) * 100):
+        request_summary(body)  # total: any bytes give a summary
+    assert refusal(None)[0] == "bad_request"
+    assert refusal(service_pb2.ModelInferRequest(model_name="clip_gate"))[0] == "model_not_found"
+    assert MAX_REQUEST_BYTES < 200 * 1024 * 1024
+
+
+# ---- memory and fairness -------------------------------------------------------------------------------------
+
+def test_oversized_messages_are_refused_unread_and_audited_while_normal_traffic_is_served(triton, audit_log):
+    before = sum((r.get("error") or {}).get("code") == "request_too_large" for r in read_rows(audit_log))
+    r = front_door.oversized(triton.grpc_url, triton.gateway.proc.pid, copies=8)
+    print(json.dumps({k: v for k, v in r.items() if k != "calls"}))
+    assert all(c["status"] == "RESOURCE_EXHAUSTED" for c in r["calls"]), r["calls"]
+    assert r["max_seconds"] < 3.0, r["calls"]  # perf/results/front_door.json has the unloaded figure
+    assert r["gateway_peak_rss_mb_after"] < 512, r
+    assert r["normal"]["answered"] == r["normal"]["sent"] >= 1 and not r["normal"]["errors"], r["normal"]
+    after = sum((r.get("error") or {}).get("code") == "request_too_large" for r in read_rows(audit_log))
+    assert after - before == 8
+
+
+def test_a_greedy_client_does_not_starve_a_polite_one(triton):
+    f = front_door.fairness(triton.grpc_url, polite_n=30, concurrency=32)
+    print(json.dumps({k: v for k, v in f.items() if k not in ("alone", "with_greedy")}),
+          f["alone"]["p99_ms"], f["with_greedy"]["p99_ms"])
+    assert f["with_greedy"]["errors"] == {} and f["with_greedy"]["answered"] == 30, f["with_greedy"]
+    assert f["greedy"]["answers"].get("ok", 0) > 30, f["greedy"]  # the greedy client is served too
+    assert f["p99_ratio"] <= 2.5, f  # the goal is 2x; perf/results/front_door.json records the measured ratio
+
+
+def test_admission_sheds_at_its_bounds_and_queues_a_client_behind_itself():
+    async def scenario():
+        adm = Admission(AdmissionLimits(max_calls=10, max_bytes=1000, per_client=2, per_client_queue=1))
+        held = [adm.admit("greedy", 10) for _ in range(3)]  # 2 running + 1 waiting
+        entered = []
+
+        async def enter(t):
+            async with t:
+                entered.append(t)
+                await asyncio.sleep(0.05)
+
+        tasks = [asyncio.create_task(enter(t)) for t in held]
+        await asyncio.sleep(0.01)
+        assert len(entered) == 2
+        with pytest.raises(Shed, match="this client"):
+            adm.admit("greedy", 10)
+        polite = adm.admit("polite", 10)  # its own slots: not behind the greedy client
+        async with polite:
+            assert len(entered) == 2
+        with pytest.raises(Shed, match="bytes in flight"):
+            adm.admit("other", 980)
+        await asyncio.gather(*tasks)
+        assert adm.in_flight() == {"calls": 0, "bytes": 0, "clients": 0}
+
+    asyncio.run(scenario())
