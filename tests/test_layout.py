@@ -20,6 +20,7 @@ ALLOWED = {
     "serving": {"core", "gate", "ocr", "vlm", "repository"},
     "ops": {"core"},
     "gateway": {"core"},
+    "openai": {"core"},
     "launch": {"core", "repository", "ops"},
     "testing": {"core", "launch", "repository"},
 }

@@ -147,6 +147,27 @@ class OcrSettings(_Strict):
     prompt_max_tokens: int = Field(128, ge=0, le=1024)  # image-text tokens the VLM prompt carries
 
 
+# The categories of OpenAI's moderation API (POST /v1/moderations, omni-moderation-latest), every one reported.
+OPENAI_CATEGORIES = ("harassment", "harassment/threatening", "hate", "hate/threatening", "illicit",
+                     "illicit/violent", "self-harm", "self-harm/intent", "self-harm/instructions", "sexual",
+                     "sexual/minors", "violence", "violence/graphic")
+
+
+class OpenAICompat(_Strict):
+    """How /v1/moderations (moderation/openai/) reports this policy: each OpenAI category from the policy labels
+    it names (its score is their highest, flagged when any of them reaches its review band); a category naming no
+    label is reported false / 0 and listed as unmapped."""
+    categories: dict[str, list[str]] = {}
+
+    @field_validator("categories")
+    @classmethod
+    def _known(cls, categories):
+        bad = [c for c in categories if c not in OPENAI_CATEGORIES]
+        if bad:
+            raise ValueError(f"openai.categories names unknown OpenAI categories {bad}")
+        return categories
+
+
 class SentimentOption(_Strict):
     key: str
     en: str
@@ -175,6 +196,7 @@ class Policy(_Strict):
     cache: CacheSettings = CacheSettings()
     decisions: Decisions = Decisions()
     ocr: OcrSettings = OcrSettings()
+    openai: OpenAICompat = OpenAICompat()
     sentiment: list[SentimentOption]
     prompts: dict[Literal["en", "zh"], Prompt]
     digest: str = ""
@@ -205,6 +227,9 @@ class Policy(_Strict):
         bad = [k for k in self.decisions.labels if k not in keys]
         if bad:
             raise ValueError(f"decisions.labels names unknown labels {bad}")
+        bad = sorted({k for labels in self.openai.categories.values() for k in labels} - set(keys))
+        if bad:
+            raise ValueError(f"openai.categories names unknown labels {bad}")
         return self
 
     @property

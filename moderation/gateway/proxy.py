@@ -43,6 +43,7 @@ from ..core.errors import classify_failure, coded_by_model
 from ..core.hashing import sha256_hex
 from ..core.limits import MAX_REQUEST_BYTES, PUBLIC_MODELS
 from .admission import Admission, AdmissionLimits, Shed
+from .health import Readiness
 from .summary import cap, parse_request, refusal, request_summary
 
 SERVICE = "inference.GRPCInferenceService"
@@ -104,20 +105,26 @@ class AuditGateway:
         self.metrics.in_flight.labels(what="bytes").set_function(lambda: self.admission.bytes)
         self.channel: aio.Channel | None = None
         self.server: aio.Server | None = None
+        self.readiness: Readiness | None = None
 
     async def start(self) -> int:
         self.channel = aio.insecure_channel(self.upstream, options=CHANNEL_OPTIONS)
         # The public limit is checked by gRPC from each message's length prefix, before the body is buffered.
         self.server = aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                           ("grpc.max_receive_message_length", self.max_request_bytes)])
+        self.readiness = Readiness(self.channel, self.audit, self.public)
+        self.readiness.add_to(self.server)
         self.server.add_generic_rpc_handlers((_Router(self),))
         port = self.server.add_insecure_port(self.listen)
         if not port:
             raise OSError(f"cannot listen on {self.listen}")
         await self.server.start()
+        await self.readiness.start()
         return port
 
     async def stop(self) -> None:
+        if self.readiness:
+            await self.readiness.shutdown()  # probes see NOT_SERVING while in-flight calls drain
         if self.server:
             await self.server.stop(self.grace_s)  # in-flight calls finish (Triton drains its own too)
         if self.channel:
@@ -204,18 +211,34 @@ class AuditGateway:
     def unary(self, method: str):
         call = self.channel.unary_unary(method)
         name = method.rsplit("/", 1)[1]
+        # Reading the public models' config and statistics is open on this port (perf_analyzer needs both; they
+        # are not what the 2025 CVEs were about): the gateway presents the key for exactly those reads. Any other
+        # model's, and every other restricted protocol, still needs the caller's own key (Triton checks it).
+        opened = {"ModelConfig": service_pb2.ModelConfigRequest,
+                  "ModelStatistics": service_pb2.ModelStatisticsRequest}.get(name)
 
         async def handler(request: bytes, context) -> bytes:
             started = time.perf_counter()
+            metadata = _metadata(context)
+            if opened is not None and self._public_read(opened, request):
+                metadata = self._upstream_metadata(context)
             try:
-                response = await call(request, metadata=_metadata(context), timeout=context.time_remaining())
+                response = await call(request, metadata=metadata, timeout=context.time_remaining())
             except aio.AioRpcError as e:
                 self._observe(name, e.code(), started)
                 await context.abort(e.code(), e.details() or "")
+            if name == "ServerReady" and self.readiness and not self.readiness.audit_ok:
+                response = service_pb2.ServerReadyResponse(ready=False).SerializeToString()
             self._observe(name, grpc.StatusCode.OK, started)
             return response
 
         return grpc.unary_unary_rpc_method_handler(handler)
+
+    def _public_read(self, message_type, request: bytes) -> bool:
+        try:
+            return message_type.FromString(request).name in self.public
+        except Exception:  # noqa: BLE001 - not a request of that type: forwarded as it is, Triton answers
+            return False
 
     def stream(self):
         """ModelStreamInfer: every message is checked as ModelInfer's is; a refused one is answered in-band (as

@@ -46,6 +46,7 @@ class ServerConfig:
     triton_grpc_port: int = 8011
     gateway_metrics_port: int = 8003
     gateway: bool = True
+    openai_port: int = 0  # 0: no OpenAI-compatible front end
     http_port: int = 8000
     metrics_port: int = 8002
     address: str = "127.0.0.1"
@@ -64,6 +65,7 @@ class ServerConfig:
                   "triton_grpc_port": int(env.get("TRITON_GRPC_PORT", 8011)),
                   "gateway_metrics_port": int(env.get("GATEWAY_METRICS_PORT", 8003)),
                   "gateway": env.get("MODERATION_GATEWAY", "1") != "0",
+                  "openai_port": int(env.get("OPENAI_PORT", 8080)),
                   "http_port": int(env.get("HTTP_PORT", 8000)), "metrics_port": int(env.get("METRICS_PORT", 8002)),
                   "address": env.get("BIND_ADDRESS", "127.0.0.1"), "key": admin_key(),
                   "log_verbose": int(env.get("TRITON_LOG_VERBOSE", 0))}
@@ -106,6 +108,10 @@ class ServerConfig:
     def gateway_command(self) -> list[str]:
         return [sys.executable, "-m", "moderation.gateway", "--listen", f"{self.address}:{self.grpc_port}",
                 "--upstream", self.triton_grpc_url, "--metrics", f"127.0.0.1:{self.gateway_metrics_port}"]
+
+    def openai_command(self) -> list[str]:
+        return [sys.executable, "-m", "moderation.openai", "--listen", f"{self.address}:{self.openai_port}",
+                "--upstream", f"127.0.0.1:{self.grpc_port}"]
 
     def gateway_env(self) -> dict[str, str]:
         """The gateway's environment: the key reaches it here, never on its command line."""

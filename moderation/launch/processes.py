@@ -103,7 +103,35 @@ class GatewayProcess(ServerProcess):
     def where(self) -> str:
         return f"{self.config.address}:{self.config.grpc_port}"
 
-    def ready(self) -> bool:  # ServerReady passes through: the gateway and Triton behind it both answer
-        import tritonclient.grpc as grpcclient
+    def ready(self) -> bool:
+        """grpc.health.v1 on the public port says SERVING: Triton is ready behind it and the audit log takes rows."""
+        return grpc_health_serving(self.where())
 
-        return grpcclient.InferenceServerClient(self.where()).is_server_ready(client_timeout=2)
+
+def grpc_health_serving(target: str, service: str = "", timeout_s: float = 2.0) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                          timeout=timeout_s)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class OpenAIProcess(ServerProcess):
+    """The OpenAI-compatible /v1/moderations front end (moderation/openai/): HTTP on OPENAI_PORT, calling the
+    gateway over gRPC."""
+
+    name = "openai"
+    poll_s = 0.2
+    stop_timeout_s = 40.0
+
+    def command(self) -> list[str]:
+        return self.config.openai_command()
+
+    def where(self) -> str:
+        return f"http://{self.config.address}:{self.config.openai_port}/health"
+
+    def ready(self) -> bool:
+        with urllib.request.urlopen(self.where(), timeout=2) as r:
+            return r.status == 200

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..ops.admin import STATE_FILE, RepositoryAdmin
 from .config import ServerConfig
-from .processes import GatewayProcess, TritonProcess
+from .processes import GatewayProcess, OpenAIProcess, TritonProcess
 
 
 def apply_live_versions(config: ServerConfig) -> list[dict]:
@@ -32,6 +32,7 @@ def main() -> int:
         return 2
     server = TritonProcess(cfg).start()
     gateway = GatewayProcess(cfg) if cfg.gateway else None
+    openai = OpenAIProcess(cfg) if cfg.gateway and cfg.openai_port else None
     watchdog = None
     stopping = False
 
@@ -40,7 +41,7 @@ def main() -> int:
         stopping = True
         if watchdog:  # stubs exit as Triton unloads: not deaths to repair
             watchdog.halt()
-        for p in (gateway, server):  # the gateway first: it stops taking calls, then Triton drains
+        for p in (openai, gateway, server):  # front ends first: they stop taking calls, then Triton drains
             if p and p.proc and p.proc.poll() is None:
                 p.proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
 
@@ -56,28 +57,35 @@ def main() -> int:
 
             watchdog = StubWatchdog(server.proc.pid, cfg.triton_grpc_url, cfg.key)
             watchdog.start()
-        if gateway:
+        if gateway:  # ready: grpc.health.v1 on the public port says SERVING
             gateway.start().wait_ready(60)
+        if openai:
+            openai.start().wait_ready(60)
         print(f"ready: gRPC {cfg.address}:{cfg.grpc_port}"
               + (f" (audit gateway -> Triton {cfg.triton_grpc_url})" if gateway else "")
+              + (f"  OpenAI http://{cfg.address}:{cfg.openai_port}/v1/moderations" if openai else "")
               + f"  HTTP {cfg.address}:{cfg.http_port}  metrics {cfg.address}:{cfg.metrics_port}", flush=True)
     except (RuntimeError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
-        if gateway:
-            gateway.stop()
+        for p in (openai, gateway):
+            if p:
+                p.stop()
         server.stop()
         return 1
     # Either process ending ends the service: a Triton without its gateway would be unreachable, and a gateway
     # without Triton would answer UNAVAILABLE forever; the orchestrator restarts the pair.
-    while server.proc.poll() is None and (not gateway or gateway.proc.poll() is None):
+    fronts = [p for p in (gateway, openai) if p]
+    while server.proc.poll() is None and all(p.proc.poll() is None for p in fronts):
         time.sleep(0.5)
-    gateway_died = bool(gateway and gateway.proc.poll() is not None and not stopping)
-    if gateway_died:
-        print(f"error: gateway exited with code {gateway.proc.returncode}; stopping Triton", file=sys.stderr)
+    died = [p for p in fronts if p.proc.poll() is not None and not stopping]
+    gateway_died = bool(died)
+    for p in died:
+        print(f"error: {p.name} exited with code {p.proc.returncode}; stopping the service", file=sys.stderr)
     if watchdog:
         watchdog.halt()
-    if gateway:
-        gateway.stop()
+    for p in (openai, gateway):
+        if p:
+            p.stop()
     rc = server.stop() if server.proc.poll() is None else server.proc.returncode
     if gateway_died:
         return 1

@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 
 from ..launch.config import ServerConfig
-from ..launch.processes import GatewayProcess, TritonProcess
+from ..launch.processes import GatewayProcess, OpenAIProcess, TritonProcess
 from ..launch.serve import apply_live_versions
 from ..repository.render import ALL_MODELS
 
@@ -26,11 +26,13 @@ class running_server:
 
     def __init__(self, repository: Path | None = None, env: dict[str, str] | None = None,
                  log_path: Path | None = None, models: tuple[str, ...] = ALL_MODELS, key: str = "",
-                 extra_args: tuple[str, ...] = (), timeout: float = 300.0, gateway: bool | None = None):
+                 extra_args: tuple[str, ...] = (), timeout: float = 300.0, gateway: bool | None = None,
+                 openai: bool = False):
         self.config = ServerConfig.from_env(
             repository=Path(repository or os.environ.get("MODEL_REPOSITORY", "model_repository")),
             grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), triton_grpc_port=free_port(),
-            gateway_metrics_port=free_port(), models=models, key=key, extra_args=extra_args, address="127.0.0.1")
+            gateway_metrics_port=free_port(), models=models, key=key, extra_args=extra_args, address="127.0.0.1",
+            openai_port=free_port() if openai else 0)
         if gateway is not None:
             self.config.gateway = gateway
         self.extra_env = env or {}
@@ -38,6 +40,7 @@ class running_server:
         self.timeout = timeout
         self.process: TritonProcess | None = None
         self.gateway: GatewayProcess | None = None
+        self.openai: OpenAIProcess | None = None
 
     @property
     def grpc_url(self) -> str:
@@ -78,6 +81,9 @@ class running_server:
             if self.config.gateway:  # same environment (audit log path) as the models
                 glog = Path(self.log_path).with_suffix(".gateway.log") if self.log_path else None
                 self.gateway = GatewayProcess(self.config, glog)
+            if self.config.gateway and self.config.openai_port:
+                olog = Path(self.log_path).with_suffix(".openai.log") if self.log_path else None
+                self.openai = OpenAIProcess(self.config, olog)
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -89,12 +95,20 @@ class running_server:
             apply_live_versions(self.config)
             if self.gateway:
                 self.gateway.start().wait_ready(60)
+            if self.openai:
+                self.openai.start().wait_ready(60)
         except BaseException:
             self.stop()
             raise
         return self
 
+    @property
+    def openai_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.openai_port}/v1"
+
     def stop(self) -> int | None:
+        if self.openai:
+            self.openai.stop()
         if self.gateway:
             self.gateway.stop()
         return self.process.stop() if self.process else None

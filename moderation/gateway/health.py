@@ -1,0 +1,74 @@
+"""Readiness of the public port: grpc.health.v1 (Check and Watch, what Envoy, Istio, grpc-health-probe and
+Kubernetes `grpc:` probes send) and the gateway's answer to ServerReady, from one probe loop.
+
+Ready means a call on this port would be served: Triton answers ServerReady (strict readiness: every model
+loaded) and, in the fail_closed audit mode, the audit log can take rows. The overall service (""), the inference
+service's name and each public model report the same status. On shutdown every status turns NOT_SERVING before
+the gateway stops taking calls, so probes drop the endpoint first."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2
+
+from ..core.audit import AuditLog
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVER_READY = "/inference.GRPCInferenceService/ServerReady"
+
+
+def audit_blocks_service() -> bool:
+    """In fail_closed mode an audit log that cannot take rows makes the service unready."""
+    return os.environ.get("MODERATION_AUDIT_ON_FAILURE", "fail_closed") != "fail_open"
+
+
+class Readiness:
+    def __init__(self, channel: aio.Channel, audit: AuditLog, services: tuple[str, ...], interval_s: float = 0.5):
+        self.channel, self.audit, self.interval_s = channel, audit, interval_s
+        self.services = ("", "inference.GRPCInferenceService", *services)
+        self.servicer = health.aio.HealthServicer()
+        self.upstream_ready = False
+        self.audit_ok = True
+        self._task: asyncio.Task | None = None
+        self._server_ready = channel.unary_unary(SERVER_READY)
+
+    def add_to(self, server: aio.Server) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+
+    @property
+    def ready(self) -> bool:
+        return self.upstream_ready and self.audit_ok
+
+    async def probe(self) -> bool:
+        try:
+            raw = await self._server_ready(service_pb2.ServerReadyRequest().SerializeToString(), timeout=2)
+            self.upstream_ready = service_pb2.ServerReadyResponse.FromString(raw).ready
+        except aio.AioRpcError:
+            self.upstream_ready = False
+        if audit_blocks_service():
+            self.audit_ok = await asyncio.to_thread(self.audit.writable)
+        status = SERVING if self.ready else NOT_SERVING
+        for name in self.services:
+            await self.servicer.set(name, status)
+        return self.ready
+
+    async def start(self) -> None:
+        await self.probe()
+
+        async def loop():
+            while True:
+                await asyncio.sleep(self.interval_s)
+                with contextlib.suppress(Exception):  # a probe that fails leaves the last status until the next
+                    await self.probe()
+
+        self._task = asyncio.create_task(loop())
+
+    async def shutdown(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self.servicer.enter_graceful_shutdown()

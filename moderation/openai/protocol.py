@@ -1,0 +1,61 @@
+"""The request and response shapes of OpenAI's moderation API (POST /v1/moderations) as OpenAI documents them,
+and its error shape. This service's own fields ride under the extension key `moderation` of each result."""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EXTENSION_KEY = "moderation"
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI adds fields over time; unknown ones are not errors
+
+
+class ImageURL(_Loose):
+    url: str = Field(max_length=64 * 1024 * 1024)
+
+
+class TextPart(_Loose):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Loose):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ModerationRequest(_Loose):
+    input: str | list[str] | list[Part]
+    model: str = "omni-moderation-latest"
+
+
+class ModerationResult(BaseModel):
+    flagged: bool
+    categories: dict[str, bool]
+    category_scores: dict[str, float]
+    category_applied_input_types: dict[str, list[Literal["text", "image"]]]
+    moderation: dict  # EXTENSION_KEY: action, decided_by, route, request_id, image_text, untrained, ...
+
+
+class ModerationResponse(BaseModel):
+    id: str
+    model: str
+    results: list[ModerationResult]
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error",
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.type, self.param = status, message, code, type_, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

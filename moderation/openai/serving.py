@@ -1,0 +1,188 @@
+"""/v1/moderations served by this service: each OpenAI input becomes one post (an image and its caption) sent to
+`moderate` over gRPC through the audit gateway, so every call is audited like any other; RESULT is reported in
+OpenAI's shape with the policy's category mapping (policy `openai.categories`).
+
+Images come inline as `data:` URLs. A remote http(s) URL is fetched only from a host on the operator's allow-list
+(MODERATION_OPENAI_IMAGE_HOSTS, exact host names; no redirects, the image byte limit, a short timeout); by default
+none is, so the service never fetches a URL a caller names (SSRF)."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import os
+import time
+import uuid
+from collections import OrderedDict
+from urllib.parse import urlsplit
+
+import numpy as np
+from tritonclient.grpc import aio as grpcaio
+from tritonclient.utils import InferenceServerException
+
+from ..core.errors import ModerationError, classify_failure
+from ..core.limits import MAX_IMAGE_BYTES
+from ..core.policy import OPENAI_CATEGORIES, Policy, load_policy
+from .protocol import EXTENSION_KEY, ImagePart, ModerationRequest, ModerationResponse, OpenAIError, TextPart
+
+DEFAULT_MODEL = "omni-moderation-latest"
+# What each of our codes is in HTTP and OpenAI's error types: the openai client retries 429 and 5xx itself.
+_HTTP = {"overloaded": (429, "rate_limit_error"), "unavailable": (503, "server_error"),
+         "model_unavailable": (503, "server_error"), "audit_unavailable": (503, "server_error"),
+         "deadline_exceeded": (504, "server_error"), "internal": (500, "server_error"),
+         "image_too_large": (413, "invalid_request_error"), "request_too_large": (413, "invalid_request_error")}
+
+
+def image_hosts() -> frozenset[str]:
+    return frozenset(h.strip().lower() for h in os.environ.get("MODERATION_OPENAI_IMAGE_HOSTS", "").split(",")
+                     if h.strip())
+
+
+def decode_data_url(url: str) -> bytes:
+    head, sep, data = url.partition(",")
+    if not sep or not head.startswith("data:") or ";base64" not in head:
+        raise OpenAIError(400, "image_url must be a data: URL with base64 content (data:image/png;base64,...)",
+                          "invalid_image_url", param="input")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise OpenAIError(400, f"image_url's base64 content does not decode: {e}", "invalid_image_url",
+                          param="input") from e
+    if len(raw) > MAX_IMAGE_BYTES:
+        raise OpenAIError(413, f"the image is {len(raw)} bytes; the limit is {MAX_IMAGE_BYTES}", "image_too_large",
+                          param="input")
+    return raw
+
+
+class ImageFetcher:
+    """Remote images, only from allow-listed hosts."""
+
+    def __init__(self, hosts: frozenset[str] | None = None, timeout_s: float = 10.0):
+        self.hosts = image_hosts() if hosts is None else hosts
+        self.timeout_s = timeout_s
+
+    async def __call__(self, url: str) -> bytes:
+        if url.startswith("data:"):
+            return decode_data_url(url)
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise OpenAIError(400, f"image_url scheme {parts.scheme!r} is not supported; send a data: URL",
+                              "invalid_image_url", param="input")
+        if (parts.hostname or "").lower() not in self.hosts:
+            raise OpenAIError(400, "remote image URLs are not fetched by this service (no server-side fetch of a URL "
+                              "a caller names); send the image inline as a data: URL, or ask the operator to "
+                              "allow-list the host (MODERATION_OPENAI_IMAGE_HOSTS)", "image_url_not_allowed",
+                              param="input")
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as session, \
+                session.get(url, allow_redirects=False) as resp:
+            if resp.status != 200:
+                raise OpenAIError(400, f"fetching the image answered HTTP {resp.status}", "image_fetch_failed",
+                                  param="input")
+            body = await resp.content.read(MAX_IMAGE_BYTES + 1)
+        if len(body) > MAX_IMAGE_BYTES:
+            raise OpenAIError(413, f"the image is over {MAX_IMAGE_BYTES} bytes", "image_too_large", param="input")
+        return body
+
+
+def _post_of(request: ModerationRequest) -> list[TextPart | ImagePart]:
+    if isinstance(request.input, str) or (request.input and isinstance(request.input[0], str)):
+        raise OpenAIError(400, "this service judges posts: an image with its caption. Send the input as a list of "
+                          "parts with one image_url part (a data: URL) and the caption as a text part; text-only "
+                          "inputs are not served", "image_required", param="input")
+    parts = list(request.input)
+    images = [p for p in parts if isinstance(p, ImagePart)]
+    if len(images) != 1:
+        raise OpenAIError(400, f"a post has exactly one image; this input has {len(images)} image_url parts",
+                          "image_required" if not images else "too_many_images", param="input")
+    return parts
+
+
+def openai_result(policy: Policy, result: dict, input_types: list[str]) -> dict:
+    """RESULT in OpenAI's shape: categories from the policy's mapping, every OpenAI category present."""
+    mapping = policy.openai.categories
+    scores, severity = result.get("scores") or {}, result.get("severity") or {}
+    categories, category_scores, applied = {}, {}, {}
+    for c in OPENAI_CATEGORIES:
+        labels = mapping.get(c, [])
+        category_scores[c] = round(max((float(scores.get(lab, 0.0)) for lab in labels), default=0.0), 6)
+        categories[c] = any(severity.get(lab, 0) >= 1 for lab in labels)
+        applied[c] = list(input_types) if labels else []
+    return {"flagged": result["action"] != "allow", "categories": categories, "category_scores": category_scores,
+            "category_applied_input_types": applied,
+            EXTENSION_KEY: {"request_id": result["request_id"], "action": result["action"],
+                            "decided_by": result["decided_by"], "reason": (result.get("decision") or {}).get("reason"),
+                            "route": result["route"], "severity": severity, "policy": result.get("policy"),
+                            "image_text": result.get("image_text"), "untrained": result.get("untrained"),
+                            "unmapped_categories": [c for c in OPENAI_CATEGORIES if c not in mapping]}}
+
+
+class ModerationService:
+    """Calls `moderate` through the gateway. One gRPC connection per HTTP client address (bounded), so the
+    gateway's per-client fairness sees this front end's callers apart, not as one client."""
+
+    max_channels = 64
+
+    def __init__(self, gateway_url: str, fetcher: ImageFetcher | None = None, timeout_s: float = 60.0):
+        self.gateway_url, self.timeout_s = gateway_url, timeout_s
+        self.fetch = fetcher or ImageFetcher()
+        self._clients: OrderedDict[str, grpcaio.InferenceServerClient] = OrderedDict()
+
+    def _client(self, peer: str) -> grpcaio.InferenceServerClient:
+        client = self._clients.pop(peer, None)
+        if client is None:
+            client = grpcaio.InferenceServerClient(self.gateway_url, channel_args=[("moderation.http_peer", peer)])
+            if len(self._clients) >= self.max_channels:
+                _, old = self._clients.popitem(last=False)
+                asyncio.get_running_loop().create_task(old.close())
+        self._clients[peer] = client
+        return client
+
+    async def close(self) -> None:
+        for c in self._clients.values():
+            await c.close()
+        self._clients.clear()
+
+    def policy_for(self, model: str) -> str:
+        if model in (DEFAULT_MODEL, "omni-moderation-latest", "text-moderation-latest", "default"):
+            return "default"
+        try:
+            load_policy(model)
+        except ModerationError as e:  # unknown, or not a plain policy name
+            raise OpenAIError(404, f"the model {model!r} does not exist here: use {DEFAULT_MODEL} (the default "
+                              "policy) or a policy name", "model_not_found", param="model") from e
+        return model
+
+    async def moderate(self, request: ModerationRequest, peer: str) -> dict:
+        policy_name = self.policy_for(request.model)
+        parts = _post_of(request)
+        image = await self.fetch(next(p for p in parts if isinstance(p, ImagePart)).image_url.url)
+        text = "\n".join(p.text for p in parts if isinstance(p, TextPart))
+        rid = f"modr-{uuid.uuid4().hex}"
+        result = await self._infer(peer, image, text, {"request_id": rid, "policy": policy_name})
+        types = ["image"] + (["text"] if text else [])
+        body = ModerationResponse(id=rid, model=request.model,
+                                  results=[openai_result(load_policy(policy_name), result, types)])
+        return body.model_dump()
+
+    async def _infer(self, peer: str, image: bytes, text: str, options: dict) -> dict:
+        inputs = []
+        for name, value in (("IMAGE", image), ("TEXT", text.encode()), ("OPTIONS", json.dumps(options).encode())):
+            t = grpcaio.InferInput(name, [1, 1], "BYTES")
+            t.set_data_from_numpy(np.array([[value]], dtype=np.object_))
+            inputs.append(t)
+        started = time.perf_counter()
+        try:
+            response = await self._client(peer).infer("moderate", inputs,
+                                                      outputs=[grpcaio.InferRequestedOutput("RESULT")],
+                                                      client_timeout=self.timeout_s)
+        except InferenceServerException as e:
+            code, message = classify_failure(e.message() or "", e.status() or "")
+            status, type_ = _HTTP.get(code, (400, "invalid_request_error"))
+            raise OpenAIError(status, f"[{code}] {message}", code, type_) from e
+        result = json.loads(response.as_numpy("RESULT").reshape(-1)[0])
+        result.setdefault("latency_ms", {})["openai_front_end_total"] = round((time.perf_counter() - started) * 1e3, 3)
+        return result
