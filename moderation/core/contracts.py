@@ -57,6 +57,7 @@ class RequestRecord(Contract):
     image_format: str
     image_size: tuple[int, int]
     has_caption: bool
+    has_image: bool = True    # False: a text_only post, no image signal is read
     caption_key: str          # verdict-cache key of the normalised caption
     caption_truncated: bool   # CLIP read only its first 77 tokens
     fingerprint: list[float] | None = None  # thumbnail fingerprint, when the policy's cache checks one

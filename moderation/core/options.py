@@ -28,6 +28,9 @@ class Options(BaseModel):
     escalate: bool = False
     # Read the text drawn in the image (OCR); false skips it for this post.
     ocr: bool = True
+    # A post with no image (IMAGE empty): only its text is judged; no image signal (nsfw_image, image lists,
+    # OCR, the CLIP image embedding) is read. The VLM, if it runs, sees a blank placeholder image.
+    text_only: bool = False
 
 
 def parse_options(raw: bytes | str | None) -> Options:

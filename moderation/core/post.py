@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from .errors import BadRequest
 from .hashing import post_hashes
 from .imaging import decode_image
 from .options import Options, parse_options
@@ -24,6 +25,11 @@ class Post:
     image_format: str
     image_size: tuple[int, int]
     caption_as_sent: str = ""  # before normalisation: what term matching reports against
+    has_image: bool = True     # False for a text_only post: `image` is a blank placeholder
+
+
+# What the models see in place of a text_only post's image: shapes only, never judged (no image signal is read).
+PLACEHOLDER_SIDE = 224
 
 
 def parse_post(image: bytes, text: bytes, options: Options | bytes | None, hashes: dict | None = None) -> Post:
@@ -34,8 +40,15 @@ def parse_post(image: bytes, text: bytes, options: Options | bytes | None, hashe
     policy = load_policy(options.policy)
     as_sent = decode_caption_as_sent(text)
     caption = normalize_caption(as_sent)
-    decoded = decode_image(image)
     lang = detect_lang(caption) if options.lang == "auto" else options.lang
     hashes = hashes or post_hashes(image, text)
+    if options.text_only:
+        if image:
+            raise BadRequest(f"a text_only post carries no image, but IMAGE has {len(image)} bytes: send IMAGE "
+                             "empty, or drop text_only")
+        blank = Image.new("RGB", (PLACEHOLDER_SIDE, PLACEHOLDER_SIDE), (127, 127, 127))
+        return Post(options, policy, hashes["image_sha256"], hashes["text_sha256"], caption, lang, blank, "none",
+                    (0, 0), as_sent, has_image=False)
+    decoded = decode_image(image)
     return Post(options, policy, hashes["image_sha256"], hashes["text_sha256"], caption, lang, decoded.image,
                 decoded.format, decoded.original_size, as_sent)

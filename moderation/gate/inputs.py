@@ -142,20 +142,22 @@ class Preprocess:
         post = parse_post(image, text, parsed, hashes)
         ids, mask, truncated = self.tokens.encode([post.caption])
         policy, cache = post.policy, post.policy.cache
-        read = self.reader.read(post.image) if self.reader and policy.ocr.enabled and parsed.ocr else None
+        read = self.reader.read(post.image) if (self.reader and policy.ocr.enabled and parsed.ocr
+                                                and post.has_image) else None
         lines = None if read is None else [line.to_dict() for line in read]
         image_text = image_words(lines)
-        pdq = pdq_hash(post.image)[0] if policy.lists.images else None
+        pdq = pdq_hash(post.image)[0] if policy.lists.images and post.has_image else None
         hits = (image_hits(policy, pdq) + term_hits(policy, post.caption_as_sent)
                 + term_hits(policy, image_text, "image_text"))
         record = RequestRecord(
             request_id=parsed.request_id, policy_id=post.policy.id, policy_name=parsed.policy, lang=post.lang,
             describe=parsed.describe, return_embedding=parsed.return_embedding, forget=parsed.forget,
             image_format=post.image_format, image_size=post.image_size, has_caption=bool(post.caption),
+            has_image=post.has_image,
             # the verdict cache's key: a meme template with other words drawn on it is another post
             caption_key=caption_key(post.caption + "\n" + image_text), caption_truncated=truncated[0],
-            fingerprint=fingerprint(post.image).tolist() if cache.enabled and cache.fingerprint_threshold is not None
-            else None,
+            fingerprint=fingerprint(post.image).tolist()
+            if cache.enabled and cache.fingerprint_threshold is not None and post.has_image else None,
             escalate=parsed.escalate, pdq=pdq, list_hits=[h.to_dict() for h in hits],
             image_text=lines,
             text_scores=text_scores(post.caption, image_text),

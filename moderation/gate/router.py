@@ -113,9 +113,12 @@ class GateRouter:
                 continue
             policy = load_policy(rec.policy_name)
             trained = dict(rec.text_scores)
-            if post.nsfw_score is not None:
+            if post.nsfw_score is not None and rec.has_image:
                 trained["nsfw_image"] = post.nsfw_score
-            judged = judge(policy, await self.bank(policy), post.image_emb, post.text_emb, rec.has_caption, trained)
+            # a text_only post: the concept bank reads the caption's CLIP embedding (one space for both), and
+            # there is no image for the caption to be consistent with
+            judged = judge(policy, await self.bank(policy), post.image_emb if rec.has_image else post.text_emb,
+                           post.text_emb, rec.has_caption and rec.has_image, trained)
             signals = {"clip": self.signals["clip"]}
             for source in trained:  # an artifact record (or the text classifier's own module) says trained
                 signals[source] = self.signals.get(source, "untrained")

@@ -88,17 +88,26 @@ class ImageFetcher:
         return body
 
 
-def _post_of(request: ModerationRequest) -> list[TextPart | ImagePart]:
-    if isinstance(request.input, str) or (request.input and isinstance(request.input[0], str)):
-        raise OpenAIError(400, "this service judges posts: an image with its caption. Send the input as a list of "
-                          "parts with one image_url part (a data: URL) and the caption as a text part; text-only "
-                          "inputs are not served", "image_required", param="input")
+MAX_INPUTS = 32
+
+
+def posts_of(request: ModerationRequest) -> list[list[TextPart | ImagePart]]:
+    """One post per result, as OpenAI counts them: a string, each string of a list, or one list of parts (its
+    text parts are the caption, at most one image_url part is the image)."""
+    if isinstance(request.input, str):
+        return [[TextPart(type="text", text=request.input)]]
+    if not request.input:
+        raise OpenAIError(400, "input is empty", "invalid_request", param="input")
+    if isinstance(request.input[0], str):
+        if len(request.input) > MAX_INPUTS:
+            raise OpenAIError(400, f"{len(request.input)} inputs; at most {MAX_INPUTS} per request", "too_many_inputs",
+                              param="input")
+        return [[TextPart(type="text", text=t)] for t in request.input]
     parts = list(request.input)
-    images = [p for p in parts if isinstance(p, ImagePart)]
-    if len(images) != 1:
-        raise OpenAIError(400, f"a post has exactly one image; this input has {len(images)} image_url parts",
-                          "image_required" if not images else "too_many_images", param="input")
-    return parts
+    if sum(isinstance(p, ImagePart) for p in parts) > 1:
+        raise OpenAIError(400, "a post has at most one image; send one request per image", "too_many_images",
+                          param="input")
+    return [parts]
 
 
 def openai_result(policy: Policy, result: dict, input_types: list[str]) -> dict:
@@ -118,6 +127,15 @@ def openai_result(policy: Policy, result: dict, input_types: list[str]) -> dict:
                             "route": result["route"], "severity": severity, "policy": result.get("policy"),
                             "image_text": result.get("image_text"), "untrained": result.get("untrained"),
                             "unmapped_categories": [c for c in OPENAI_CATEGORIES if c not in mapping]}}
+
+
+def failed_result(err: OpenAIError) -> dict:
+    """A post that could not be judged, in a request of several: flagged (hold it; nothing cleared it), no
+    category, and the error under the extension key. The other posts' results stand."""
+    return {"flagged": True, "categories": dict.fromkeys(OPENAI_CATEGORIES, False),
+            "category_scores": dict.fromkeys(OPENAI_CATEGORIES, 0.0),
+            "category_applied_input_types": {c: [] for c in OPENAI_CATEGORIES},
+            EXTENSION_KEY: {"action": None, "error": {"code": err.code, "message": err.message}}}
 
 
 class ModerationService:
@@ -158,15 +176,30 @@ class ModerationService:
 
     async def moderate(self, request: ModerationRequest, peer: str) -> dict:
         policy_name = self.policy_for(request.model)
-        parts = _post_of(request)
-        image = await self.fetch(next(p for p in parts if isinstance(p, ImagePart)).image_url.url)
-        text = "\n".join(p.text for p in parts if isinstance(p, TextPart))
+        policy = load_policy(policy_name)
+        posts = posts_of(request)
         rid = f"modr-{uuid.uuid4().hex}"
-        result = await self._infer(peer, image, text, {"request_id": rid, "policy": policy_name})
-        types = ["image"] + (["text"] if text else [])
+        results = await asyncio.gather(*(self._post(peer, parts, f"{rid}-{i}" if len(posts) > 1 else rid,
+                                                    policy_name) for i, parts in enumerate(posts)),
+                                       return_exceptions=len(posts) > 1)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, OpenAIError):
+                raise r
         body = ModerationResponse(id=rid, model=request.model,
-                                  results=[openai_result(load_policy(policy_name), result, types)])
+                                  results=[failed_result(r) if isinstance(r, OpenAIError) else
+                                           openai_result(policy, *r) for r in results])
         return body.model_dump()
+
+    async def _post(self, peer: str, parts: list[TextPart | ImagePart], rid: str, policy: str):
+        image_part = next((p for p in parts if isinstance(p, ImagePart)), None)
+        text = "\n".join(p.text for p in parts if isinstance(p, TextPart))
+        options = {"request_id": rid, "policy": policy}
+        if image_part is None:  # text only: judged by its text signals alone (OPTIONS text_only)
+            image, options["text_only"] = b"", True
+        else:
+            image = await self.fetch(image_part.image_url.url)
+        types = (["image"] if image_part is not None else []) + (["text"] if text else [])
+        return await self._infer(peer, image, text, options), types
 
     async def _infer(self, peer: str, image: bytes, text: str, options: dict) -> dict:
         inputs = []
