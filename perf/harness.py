@@ -17,12 +17,15 @@ from perf.common import perf_policy_dir
 
 
 # servers ---------------------------------------------------------------------------------------------------
-def serve(repository: Path | None, audit: Path, log: Path, key: str = "", policy_dir: Path | None = None):
+def serve(repository: Path | None, audit: Path, log: Path, key: str = "", policy_dir: Path | None = None,
+          env: dict[str, str] | None = None):
     """A running_server (context manager) for `repository` (None: the server's default), reading its policies
-    from `policy_dir` (default: perf_policy_dir()) and writing its audit log to `audit`, its log to `log`."""
+    from `policy_dir` (default: perf_policy_dir()) and writing its audit log to `audit`, its log to `log`;
+    `env`: more of the servers' environment."""
     from moderation.testing.server import running_server
 
-    env = {"MODERATION_POLICY_DIR": str(policy_dir or perf_policy_dir()), "MODERATION_AUDIT_LOG": str(audit)}
+    env = {"MODERATION_POLICY_DIR": str(policy_dir or perf_policy_dir()), "MODERATION_AUDIT_LOG": str(audit),
+           **(env or {})}
     return running_server(repository=repository, env=env, log_path=log, key=key)
 
 

@@ -3,11 +3,13 @@ check each result against its budget (perf/budgets.yaml), print a table, and wri
 CSVs, one JSON with everything, and PNG plots under perf/results/. Exit 1 when a budget is broken.
 
     .venv/bin/python -m perf.run_perf                          # starts its own server (CPU, tiny models)
-    .venv/bin/python -m perf.run_perf --url 127.0.0.1:8000 --key $MODERATION_ADMIN_KEY --budget a10
+    .venv/bin/python -m perf.run_perf --grpc-url 127.0.0.1:8001 --url 127.0.0.1:8000 --key $MODERATION_ADMIN_KEY \
+        --budget a10
 
-With --url the server must have the policies `allow_all` and `escalate_all` (perf/common.py writes them;
-tests/conftest.py has the same) for the gate and moderate_vlm targets. The admin key is needed: perf_analyzer
-reads model configs, and the per-stage breakdown comes from Triton's statistics API; both are restricted.
+`moderate` targets run perf_analyzer `-i grpc` on the public port (the gateway), with no key; the internal models'
+targets run `-i http` on Triton's HTTP port with the admin key, which also reads the per-stage breakdown from
+Triton's statistics API. With --url the server must have the policies `allow_all` and `escalate_all`
+(perf/common.py writes them; tests/conftest.py has the same) for the gate and moderate_vlm targets.
 
 Budgets: p50 and p99 are checked at concurrency 1 (latency of one request on an idle server), throughput
 is the best over the concurrency sweep.
@@ -51,10 +53,14 @@ def load_budgets(path: Path = PERF / "budgets.yaml") -> dict:
 
 
 def pa_command(target: dict, defaults: dict, url: str, key: str, inputs: Path, csv_path: Path,
-               overrides: dict | None = None) -> list[str]:
+               overrides: dict | None = None, grpc_url: str | None = None) -> list[str]:
+    """`url`: Triton's HTTP (internal models, with `key`); `grpc_url`: the public gRPC port (no key)."""
     s = {**defaults, **target, **(overrides or {})}
     conc = s["concurrency"]
-    cmd = [str(perf_analyzer_path()), "-m", s["model"], "-u", url, "-i", s["protocol"],
+    grpc = s["protocol"] == "grpc"
+    if grpc and not grpc_url:
+        raise ValueError(f"target {s['model']} runs over gRPC: give the public port's grpc_url")
+    cmd = [str(perf_analyzer_path()), "-m", s["model"], "-u", grpc_url if grpc else url, "-i", s["protocol"],
            "-b", str(s["batch_size"]), "--input-data", str(inputs), f"--percentile={s['percentile']}",
            "-f", str(csv_path), "--verbose-csv", "--concurrency-range", str(conc[0])]
     if s["mode"] == "count":
@@ -63,7 +69,7 @@ def pa_command(target: dict, defaults: dict, url: str, key: str, inputs: Path, c
     else:
         cmd += ["--measurement-mode=time_windows", "-p", str(s["measurement_interval_ms"]),
                 "-s", str(s["stability_percentage"]), "-r", str(s["max_trials"])]
-    if key:
+    if key and not grpc:
         cmd += ["-H", f"admin-key:{key}"]
     return cmd
 
@@ -106,7 +112,7 @@ def from_profile(path: Path) -> dict:
 
 
 def run_target(name: str, target: dict, defaults: dict, url: str, key: str, inputs_dir: Path, out: Path,
-               overrides: dict | None = None) -> dict:
+               overrides: dict | None = None, grpc_url: str | None = None) -> dict:
     """Run perf_analyzer once per concurrency level of the sweep and merge the rows."""
     s = {**defaults, **target, **(overrides or {})}
     inputs = inputs_dir / target["inputs"]
@@ -118,7 +124,8 @@ def run_target(name: str, target: dict, defaults: dict, url: str, key: str, inpu
         profile = BUILD / "profiles" / f"{name}_c{c}.json"  # per-request timestamps: large, not committed
         profile.parent.mkdir(parents=True, exist_ok=True)
         profile.unlink(missing_ok=True)
-        cmd = pa_command(target, defaults, url, key, inputs, csv_path, {**(overrides or {}), "concurrency": [c]})
+        cmd = pa_command(target, defaults, url, key, inputs, csv_path, {**(overrides or {}), "concurrency": [c]},
+                         grpc_url)
         cmd += ["--profile-export-file", str(profile)]
         p = subprocess.run(cmd, env=perf_analyzer_env(), capture_output=True, text=True)
         runs.append({"concurrency": c, "rc": p.returncode, "command": " ".join(cmd[1:]).replace(key, "<key>")
@@ -239,7 +246,8 @@ def plot(results: list[dict], out: Path) -> list[Path]:
 
 
 def run_all(url: str, key: str, targets: list[str] | None, budget_profile: str, out: Path,
-            inputs_dir: Path, overrides: dict | None = None, repository: Path = REPO) -> dict:
+            inputs_dir: Path, overrides: dict | None = None, repository: Path = REPO,
+            grpc_url: str | None = None) -> dict:
     defaults, all_targets = load_targets()
     budgets = load_budgets()[budget_profile]
     out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +264,7 @@ def run_all(url: str, key: str, targets: list[str] | None, budget_profile: str, 
                 continue
             raise SystemExit(f"missing {inputs_dir / t['inputs']}; run python -m perf.make_inputs")
         print(f"perf_analyzer: {name} ({t['model']}) concurrency {t['concurrency']}", flush=True)
-        r = run_target(name, t, defaults, url, key, inputs_dir, out, overrides)
+        r = run_target(name, t, defaults, url, key, inputs_dir, out, overrides, grpc_url)
         r["budget"] = budgets.get(name)
         r["broken"] = check(r, r["budget"])
         results.append(r)
@@ -265,7 +273,8 @@ def run_all(url: str, key: str, targets: list[str] | None, budget_profile: str, 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", help="HTTP host:port of a running server (default: start one)")
+    ap.add_argument("--url", help="Triton's HTTP host:port of a running server (default: start one)")
+    ap.add_argument("--grpc-url", help="the public gRPC host:port (the gateway) of that server")
     ap.add_argument("--key", default="", help="admin key of that server (default $MODERATION_ADMIN_KEY)")
     ap.add_argument("--targets", nargs="*", help="subset of perf/targets.yaml")
     ap.add_argument("--budget", default="cpu_tiny", choices=["cpu_tiny", "a10"])
@@ -281,14 +290,18 @@ def main(argv=None) -> int:
     if args.url:
         import os
         key = args.key or os.environ.get("MODERATION_ADMIN_KEY", "")
-        report = run_all(args.url, key, args.targets, args.budget, args.out, args.inputs, overrides)
-        server = {"url": args.url, "started_by_perf": False}
+        report = run_all(args.url, key, args.targets, args.budget, args.out, args.inputs, overrides,
+                         grpc_url=args.grpc_url)
+        server = {"url": args.url, "grpc_url": args.grpc_url, "started_by_perf": False}
     else:
         from perf.harness import serve
 
         key = secrets.token_hex(16)
-        with serve(None, audit=BUILD / "audit.jsonl", log=BUILD / "perf-server.log", key=key) as srv:
-            report = run_all(srv.http_url, key, args.targets, args.budget, args.out, args.inputs, overrides)
+        # perf_analyzer's whole sweep is one connection: one client to the gateway, so lift the per-client limit
+        with serve(None, audit=BUILD / "audit.jsonl", log=BUILD / "perf-server.log", key=key,
+                   env={"MODERATION_GATEWAY_PER_CLIENT": "64"}) as srv:
+            report = run_all(srv.http_url, key, args.targets, args.budget, args.out, args.inputs, overrides,
+                             grpc_url=srv.grpc_url)
         server = {"url": "embedded, free loopback ports", "started_by_perf": True,
                   "repository": str(REPO.relative_to(REPO.parent))}
     report.update(commit=git_commit(), machine=machine(), server=server, started=started,

@@ -50,9 +50,13 @@ def test_perf_analyzer_moderate_within_cpu_tiny_budget(triton, tmp_path):
     inputs = tmp_path / "inputs"
     write(inputs, "moderate", post_entries("default"))
     # a short run: concurrency 1 then 2, 12 requests each (the full sweep is `make perf`)
+    # `moderate` runs over gRPC on the public port (the gateway) with no key, as users benchmark the service
     result = run_target("moderate", targets["moderate"], defaults, triton.http_url, ADMIN_KEY, inputs, tmp_path,
-                        overrides={"concurrency": [1, 2], "request_count": 12, "mode": "count"})
+                        overrides={"concurrency": [1, 2], "request_count": 12, "mode": "count"},
+                        grpc_url=triton.grpc_url)
     assert result["ok"], result["runs"]
+    assert all(f"-u {triton.grpc_url} -i grpc" in r["command"] and "admin-key" not in r["command"]
+               for r in result["runs"])
     assert [r["concurrency"] for r in result["rows"]] == [1, 2]
     for row in result["rows"]:
         assert row["requests"] >= 12 and row["throughput"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
