@@ -125,7 +125,7 @@ def test_deep_garbage_and_absurd_requests_get_one_coded_row_each(triton, audit_l
         assert got_status == status and classify_failure(details, got_status)[0] == code, (rid[:20], details)
         assert "Traceback" not in details and "Unexpected <class" not in details
     rows = read_rows(audit_log)  # splits on \n only: U+2028 / U+0085 in a row never break it
-    by_tid = {r.get("triton_request_id", "")[:40]: r for r in rows if r.get("stage") == "gateway"}
+    by_tid = {(r.get("triton_request_id") or "")[:40]: r for r in rows if r.get("stage") == "gateway"}
     for rid in cases:
         row = by_tid[rid[:40]]
         assert row["error"]["code"] == "bad_request", row
