@@ -107,3 +107,9 @@ chaos: models
 # The public port under hostile load (perf/front_door.py): oversized messages and a greedy client.
 bench-front-door: models
 	$(PY) -m perf.front_door
+
+# The audit report at scale: DuckDB (clients/report.py) vs the previous all-rows-in-Python report on 1 M generated rows,
+# time and peak memory per run, both must agree (perf/report_bench.py): perf/results/report_duckdb.json
+.PHONY: bench-report
+bench-report: $(STAMP)
+	$(PY) -m perf.report_bench $(BENCH_REPORT_ARGS)
