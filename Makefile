@@ -13,13 +13,16 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 # Idempotent: reruns only when the lock or the project metadata changes.
+# redis-server is for tests only: they start their own on a free port (--save '' --appendonly no) and stop it, so
+# the daemon the package would start on :6379 (where policy-rc.d lets it) is stopped and disabled right away.
 # The lock pins setuptools and wheel too: the editable install builds without isolation.
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
-	@dpkg -s libb64-0d fonts-wqy-microhei >/dev/null 2>&1 || \
-		{ apt-get update -qq && apt-get install -y -qq libb64-0d fonts-wqy-microhei; }
+	@dpkg -s libb64-0d fonts-wqy-microhei redis-server >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq libb64-0d fonts-wqy-microhei redis-server && \
+		  { systemctl disable --now redis-server >/dev/null 2>&1 || service redis-server stop >/dev/null 2>&1 || true; }; }
 	@touch $@
 
 $(CHECKPOINTS)/tiny-qwen3-vl/config.json: $(STAMP) export/build_tiny.py

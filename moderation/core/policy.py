@@ -78,13 +78,17 @@ class CacheSettings(_Strict):
     """Near-duplicate verdict cache in clip_gate (moderation/gate/cache.py). A post the gate would escalate reuses a
     stored VLM verdict when its CLIP image embedding cosine >= image_threshold, its caption matches (same
     normalised text when text_threshold is null, else CLIP text cosine >= text_threshold) and, when set, its
-    thumbnail fingerprint cosine >= fingerprint_threshold. Per partition: LRU of max_entries, ttl_s lifetime."""
+    thumbnail fingerprint cosine >= fingerprint_threshold. Per partition: LRU of max_entries, ttl_s lifetime.
+    The shared (Redis) backend compares at most `candidates` entries per lookup: the byte-identical copy, then the
+    most recently used entries with the same caption key (all entries of the partition when text_threshold is
+    set); the in-process backend compares the whole partition."""
     enabled: bool = False
     image_threshold: float = Field(0.98, ge=0.0, le=1.0)
     text_threshold: float | None = Field(None, ge=0.0, le=1.0)
     fingerprint_threshold: float | None = Field(0.7, ge=-1.0, le=1.0)
     ttl_s: float = Field(3600.0, gt=0)
     max_entries: int = Field(4096, ge=1, le=1_000_000)
+    candidates: int = Field(128, ge=1, le=10_000)
 
 
 class LabelDecision(_Strict):

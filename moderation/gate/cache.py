@@ -15,9 +15,14 @@ stores each fresh VLM verdict. A match needs, within one partition (policy diges
 Bounds: each partition is an LRU of at most `cache.max_entries` entries, each entry expires `cache.ttl_s`
 after it was stored. Privacy: OPTIONS {"forget": true} evicts every entry the post matches and stores nothing
 from it; `purge()` empties everything (clients.admin purge-caches reloads clip_gate: moderation/ops/purge.py).
-Thread-safe (one lock); a lookup is one matrix-vector product over a partition."""
+Thread-safe (one lock); a lookup is one matrix-vector product over a partition.
+
+Backends: this in-process VerdictCache (the default, one per clip_gate instance), or, when MODERATION_REDIS_URL
+is set, gate/shared_cache.py's RedisVerdictCache shared by every replica (same API, same matching: gate/entries.py
+`match()` decides for both). GateCache picks one when it is built (`verdict_cache()`)."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -26,41 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.contracts import RequestRecord, VlmVerdict
-from ..core.vectors import l2_normalize
-
-# Timings describe the original request, not the one a stored verdict answers.
-_DROP = ("timings_ms",)
-
-
-@dataclass
-class Entry:
-    image: np.ndarray
-    text: np.ndarray | None
-    caption: str
-    fingerprint: np.ndarray | None
-    verdict: dict
-    source_route: str
-    stored: float  # time.monotonic()
-    versions: dict = field(default_factory=dict)
-
-
-@dataclass
-class Hit:
-    verdict: dict
-    similarity: float
-    text_similarity: float | None
-    fingerprint_similarity: float | None
-    source_route: str
-    age_s: float
-    versions: dict
-
-    def info(self) -> dict:
-        """The `cache` object of RESULT."""
-        return {"hit": True, "similarity": round(self.similarity, 6), "source_route": self.source_route,
-                "age_s": round(self.age_s, 3),
-                **({"text_similarity": round(self.text_similarity, 6)} if self.text_similarity is not None else {}),
-                **({"fingerprint_similarity": round(self.fingerprint_similarity, 6)}
-                   if self.fingerprint_similarity is not None else {})}
+from ..core.hashing import sha256_hex
+from .entries import Entry, Hit, match, stored_verdict, unit_inputs
 
 
 class _Partition:
@@ -77,6 +49,7 @@ class VerdictCache:
         self._lock = threading.Lock()
         self._parts: dict[tuple, _Partition] = {}
         self._next = 0
+        self.generation = 0  # purge() bumps it: a store prepared before a purge is refused
         self.counts = {"hit": 0, "miss": 0, "stored": 0, "evicted": 0, "expired": 0, "forgotten": 0, "stale": 0}
 
     # internals --------------------------------------------------------------------------------
@@ -96,50 +69,23 @@ class VerdictCache:
 
     def _matches(self, p: _Partition, settings, image, text, caption, fp) -> list[tuple[int, float, float | None,
                                                                                         float | None]]:
-        """(id, image cosine, text cosine, fingerprint cosine) of every entry the post matches, best first."""
-        if not p.entries:
-            return []
-        ids = list(p.entries)
-        ents = [p.entries[i] for i in ids]
-        sims = np.stack([e.image for e in ents]) @ image
-        out = []
-        for i, e, s in zip(ids, ents, sims, strict=False):
-            if s < settings.image_threshold:
-                continue
-            ts = None
-            if settings.text_threshold is None:
-                if e.caption != caption:
-                    continue
-            else:
-                if text is None or e.text is None:
-                    continue
-                ts = float(e.text @ text)
-                if ts < settings.text_threshold:
-                    continue
-            fs = None
-            if settings.fingerprint_threshold is not None:
-                if fp is None or e.fingerprint is None:
-                    continue
-                fs = float(e.fingerprint @ fp)
-                if fs < settings.fingerprint_threshold:
-                    continue
-            out.append((i, float(s), ts, fs))
-        return sorted(out, key=lambda m: -m[1])
+        return match(list(p.entries.items()), settings, image, text, caption, fp)
 
     @staticmethod
     def _inputs(image_emb, text_emb, fp):
-        def unit(x):
-            return None if x is None else l2_normalize(np.asarray(x, dtype=np.float32).reshape(-1))
-
-        return unit(image_emb), unit(text_emb), unit(fp)
+        return unit_inputs(image_emb, text_emb, fp)
 
     # API --------------------------------------------------------------------------------------
     def lookup(self, key: tuple, settings, image_emb, text_emb, caption: str, fp=None,
-               still_valid=None) -> Hit | None:
+               still_valid=None, exact: str | None = None, seen: dict | None = None) -> Hit | None:
         """The best live match, or None. `still_valid(entry.versions) -> bool` drops entries whose models are
-        no longer served (e.g. after a decoder swap)."""
+        no longer served (e.g. after a decoder swap). `exact` (a hash of the image bytes and caption key) is the
+        shared backend's index of byte-identical copies; here every entry of the partition is compared anyway.
+        `seen`, when given, receives the cache generation this lookup saw (pass it to store())."""
         image, text, fp = self._inputs(image_emb, text_emb, fp)
         with self._lock:
+            if seen is not None:
+                seen["generation"] = self.generation
             p = self._part(key, settings)
             self._expire(p)
             for i, s, ts, fs in self._matches(p, settings, image, text, caption, fp):
@@ -155,10 +101,15 @@ class VerdictCache:
             return None
 
     def store(self, key: tuple, settings, image_emb, text_emb, caption: str, fp, verdict: dict,
-              source_route: str = "vlm", versions: dict | None = None) -> None:
+              source_route: str = "vlm", versions: dict | None = None, exact: str | None = None,
+              generation: int | None = None) -> bool:
+        """Store a verdict; False (nothing stored) when `generation` is given and a purge happened since."""
         image, text, fp = self._inputs(image_emb, text_emb, fp)
-        kept = {k: v for k, v in verdict.items() if k not in _DROP}
+        kept = stored_verdict(verdict)
         with self._lock:
+            if generation is not None and generation != self.generation:
+                self.counts["refused"] = self.counts.get("refused", 0) + 1
+                return False
             p = self._part(key, settings)
             self._next += 1
             p.entries[self._next] = Entry(image, text, caption, fp, kept, source_route, self._clock(),
@@ -167,8 +118,10 @@ class VerdictCache:
             while len(p.entries) > p.max_entries:
                 p.entries.popitem(last=False)
                 self.counts["evicted"] += 1
+            return True
 
-    def forget(self, key: tuple, settings, image_emb, text_emb, caption: str, fp=None) -> int:
+    def forget(self, key: tuple, settings, image_emb, text_emb, caption: str, fp=None,
+               exact: str | None = None) -> int:
         """Evict every entry this post matches (OPTIONS forget); returns how many."""
         image, text, fp = self._inputs(image_emb, text_emb, fp)
         with self._lock:
@@ -183,7 +136,13 @@ class VerdictCache:
         with self._lock:
             n = sum(len(p.entries) for p in self._parts.values())
             self._parts.clear()
+            self.generation += 1
             return n
+
+    def purge_epoch(self, epoch: str) -> int | None:
+        """A purge asked for by a clip_gate reload (ops/purge.py): the reload already started with an empty
+        in-process cache, so nothing is left to do."""
+        return None
 
     def __len__(self) -> int:
         with self._lock:
@@ -197,6 +156,29 @@ def partition_key(policy, lang: str, describe: bool, arm: str | None) -> tuple:
 # clip_gate's side -------------------------------------------------------------------------------
 # Models whose version a stored verdict depends on; an entry is dropped once one of them no longer serves it.
 VERDICT_MODELS = ("vlm_preprocess", "vision_encoder", "language_decoder", "language_decoder_int8")
+REDIS_URL_ENV = "MODERATION_REDIS_URL"
+
+
+def _no_count(name: str, **labels: str) -> None:
+    return None
+
+
+def verdict_cache(clock=time.monotonic, count=_no_count, warn=print, environ=None):
+    """The verdict cache backend the environment names: Redis shared by every replica when MODERATION_REDIS_URL
+    is set (gate/shared_cache.py; MODERATION_REDIS_PREFIX, MODERATION_REDIS_TIMEOUT_MS), else in-process."""
+    env = os.environ if environ is None else environ
+    url = env.get(REDIS_URL_ENV, "").strip()
+    if not url:
+        return VerdictCache(clock)
+    from .shared_cache import RedisVerdictCache
+
+    return RedisVerdictCache.from_env(url, env, count=count, warn=warn)
+
+
+def exact_key(record: RequestRecord) -> str:
+    """The shared cache's index of byte-identical copies: image bytes and caption key (which holds the image's
+    words). Such a copy has the same embeddings and fingerprint, so it is also a match by `match()`."""
+    return sha256_hex(f"{record.image_sha256}:{record.caption_key}".encode())[:32]
 
 
 @dataclass
@@ -209,16 +191,23 @@ class Probe:
     fingerprint: list[float] | None
     forget: bool
     started: float
+    exact: str | None = None
+    seen: dict = field(default_factory=dict)  # the cache generation the lookup saw
 
 
 class GateCache:
     """What clip_gate calls: probe() a post it would escalate, lookup() it, and after() its VLM verdict (store,
     or forget when the request asked to). `is_ready(model, version) -> bool` (pb_utils.is_model_ready in the
-    server) keeps verdicts of swapped-out model versions from being served."""
+    server) keeps verdicts of swapped-out model versions from being served. The backend is in-process or Redis
+    (`verdict_cache()`); `count` feeds moderation_cache_backend_errors_total, `warn` logs a backend outage."""
 
-    def __init__(self, is_ready=None, clock=time.monotonic):
-        self.cache = VerdictCache(clock)
+    def __init__(self, is_ready=None, clock=time.monotonic, count=_no_count, warn=print, cache=None):
+        self.cache = cache if cache is not None else verdict_cache(clock, count=count, warn=warn)
         self.is_ready = is_ready
+
+    @property
+    def shared(self) -> bool:
+        return not isinstance(self.cache, VerdictCache)
 
     def probe(self, policy, record: RequestRecord, image_emb, text_emb, arm: str | None = None) -> Probe | None:
         """None when the policy has no cache. The caption key, fingerprint and forget flag come from preprocess."""
@@ -226,7 +215,8 @@ class GateCache:
         if not settings.enabled:
             return None
         return Probe(partition_key(policy, record.lang, record.describe, arm), settings, image_emb, text_emb,
-                     record.caption_key, record.fingerprint, record.forget, time.perf_counter())
+                     record.caption_key, record.fingerprint, record.forget, time.perf_counter(),
+                     exact_key(record) if record.image_sha256 else None)
 
     def _valid(self, versions: dict) -> bool:
         if self.is_ready is None:
@@ -239,22 +229,31 @@ class GateCache:
     def lookup(self, probe: Probe) -> tuple[VlmVerdict, dict] | None:
         """(verdict, RESULT.cache info) of a hit, or None."""
         hit = self.cache.lookup(probe.key, probe.settings, probe.image_emb, probe.text_emb, probe.caption,
-                                probe.fingerprint, still_valid=self._valid)
+                                probe.fingerprint, still_valid=self._valid, exact=probe.exact, seen=probe.seen)
         if hit is None:
             return None
         if probe.forget:
             self.cache.forget(probe.key, probe.settings, probe.image_emb, probe.text_emb, probe.caption,
-                              probe.fingerprint)
+                              probe.fingerprint, exact=probe.exact)
         info = dict(hit.info(), lookup_ms=round((time.perf_counter() - probe.started) * 1e3, 3))
         return VlmVerdict.model_validate(hit.verdict), info
 
     def after(self, probe: Probe, verdict: VlmVerdict) -> dict:
-        """Store a fresh verdict (or, for forget, evict what it matches); returns RESULT.cache info of a miss."""
+        """Store a fresh verdict (or, for forget, evict what it matches); returns RESULT.cache info of a miss.
+        `unavailable: true` says the shared backend could not be reached (nothing stored or forgotten)."""
         if probe.forget:
             n = self.cache.forget(probe.key, probe.settings, probe.image_emb, probe.text_emb, probe.caption,
-                                  probe.fingerprint)
-            return {"hit": False, "stored": False, "forgotten": n}
+                                  probe.fingerprint, exact=probe.exact)
+            info = {"hit": False, "stored": False, "forgotten": max(n, 0)}
+            return {**info, "unavailable": True} if n < 0 else info
         versions = {k: v for k, v in verdict.model_versions.items() if k in VERDICT_MODELS}
-        self.cache.store(probe.key, probe.settings, probe.image_emb, probe.text_emb, probe.caption,
-                         probe.fingerprint, verdict.model_dump(), "vlm", versions)
-        return {"hit": False, "stored": True}
+        stored = self.cache.store(probe.key, probe.settings, probe.image_emb, probe.text_emb, probe.caption,
+                                  probe.fingerprint, verdict.model_dump(), "vlm", versions, exact=probe.exact,
+                                  generation=probe.seen.get("generation"))
+        info = {"hit": False, "stored": stored is True}
+        return {**info, "unavailable": True} if stored is None else info
+
+    def purge_epoch(self, epoch: str) -> int | None:
+        """clip_gate loaded with a `verdict_cache_epoch` parameter (clients.admin purge-caches): empty the shared
+        backend once per epoch (every instance and replica of the reload sees the same one)."""
+        return self.cache.purge_epoch(epoch)

@@ -78,7 +78,8 @@ class GateRouter:
         self.signals, self.count, self.warn = {**TEXT_SIGNALS, **signals}, count, warn
         self.banks: dict[str, ConceptBank] = {}
         # near-duplicate verdict cache (policy `cache`); verdicts of swapped-out model versions are not served
-        self.verdicts = GateCache(is_ready=executor.is_ready)
+        # (in-process, or shared by every replica through Redis when MODERATION_REDIS_URL is set)
+        self.verdicts = GateCache(is_ready=executor.is_ready, count=count, warn=warn)
         self.fallback = FallbackSwitch()  # INT8 decoder at peak (policy decoder.fallback)
 
     async def bank(self, policy: Policy) -> ConceptBank:

@@ -10,7 +10,10 @@ from ..gate.router import GatePost, GateRouter, failed_call
 from ..repository.artifacts import read_artifact_record, signal_of
 from .metrics import CountByName
 from .pb import pb
-from .triton_io import Stage, bytes_rows, rows, string_tensor, version_dir
+from .triton_io import Stage, bytes_rows, parameters, rows, string_tensor, version_dir
+
+# The parameter `clients.admin purge-caches` reloads clip_gate with (moderation/ops/purge.py PURGE_PARAMETER).
+EPOCH_PARAMETER = "verdict_cache_epoch"
 
 
 class BlsExecutor:
@@ -38,6 +41,11 @@ class ClipGateModel:
                    "nsfw_image": signal_of(vdir.parent.parent / "nsfw_image")}
         self.router = GateRouter(BlsExecutor(), ClipTokens(str(vdir / "clip")), self.stage.version, signals,
                                  count=CountByName(), warn=self.stage.logger.log_warn)
+        epoch = parameters(args).get(EPOCH_PARAMETER)
+        if epoch and self.router.verdicts.shared:  # a purge reload: the in-process cache is new, Redis is not
+            n = self.router.verdicts.purge_epoch(epoch)  # raises when Redis is down: the reload (and purge) fails
+            if n is not None:
+                self.stage.logger.log_info(f"verdict cache: purged {n} shared entries (epoch {epoch})")
 
     async def execute(self, requests):
         return await asyncio.gather(*(self._one(r) for r in requests))

@@ -15,6 +15,9 @@ SPECS = {
     "moderation_escalations_total": ("COUNTER", "Posts the gate sent to the VLM, by decoder arm"),
     "moderation_errors_total": ("COUNTER", "Requests failed with a coded error, by stage and code"),
     "moderation_cache_total": ("COUNTER", "Verdict-cache lookups by result (hit/miss)"),
+    "moderation_cache_backend_errors_total": ("COUNTER", "Shared (Redis) verdict-cache calls that failed (kind "
+                                              "error) or were skipped while its circuit breaker was open (kind "
+                                              "skipped), by operation: each one a cache miss or a skipped write"),
     "moderation_decoder_fallback_total": ("COUNTER", "Escalations sent to the INT8 fallback decoder"),
     "moderation_decoder_batch_size": ("GAUGE", "Posts in the language decoder's last batch"),
 }

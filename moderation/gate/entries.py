@@ -1,0 +1,87 @@
+"""What both verdict-cache backends share (gate/cache.py in-process, gate/shared_cache.py on Redis): an entry, a
+hit, and the one match rule that decides for both."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..core.vectors import l2_normalize
+
+# Timings describe the original request, not the one a stored verdict answers.
+_DROP = ("timings_ms",)
+
+
+@dataclass
+class Entry:
+    image: np.ndarray
+    text: np.ndarray | None
+    caption: str
+    fingerprint: np.ndarray | None
+    verdict: dict
+    source_route: str
+    stored: float  # s: time.monotonic() in-process, Redis server time in the shared cache
+    versions: dict = field(default_factory=dict)
+
+
+@dataclass
+class Hit:
+    verdict: dict
+    similarity: float
+    text_similarity: float | None
+    fingerprint_similarity: float | None
+    source_route: str
+    age_s: float
+    versions: dict
+
+    def info(self) -> dict:
+        """The `cache` object of RESULT."""
+        return {"hit": True, "similarity": round(self.similarity, 6), "source_route": self.source_route,
+                "age_s": round(self.age_s, 3),
+                **({"text_similarity": round(self.text_similarity, 6)} if self.text_similarity is not None else {}),
+                **({"fingerprint_similarity": round(self.fingerprint_similarity, 6)}
+                   if self.fingerprint_similarity is not None else {})}
+
+
+def match(entries: list[tuple[object, Entry]], settings, image, text, caption, fp) -> list[
+        tuple[object, float, float | None, float | None]]:
+    """(id, image cosine, text cosine, fingerprint cosine) of every (id, entry) the post matches, best image cosine
+    first (ties keep the order given). Inputs are unit vectors (`unit_inputs`); both backends decide with this."""
+    if not entries:
+        return []
+    sims = np.stack([e.image for _, e in entries]) @ image
+    out = []
+    for (i, e), s in zip(entries, sims, strict=True):
+        if s < settings.image_threshold:
+            continue
+        ts = None
+        if settings.text_threshold is None:
+            if e.caption != caption:
+                continue
+        else:
+            if text is None or e.text is None:
+                continue
+            ts = float(e.text @ text)
+            if ts < settings.text_threshold:
+                continue
+        fs = None
+        if settings.fingerprint_threshold is not None:
+            if fp is None or e.fingerprint is None:
+                continue
+            fs = float(e.fingerprint @ fp)
+            if fs < settings.fingerprint_threshold:
+                continue
+        out.append((i, float(s), ts, fs))
+    return sorted(out, key=lambda m: -m[1])
+
+
+def unit_inputs(image_emb, text_emb, fp):
+    def unit(x):
+        return None if x is None else l2_normalize(np.asarray(x, dtype=np.float32).reshape(-1))
+
+    return unit(image_emb), unit(text_emb), unit(fp)
+
+
+def stored_verdict(verdict: dict) -> dict:
+    """What an entry keeps of a verdict (timings describe the original request, not the ones it answers)."""
+    return {k: v for k, v in verdict.items() if k not in _DROP}

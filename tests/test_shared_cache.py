@@ -1,0 +1,491 @@
+"""The verdict cache shared across replicas (moderation/gate/shared_cache.py, MODERATION_REDIS_URL), always against a
+real redis-server started here on a free port (never a mock): the same matches as the in-process cache, TTL by
+Redis expiry, the per-partition size bound, partitions and schema-versioned keys, the bounded candidate scan,
+forget and purge seen by every replica, and a Redis outage that degrades to misses and skipped writes. Then two
+real servers sharing one Redis: a post judged on one is a hit on the other, forget and purge-caches on one act on
+the other, and Redis SIGKILLed under load fails no request."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from moderation.core.policy import CacheSettings
+from moderation.gate.cache import GateCache, Probe, VerdictCache, verdict_cache
+from moderation.gate.shared_cache import SCHEMA, CircuitBreaker, RedisVerdictCache
+
+from . import test_stages as stages
+from .conftest import ADMIN_KEY, REPO, ROOT
+
+S = CacheSettings(enabled=True, image_threshold=0.9, fingerprint_threshold=None, ttl_s=10, max_entries=3)
+KEY = ("p", "d", "en", False, "")
+
+
+def _vec(seed, d=16):
+    return np.random.default_rng(seed).normal(size=d).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    from moderation.testing.redis_server import RedisServer
+
+    try:
+        srv = RedisServer()
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
+    with srv:
+        yield srv
+
+
+class Counted:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, name, **labels):
+        self.calls.append((name, labels))
+
+    def n(self, **labels):
+        return sum(1 for name, lab in self.calls
+                   if name == "moderation_cache_backend_errors_total" and labels.items() <= lab.items())
+
+
+def _shared(server, prefix=None, count=None, timeout_ms=1000, **breaker) -> RedisVerdictCache:
+    env = {"MODERATION_REDIS_URL": server.url, "MODERATION_REDIS_PREFIX": prefix or f"t{uuid.uuid4().hex[:8]}",
+           "MODERATION_REDIS_TIMEOUT_MS": str(timeout_ms)}
+    c = verdict_cache(environ=env, count=count or Counted(), warn=lambda m: None)
+    assert isinstance(c, RedisVerdictCache)
+    if breaker:
+        c.breaker = CircuitBreaker(**breaker)
+    return c
+
+
+# unit, against a real redis-server ------------------------------------------------------------------------
+def test_backend_follows_the_environment(redis_server):
+    assert isinstance(verdict_cache(environ={}), VerdictCache)
+    assert isinstance(verdict_cache(environ={"MODERATION_REDIS_URL": " "}), VerdictCache)
+    assert isinstance(verdict_cache(environ={"MODERATION_REDIS_URL": redis_server.url}), RedisVerdictCache)
+    assert GateCache(cache=_shared(redis_server)).shared and not GateCache(cache=VerdictCache()).shared
+
+
+def test_same_decisions_as_the_in_process_cache(redis_server):
+    """One random workload (stores, near and far copies, other captions, text-embedding and fingerprint modes,
+    forgets) on both backends: every lookup answers the same entry with the same similarities."""
+    rng = np.random.default_rng(7)
+    for settings in (S.model_copy(update={"max_entries": 50, "fingerprint_threshold": 0.8}),
+                     S.model_copy(update={"max_entries": 50, "text_threshold": 0.9})):
+        local, shared = VerdictCache(), _shared(redis_server)
+        originals = []
+        for step in range(160):
+            op = rng.integers(0, 10)
+            if op < 4 or not originals:
+                img, txt, fp = _vec(step), _vec(10_000 + step), _vec(20_000 + step, 192)
+                cap = f"c{rng.integers(0, 3)}"
+                originals.append((img, txt, fp, cap))
+                for c in (local, shared):
+                    c.store(KEY, settings, img, txt, cap, fp, {"step": step})
+                continue
+            img, txt, fp, cap = originals[rng.integers(0, len(originals))]
+            noise = float(rng.choice([0.02, 0.1, 0.6]))
+            q = (img + noise * _vec(50_000 + step), txt + noise * _vec(60_000 + step),
+                 fp + noise * _vec(70_000 + step, 192), cap if rng.random() < 0.8 else "other")
+            if op == 9:
+                assert local.forget(KEY, settings, q[0], q[1], q[3], q[2]) == \
+                    shared.forget(KEY, settings, q[0], q[1], q[3], q[2])
+                continue
+            a = local.lookup(KEY, settings, q[0], q[1], q[3], q[2])
+            b = shared.lookup(KEY, settings, q[0], q[1], q[3], q[2])
+            assert (a is None) == (b is None), step
+            if a:
+                assert a.verdict == b.verdict and a.source_route == b.source_route
+                assert a.similarity == pytest.approx(b.similarity, abs=1e-6)
+                for x, y in ((a.text_similarity, b.text_similarity),
+                             (a.fingerprint_similarity, b.fingerprint_similarity)):
+                    assert (x is None and y is None) or x == pytest.approx(y, abs=1e-6)
+        assert local.counts["hit"] == shared.counts["hit"] > 10 and len(local) == len(shared)
+
+
+def test_hit_drops_timings_and_reports_its_source(redis_server):
+    c = _shared(redis_server)
+    img = _vec(1)
+    assert c.store(KEY, S, img, None, "a", None, {"violation": 0.3, "timings_ms": {"prefill": 5.0}}) is True
+    hit = c.lookup(KEY, S, img + 0.05 * _vec(2), None, "a")
+    assert hit.verdict == {"violation": 0.3} and hit.source_route == "vlm" and 0 <= hit.age_s < 5
+    assert c.lookup(KEY, S, _vec(3), None, "a") is None and c.lookup(KEY, S, img, None, "b") is None
+
+
+def test_ttl_is_redis_expiry(redis_server):
+    import redis
+
+    s = S.model_copy(update={"ttl_s": 0.6})
+    c = _shared(redis_server)
+    c.store(KEY, s, _vec(1), None, "a", None, {"v": 1})
+    r = redis.Redis.from_url(redis_server.url)
+    entries = list(r.scan_iter(match=f"{c.root}:p:*:e:*"))
+    assert len(entries) == 1 and 0 < r.pttl(entries[0]) <= 600
+    assert c.lookup(KEY, s, _vec(1), None, "a") is not None
+    time.sleep(0.9)
+    assert not r.exists(entries[0])  # gone from Redis by its own expiry
+    assert c.lookup(KEY, s, _vec(1), None, "a") is None
+    c.store(KEY, s, _vec(2), None, "a", None, {"v": 2})  # the indexes hold live ids only (they expire too)
+    lru = list(r.scan_iter(match=f"{c.root}:p:*:lru"))
+    assert r.zcard(lru[0]) == 1 and 0 < r.pttl(lru[0]) <= 600
+    time.sleep(0.4)
+    c.store(KEY, s, _vec(3), None, "a", None, {"v": 3})  # keeps the partition's indexes alive
+    time.sleep(0.4)  # entry 2 expired, 3 lives: the next store drops 2's id before counting the bound
+    c.store(KEY, s, _vec(4), None, "a", None, {"v": 4})
+    assert r.zcard(lru[0]) == 2 and c.counts["expired"] == 1
+    assert c.lookup(KEY, s, _vec(2), None, "a") is None and c.lookup(KEY, s, _vec(3), None, "a").verdict == {"v": 3}
+
+
+def test_size_bound_per_partition_is_lru(redis_server):
+    import redis
+
+    c = _shared(redis_server)
+    other = ("p", "d", "zh", False, "")
+    imgs = [_vec(i) for i in range(6)]
+    for i in range(3):
+        c.store(KEY, S, imgs[i], None, "c", None, {"i": i})
+    c.store(other, S, imgs[5], None, "c", None, {"i": 5})
+    assert c.lookup(KEY, S, imgs[0], None, "c").verdict == {"i": 0}  # used: now the most recent
+    c.store(KEY, S, imgs[3], None, "c", None, {"i": 3})  # evicts the least recently used: 1, not 0
+    c.store(KEY, S, imgs[4], None, "c", None, {"i": 4})  # then 2
+    assert len(c) == S.max_entries + 1 and c.counts["evicted"] == 2
+    assert c.lookup(KEY, S, imgs[1], None, "c") is None and c.lookup(KEY, S, imgs[2], None, "c") is None
+    assert c.lookup(KEY, S, imgs[0], None, "c").verdict == {"i": 0}
+    assert c.lookup(other, S, imgs[5], None, "c").verdict == {"i": 5}  # the other partition keeps its own
+    r = redis.Redis.from_url(redis_server.url)
+    for k in r.scan_iter(match=f"{c.root}:p:*:lru"):
+        assert r.zcard(k) <= S.max_entries
+
+
+def test_partitions_and_schema_versioned_keys(redis_server):
+    import redis
+
+    c = _shared(redis_server, prefix="iso")
+    img = _vec(1)
+    c.store(KEY, S, img, None, "a", None, {"v": 1})
+    for key in (("p", "d", "zh", False, ""), ("p", "d2", "en", False, ""), ("p", "d", "en", True, ""),
+                ("p", "d", "en", False, "2"), ("q", "d", "en", False, "")):
+        assert c.lookup(key, S, img, None, "a") is None, key
+    assert c.lookup(KEY, S, img, None, "a") is not None
+    r = redis.Redis.from_url(redis_server.url)
+    keys = [k.decode() for k in r.scan_iter(match="iso:*")]
+    assert keys and all(k.startswith(f"iso:v{SCHEMA}:") for k in keys)
+    assert _shared(redis_server, prefix="iso2").lookup(KEY, S, img, None, "a") is None  # another namespace
+
+
+def test_text_embedding_mode_and_fingerprint_check(redis_server):
+    s = S.model_copy(update={"text_threshold": 0.95, "fingerprint_threshold": 0.8})
+    c = _shared(redis_server)
+    img, txt, fp = _vec(1), _vec(4), _vec(5, 192)
+    c.store(KEY, s, img, txt, "x", fp, {"v": 1})
+    hit = c.lookup(KEY, s, img, txt + 0.01 * _vec(6), "other caption", fp)  # text by embedding
+    assert hit is not None and hit.text_similarity > 0.95 and hit.fingerprint_similarity > 0.99
+    assert c.lookup(KEY, s, img, _vec(7), "x", fp) is None  # dissimilar caption embedding
+    assert c.lookup(KEY, s, img, txt, "x", _vec(8, 192)) is None  # CLIP agrees, fingerprint does not
+
+
+def test_candidate_scan_is_bounded_but_exact_copies_always_found(redis_server):
+    s = S.model_copy(update={"max_entries": 100, "candidates": 4})
+    c = _shared(redis_server)
+    first = _vec(1)
+    c.store(KEY, s, first, None, "same", None, {"i": "first"}, exact="x-first")
+    for i in range(10):  # ten newer entries with the same caption key push `first` out of the scanned window
+        c.store(KEY, s, _vec(100 + i), None, "same", None, {"i": i})
+    assert c.lookup(KEY, s, first + 0.05 * _vec(2), None, "same") is None  # a near copy: beyond the bound
+    hit = c.lookup(KEY, s, first, None, "same", exact="x-first")  # the byte-identical copy: by its exact key
+    assert hit.verdict == {"i": "first"}
+    assert c.lookup(KEY, s, first + 0.05 * _vec(2), None, "same").verdict == {"i": "first"}  # used: recent again
+
+
+def test_stale_versions_are_skipped_not_deleted(redis_server):
+    c = _shared(redis_server)
+    c.store(KEY, S, _vec(1), None, "c", None, {"v": 1}, versions={"language_decoder": "1"})
+    other_replica = GateCache(is_ready=lambda m, v: v == "2", cache=c)  # serves version 2 only
+    assert c.lookup(KEY, S, _vec(1), None, "c", still_valid=other_replica._valid) is None
+    assert c.counts["stale"] == 1 and len(c) == 1  # a replica still on version 1 keeps its entry
+    assert c.lookup(KEY, S, _vec(1), None, "c", still_valid=lambda v: True).verdict == {"v": 1}
+
+
+def test_forget_and_purge_reach_every_replica(redis_server):
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    a, b = _shared(redis_server, prefix), _shared(redis_server, prefix)
+    a.store(KEY, S, _vec(1), None, "c", None, {"v": 1})
+    a.store(KEY, S, _vec(2), None, "c", None, {"v": 2})
+    assert b.lookup(KEY, S, _vec(1), None, "c").verdict == {"v": 1}  # stored by a, served by b
+    assert b.forget(KEY, S, _vec(1) + 0.01, None, "c") == 1
+    assert a.lookup(KEY, S, _vec(1), None, "c") is None and len(a) == 1
+    assert b.purge() == 1 and len(a) == 0 and a.lookup(KEY, S, _vec(2), None, "c") is None
+
+
+def test_purge_epoch_runs_once_and_refuses_stores_prepared_before_it(redis_server):
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    a, b = _shared(redis_server, prefix), _shared(redis_server, prefix)
+    a.store(KEY, S, _vec(1), None, "c", None, {"v": 1})
+    seen = {}
+    assert a.lookup(KEY, S, _vec(9), None, "c", seen=seen) is None  # a miss on a; its VLM call is in flight
+    assert b.purge_epoch("e1") == 1 and a.purge_epoch("e1") is None  # first instance of the reload purges
+    assert a.store(KEY, S, _vec(9), None, "c", None, {"v": 9}, generation=seen["generation"]) is False
+    assert len(a) == 0 and a.counts["refused"] == 1
+    assert a.purge_epoch("e2") == 0  # a new epoch purges again
+    # in-process: the same refusal after purge()
+    local, seen = VerdictCache(), {}
+    local.lookup(KEY, S, _vec(1), None, "c", seen=seen)
+    local.purge()
+    assert local.store(KEY, S, _vec(1), None, "c", None, {}, generation=seen["generation"]) is False
+
+
+def test_outage_degrades_to_misses_and_skipped_writes_then_reconnects():
+    from moderation.testing.redis_server import RedisServer
+
+    count = Counted()
+    with RedisServer() as srv:
+        c = _shared(srv, count=count, cooldown_s=0.2, max_cooldown_s=0.4)
+        g = GateCache(cache=c)
+        c.store(KEY, S, _vec(1), None, "c", None, {"v": 1})
+        srv.kill()
+        t = time.perf_counter()
+        seen = {}
+        assert c.lookup(KEY, S, _vec(1), None, "c", seen=seen) is None and seen == {"unavailable": True}
+        assert c.store(KEY, S, _vec(2), None, "c", None, {"v": 2}) is None  # skipped: breaker open
+        assert c.forget(KEY, S, _vec(1), None, "c") == -1
+        assert time.perf_counter() - t < 1.0  # refused connections and an open breaker cost no waiting
+        assert count.n(kind="error") >= 1 and count.n(kind="skipped") >= 1 and c.breaker.is_open
+        probe = Probe(KEY, S, _vec(3), None, "c", None, False, time.perf_counter())
+        from moderation.core.contracts import VlmVerdict
+
+        verdict = VlmVerdict(violation=0.1, labels={}, sentiment={}, description=None, untrained=True,
+                             caption_truncated=False, model_versions={"language_decoder": "1"})
+        assert g.lookup(probe) is None and g.after(probe, verdict) == {"hit": False, "stored": False,
+                                                                       "unavailable": True}
+        srv.start()  # back, empty (no persistence)
+        deadline = time.monotonic() + 10
+        while c.store(KEY, S, _vec(4), None, "c", None, {"v": 4}) is not True:
+            assert time.monotonic() < deadline, "no reconnect"
+            time.sleep(0.1)
+        assert not c.breaker.is_open and c.lookup(KEY, S, _vec(4), None, "c").verdict == {"v": 4}
+
+
+def test_a_hung_redis_costs_one_timeout_then_the_breaker_answers():
+    from moderation.testing.redis_server import RedisServer
+
+    with RedisServer() as srv:
+        c = _shared(srv, timeout_ms=200, cooldown_s=5.0)
+        c.store(KEY, S, _vec(1), None, "c", None, {"v": 1})
+        os.kill(srv.proc.pid, signal.SIGSTOP)  # alive but not answering
+        try:
+            t = time.perf_counter()
+            assert c.lookup(KEY, S, _vec(1), None, "c") is None
+            first = time.perf_counter() - t
+            t = time.perf_counter()
+            for _ in range(20):
+                assert c.lookup(KEY, S, _vec(1), None, "c") is None
+            rest = time.perf_counter() - t
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        assert 0.15 < first < 2.0 and rest < 0.2, (first, rest)
+
+
+def test_breaker_backs_off_and_closes_on_success():
+    t = [0.0]
+    b = CircuitBreaker(cooldown_s=1.0, max_cooldown_s=4.0, clock=lambda: t[0])
+    assert b.allow() and b.failure() and not b.allow()
+    t[0] = 1.0
+    assert b.allow() and not b.allow()  # one trial at a time
+    assert not b.failure()  # the trial failed: 2 s now
+    t[0] = 2.5
+    assert not b.allow()
+    t[0] = 3.0
+    assert b.allow() and b.success() and b.allow() and not b.is_open
+
+
+def test_purge_parameter_names_agree():
+    from moderation.ops.purge import PURGE_PARAMETER
+    from moderation.serving.clip_gate_model import EPOCH_PARAMETER
+
+    assert PURGE_PARAMETER == EPOCH_PARAMETER
+
+
+# clip_gate through the pb_utils test double: two replicas on one Redis ----------------------------------------
+pb = stages.pb
+
+
+def test_two_gate_replicas_share_verdicts_and_a_purge_reload(pb, redis_server, monkeypatch):
+    from moderation.testing.records import request_record
+
+    monkeypatch.setenv("MODERATION_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("MODERATION_REDIS_PREFIX", f"t{uuid.uuid4().hex[:8]}")
+    a, b = stages._gate(pb), stages._gate(pb)
+    assert a.router.verdicts.shared and b.router.verdicts.shared
+    rec = request_record(policy_name="escalate_cached", fingerprint=[1.0] + [0.0] * 191)
+    first = stages._decisions(pb, stages._run(a, stages._gate_request(pb, [rec])))[0]
+    second = stages._decisions(pb, stages._run(b, stages._gate_request(pb, [rec.model_copy(
+        update={"request_id": "r2"})])))[0]
+    assert first.route == "vlm" and first.cache == {"hit": False, "stored": True}
+    assert second.route == "cache" and second.vlm.violation == first.vlm.violation
+    # purge-caches reloads a's clip_gate with a new epoch: the new instance empties Redis for b too
+    args = stages._args("clip_gate")
+    cfg = json.loads(args["model_config"])
+    cfg.setdefault("parameters", {})["verdict_cache_epoch"] = {"string_value": uuid.uuid4().hex}
+    reloaded = type(a)()
+    reloaded.initialize({**args, "model_config": json.dumps(cfg)})
+    third = stages._decisions(pb, stages._run(b, stages._gate_request(pb, [rec.model_copy(
+        update={"request_id": "r3"})])))[0]
+    assert third.route == "vlm"
+
+
+# two real servers sharing one Redis ------------------------------------------------------------------------
+SHARED_POLICY = "escalate_shared"
+
+
+@pytest.fixture(scope="module")
+def shared_servers(redis_server, tmp_path_factory):
+    """Two embedded servers (two replicas) on one Redis, with a policy that escalates every post and caches."""
+    from moderation.testing.policies import derive_policy, write_fixed_route_policies
+    from moderation.testing.server import running_server
+
+    if not (REPO / "language_decoder" / "1" / "artifact.json").exists():
+        pytest.fail("model_repository has no exported models: run `make models`")
+    policies = write_fixed_route_policies(tmp_path_factory.mktemp("shared-policies"))
+    derive_policy(policies, SHARED_POLICY, gate={"allow_below": 0.0, "block_at": 1.01}, cache={"enabled": True})
+    logs = tmp_path_factory.mktemp("shared-logs")
+    servers = []
+    try:
+        for name in ("a", "b"):
+            env = {"MODERATION_POLICY_DIR": str(policies), "MODERATION_AUDIT_LOG": str(logs / f"audit-{name}.jsonl"),
+                   "MODERATION_REDIS_URL": redis_server.url, "MODERATION_REDIS_PREFIX": "shared-test",
+                   "MODERATION_REDIS_TIMEOUT_MS": "1000"}
+            srv = running_server(repository=REPO, env=env, log_path=logs / f"triton-{name}.log", key=ADMIN_KEY)
+            servers.append(srv.__enter__())
+        yield servers
+    finally:
+        for srv in servers:
+            srv.__exit__(None, None, None)
+
+
+def _send(srv, image: bytes, caption: str, **options) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    from clients.client import build_inputs, parse_response
+
+    opts = {"request_id": f"shared-{uuid.uuid4().hex[:12]}", "policy": SHARED_POLICY, **options}
+    c = grpcclient.InferenceServerClient(srv.grpc_url)
+    try:
+        inputs, outputs = build_inputs(grpcclient, image, caption, opts)
+        return parse_response(c.infer("moderate", inputs, outputs=outputs, client_timeout=120))
+    finally:
+        c.close()
+
+
+def _posts():
+    from moderation.testing.samples import sample_posts
+
+    return {p.name: p for p in sample_posts()}
+
+
+@pytest.mark.integration
+def test_a_post_judged_on_one_replica_is_a_hit_on_the_other(shared_servers):
+    from perf.cache_savings import near_copy
+
+    a, b = shared_servers
+    src = _posts()["cat_en"].image_bytes()
+    caption = f"shared across replicas {uuid.uuid4().hex[:6]}"
+    first = _send(a, src, caption)
+    assert first["route"] == "vlm" and first["cache"] == {"hit": False, "stored": True}
+    exact = _send(b, src, caption)
+    assert exact["route"] == "cache" and exact["cache"]["similarity"] > 0.999, exact.get("cache")
+    near = _send(b, near_copy(src, "jpeg50"), caption.upper())
+    assert near["route"] == "cache" and near["cache"]["hit"] and near["violation"] == first["violation"]
+    assert near["model_versions"]["language_decoder"] == first["model_versions"]["language_decoder"]
+    assert _send(a, _posts()["coffee_zh"].image_bytes(), caption)["route"] == "vlm"  # another photo misses
+
+
+@pytest.mark.integration
+def test_forget_and_purge_on_one_replica_act_on_the_other(shared_servers):
+    from perf.cache_savings import near_copy
+
+    a, b = shared_servers
+    src = _posts()["rocket_en"].image_bytes()
+    caption = f"forget across replicas {uuid.uuid4().hex[:6]}"
+    assert _send(a, src, caption)["route"] == "vlm"
+    hit = _send(b, near_copy(src, "resize0.7"), caption, forget=True)  # served, then evicted from Redis
+    assert hit["route"] == "cache"
+    again = _send(a, src, caption)
+    assert again["route"] == "vlm" and again["cache"] == {"hit": False, "stored": True}
+
+    caption = f"purge across replicas {uuid.uuid4().hex[:6]}"
+    assert _send(a, src, caption)["route"] == "vlm"
+    assert _send(b, src, caption)["route"] == "cache"
+    env = dict(os.environ, MODERATION_ADMIN_KEY=ADMIN_KEY)
+    p = subprocess.run([sys.executable, "-m", "clients.admin", "--url", b.grpc_url, "purge-caches"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0 and json.loads(p.stdout)["purged"] == "clip_gate", p.stderr
+    after = _send(a, src, caption)  # a was not reloaded: its answers come from the purged Redis
+    assert after["route"] == "vlm" and not after["cache"]["hit"]
+
+
+@pytest.mark.integration
+def test_redis_killed_under_load_fails_no_request_and_hits_resume(shared_servers, redis_server):
+    from perf.cache_savings import near_copy
+
+    a, b = shared_servers
+    posts = list(_posts().values())
+    results, errors, stop = [], [], threading.Event()
+    lock = threading.Lock()
+
+    def worker(w):
+        i = 0
+        while not stop.is_set():
+            post = posts[(w + i) % len(posts)]
+            srv = (a, b)[i % 2]
+            try:
+                r = _send(srv, post.image_bytes(), f"load {w} {i % 3} {post.name}")
+                with lock:
+                    results.append(r)
+            except Exception as e:  # noqa: BLE001 - every failure is collected and fails the test
+                with lock:
+                    errors.append(repr(e))
+            i += 1
+
+    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(3)]
+    [t.start() for t in threads]
+    time.sleep(8)
+    before = len(results)
+    redis_server.kill()
+    time.sleep(10)
+    during = len(results) - before
+    stop.set()
+    [t.join(180) for t in threads]
+    assert not errors, errors[:3]
+    assert before > 0 and during > 0, (before, during)
+    assert any(r.get("cache", {}).get("unavailable") for r in results[before:])  # misses while Redis was down
+
+    redis_server.start()  # back, empty
+    src = posts[0].image_bytes()
+    caption = f"after the outage {uuid.uuid4().hex[:6]}"
+    deadline = time.monotonic() + 60
+    while True:  # a's breaker lets a trial through within its cool-down (at most 5 s)
+        r = _send(a, src, caption)
+        if r["cache"].get("stored"):
+            break
+        assert time.monotonic() < deadline, r["cache"]
+        time.sleep(0.5)
+    deadline = time.monotonic() + 60
+    while True:
+        r = _send(b, near_copy(src, "jpeg50"), caption)
+        if r["route"] == "cache":
+            break
+        assert time.monotonic() < deadline, r["cache"]
+        time.sleep(0.5)
+    import urllib.request
+
+    metrics = urllib.request.urlopen(a.metrics_url, timeout=30).read().decode()
+    assert "moderation_cache_backend_errors_total" in metrics
