@@ -105,7 +105,7 @@ def traffic(url: str, stop: threading.Event, tally: Tally, worker: int) -> None:
                 tally.outcome(rid, None if result.get("error") is None else result["error"]["code"])
             except ModerationFailed as e:
                 tally.outcome(rid, e.code, e.message)
-                time.sleep(0.05)
+                time.sleep(0.25 if e.code == "unavailable" else 0.05)  # a client's backoff while the port is down
 
 
 def _hostile_inputs(rid: str, options: bytes | None = None):
@@ -171,6 +171,9 @@ def audit_account(audit: Path, tally: Tally) -> dict:
             "answered_with_exactly_one_row": answered_rows.get(1, 0),
             "answered_without_row": answered_rows.get(0, 0),
             "answered_with_several_rows": sum(v for k, v in answered_rows.items() if k > 1),
+            # expected without a row: `unavailable` (the gateway was down: nothing reached the service),
+            # `audit_unavailable` (refused because the full disk could not take its row), and hostile calls that
+            # carry no request id (their rows are the gateway's, by hash)
             "coded_errors_without_row": {k: v for k, v in coded_without_row.items() if v},
             "forged_rows": len(forged), "stages": dict(Counter(r.get("stage") for r in rows))}
 
