@@ -77,6 +77,14 @@ def gif_claiming(width: int, height: int) -> bytes:
     return head + frame + b"\x3b"
 
 
+def gif_screen_claiming(width: int, height: int) -> bytes:
+    """A 35-byte GIF whose logical screen claims width x height around a single 1x1 frame: Pillow allocates and
+    composes the whole screen, so before the pixels-per-byte bound this cost 0.4-2.8 s of decode at 16384x2000."""
+    head = b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x4c\x01\x00"
+    return head + frame + b"\x3b"
+
+
 def animated_gif(frames: int = 240, side: int = 256) -> bytes:
     """Many frames (each a shifted gradient): the decoder must read only the first."""
     x = np.linspace(0, 255, side, dtype=np.float32)
@@ -132,6 +140,9 @@ def cases() -> list[Case]:
              image=png_claiming(50000, 50000), text=cap, note="IHDR claims 2.5 gigapixels; rejected from the header"),
         Case("gif_bomb_65535x65535", "image_too_large", "decompression bomb",
              image=gif_claiming(65535, 65535), text=cap),
+        Case("gif_logical_screen_16384x2000", "image_too_large", "declares",
+             image=gif_screen_claiming(16384, 2000), text=cap,
+             note="35 bytes declaring a 32.8 MP logical screen: over the pixels-per-encoded-byte bound"),
         Case("svg_payload", "unsupported_image", "SVG",
              image=b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
                    b'<script>alert(1)</script></svg>', text=cap),

@@ -1,7 +1,8 @@
 """Safe image decoding for untrusted uploads, and the thumbnail fingerprint of a decoded image.
 
 Every limit is checked from the header before pixels are decoded, so a decompression bomb costs a
-header read, not gigabytes of memory."""
+header read, not gigabytes of memory, and a tiny file cannot buy a large decode: above FREE_PIXELS an image
+may declare at most MAX_PIXELS_PER_BYTE pixels per encoded byte."""
 from __future__ import annotations
 
 import io
@@ -19,6 +20,16 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # 40 MP: larger than any phone photo, far below a bomb
 MAX_SIDE = 16_384
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP"}
+# Decode cost follows the pixels an image declares, not its bytes (Pillow allocates and composes a GIF's whole
+# logical screen: a 35-byte GIF declaring 16384x2000 took 0.4-2.8 s). Up to FREE_PIXELS (2048x2048, ~0.1 s of
+# decode) any size is fine; above it an image may declare at most MAX_PIXELS_PER_BYTE pixels per encoded byte.
+# Codec ceilings: deflate's 1032:1 allows at most ~8256 px/B for a 1-bit PNG, GIF's 12-bit LZW codes ~2730 px/B.
+# Measured with Pillow (perf/decode_ratios.py, perf/results/decode_ratios.json): flat 1-bit PNGs <= 4799 px/B,
+# flat GIFs <= 1297, flat 8-bit PNGs <= 745, lossy WebP <= 561, flat JPEGs <= 170, photos <= 38, a 4K
+# screenshot as lossless WebP 1947: all accepted with >= 3.4x margin. Only lossless WebP of one flat colour goes
+# higher (20840 px/B at 3840x2160, 23764 at 4096x4096): refused above FREE_PIXELS, it carries nothing to judge.
+FREE_PIXELS = 2048 * 2048  # 4.2 MP
+MAX_PIXELS_PER_BYTE = 16_384
 
 # Pillow's own bomb guard as a second line: raise instead of warn.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -32,7 +43,8 @@ class DecodedImage:
     original_size: tuple[int, int]
 
 
-def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_PIXELS) -> DecodedImage:
+def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_PIXELS,
+                 free_pixels: int = FREE_PIXELS, max_pixels_per_byte: int = MAX_PIXELS_PER_BYTE) -> DecodedImage:
     """Decode untrusted bytes into an RGB image or raise a ModerationError naming the problem."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BadImage(f"image must be bytes, got {type(data).__name__}")
@@ -53,6 +65,14 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: i
             if w > MAX_SIDE or h > MAX_SIDE or w * h > max_pixels:
                 raise ImageTooLarge(
                     f"image is {w}x{h} ({w * h} pixels); the limits are {MAX_SIDE} per side and {max_pixels} pixels")
+            for sw, sh, what in _declared_sizes(data, fmt, (w, h)):
+                if sw > MAX_SIDE or sh > MAX_SIDE or sw * sh > max_pixels:
+                    raise ImageTooLarge(f"image declares {sw}x{sh} pixels{what} ({sw * sh} pixels); the limits are "
+                                        f"{MAX_SIDE} per side and {max_pixels} pixels")
+                if sw * sh > free_pixels and sw * sh > max_pixels_per_byte * len(data):
+                    raise ImageTooLarge(
+                        f"image declares {sw}x{sh} pixels{what} in {len(data)} bytes; above {free_pixels} pixels an "
+                        f"image may declare at most {max_pixels_per_byte} pixels per encoded byte")
             im.seek(0)  # animated GIF/WebP: the first frame only
             im.load()
             rgb = _to_rgb(ImageOps.exif_transpose(im))
@@ -98,6 +118,18 @@ def sniff_format(data: bytes) -> str | None:
     if low.startswith((b"<!doctype html", b"<html", b"<script", b"<body")):
         return "HTML"
     return None
+
+
+def _declared_sizes(data: bytes, fmt: str, size: tuple[int, int]) -> list[tuple[int, int, str]]:
+    """Every size the header makes the decoder allocate: Pillow's size (for a GIF, its logical screen grown to
+    the first frame's extent) and, for a GIF, the logical screen as written, read from the bytes themselves so
+    the bound does not rest on how a Pillow version folds the two together."""
+    out = [(size[0], size[1], "")]
+    if fmt == "GIF" and len(data) >= 10:
+        sw, sh = struct.unpack_from("<HH", data, 6)
+        if (sw, sh) != size:
+            out.append((sw, sh, " (its GIF logical screen)"))
+    return out
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
