@@ -14,7 +14,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
+from fnmatch import fnmatch
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -289,7 +290,8 @@ def test_deployment_gpu_probes_security_and_rollout():
     assert {"cpu", "memory"} <= set(c["resources"]["limits"]) and {"cpu", "memory"} <= set(gw["resources"]["limits"])
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8000, "metrics": 8002}
     assert {p["name"]: p["containerPort"] for p in gw["ports"]} == {"grpc": 8001, "gateway-metrics": 8003}
-    ports = {p["name"]: p["containerPort"] for cont in pod["containers"] for p in cont["ports"]}
+    ports = {p["name"]: p["containerPort"] for cont in pod["containers"] + pod.get("initContainers", [])
+             for p in cont.get("ports", [])}
     # The gateway forwards to Triton's loopback gRPC (the entrypoint's default) and shares the models' audit file.
     assert "127.0.0.1:8011" in gw["args"] and "0.0.0.0:8001" in gw["args"]
     audit = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}["/var/log/moderation"]
@@ -331,6 +333,165 @@ def test_hpa_scales_on_the_adapter_queue_metric():
     assert "nv_inference_queue_duration_us" in rule["seriesQuery"]
     assert "nv_inference_queue_duration_us" in rule["metricsQuery"] and "nv_inference_count" in rule["metricsQuery"]
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+
+
+# --- the audit shipper: Fluent Bit sidecar shipping audit.jsonl* off the machine --------------------------------
+SHIPPER = "audit-shipper"
+SHIPPER_CONFIG_MAP = "moderation-audit-shipper"
+
+
+def _shipper_config() -> tuple[str, Path]:
+    """(the ConfigMap key, the file) kustomize generates the shipper's ConfigMap from."""
+    k = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (gen,) = [g for g in k.get("configMapGenerator", []) if g["name"] == SHIPPER_CONFIG_MAP]
+    (entry,) = gen["files"]
+    key, _, rel = entry.partition("=")
+    return key, K8S / rel
+
+
+def _lower(d: dict) -> dict:
+    return {str(k).lower(): v for k, v in d.items()}  # Fluent Bit keys are case-insensitive
+
+
+def _fluent_bit(path: Path) -> tuple[dict, dict, dict, list[dict]]:
+    """(service, tail input, output, parsers) of a Fluent Bit YAML config."""
+    cfg = yaml.safe_load(path.read_text())
+    assert set(cfg) <= {"service", "parsers", "pipeline"}, set(cfg)
+    (tail,) = [_lower(i) for i in cfg["pipeline"]["inputs"] if i["name"] == "tail"]
+    (out,) = [_lower(o) for o in cfg["pipeline"]["outputs"]]
+    return _lower(cfg["service"]), tail, out, [_lower(p) for p in cfg.get("parsers", [])]
+
+
+def _size(text) -> int:  # Fluent Bit's sizes are decimal (flb_utils_size_to_bytes)
+    m = re.fullmatch(r"(\d+)([KMG]?)B?", str(text).upper())
+    assert m, text
+    return int(m.group(1)) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[m.group(2)]
+
+
+def _quantity(text: str) -> int:
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi)", text)
+    assert m, text
+    return int(m.group(1)) * {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}[m.group(2)]
+
+
+def _mount_for(container: dict, path: str) -> dict:
+    """The volume mount of a container that holds path (the longest mountPath above it)."""
+    above = [m for m in container["volumeMounts"]
+             if PurePosixPath(path) == PurePosixPath(m["mountPath"])
+             or PurePosixPath(m["mountPath"]) in PurePosixPath(path).parents]
+    assert above, f"{path} is on no volume of {container['name']}"
+    return max(above, key=lambda m: len(m["mountPath"]))
+
+
+def test_audit_shipper_sidecar_tails_the_models_audit_log_read_only():
+    pod = _docs(K8S / "deployment.yaml")[0]["spec"]["template"]["spec"]
+    sidecars = {c["name"]: c for c in pod.get("initContainers", [])}
+    ship = sidecars[SHIPPER]
+    # A native sidecar: started before Triton and the gateway, stopped after them (the drain's rows ship too).
+    assert ship["restartPolicy"] == "Always"
+    image, _, tag = ship["image"].rpartition(":")
+    assert image == "fluent/fluent-bit" and re.fullmatch(r"\d+\.\d+\.\d+", tag), ship["image"]
+    assert int(tag.split(".")[0]) >= 5, "Fluent Bit 3.2 and 4.x are end-of-life (its SECURITY.md)"
+    assert {"cpu", "memory"} <= set(ship["resources"]["requests"])
+    assert {"cpu", "memory"} <= set(ship["resources"]["limits"])
+    sc = ship["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert ship["livenessProbe"]["httpGet"]["path"] == "/api/v1/uptime"  # not /api/v1/health: an outage is no crash
+
+    containers = {c["name"]: c for c in pod["containers"]}
+    triton = containers["triton"]
+    log = PurePosixPath({e["name"]: e.get("value") for e in triton["env"]}["MODERATION_AUDIT_LOG"])
+    assert f"MODERATION_AUDIT_LOG={log}" in (DEPLOY / "Dockerfile").read_text()  # the image's default, the same
+    audit = _mount_for(triton, str(log))
+    assert audit["mountPath"] == str(log.parent) and not audit.get("readOnly")
+    shipped = _mount_for(ship, str(log))
+    assert shipped["name"] == audit["name"] and shipped["mountPath"] == audit["mountPath"]
+    assert shipped["readOnly"] is True  # the shipper never writes the audit log
+
+    # The config: the file kustomize turns into the ConfigMap the sidecar mounts and names on its command line.
+    key, path = _shipper_config()
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (config_arg,) = [a.split("=", 1)[1] for a in ship["args"] if a.startswith("--config=")]
+    config_mount = _mount_for(ship, config_arg)
+    assert volumes[config_mount["name"]]["configMap"]["name"] == SHIPPER_CONFIG_MAP
+    assert PurePosixPath(config_arg) == PurePosixPath(config_mount["mountPath"]) / key
+    service, tail, out, parsers = _fluent_bit(path)
+
+    # tail: the live file and every backup (audit.jsonl.1 newest ... .N), not the flock file.
+    assert tail["path"] == f"{log}*"
+    for name in (log.name, *(f"{log.name}.{i}" for i in range(1, 10))):
+        assert fnmatch(str(log.parent / name), tail["path"])
+    assert fnmatch(f"{log}.lock", tail["exclude_path"])
+    assert tail["read_from_head"] is True and tail["skip_long_lines"] is False
+    assert _size(tail["buffer_max_size"]) > 256 * 1024  # above the largest audit row
+    # A rotated backup stays watched until it is deleted: a finite rotate_wait would forget its offset and the
+    # glob would read it again from the head (duplicates). It outlives any backup.
+    assert int(tail["rotate_wait"]) >= 30 * 24 * 3600
+    assert tail["storage.type"] == "filesystem"
+    (parser,) = [p for p in parsers if p["name"] == tail["parser"]]
+    assert parser["format"] == "json" and "time_format" not in parser  # rows keep their own ts, untouched
+
+    # Offsets and buffered rows live on a writable volume of their own, not in the container or the audit log.
+    state_paths = [tail["db"], service["storage.path"]]
+    for p in state_paths:
+        m = _mount_for(ship, p)
+        assert m["name"] not in (audit["name"], config_mount["name"]) and not m.get("readOnly"), p
+        assert "emptyDir" in volumes[m["name"]] or "persistentVolumeClaim" in volumes[m["name"]]
+    state = volumes[_mount_for(ship, tail["db"])["name"]]
+    assert _size(out["storage.total_limit_size"]) < _quantity(state["emptyDir"]["sizeLimit"])
+
+    # output: retried for ever, acknowledged by the collector, to the collector the env names.
+    assert str(out["retry_limit"]).lower() in ("false", "no_limits", "off")
+    assert out["require_ack_response"] is True
+    env = {e["name"]: e for e in ship["env"]}
+    for var in re.findall(r"\$\{(\w+)\}", path.read_text()):
+        assert var in env, f"{var} is used by the config but not set on the sidecar"
+    assert fnmatch(tail["tag"].replace("${AUDIT_SOURCE}", "pod-1"), out["match"])
+
+    # Shutdown: Triton's preStop (10 s) and drain (30 s), then the shipper's grace, inside the pod's grace period.
+    assert pod["terminationGracePeriodSeconds"] >= 10 + 30 + int(service["grace"])
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) is not installed")
+def test_kustomize_renders_the_shipper_config_map_and_wires_it():
+    """`kubectl apply -k` as the docs say: the generated ConfigMap holds the file byte for byte, its hashed name is
+    the one the Deployment mounts, and every rendered object validates."""
+    import kubernetes_validate
+
+    r = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    key, path = _shipper_config()
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith(SHIPPER_CONFIG_MAP)]
+    assert cm["data"][key] == path.read_text() and cm["metadata"]["namespace"] == "moderation"
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    names = {v["configMap"]["name"] for v in dep["spec"]["template"]["spec"]["volumes"] if "configMap" in v}
+    assert cm["metadata"]["name"] in names
+
+
+def test_audit_shipper_in_compose_reads_the_same_config_and_volume():
+    c = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    ship = c["services"][SHIPPER]
+    pod = _docs(K8S / "deployment.yaml")[0]["spec"]["template"]["spec"]
+    (k8s_ship,) = [s for s in pod["initContainers"] if s["name"] == SHIPPER]
+    assert ship["image"] == k8s_ship["image"]
+    audit = next(v for v in c["services"]["triton"]["volumes"] if v.startswith("audit:"))
+    assert f"{audit}:ro" in ship["volumes"]
+    _, path = _shipper_config()
+    (config_arg,) = [a.split("=", 1)[1] for a in ship["command"] if a.startswith("--config=")]
+    binds = {v.split(":")[1]: v.split(":")[0] for v in ship["volumes"]}
+    assert (DEPLOY / binds[config_arg]).resolve() == path.resolve()  # one config for both
+    service, tail, _, _ = _fluent_bit(path)
+    state = {v.split(":")[1]: v.split(":")[0] for v in ship["volumes"]}
+    for p in (tail["db"], service["storage.path"]):
+        (vol,) = [name for mp, name in state.items() if p.startswith(mp + "/")]
+        assert vol in c["volumes"]  # a named volume: survives a restart of the container
+    assert set(ship["depends_on"]) == {"triton", "gateway"}  # stopped after the writers
+    assert ship["read_only"] is True and ship["cap_drop"] == ["ALL"]
+    assert all(p.startswith("127.0.0.1:") for p in ship["ports"])
 
 
 # --- entrypoint: the production flags, run for real on the embedded binary ----------------------------------
