@@ -194,7 +194,7 @@ TRITON_REJECTS = {
     "wrong_shape": ("INVALID_ARGUMENT", "bad_request", "shape"),
     "batch_too_large": ("INVALID_ARGUMENT", "bad_request", "batch-size"),
     "unknown_input_name": ("INVALID_ARGUMENT", "bad_request", "unexpected inference input"),
-    "unknown_model": ("NOT_FOUND", "model_not_found", "unknown model"),
+    "unknown_model": ("NOT_FOUND", "model_not_found", "not served here"),
     "unknown_version": ("NOT_FOUND", "model_not_found", "version"),
 }
 
