@@ -297,6 +297,13 @@ def test_deployment_gpu_probes_security_and_rollout():
     audit = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}["/var/log/moderation"]
     assert {m["mountPath"]: m["name"] for m in gw["volumeMounts"]}["/var/log/moderation"] == audit
     assert gw["securityContext"]["readOnlyRootFilesystem"] is True
+    # The pod is ready when the public port's grpc.health.v1 says SERVING (Triton ready behind it, audit writable),
+    # and the gateway holds the key Triton's inference protocol needs, from the secret file (never an argument).
+    assert gw["readinessProbe"]["grpc"]["port"] == 8001
+    gw_env = {e["name"]: e.get("value") for e in gw["env"]}
+    assert gw_env["MODERATION_ADMIN_KEY_FILE"] == "/run/secrets/moderation/admin_key"
+    assert {m["mountPath"]: m["name"] for m in gw["volumeMounts"]}["/run/secrets/moderation"] == "admin-key"
+    assert not any("key" in a.lower() for a in gw["args"])
     assert c["readinessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
