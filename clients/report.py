@@ -11,7 +11,8 @@ version); with --plot draws routes, labels and latency over time (PNG).
 
 Rows: the `moderate` rows (core/result.py) are the judged posts; rows of every other stage but the operators'
 (gateway refusals, a model's own error rows) are requests that failed; `admin`, `feedback`, `watchdog` and `audit`
-rows are counted apart and never read as requests. A line that is not a JSON object is skipped and counted
+rows are counted apart and never read as requests; the log's own `audit` rows also say how many rows retention deleted
+or a full spool dropped (`audit_events`). A line that is not a JSON object is skipped and counted
 (`unreadable_lines`). DuckDB reads only the columns below: other fields, or a field of another type in a row of
 another stage, cost nothing and break nothing (a field of the wrong type reads as NULL)."""
 from __future__ import annotations
@@ -37,6 +38,7 @@ COLUMNS = {
     "violation": "BOOLEAN", "labels": "STRUCT(name VARCHAR)[]", "scores": "STRUCT(violation DOUBLE)",
     "latency_ms": "MAP(VARCHAR, DOUBLE)", "model_versions": "STRUCT(language_decoder VARCHAR)",
     "ab": "STRUCT(arm VARCHAR)", "error": "JSON",
+    "event": "VARCHAR", "rows": "BIGINT", "dropped": "BIGINT",  # the audit log's own rows (stage "audit")
 }
 
 
@@ -90,6 +92,8 @@ def load(con, files: list[Path], bucket: str) -> None:
                CASE WHEN {truthy_error}
                     THEN coalesce(json_extract_string(error, '$.code'), '?') END AS error_code,
                ts IS NULL AND stage IS NULL AS unreadable,
+               CASE WHEN stage = 'audit' THEN event END AS audit_event,
+               CASE WHEN stage = 'audit' THEN coalesce(rows, dropped) END AS audit_rows,
                CAST(floor(round(ts * 1e6) / {size * 1_000_000}) AS BIGINT) * {size} AS bucket_s
         FROM {_reader(files)}""")
     op = ", ".join(_sql_str(s) for s in OPERATOR_STAGES)
@@ -202,6 +206,9 @@ def summary(con, bucket: str = "hour") -> dict:
         GROUP BY ALL ORDER BY ALL""").fetchall():
         errors_by_stage.setdefault(stage, {})[code] = int(n)
     op = ", ".join(_sql_str(s) for s in OPERATOR_STAGES)
+    audit = {e: {"events": int(n), "rows": int(k or 0)} for e, n, k in con.execute("""
+        SELECT coalesce(audit_event, '-'), count(*), sum(audit_rows) FROM r WHERE stage = 'audit'
+        GROUP BY 1 ORDER BY 1""").fetchall()}
     return {
         "requests": int(requests), "succeeded": int(succeeded), "failed": int(requests - succeeded),
         "routes": _counts(con, "SELECT route, count(*) FROM ok GROUP BY 1 ORDER BY 2 DESC"),
@@ -220,6 +227,9 @@ def summary(con, bucket: str = "hour") -> dict:
         "trends": trends,
         "other_stages": _counts(con, f"SELECT stage, count(*) FROM r WHERE stage IN ({op}) GROUP BY 1 ORDER BY 1"),
         "unreadable_lines": int(unreadable),
+        # rows the log itself lost and announced: retention_deleted (a rotation deleted the oldest backup unread),
+        # spool_dropped (fail_open spool overflow); their rows are not in any count above
+        "audit_events": audit,
     }
 
 
@@ -265,7 +275,7 @@ def summary_of_nothing() -> dict:
     return {"requests": 0, "succeeded": 0, "failed": 0, "routes": {}, "actions": {}, "decided_by": {},
             "action_by_decided_by": {}, "errors": {}, "errors_by_stage": {}, "labels": {}, "violation_rate": None,
             "latency_ms": {"p50": math.nan, "p99": math.nan}, "latency_by_stage_ms": {}, "ab_by_decoder_version": {},
-            "ab_comparison": {}, "trends": {}, "other_stages": {}, "unreadable_lines": 0}
+            "ab_comparison": {}, "trends": {}, "other_stages": {}, "unreadable_lines": 0, "audit_events": {}}
 
 
 def plot(rep: Report, s: dict, out: Path) -> None:
@@ -313,6 +323,8 @@ def print_text(s: dict, bucket: str) -> None:
           f"labels  {s['labels']}")
     if s["other_stages"] or s["unreadable_lines"]:
         print(f"other rows {s['other_stages']}  unreadable lines {s['unreadable_lines']}")
+    for event, a in s["audit_events"].items():
+        print(f"audit log: {a['events']} {event} row(s), {a['rows']} rows not in this report")
     print(f"latency p50 {s['latency_ms']['p50']:.1f} ms  p99 {s['latency_ms']['p99']:.1f} ms")
     for stage, q in s["latency_by_stage_ms"].items():
         print(f"  {stage:<18} n {q['n']:>9}  p50 {q['p50']:9.1f}  p90 {q['p90']:9.1f}  p99 {q['p99']:9.1f} ms")

@@ -11,10 +11,11 @@ few admin / watchdog / feedback rows, with a daily traffic curve and an evening 
 files audit.jsonl.N … audit.jsonl.1, audit.jsonl (oldest first). It is written once per (rows, files, seed) under
 build/perf/report_bench/ and reused.
 
-Each run starts each implementation in its own process (interleaved: python, duckdb, python, duckdb, …); wall time
-is the whole process (interpreter, imports, reading, counting), peak memory is the child's ru_maxrss from wait4.
-Both children write their summaries; the aggregates they share must agree (counts exactly, rates and percentiles
-to 1e-9) or the benchmark fails.
+Each run starts each implementation in its own process (python, duckdb, and duckdb under a 256 MB memory limit; the
+order reversed every other run); wall time is the whole process (interpreter, imports, reading, counting), peak memory
+is the child's ru_maxrss from wait4, and the 1-minute load average before each start is kept (the machine is shared).
+Every child writes its summary; the aggregates the DuckDB ones share with the baseline must agree (counts exactly,
+rates and percentiles to 1e-9) or the benchmark fails.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ FALLBACK_SHARE = 0.03     # escalations sent to the INT8 decoder at peak
 TEMPLATES_PER_KIND = 60
 # measured: the baseline holds ~8.5 KB of Python objects per row (1 M rows: ~8.5 GB), so check before starting it
 PYTHON_KB_PER_ROW = 9.5
+LIMITED = "256MB"  # the third contender: the DuckDB report under --memory-limit (the loaded columns spill to disk)
+IMPLS = ("python", "duckdb", "duckdb_limited")
 
 
 def _hex(rng: random.Random) -> str:
@@ -259,13 +262,14 @@ def _child(impl: str, log: Path, out: Path) -> None:
     else:
         from clients.report import summarize_files
 
-        s = summarize_files([log], "hour")
+        s = summarize_files([log], "hour", memory_limit=LIMITED if impl == "duckdb_limited" else None)
     s["_seconds_in_process"] = time.perf_counter() - t0
     out.write_text(json.dumps(s, default=str))
 
 
 def measure(impl: str, log: Path, out: Path) -> dict:
     """One child process: wall seconds, peak RSS (MB) from wait4, and its summary."""
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-m", "perf.report_bench", "--child", impl, "--log", str(log),
                           "--out", str(out)], cwd=ROOT)
@@ -276,7 +280,7 @@ def measure(impl: str, log: Path, out: Path) -> dict:
         raise SystemExit(f"{impl} child failed with {p.returncode}")
     s = json.loads(out.read_text())
     return {"seconds": round(wall, 3), "seconds_in_process": round(s.pop("_seconds_in_process"), 3),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "summary": s}
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "load_average_1m_before": round(load, 2), "summary": s}
 
 
 def _mem_available_mb() -> float:
@@ -325,7 +329,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", type=Path, default=RESULTS / "report_duckdb.json")
-    ap.add_argument("--child", choices=["python", "duckdb"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--log", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -345,15 +349,17 @@ def main(argv=None) -> int:
           f"({time.perf_counter() - t0:.0f} s to have it)", flush=True)
     tmp = BUILD / "report_bench" / "summaries"
     tmp.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[dict]] = {"python": [], "duckdb": []}
+    runs: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
     summaries = {}
     for i in range(args.runs):
-        for impl in (("python", "duckdb") if i % 2 == 0 else ("duckdb", "python")):
+        for impl in (IMPLS if i % 2 == 0 else IMPLS[::-1]):
             m = measure(impl, log, tmp / f"{impl}.json")
             summaries[impl] = m.pop("summary")
             runs[impl].append(m)
-            print(f"run {i + 1} {impl:<6} {m['seconds']:8.2f} s  {m['peak_rss_mb']:8.1f} MB", flush=True)
+            print(f"run {i + 1} {impl:<14} {m['seconds']:8.2f} s  {m['peak_rss_mb']:8.1f} MB  "
+                  f"(load {m['load_average_1m_before']})", flush=True)
     diffs = compare(summaries["python"], summaries["duckdb"])
+    diffs += [f"duckdb_limited: {d}" for d in compare(summaries["python"], summaries["duckdb_limited"])]
     s = summaries["duckdb"]
 
     def med(impl: str, key: str) -> float:
@@ -361,8 +367,9 @@ def main(argv=None) -> int:
         return xs[len(xs) // 2]
 
     result = {
-        "what": "clients.report (DuckDB SQL over the rotated JSONL files) vs the previous report that read every row "
-                "into Python (clients/report_python.py), same synthetic day, one process per run",
+        "what": "clients.report (DuckDB SQL over the rotated JSONL files; duckdb_limited: the same under "
+                f"--memory-limit {LIMITED}) vs the previous report that read every row into Python "
+                "(clients/report_python.py), same synthetic day, one process per run",
         "machine": started, "commit": git_commit(), "duckdb": __import__("duckdb").__version__,
         "rows": args.rows, "files": [f.name for f in files],
         "baseline": "clients.report_python.summarize(moderation.core.audit.read_rows(log))",

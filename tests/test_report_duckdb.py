@@ -54,7 +54,7 @@ def small_log(tmp_path):
     """The posts above plus failures, rows of other stages and bad lines, through AuditLog with a small rotation
     size: the rows end up in audit.jsonl and several rotated backups."""
     log = tmp_path / "audit.jsonl"
-    a = AuditLog(log, max_bytes=1500, backups=9)
+    a = AuditLog(log, max_bytes=1500, backups=30)
     rows = [_moderate(i, BASE + dt, *rest) for i, (dt, *rest) in enumerate(POSTS)]
     rows += [
         {"ts": BASE + 300, "request_id": "f1", "stage": "moderate", "error": {"code": "bad_image", "message": "x"},
@@ -69,7 +69,9 @@ def small_log(tmp_path):
         {"ts": BASE + 330, "stage": "admin", "action": "swap", "ok": False, "error": "no version 9", "latency_ms": 5},
         {"ts": BASE + 340, "stage": "watchdog", "action": "reload", "model": "language_decoder", "ok": True},
         {"ts": BASE + 350, "stage": "feedback", "request_id": "r3", "verdict": "violation", "label": "scam"},
-        {"ts": BASE + 360, "stage": "audit", "event": "rotated", "files": 3},
+        {"ts": BASE + 360, "stage": "audit", "event": "retention_deleted", "file": "audit.jsonl.9", "rows": 42,
+         "bytes": 9000, "first_ts": BASE - 900, "last_ts": BASE - 800, "reason": "size"},
+        {"ts": BASE + 370, "stage": "audit", "event": "spool_dropped", "dropped": 3, "first_ts": BASE, "last_ts": BASE},
         # a post whose latency field has the wrong type: counted, no latency
         {**_moderate(99, BASE + 2500, "gate_allow", "allow", "policy_default", [], 0.0), "latency_ms": "fast"},
     ]
@@ -94,7 +96,9 @@ def test_known_answers_on_a_rotated_log(small_log):
     assert s["errors_by_stage"] == {"gateway": {"model_not_found": 1}, "moderate": {"bad_image": 1},
                                     "preprocess": {"bad_options": 1}}
     assert s["labels"] == {"scam": 3, "hate": 3, "sexual": 1}
-    assert s["other_stages"] == {"admin": 1, "audit": 1, "feedback": 1, "watchdog": 1}
+    assert s["other_stages"] == {"admin": 1, "audit": 2, "feedback": 1, "watchdog": 1}
+    assert s["audit_events"] == {"retention_deleted": {"events": 1, "rows": 42},
+                                 "spool_dropped": {"events": 1, "rows": 3}}
     assert s["unreadable_lines"] == 2
     assert s["violation_rate"] == pytest.approx(3 / 9)
     # totals 10 … 80 (the wrong-typed post has none): linear interpolation, numpy's default
@@ -142,6 +146,7 @@ def test_cli_text_json_and_plot(small_log, tmp_path):
                         "minute"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "A/B by language_decoder version" in p.stdout and "unreadable lines 2" in p.stdout
+    assert "1 retention_deleted row(s), 42 rows not in this report" in p.stdout
     assert png.stat().st_size > 10_000
     p = subprocess.run([sys.executable, "-m", "clients.report", str(small_log), "--json", "--memory-limit", "256MB",
                         "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
