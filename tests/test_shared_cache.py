@@ -294,6 +294,21 @@ def test_a_hung_redis_costs_one_timeout_then_the_breaker_answers():
         assert 0.15 < first < 2.0 and rest < 0.2, (first, rest)
 
 
+def test_password_from_a_file_and_a_wrong_one_degrades(tmp_path):
+    from moderation.testing.redis_server import RedisServer
+
+    secret = tmp_path / "redis_password"
+    secret.write_text("s3cret-" + uuid.uuid4().hex + "\n")
+    with RedisServer(password=secret.read_text().strip()) as srv:
+        env = {"MODERATION_REDIS_URL": srv.url, "MODERATION_REDIS_PASSWORD_FILE": str(secret)}
+        c = verdict_cache(environ=env, warn=lambda m: None)
+        assert c.store(KEY, S, _vec(1), None, "c", None, {"v": 1}) is True
+        assert c.lookup(KEY, S, _vec(1), None, "c").verdict == {"v": 1}
+        count = Counted()
+        anonymous = verdict_cache(environ={"MODERATION_REDIS_URL": srv.url}, count=count, warn=lambda m: None)
+        assert anonymous.lookup(KEY, S, _vec(1), None, "c") is None and count.n(op="lookup", kind="error") == 1
+
+
 def test_breaker_backs_off_and_closes_on_success():
     t = [0.0]
     b = CircuitBreaker(cooldown_s=1.0, max_cooldown_s=4.0, clock=lambda: t[0])

@@ -37,6 +37,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -236,15 +237,19 @@ class RedisVerdictCache:
     @classmethod
     def from_env(cls, url: str, env, count=_no_count, warn=print) -> RedisVerdictCache:
         """A client for `url` (redis://host:port/db) with MODERATION_REDIS_TIMEOUT_MS socket and connect timeouts
-        (default 250) and no retries (the breaker decides), keys under MODERATION_REDIS_PREFIX."""
+        (default 250) and no retries (the breaker decides), keys under MODERATION_REDIS_PREFIX; the password, when
+        Redis wants one, from the file MODERATION_REDIS_PASSWORD_FILE names (a mounted secret, never the URL)."""
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
         timeout = float(env.get("MODERATION_REDIS_TIMEOUT_MS", DEFAULT_TIMEOUT_MS)) / 1e3
+        extra = {}
+        if env.get("MODERATION_REDIS_PASSWORD_FILE"):
+            extra["password"] = Path(env["MODERATION_REDIS_PASSWORD_FILE"]).read_text().strip()
         client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                       retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
-                                      decode_responses=False, client_name="moderation-clip-gate")
+                                      decode_responses=False, client_name="moderation-clip-gate", **extra)
         return cls(client, env.get("MODERATION_REDIS_PREFIX", DEFAULT_PREFIX), count=count, warn=warn)
 
     # plumbing -----------------------------------------------------------------------------------

@@ -19,11 +19,12 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, port: int | None = None, binary: str | None = None):
+    def __init__(self, port: int | None = None, binary: str | None = None, password: str | None = None):
         self.binary = binary or shutil.which("redis-server") or "/usr/bin/redis-server"
         if not Path(self.binary).exists():
             raise FileNotFoundError("redis-server not found: `make setup` installs Debian's redis-server")
         self.port = port or _free_port()
+        self.password = password
         self.dir = Path(tempfile.mkdtemp(prefix="redis-test-"))
         self.proc: subprocess.Popen | None = None
 
@@ -34,7 +35,8 @@ class RedisServer:
     def start(self, timeout: float = 30.0) -> RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir), "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning"],
+             "--dir", str(self.dir), "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -43,7 +45,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):  # up (and wanting a password)
                         return self
             except OSError:
                 time.sleep(0.05)
