@@ -14,6 +14,13 @@ Environment (defaults in brackets):
       0: no gateway, Triton serves gRPC on BIND_ADDRESS:GRPC_PORT itself
   LOAD_MODELS [every model in moderation.repository]   comma-separated, explicit model control
   RESPONSE_CACHE_BYTES [268435456]    Triton's local response cache
+  TRITON_REDIS_CACHE_HOST [unset]     Triton's redis response cache instead of the local one (the NGC image ships
+      it; Triton 2.51's pip wheel does not): shared by every replica. TRITON_REDIS_CACHE_PORT [6379],
+      TRITON_REDIS_CACHE_CONNECT_TIMEOUT_MS [200], TRITON_REDIS_CACHE_SOCKET_TIMEOUT_MS [200] (Triton's own
+      default, 0, waits forever), TRITON_REDIS_CACHE_POOL_SIZE [8], TRITON_REDIS_CACHE_DB [unset],
+      TRITON_REDIS_CACHE_PASSWORD_FILE [unset: no AUTH]. Triton pings Redis at start and does not start without it;
+      its entries have no TTL (point it at a Redis with maxmemory and allkeys-lru, docs/caches.md)
+  MODERATION_REDIS_URL [unset]        the verdict cache shared across replicas (read by clip_gate, not here)
   PYTHON_SHM_BYTES [67108864]         python backend shared-memory pool per model instance (/dev/shm)
   TRITONSERVER [/opt/tritonserver/bin/tritonserver]   TRITON_BACKEND_DIR [unset: the image's backends]
   TRITON_LOG_VERBOSE [0]  TRITON_EXTRA_ARGS [""] (shell-split, appended)
@@ -63,7 +70,7 @@ def command(env: dict[str, str] | None = None) -> list[str]:
         "--allow-metrics=true",
         f"--grpc-restricted-protocol={restricted_grpc(env.get('MODERATION_GATEWAY', '1') != '0')}:{ADMIN_HEADER}={key}",
         f"--http-restricted-api={RESTRICTED_HTTP}:{ADMIN_HEADER}={key}",
-        f"--cache-config=local,size={env.get('RESPONSE_CACHE_BYTES', str(256 << 20))}",
+        *response_cache(env),
         f"--backend-config=python,shm-default-byte-size={env.get('PYTHON_SHM_BYTES', str(64 << 20))}",
         "--strict-readiness=true", "--exit-timeout-secs=30",
         f"--log-verbose={env.get('TRITON_LOG_VERBOSE', '0')}",
@@ -82,8 +89,39 @@ def grpc_listener(env: dict[str, str], addr: str) -> list[str]:
     return [f"--grpc-address={addr}", f"--grpc-port={env.get('GRPC_PORT', '8001')}"]
 
 
+def response_cache(env: dict[str, str]) -> list[str]:
+    """Triton's response cache: `local` (in this process), or `redis` shared by every replica when
+    TRITON_REDIS_CACHE_HOST is set (one `--cache-config=redis,<key>=<value>` per setting, as the cache reads them)."""
+    host = env.get("TRITON_REDIS_CACHE_HOST", "").strip()
+    if not host:
+        return [f"--cache-config=local,size={env.get('RESPONSE_CACHE_BYTES', str(256 << 20))}"]
+    settings = {"host": host, "port": env.get("TRITON_REDIS_CACHE_PORT", "6379"),
+                "connect_timeout": env.get("TRITON_REDIS_CACHE_CONNECT_TIMEOUT_MS", "200"),
+                "socket_timeout": env.get("TRITON_REDIS_CACHE_SOCKET_TIMEOUT_MS", "200"),
+                "pool_size": env.get("TRITON_REDIS_CACHE_POOL_SIZE", "8")}
+    if env.get("TRITON_REDIS_CACHE_DB"):
+        settings["db"] = env["TRITON_REDIS_CACHE_DB"]
+    if env.get("TRITON_REDIS_CACHE_PASSWORD_FILE"):
+        path = Path(env["TRITON_REDIS_CACHE_PASSWORD_FILE"])
+        try:
+            settings["password"] = path.read_text().strip()
+        except OSError as e:
+            raise SystemExit(f"error: Redis password file {path} is unreadable ({e.strerror})") from None
+    for k, v in settings.items():
+        if not v or any(c.isspace() or c == "," for c in v):
+            raise SystemExit(f"error: Triton's redis cache setting {k}={v!r} is empty or has a space or comma")
+    return [f"--cache-config=redis,{k}={v}" for k, v in settings.items()]
+
+
 def redact(args: list[str]) -> list[str]:
-    return [a.split(f":{ADMIN_HEADER}=")[0] + f":{ADMIN_HEADER}=***" if f":{ADMIN_HEADER}=" in a else a for a in args]
+    out = []
+    for a in args:
+        if f":{ADMIN_HEADER}=" in a:
+            a = a.split(f":{ADMIN_HEADER}=")[0] + f":{ADMIN_HEADER}=***"
+        elif a.startswith("--cache-config=redis,password="):
+            a = "--cache-config=redis,password=***"
+        out.append(a)
+    return out
 
 
 # Inherited by the python-backend stubs, as moderation/launch/config.py sets them for the embedded server.

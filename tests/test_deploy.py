@@ -204,11 +204,12 @@ def test_gateway_image_pins_match_the_cpu_lock_and_import_nothing_heavy():
 def test_requirements_gpu_exact_pins_match_the_cpu_lock():
     pins = _pins(DEPLOY / "requirements-gpu.txt")
     for needed in ("torch", "transformers", "onnxruntime-gpu", "tokenizers", "safetensors", "numpy", "pydantic",
-                   "pyyaml", "pillow", "jsonschema", "setuptools"):
+                   "pyyaml", "pillow", "jsonschema", "setuptools", "redis"):
         assert needed in pins, needed
     assert "onnxruntime" not in pins  # the CPU wheel would shadow onnxruntime-gpu's module
     lock = _pins(ROOT / "requirements.lock")
-    for same in ("transformers", "tokenizers", "safetensors", "numpy", "pydantic", "pyyaml", "pillow", "jsonschema"):
+    for same in ("transformers", "tokenizers", "safetensors", "numpy", "pydantic", "pyyaml", "pillow", "jsonschema",
+                 "redis"):
         assert pins[same] == lock[same], f"{same}: GPU image {pins[same]} != CPU venv {lock[same]}"
     assert pins["torch"] == lock["torch"].split("+")[0]
 
@@ -238,10 +239,45 @@ def test_compose_one_gpu_host():
     assert gw["network_mode"] == "service:triton" and gw["build"]["dockerfile"] == "deploy/Dockerfile.gateway"
     assert gw["read_only"] is True and gw["user"].split(":")[0] != "0"
     assert gw["volumes"] == [v for v in svc["volumes"] if v.startswith("audit:")]  # one audit log
-    assert svc["secrets"] == [{"source": "admin_key", "target": "admin_key"}]
+    assert svc["secrets"] == [{"source": "admin_key", "target": "admin_key"},
+                              {"source": "redis_password", "target": "redis_password"}]
     assert c["secrets"]["admin_key"]["file"] == "./secrets/admin_key"
     assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"] and svc["user"].split(":")[0] != "0"
     assert "/v2/health/ready" in " ".join(svc["healthcheck"]["test"])
+
+
+def _redis_flags(argv: list[str]) -> dict[str, str]:
+    """redis-server's `--name value` flags as a dict."""
+    assert len(argv) % 2 == 0, argv
+    return {argv[i].removeprefix("--"): argv[i + 1] for i in range(0, len(argv), 2)}
+
+
+REDIS_IMAGE = re.compile(r"redis:(\d+)\.(\d+)\.(\d+)-alpine")
+
+
+def test_compose_redis_for_the_shared_verdict_cache():
+    import shlex
+
+    c = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    redis, triton = c["services"]["redis"], c["services"]["triton"]
+    m = REDIS_IMAGE.fullmatch(redis["image"])
+    assert m and int(m.group(1)) >= 7, redis["image"]  # pinned; the Lua scripts need Redis 7 (TIME in scripts)
+    assert "ports" not in redis  # the compose network only
+    assert redis["read_only"] is True and redis["cap_drop"] == ["ALL"] and redis["user"].split(":")[0] != "0"
+    sh = redis["command"]
+    assert sh[:2] == ["sh", "-c"] and sh[2].startswith("exec redis-server ")
+    argv = shlex.split(sh[2].replace("$$", "$"))[1:]
+    flags = _redis_flags(argv[1:])
+    assert flags["save"] == "" and flags["appendonly"] == "no"  # a cache: nothing persisted
+    assert flags["maxmemory-policy"] == "allkeys-lru" and flags["maxmemory"].endswith("mb")
+    assert flags["requirepass"] == "$(cat /run/secrets/redis_password)"
+    assert redis["secrets"] == [{"source": "redis_password", "target": "redis_password"}]
+    assert c["secrets"]["redis_password"]["file"] == "./secrets/redis_password"
+    env = triton["environment"]
+    assert env["MODERATION_REDIS_URL"] == "redis://redis:6379/0"
+    assert env["MODERATION_REDIS_PASSWORD_FILE"] == "/run/secrets/redis_password"
+    assert "redis" in triton["depends_on"]
+    assert (DEPLOY / "secrets" / ".gitignore").exists()  # the secret files themselves are never committed
 
 
 # --- 3. Kubernetes -------------------------------------------------------------------------------------------------
@@ -326,6 +362,63 @@ def test_deployment_gpu_probes_security_and_rollout():
     np_ = res["networkpolicy.yaml"][0]
     assert np_["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
     assert {p["port"] for rule in np_["spec"]["ingress"] for p in rule["ports"]} == set(ports)
+
+
+def test_redis_for_the_shared_verdict_cache_is_pinned_unpersisted_and_reachable_only_from_triton():
+    by_kind = {d["kind"]: d for d in _docs(K8S / "redis.yaml")}
+    assert set(by_kind) == {"Deployment", "Service", "NetworkPolicy"}
+    dep, svc, netpol = by_kind["Deployment"], by_kind["Service"], by_kind["NetworkPolicy"]
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    pod = dep["spec"]["template"]["spec"]
+    (redis,) = pod["containers"]
+    m = REDIS_IMAGE.fullmatch(redis["image"])
+    assert m and int(m.group(1)) >= 7, redis["image"]
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert compose["services"]["redis"]["image"] == redis["image"]  # one Redis version in both
+    assert redis["command"] == ["redis-server"]
+    flags = _redis_flags(redis["args"])
+    assert flags["save"] == "" and flags["appendonly"] == "no"  # no persistence (docs/caches.md says why)
+    assert flags["maxmemory-policy"] == "allkeys-lru"
+    assert flags["requirepass"] == "$(REDIS_PASSWORD)"
+    env = {e["name"]: e for e in redis["env"]}
+    for name in ("REDIS_PASSWORD", "REDISCLI_AUTH"):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "moderation-redis", "key": "password"}
+    limit = _quantity(redis["resources"]["limits"]["memory"])
+    assert int(flags["maxmemory"].removesuffix("mb")) * 2**20 < limit  # room for the server itself
+    assert {"cpu", "memory"} <= set(redis["resources"]["requests"])
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert pod["automountServiceAccountToken"] is False
+    sc = redis["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert {m["mountPath"] for m in redis["volumeMounts"]} == {flags["dir"]}  # its only writable path
+    assert redis["readinessProbe"]["exec"]["command"] == ["redis-cli", "ping"]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    ports = {p["name"]: p["containerPort"] for p in redis["ports"]}
+    (svc_port,) = svc["spec"]["ports"]
+    assert svc_port["targetPort"] in ports and svc_port["port"] == ports[svc_port["targetPort"]] == 6379
+    # only the Triton pods reach it: a stored verdict answers later posts
+    assert netpol["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    (rule,) = netpol["spec"]["ingress"]
+    triton_labels = _docs(K8S / "deployment.yaml")[0]["spec"]["template"]["metadata"]["labels"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"].items() <= triton_labels.items() and "namespaceSelector" not in peer
+    assert [p["port"] for p in rule["ports"]] == [svc_port["targetPort"]]
+
+    # The Triton container finds it by the Service's DNS name, with the password from the same Secret, read-only.
+    tpod = _docs(K8S / "deployment.yaml")[0]["spec"]["template"]["spec"]
+    triton = {c["name"]: c for c in tpod["containers"]}["triton"]
+    tenv = {e["name"]: e.get("value") for e in triton["env"]}
+    ns = svc["metadata"]["namespace"]
+    assert tenv["MODERATION_REDIS_URL"] == f"redis://{svc['metadata']['name']}.{ns}.svc.cluster.local:6379/0"
+    pw = PurePosixPath(tenv["MODERATION_REDIS_PASSWORD_FILE"])
+    mount = _mount_for(triton, str(pw))
+    assert mount.get("readOnly") is True
+    volume = {v["name"]: v for v in tpod["volumes"]}[mount["name"]]
+    assert volume["secret"]["secretName"] == "moderation-redis"
+    assert [i["path"] for i in volume["secret"]["items"]] == [pw.name]
+    assert 0 < float(tenv["MODERATION_REDIS_TIMEOUT_MS"]) <= 1000  # short: an outage costs misses, not latency
 
 
 def test_hpa_scales_on_the_adapter_queue_metric():
@@ -474,7 +567,9 @@ def test_kustomize_renders_the_shipper_config_map_and_wires_it():
     key, path = _shipper_config()
     (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith(SHIPPER_CONFIG_MAP)]
     assert cm["data"][key] == path.read_text() and cm["metadata"]["namespace"] == "moderation"
-    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert set(deployments) == {"moderation-triton", "moderation-redis"}  # redis.yaml: the shared verdict cache
+    dep = deployments["moderation-triton"]
     names = {v["configMap"]["name"] for v in dep["spec"]["template"]["spec"]["volumes"] if "configMap" in v}
     assert cm["metadata"]["name"] in names
 
@@ -532,6 +627,34 @@ def test_entrypoint_uses_server_restrictions_and_requires_a_key(tmp_path):
         entrypoint.command({"MODERATION_ADMIN_KEY_FILE": str(tmp_path / "missing")})
     with pytest.raises(SystemExit):
         entrypoint.command(_entrypoint_env(tmp_path, key="short"))
+
+
+def test_entrypoint_uses_tritons_redis_response_cache_when_asked(tmp_path):
+    sys.path.insert(0, str(DEPLOY))
+    try:
+        import entrypoint
+    finally:
+        sys.path.remove(str(DEPLOY))
+
+    local = entrypoint.command(_entrypoint_env(tmp_path, RESPONSE_CACHE_BYTES="1024"))
+    assert [a for a in local if a.startswith("--cache-config")] == ["--cache-config=local,size=1024"]
+    pw = tmp_path / "redis_password"
+    pw.write_text("p" * 32 + "\n")
+    args = entrypoint.command(_entrypoint_env(tmp_path, TRITON_REDIS_CACHE_HOST="moderation-redis",
+                                              TRITON_REDIS_CACHE_PASSWORD_FILE=str(pw)))
+    cache = [a.removeprefix("--cache-config=") for a in args if a.startswith("--cache-config")]
+    settings = dict(c.removeprefix("redis,").split("=", 1) for c in cache)
+    assert all(c.startswith("redis,") for c in cache)  # one key=value per flag, as Triton's redis cache reads them
+    assert settings["host"] == "moderation-redis" and settings["port"] == "6379" and settings["password"] == "p" * 32
+    assert int(settings["connect_timeout"]) > 0 and int(settings["socket_timeout"]) > 0  # 0 would wait forever
+    assert int(settings["pool_size"]) >= 1 and "db" not in settings
+    assert "--cache-config=redis,password=***" in entrypoint.redact(args)
+    assert all("p" * 32 not in a for a in entrypoint.redact(args))
+    with pytest.raises(SystemExit):
+        entrypoint.command(_entrypoint_env(tmp_path, TRITON_REDIS_CACHE_HOST="a,b"))
+    with pytest.raises(SystemExit):
+        entrypoint.command(_entrypoint_env(tmp_path, TRITON_REDIS_CACHE_HOST="h",
+                                           TRITON_REDIS_CACHE_PASSWORD_FILE=str(tmp_path / "missing")))
 
 
 def _get(url: str, headers: dict | None = None, data: bytes | None = None) -> int:
