@@ -43,6 +43,17 @@ RequestTooLarge = _coded("RequestTooLarge", "request_too_large",
 ArtifactMismatch = _coded("ArtifactMismatch", "artifact_mismatch", "A model file differs from its artifact record.")
 
 
+class AuditUnavailable(ModerationError):
+    """The audit log cannot be written: the request is refused rather than served unaudited. Retry later."""
+
+    code = "audit_unavailable"
+    # Never the OS's text (errno, path): the caller learns only that the service could not audit its request.
+    MESSAGE = "the audit log cannot be written; the request was not served"
+
+    def __init__(self, message: str = MESSAGE):
+        super().__init__(message)
+
+
 # Triton's own texts for load shedding by the dynamic batcher's queue policy (max_queue_size, queue timeout).
 OVERLOAD_TEXTS = ("Exceeds maximum queue size", "Request timeout expired")
 # Triton's text when a python-backend stub process died (2.51 does not restart it by itself).

@@ -23,6 +23,7 @@ import psutil
 
 from ..core.audit import AuditLog
 from ..core.auth import admin_headers, admin_key
+from ..core.errors import AuditUnavailable
 
 STUB = "triton_python_backend_stub"
 
@@ -107,7 +108,7 @@ class StubWatchdog(threading.Thread):
             event.update(ok=False, error=str(e))
         self.events.append(event)
         self.log(f"watchdog: stub {dead.instance} (pid {dead.pid}) died; reload of {dead.model}: {event}")
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(AuditUnavailable):  # the reload happened: a log that cannot take it is counted
             self.audit.write({"stage": "watchdog", "action": "reload", **event})
         return event
 

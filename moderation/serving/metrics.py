@@ -20,6 +20,12 @@ SPECS = {
                                               "skipped), by operation: each one a cache miss or a skipped write"),
     "moderation_decoder_fallback_total": ("COUNTER", "Escalations sent to the INT8 fallback decoder"),
     "moderation_decoder_batch_size": ("GAUGE", "Posts in the language decoder's last batch"),
+    "moderation_audit_failures_total": ("COUNTER", "Audit writes that failed (disk full, I/O error, read-only), "
+                                        "by stage"),
+    "moderation_audit_spool_dropped_total": ("COUNTER", "Audit rows dropped from the fail_open spool when it was full, "
+                                             "by stage"),
+    "moderation_audit_rows_deleted_total": ("COUNTER", "Audit rows deleted with the oldest backup by retention, "
+                                            "by stage"),
 }
 
 

@@ -29,23 +29,27 @@ class PostprocessModel:
             records = [RequestRecord.from_json(r) for r in bytes_rows(request, "REQUEST")]
             gates = [GateDecision.from_json(g) for g in bytes_rows(request, "GATE")]
             img_emb, txt_emb = rows(request, "IMAGE_EMBEDS"), rows(request, "TEXT_EMBEDS")
-            results, verdicts, scores, embeds = [], [], [], []
+            results, verdicts, scores, embeds, audit_rows = [], [], [], [], []
             for i, (rec, gate) in enumerate(zip(records, gates, strict=True)):
                 meta = {"request_id": rec.request_id, "image_sha256": rec.image_sha256,
                         "text_sha256": rec.text_sha256, "policy": rec.policy_id}
                 done = finish_post(rec, gate, self.stage.version)
-                self.stage.audit.write(done.audit_row)
+                audit_rows.append(done.audit_row)
                 results.append(done.result)
                 verdicts.append([done.verdict])
                 scores.append(np.asarray(done.scores, np.float32))
                 embeds.append(np.concatenate([img_emb[i], txt_emb[i]]) if rec.return_embedding and done.verdict >= 0
                               else np.zeros(0, np.float32))
-                if done.result["action"] is None:
+            # Every post's row, all or none, before any verdict leaves: in fail_closed mode a log that cannot take
+            # them raises AuditUnavailable and the whole request is answered [audit_unavailable] (Stage.fail).
+            self.stage.audit.write_many(audit_rows)
+            for result in results:
+                if result["action"] is None:
                     self.finished.inc(route="error", violation="error")
-                    self.actions.inc(action="error", decided_by=done.result["error"]["code"])
+                    self.actions.inc(action="error", decided_by=result["error"]["code"])
                 else:
-                    self.finished.inc(route=done.result["route"], violation=str(done.result["violation"]).lower())
-                    self.actions.inc(action=done.result["action"], decided_by=done.result["decided_by"])
+                    self.finished.inc(route=result["route"], violation=str(result["violation"]).lower())
+                    self.actions.inc(action=result["action"], decided_by=result["decided_by"])
             embeds, scores = _pad_rows(embeds), _pad_rows(scores)
             return pb().InferenceResponse([
                 string_tensor("RESULT", [json.dumps(r, ensure_ascii=False) for r in results]),

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.audit import AuditLog
-from ..core.errors import BadRequest, ModerationError
+from ..core.audit import FAIL_OPEN, AuditLog
+from ..core.errors import AuditUnavailable, BadRequest, ModerationError
 from .metrics import Counter
 from .pb import pb
 
@@ -53,11 +53,15 @@ def tensor(name: str, array: np.ndarray):
     return pb().Tensor(name, np.ascontiguousarray(array))
 
 
+# Codes answered with gRPC UNAVAILABLE: the caller may retry later (docs/errors.md).
+RETRY_LATER = ("model_unavailable", "overloaded", "audit_unavailable")
+
+
 def error_response(err: Exception):
     u = pb()
     if isinstance(err, ModerationError):
         code = getattr(u.TritonError, "INVALID_ARG", None)
-        code = getattr(u.TritonError, "UNAVAILABLE", code) if err.code in ("model_unavailable", "overloaded") else code
+        code = getattr(u.TritonError, "UNAVAILABLE", code) if err.code in RETRY_LATER else code
         msg = str(err)
     else:
         code = getattr(u.TritonError, "INTERNAL", None)
@@ -70,11 +74,19 @@ def error_response(err: Exception):
 
 
 class Stage:
-    """Per-model context: audit log and a uniform way to fail one request without failing the batch."""
+    """Per-model context: audit log and a uniform way to fail one request without failing the batch. The audit
+    log's failures, dropped spool rows and retention deletions are this model's moderation_audit_* series."""
 
     def __init__(self, args: dict):
         self.name, self.version = model_id(args)
-        self.audit = AuditLog()
+        counters: dict[str, Counter] = {}
+
+        def count(metric: str, n: int) -> None:
+            counters.setdefault(metric, Counter(metric)).inc(float(n), stage=self.name)
+
+        self.audit = AuditLog(on_count=count)
+        if self.audit.mode == FAIL_OPEN:
+            self.audit.start_flusher()
         self.logger = pb().Logger
         self.errors = Counter("moderation_errors_total")
 
@@ -86,11 +98,17 @@ class Stage:
         row = {"request_id": (meta or {}).get("request_id"), "stage": self.name,
                "model_versions": {self.name: self.version}, "error": {"code": code, "message": message},
                **{k: v for k, v in (meta or {}).items() if k in ("image_sha256", "text_sha256", "policy")}}
-        self.errors.inc(stage=self.name, code=code)
         if started is not None:
             row["latency_ms"] = {"total": round((time.perf_counter() - started) * 1e3, 3)}
         try:
-            self.audit.write(row)
-        except OSError as e:  # never turn an audit hiccup into a lost response
-            self.logger.log_error(f"{self.name}: audit write failed: {e}")
+            self.audit.write(row)  # fail_open: spooled when it cannot be written; fail_closed: raises
+        except AuditUnavailable as e:  # the refusal itself cannot be audited: answer audit_unavailable instead
+            self.audit_failed(e)
+            err, code = e, e.code
+        self.errors.inc(stage=self.name, code=code)
         return error_response(err)
+
+    def audit_failed(self, err: AuditUnavailable) -> None:
+        """Log (server-side only, with the OS's reason) an audit write that refused a request."""
+        self.logger.log_error(f"{self.name}: audit write failed ({self.audit.last_error}): request refused "
+                              f"with [{err.code}]")
