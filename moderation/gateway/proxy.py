@@ -37,7 +37,7 @@ from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from tritonclient.grpc import service_pb2
 
-from ..core.audit import AuditLog
+from ..core.audit import DELETED_METRIC, DROPPED_METRIC, FAIL_OPEN, FAILURES_METRIC, AuditLog
 from ..core.auth import GRPC_ADMIN_HEADER, admin_key
 from ..core.errors import classify_failure, coded_by_model
 from ..core.hashing import sha256_hex
@@ -82,8 +82,11 @@ class Metrics:
                                ["code"], registry=self.registry)
         self.refused = Counter("moderation_gateway_refused", "Calls the gateway answered itself, by code",
                                ["code"], registry=self.registry)
-        self.audit_failures = Counter("moderation_audit_failures", "Audit rows the gateway could not write",
-                                      registry=self.registry)
+        # the audit log's own counts (core/audit.py on_count), exported under the names the models use
+        self.audit_counts = {name: Counter(name.removesuffix("_total"), text, registry=self.registry)
+                             for name, text in ((FAILURES_METRIC, "Audit rows the gateway could not write"),
+                                                (DROPPED_METRIC, "Spooled audit rows dropped (fail_open, spool full)"),
+                                                (DELETED_METRIC, "Audit rows deleted by retention"))}
         self.seconds = Histogram("moderation_gateway_call_seconds", "Call latency seen by the gateway (upstream "
                                  "included)", ["method"], registry=self.registry,
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
@@ -96,11 +99,13 @@ class AuditGateway:
                  key: str | None = None, limits: AdmissionLimits | None = None,
                  public: tuple[str, ...] = PUBLIC_MODELS, max_request_bytes: int = MAX_REQUEST_BYTES):
         self.listen, self.upstream, self.grace_s = listen, upstream, grace_s
-        self.audit = audit or AuditLog()
+        self.metrics = Metrics()
+        self.audit = audit or AuditLog(on_count=lambda name, n: self.metrics.audit_counts[name].inc(n))
+        if self.audit.mode == FAIL_OPEN:  # spooled rows reach the disk when it takes rows again, traffic or not
+            self.audit.start_flusher()
         self.key = admin_key() if key is None else key
         self.public, self.max_request_bytes = tuple(public), max_request_bytes
         self.admission = Admission(limits or AdmissionLimits.from_env())
-        self.metrics = Metrics()
         self.metrics.in_flight.labels(what="calls").set_function(lambda: self.admission.calls)
         self.metrics.in_flight.labels(what="bytes").set_function(lambda: self.admission.bytes)
         self.channel: aio.Channel | None = None
@@ -139,8 +144,7 @@ class AuditGateway:
         try:  # flock + fsync off the event loop, before the caller hears the answer; shielded: a call gRPC or the
             # caller cancels (an oversized message is refused by cancelling it) still gets its row
             await asyncio.shield(asyncio.to_thread(self.audit.write, row))
-        except Exception as e:  # noqa: BLE001 - a row that cannot be written is counted, never a failed call here
-            self.metrics.audit_failures.inc()
+        except Exception as e:  # noqa: BLE001 - counted by the audit log's hook; never a failed call here
             print(f"gateway: audit write failed: {type(e).__name__}", file=sys.stderr, flush=True)
 
     async def _record(self, raw: bytes | None, status: grpc.StatusCode, message: str, started: float,
