@@ -274,6 +274,37 @@ def test_outage_degrades_to_misses_and_skipped_writes_then_reconnects():
         assert not c.breaker.is_open and c.lookup(KEY, S, _vec(4), None, "c").verdict == {"v": 4}
 
 
+def test_a_purge_reload_while_redis_is_down_fails_when_fresh_and_waits_when_old():
+    """The epoch parameter stays in clip_gate's live config, so the watchdog's and swaps' reloads carry it: with
+    Redis down, a fresh purge (clients.admin purge-caches) fails its reload; an old epoch loads, serving and storing
+    nothing until the purge has run against Redis."""
+    from moderation.testing.redis_server import RedisServer
+
+    with RedisServer() as srv:
+        c = _shared(srv, cooldown_s=0.1, max_cooldown_s=0.2)
+        g = GateCache(cache=c, warn=lambda m: None)
+        c.store(KEY, S, _vec(1), None, "c", None, {"v": 1})
+        srv.kill()
+        now = time.time()
+        with pytest.raises(Exception):  # noqa: B017 - whatever redis-py raises: the reload must fail
+            g.purge_on_load(str(time.time_ns()), now=now)
+        old = str(int((now - 3600) * 1e9))
+        assert g.purge_on_load(old, now=now) is None and g.pending_epoch == old
+        probe = Probe(KEY, S, _vec(1), None, "c", None, False, time.perf_counter())
+        assert g.lookup(probe) is None and probe.seen == {"unavailable": True}
+        srv.start()  # back (empty here; a partitioned-off Redis would still hold the entry)
+        c.store(KEY, S, _vec(1), None, "c", None, {"v": 1})  # e.g. another replica stored it meanwhile
+        deadline = time.monotonic() + 10
+        while g.pending_epoch is not None:
+            assert time.monotonic() < deadline, "the deferred purge never ran"
+            probe = Probe(KEY, S, _vec(1), None, "c", None, False, time.perf_counter())
+            assert g.lookup(probe) is None
+            time.sleep(0.05)
+        assert len(c) == 0  # the purge ran before anything was served
+        c.store(KEY, S, _vec(2), None, "c", None, {"v": 2})  # and then the cache works again
+        assert c.lookup(KEY, S, _vec(2), None, "c").verdict == {"v": 2}
+
+
 def test_a_hung_redis_costs_one_timeout_then_the_breaker_answers():
     from moderation.testing.redis_server import RedisServer
 

@@ -144,6 +144,9 @@ class VerdictCache:
         in-process cache, so nothing is left to do."""
         return None
 
+    def try_purge_epoch(self, epoch: str) -> bool:
+        return True
+
     def __len__(self) -> int:
         with self._lock:
             return sum(len(p.entries) for p in self._parts.values())
@@ -204,6 +207,8 @@ class GateCache:
     def __init__(self, is_ready=None, clock=time.monotonic, count=_no_count, warn=print, cache=None):
         self.cache = cache if cache is not None else verdict_cache(clock, count=count, warn=warn)
         self.is_ready = is_ready
+        self.warn = warn
+        self.pending_epoch: str | None = None  # a purge Redis missed: nothing is served or stored until it ran
 
     @property
     def shared(self) -> bool:
@@ -226,8 +231,21 @@ class GateCache:
                 return False
         return True
 
+    def _pending_done(self) -> bool:
+        """False while a deferred purge has not run yet (it is tried again, behind the breaker, on every call)."""
+        if self.pending_epoch is None:
+            return True
+        if self.cache.try_purge_epoch(self.pending_epoch):
+            self.warn(f"verdict cache: the deferred purge of epoch {self.pending_epoch} ran")
+            self.pending_epoch = None
+            return True
+        return False
+
     def lookup(self, probe: Probe) -> tuple[VlmVerdict, dict] | None:
         """(verdict, RESULT.cache info) of a hit, or None."""
+        if not self._pending_done():
+            probe.seen["unavailable"] = True
+            return None
         hit = self.cache.lookup(probe.key, probe.settings, probe.image_emb, probe.text_emb, probe.caption,
                                 probe.fingerprint, still_valid=self._valid, exact=probe.exact, seen=probe.seen)
         if hit is None:
@@ -241,6 +259,8 @@ class GateCache:
     def after(self, probe: Probe, verdict: VlmVerdict) -> dict:
         """Store a fresh verdict (or, for forget, evict what it matches); returns RESULT.cache info of a miss.
         `unavailable: true` says the shared backend could not be reached (nothing stored or forgotten)."""
+        if not self._pending_done():
+            return {"hit": False, "stored": False, "unavailable": True}
         if probe.forget:
             n = self.cache.forget(probe.key, probe.settings, probe.image_emb, probe.text_emb, probe.caption,
                                   probe.fingerprint, exact=probe.exact)
@@ -253,7 +273,29 @@ class GateCache:
         info = {"hit": False, "stored": stored is True}
         return {**info, "unavailable": True} if stored is None else info
 
-    def purge_epoch(self, epoch: str) -> int | None:
-        """clip_gate loaded with a `verdict_cache_epoch` parameter (clients.admin purge-caches): empty the shared
-        backend once per epoch (every instance and replica of the reload sees the same one)."""
-        return self.cache.purge_epoch(epoch)
+    def purge_on_load(self, epoch: str, now: float | None = None) -> int | None:
+        """clip_gate loaded with a `verdict_cache_epoch` parameter: empty the shared backend once per epoch (every
+        instance and replica loaded with it sees the same one); the entries purged, or None when another did.
+
+        The parameter stays in the live config, so later reloads (the stub watchdog, a swap) carry it too. When
+        Redis cannot be reached: a fresh epoch (issued less than PURGE_FRESH_S ago: this is clients.admin
+        purge-caches) raises, so the reload and the purge report the failure; an older one is deferred, so the
+        reload succeeds, and until the purge has run this instance serves and stores nothing."""
+        try:
+            return self.cache.purge_epoch(epoch)
+        except Exception:  # any backend failure: decide below whether the reload may go on
+            issued = epoch_time(epoch)
+            now = time.time() if now is None else now
+            if issued is None or now - issued < PURGE_FRESH_S:
+                raise
+            self.pending_epoch = epoch
+            self.warn(f"verdict cache: Redis unavailable at load; the purge of epoch {epoch} waits for it")
+            return None
+
+
+PURGE_FRESH_S = 120.0
+
+
+def epoch_time(epoch: str) -> float | None:
+    """When ops/purge.py issued an epoch (time.time_ns() as text), in seconds; None for another format."""
+    return int(epoch) / 1e9 if epoch.isdigit() else None

@@ -389,5 +389,9 @@ class RedisVerdictCache:
             return None
         return self._delete_all()
 
+    def try_purge_epoch(self, epoch: str) -> bool:
+        """purge_epoch() behind the breaker (a deferred purge, GateCache.purge_on_load): True once it has run."""
+        return self._call("purge", lambda: self.purge_epoch(epoch)) is not _DOWN
+
     def __len__(self) -> int:
         return sum(1 for _ in self.redis.scan_iter(match=f"{self.root}:p:*:e:*", count=1000))

@@ -43,7 +43,7 @@ class ClipGateModel:
                                  count=CountByName(), warn=self.stage.logger.log_warn)
         epoch = parameters(args).get(EPOCH_PARAMETER)
         if epoch and self.router.verdicts.shared:  # a purge reload: the in-process cache is new, Redis is not
-            n = self.router.verdicts.purge_epoch(epoch)  # raises when Redis is down: the reload (and purge) fails
+            n = self.router.verdicts.purge_on_load(epoch)  # Redis down: a fresh purge fails the reload
             if n is not None:
                 self.stage.logger.log_info(f"verdict cache: purged {n} shared entries (epoch {epoch})")
 
