@@ -26,6 +26,10 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from moderation.core.audit import log_files  # the log and its rotated backups, oldest first
+
+__all__ = ["OPERATOR_STAGES", "Report", "log_files", "main", "newcombe", "summarize_files", "summary", "wilson"]
+
 OPERATOR_STAGES = ("admin", "feedback", "watchdog", "audit")
 BUCKETS = {"minute": 60, "hour": 3600}
 Z95 = 1.959963984540054
@@ -40,13 +44,6 @@ COLUMNS = {
     "ab": "STRUCT(arm VARCHAR)", "error": "JSON",
     "event": "VARCHAR", "rows": "BIGINT", "dropped": "BIGINT",  # the audit log's own rows (stage "audit")
 }
-
-
-def log_files(path: Path) -> list[Path]:
-    """The log and its rotated backups that exist, oldest first (audit.jsonl.N … audit.jsonl.1, audit.jsonl)."""
-    path = Path(path)
-    backups = [p for p in path.parent.glob(path.name + ".*") if p.suffix[1:].isdigit()]
-    return sorted(backups, key=lambda p: -int(p.suffix[1:])) + ([path] if path.exists() else [])
 
 
 def _sql_str(s: str) -> str:
