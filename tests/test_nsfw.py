@@ -169,7 +169,7 @@ def test_trained_signal_outranks_only_an_untrained_vlm(vlm_untrained):
 # ---- through the real server ------------------------------------------------------------------------------
 
 def test_served_nsfw_image_model_matches_the_package_in_a_batch(triton, reference):
-    c = grpcclient.InferenceServerClient(triton.grpc_url)
+    c = triton.direct_client()  # an internal model: Triton's own port, with the key (the public port serves moderate)
     pix = np.stack([NsfwPixels()(decode_image(p.image_bytes()).image) for p in POSTS[:4]])
     inp = grpcclient.InferInput("input:0", list(pix.shape), "FP32")
     inp.set_data_from_numpy(pix)
