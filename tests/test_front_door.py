@@ -6,6 +6,7 @@ and summary logic on their own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import uuid
@@ -223,6 +224,16 @@ def test_admission_sheds_at_its_bounds_and_queues_a_client_behind_itself():
         with pytest.raises(Shed, match="bytes in flight"):
             adm.admit("other", 980)
         await asyncio.gather(*tasks)
+        assert adm.in_flight() == {"calls": 0, "bytes": 0, "clients": 0}
+        # a call cancelled while it waits for a slot (its deadline passed) leaves nothing counted
+        first, second = adm.admit("c", 1), adm.admit("c", 1)
+        third = adm.admit("c", 1)
+        async with first, second:
+            waiter = asyncio.create_task(enter(third))
+            await asyncio.sleep(0.01)
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
         assert adm.in_flight() == {"calls": 0, "bytes": 0, "clients": 0}
 
     asyncio.run(scenario())

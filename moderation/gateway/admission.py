@@ -94,8 +94,11 @@ class _Ticket:
             await self.state.slots.acquire()
             self._slot = True
             self.state.running += 1
-        finally:
+        except BaseException:  # cancelled while waiting (the caller's deadline passed): nothing stays counted
             self.state.waiting -= 1
+            self.release()
+            raise
+        self.state.waiting -= 1
         return self
 
     async def __aexit__(self, *exc) -> None:
