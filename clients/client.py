@@ -141,10 +141,13 @@ class _ClientBase:
 
 
 class ModerationClient(_ClientBase):
+    """`channel_args`: gRPC channel arguments; distinct ones give the client a connection of its own (the gateway
+    limits calls per connection, so clients in one process that share a connection share that limit)."""
+
     def __init__(self, url: str = DEFAULT_URL, model: str = "moderate", timeout_s: float = 30.0,
-                 retries: int = 3, backoff_s: float = 0.2):
+                 retries: int = 3, backoff_s: float = 0.2, channel_args: list[tuple[str, object]] | None = None):
         super().__init__(url, model, timeout_s, retries, backoff_s)
-        self.client = grpcclient.InferenceServerClient(url=url)
+        self.client = grpcclient.InferenceServerClient(url=url, channel_args=channel_args)
 
     def moderate(self, image: bytes | str | Path, text: str | bytes, **options) -> dict:
         """One post's RESULT; raises ModerationFailed with the code. Options: describe, request_id, policy, lang,
@@ -175,9 +178,9 @@ class ModerationClient(_ClientBase):
 
 class AsyncModerationClient(_ClientBase):
     def __init__(self, url: str = DEFAULT_URL, model: str = "moderate", timeout_s: float = 30.0,
-                 retries: int = 3, backoff_s: float = 0.2):
+                 retries: int = 3, backoff_s: float = 0.2, channel_args: list[tuple[str, object]] | None = None):
         super().__init__(url, model, timeout_s, retries, backoff_s)
-        self.client = grpcaio.InferenceServerClient(url=url)
+        self.client = grpcaio.InferenceServerClient(url=url, channel_args=channel_args)
 
     async def moderate(self, image: bytes | str | Path, text: str | bytes, **options) -> dict:
         return _single(await self.moderate_batch([(image, text, _options(**options))]))

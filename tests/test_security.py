@@ -15,8 +15,11 @@ from moderation.testing.samples import sample_posts
 GRPC_ADMIN_CALLS = {
     "model-repository": lambda c, h: c.get_model_repository_index(headers=h),
     "model-repository/load": lambda c, h: c.load_model("postprocess", headers=h),
-    "model-config": lambda c, h: c.get_model_config("moderate", headers=h),
-    "statistics": lambda c, h: c.get_inference_statistics("moderate", headers=h),
+    # the public model's config and statistics are open on the public port (perf_analyzer; docs/security.md):
+    # an internal model's, and all models' statistics, still need the key
+    "model-config": lambda c, h: c.get_model_config("language_decoder", headers=h),
+    "statistics": lambda c, h: c.get_inference_statistics("", headers=h),
+    "statistics/internal": lambda c, h: c.get_inference_statistics("language_decoder", headers=h),
     "shared-memory": lambda c, h: c.get_system_shared_memory_status(headers=h),
     "trace": lambda c, h: c.get_trace_settings(headers=h),
     "logging": lambda c, h: c.get_log_settings(headers=h),
@@ -60,6 +63,20 @@ def test_http_admin_apis_need_the_key(triton, method, path):
     assert _http(triton, method, path) == 403
     assert _http(triton, method, path, {"admin-key": "wrong-key"}) == 403
     assert _http(triton, method, path, triton.admin_http_headers) in (200, 400)  # 400: no CUDA shm here
+
+
+def test_the_public_models_config_and_statistics_need_no_key_on_the_public_port(triton):
+    c = grpcclient.InferenceServerClient(triton.grpc_url)
+    assert c.get_model_config("moderate", as_json=True)["config"]["name"] == "moderate"
+    stats = c.get_inference_statistics("moderate", as_json=True)["model_stats"]
+    assert [m["name"] for m in stats] == ["moderate"]
+    # and the models its ensemble composes (perf_analyzer breaks an ensemble down by them); not the decoders
+    assert c.get_model_config("clip_gate", as_json=True)["config"]["name"] == "clip_gate"
+    with pytest.raises(InferenceServerException, match="restricted"):
+        c.get_model_config("language_decoder")
+    direct = grpcclient.InferenceServerClient(triton.triton_grpc_url)  # Triton's own port still needs the key
+    with pytest.raises(InferenceServerException, match="restricted"):
+        direct.get_model_config("moderate")
 
 
 def test_inference_health_and_metadata_need_no_key(triton, client):

@@ -111,6 +111,7 @@ class AuditGateway:
         self.channel: aio.Channel | None = None
         self.server: aio.Server | None = None
         self.readiness: Readiness | None = None
+        self._readable: set[str] | None = None  # models whose config and statistics this port opens
 
     async def start(self) -> int:
         self.channel = aio.insecure_channel(self.upstream, options=CHANNEL_OPTIONS)
@@ -215,16 +216,17 @@ class AuditGateway:
     def unary(self, method: str):
         call = self.channel.unary_unary(method)
         name = method.rsplit("/", 1)[1]
-        # Reading the public models' config and statistics is open on this port (perf_analyzer needs both; they
-        # are not what the 2025 CVEs were about): the gateway presents the key for exactly those reads. Any other
-        # model's, and every other restricted protocol, still needs the caller's own key (Triton checks it).
+        # Reading the config and statistics of the public models and of the models their ensembles compose is open
+        # on this port (perf_analyzer reads both, the composing models' to break an ensemble down; they are not
+        # what the 2025 CVEs were about): the gateway presents the key for exactly those reads. Any other model's,
+        # and every other restricted protocol, still needs the caller's own key (Triton checks it).
         opened = {"ModelConfig": service_pb2.ModelConfigRequest,
                   "ModelStatistics": service_pb2.ModelStatisticsRequest}.get(name)
 
         async def handler(request: bytes, context) -> bytes:
             started = time.perf_counter()
             metadata = _metadata(context)
-            if opened is not None and self._public_read(opened, request):
+            if opened is not None and await self._public_read(opened, request):
                 metadata = self._upstream_metadata(context)
             try:
                 response = await call(request, metadata=metadata, timeout=context.time_remaining())
@@ -238,11 +240,32 @@ class AuditGateway:
 
         return grpc.unary_unary_rpc_method_handler(handler)
 
-    def _public_read(self, message_type, request: bytes) -> bool:
+    async def _public_read(self, message_type, request: bytes) -> bool:
         try:
-            return message_type.FromString(request).name in self.public
+            name = message_type.FromString(request).name
         except Exception:  # noqa: BLE001 - not a request of that type: forwarded as it is, Triton answers
             return False
+        if self._readable is None:
+            self._readable = await self._composed(self.public)
+        return name in self._readable
+
+    async def _composed(self, names: tuple[str, ...]) -> set[str]:
+        """The public models and, recursively, the models their ensemble steps name (read with the key)."""
+        call = self.channel.unary_unary(f"/{SERVICE}/ModelConfig")
+        seen, todo = set(), list(names)
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            try:
+                raw = await call(service_pb2.ModelConfigRequest(name=name).SerializeToString(),
+                                 metadata=((GRPC_ADMIN_HEADER, self.key),) if self.key else (), timeout=10)
+            except aio.AioRpcError:
+                continue
+            steps = service_pb2.ModelConfigResponse.FromString(raw).config.ensemble_scheduling.step
+            todo += [s.model_name for s in steps]
+        return seen
 
     def stream(self):
         """ModelStreamInfer: every message is checked as ModelInfer's is; a refused one is answered in-band (as

@@ -82,10 +82,14 @@ class ImageFetcher:
             if resp.status != 200:
                 raise OpenAIError(400, f"fetching the image answered HTTP {resp.status}", "image_fetch_failed",
                                   param="input")
-            body = await resp.content.read(MAX_IMAGE_BYTES + 1)
+            body = bytearray()
+            async for chunk in resp.content.iter_chunked(1 << 16):  # to the end, never past the limit
+                body += chunk
+                if len(body) > MAX_IMAGE_BYTES:
+                    break
         if len(body) > MAX_IMAGE_BYTES:
             raise OpenAIError(413, f"the image is over {MAX_IMAGE_BYTES} bytes", "image_too_large", param="input")
-        return body
+        return bytes(body)
 
 
 MAX_INPUTS = 32
