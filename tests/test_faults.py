@@ -46,7 +46,7 @@ def _stub_of(srv, model: str):
 def _load(url, stop, out, policy):
     # each load thread on a connection of its own: three clients, not one the gateway would queue
     with ModerationClient(url, timeout_s=DEADLINE_S, retries=0,
-                          channel_args=[("moderation.fault_client", threading.get_ident())]) as c:
+                          channel_args=[("moderation.fault_client", str(threading.get_ident()))]) as c:
         i = 0
         while not stop.is_set():
             p = POSTS[i % len(POSTS)]

@@ -226,13 +226,23 @@ class AuditGateway:
         async def handler(request: bytes, context) -> bytes:
             started = time.perf_counter()
             metadata = _metadata(context)
-            if opened is not None and await self._public_read(opened, request):
+            all_stats = False
+            # a caller with its own key reads as an operator: passed through, Triton checks that key
+            keyless = not any(k == GRPC_ADMIN_HEADER for k, _ in metadata)
+            if opened is not None and keyless and await self._public_read(opened, request):
                 metadata = self._upstream_metadata(context)
+                all_stats = name == "ModelStatistics" and not opened.FromString(request).name
             try:
                 response = await call(request, metadata=metadata, timeout=context.time_remaining())
             except aio.AioRpcError as e:
                 self._observe(name, e.code(), started)
                 await context.abort(e.code(), e.details() or "")
+            if all_stats:  # every model's statistics asked for without a key: those this port opens, only
+                stats = service_pb2.ModelStatisticsResponse.FromString(response)
+                keep = [m for m in stats.model_stats if m.name in self._readable]
+                del stats.model_stats[:]
+                stats.model_stats.extend(keep)
+                response = stats.SerializeToString()
             if name == "ServerReady" and self.readiness and not self.readiness.audit_ok:
                 response = service_pb2.ServerReadyResponse(ready=False).SerializeToString()
             self._observe(name, grpc.StatusCode.OK, started)
@@ -247,6 +257,8 @@ class AuditGateway:
             return False
         if self._readable is None:
             self._readable = await self._composed(self.public)
+        if not name and message_type is service_pb2.ModelStatisticsRequest:
+            return True  # every model's: answered with the opened models' statistics only
         return name in self._readable
 
     async def _composed(self, names: tuple[str, ...]) -> set[str]:
