@@ -4,13 +4,10 @@ until it is freed. The last part runs a second gateway in front of the session's
 this test mounts."""
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -19,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moderation.launch.processes import grpc_health_serving
 from moderation.testing.server import free_port
+from perf.chaos import fill, tmpfs
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -36,18 +34,6 @@ def test_check_and_watch_say_serving(triton):
         watch.cancel()
 
 
-@contextlib.contextmanager
-def _tmpfs(size: str = "512k"):
-    path = Path(tempfile.mkdtemp(prefix="health-audit-"))
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root (CI and this machine run as root)")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-        path.rmdir()
-
-
 def _wait(predicate, timeout_s: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -58,7 +44,9 @@ def _wait(predicate, timeout_s: float = 15.0) -> bool:
 
 
 def test_fail_closed_audit_turns_readiness_off_while_the_disk_is_full(triton):
-    with _tmpfs() as disk:
+    with tmpfs("512k") as (disk, mounted):
+        if not mounted:
+            pytest.skip("mounting a tmpfs needs root (CI and this machine run as root)")
         port = free_port()
         env = {**os.environ, "MODERATION_AUDIT_LOG": str(disk / "audit.jsonl"),
                "MODERATION_AUDIT_ON_FAILURE": "fail_closed", "MODERATION_ADMIN_KEY": triton.config.key}
@@ -68,11 +56,7 @@ def test_fail_closed_audit_turns_readiness_off_while_the_disk_is_full(triton):
         try:
             assert _wait(lambda: _serving(url)), "the gateway never became ready"
             assert grpcclient.InferenceServerClient(url).is_server_ready()
-            filler = disk / "filler"
-            with open(filler, "wb") as f, contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
+            filler = fill(disk)
             assert _wait(lambda: not _serving(url)), "a full audit disk left the port SERVING"
             assert not grpcclient.InferenceServerClient(url).is_server_ready()
             filler.unlink()

@@ -9,22 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2
 
-from ..core.audit import AuditLog
+from ..core.audit import FAIL_CLOSED, AuditLog
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVER_READY = "/inference.GRPCInferenceService/ServerReady"
-
-
-def audit_blocks_service() -> bool:
-    """In fail_closed mode an audit log that cannot take rows makes the service unready."""
-    return os.environ.get("MODERATION_AUDIT_ON_FAILURE", "fail_closed") != "fail_open"
 
 
 class Readiness:
@@ -50,7 +44,7 @@ class Readiness:
             self.upstream_ready = service_pb2.ServerReadyResponse.FromString(raw).ready
         except aio.AioRpcError:
             self.upstream_ready = False
-        if audit_blocks_service():
+        if self.audit.mode == FAIL_CLOSED:  # an audit log that cannot take rows makes the service unready
             self.audit_ok = await asyncio.to_thread(self.audit.writable)
         status = SERVING if self.ready else NOT_SERVING
         for name in self.services:
