@@ -9,7 +9,7 @@
 Both use the gate path (policy allow_all): the cheapest real request, most production traffic. Writes
 perf/results/front_door.json (raw latencies, summary, machine, commit).
 
-    .venv/bin/python -m perf.front_door [--polite-n 60] [--greedy 32]
+    .venv/bin/python -m perf.front_door [--polite-n 200] [--greedy 32]
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
+from moderation.core.audit import read_rows
 from moderation.core.errors import classify_failure
 from moderation.testing.samples import sample_posts
 from perf.common import BUILD, REPO, RESULTS, dump_json, git_commit, machine
@@ -108,21 +109,38 @@ def fairness(url: str, polite_n: int, concurrency: int) -> dict:
             "p50_ratio": round(loaded["p50_ms"] / alone["p50_ms"], 3)}
 
 
-def oversized(url: str, gateway_pid: int, copies: int = 8, nbytes: int = 200 * 1024 * 1024) -> dict:
+def _refusal_rows(audit: Path) -> list[dict]:
+    """The gateway's rows for calls refused as too large, oldest first."""
+    return [r for r in read_rows(audit) if r.get("stage") == "gateway"
+            and (r.get("error") or {}).get("code") == "request_too_large"] if audit.exists() else []
+
+
+def oversized(url: str, gateway_pid: int, audit: Path, copies: int = 8, nbytes: int = 200 * 1024 * 1024) -> dict:
     """`copies` concurrent oversized calls (one prebuilt message, so the client holds it once) beside a normal
-    client; each call's time to its answer, the status, and the gateway's peak RSS before and after."""
+    client; per call the client's time to its answer and the status; the gateway's time from each call's start to
+    its refusal (its audit row); the gateway's peak RSS before and after; the normal client's latencies.
+
+    The client's time includes its own cost of handing gRPC 200 MB (grpcio copies the message, holding the GIL:
+    `client_alone_seconds` is one such call with nothing else running), so the gateway's own answer time is read
+    from its audit rows."""
     body = oversized_message(nbytes)
     rss_before = gateway_rss_peak_kb(gateway_pid)
-    normal: dict = {}
+    rows_before = len(_refusal_rows(audit))
+    lat: list[float] = []
+    errors: dict[str, int] = {}
     done = threading.Event()
 
     def normal_traffic():
-        normal.update(polite(url, 1, "normal-warm"))
-        results = []
+        client = grpcclient.InferenceServerClient(url, channel_args=[("grpc.primary_user_agent", "normal")])
+        i = 0
         while not done.is_set():
-            results.append(polite(url, 1, f"normal-{len(results)}"))
-        normal.update(answered=sum(r["answered"] for r in results), sent=len(results),
-                      errors=[r["errors"] for r in results if r["errors"]])
+            try:
+                lat.append(infer(client, *_post_job(i, "normal")))
+            except InferenceServerException as e:
+                code = classify_failure(e.message() or "", e.status() or "")[0]
+                errors[code] = errors.get(code, 0) + 1
+            i += 1
+        client.close()
 
     def one(i: int):
         channel = grpc.insecure_channel(url, options=[("grpc.max_send_message_length", 2**31 - 1),
@@ -137,6 +155,7 @@ def oversized(url: str, gateway_pid: int, copies: int = 8, nbytes: int = 200 * 1
             channel.close()
         return {"seconds": round(time.perf_counter() - t, 3), "status": status, "details": (details or "")[:160]}
 
+    alone = one(-1)
     traffic = threading.Thread(target=normal_traffic)
     traffic.start()
     time.sleep(1)
@@ -145,15 +164,22 @@ def oversized(url: str, gateway_pid: int, copies: int = 8, nbytes: int = 200 * 1
     time.sleep(1)
     done.set()
     traffic.join(120)
+    time.sleep(0.5)  # the last refusal's row is written after the caller has its answer
+    server_ms = [r["latency_ms"]["total"] for r in _refusal_rows(audit)[rows_before + 1:]]
     return {"copies": copies, "bytes_each": nbytes, "calls": calls, "max_seconds": max(c["seconds"] for c in calls),
+            "client_alone_seconds": alone["seconds"], "gateway_refusal_ms": server_ms,
+            "gateway_refusal_max_ms": max(server_ms, default=None),
             "gateway_peak_rss_mb_before": round(rss_before / 1024, 1),
-            "gateway_peak_rss_mb_after": round(gateway_rss_peak_kb(gateway_pid) / 1024, 1), "normal": normal}
+            "gateway_peak_rss_mb_after": round(gateway_rss_peak_kb(gateway_pid) / 1024, 1),
+            "normal": {"sent": len(lat) + sum(errors.values()), "answered": len(lat), "errors": errors,
+                       "p50_ms": pct(lat, 50), "max_ms": max(lat, default=None),
+                       "latencies_ms": [round(x, 3) for x in lat]}}
 
 
 def run(polite_n: int, concurrency: int) -> dict:
     out = {"what": __doc__.split("\n\n")[0], "machine": machine(), "commit": git_commit()}
     with serve(REPO, audit=BUILD / "front_door_audit.jsonl", log=BUILD / "front_door.log") as srv:
-        out["oversized"] = oversized(srv.grpc_url, srv.gateway.proc.pid)
+        out["oversized"] = oversized(srv.grpc_url, srv.gateway.proc.pid, BUILD / "front_door_audit.jsonl")
         print(json.dumps({k: v for k, v in out["oversized"].items() if k != "calls"}), flush=True)
         out["fairness"] = fairness(srv.grpc_url, polite_n, concurrency)
         f = out["fairness"]
@@ -169,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url")
     ap.add_argument("--greedy", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=30)
-    ap.add_argument("--polite-n", type=int, default=60)
+    ap.add_argument("--polite-n", type=int, default=200)
     args = ap.parse_args(argv)
     if args.mode == "greedy":
         print(json.dumps(greedy(args.url, args.greedy, args.seconds)), flush=True)

@@ -187,23 +187,27 @@ def test_summaries_are_bounded_and_never_raise():
 
 def test_oversized_messages_are_refused_unread_and_audited_while_normal_traffic_is_served(triton, audit_log):
     before = sum(_code(r) == "request_too_large" for r in read_rows(audit_log))
-    r = front_door.oversized(triton.grpc_url, triton.gateway.proc.pid, copies=8)
-    print(json.dumps({k: v for k, v in r.items() if k != "calls"}))
+    r = front_door.oversized(triton.grpc_url, triton.gateway.proc.pid, audit_log, copies=8)
+    print(json.dumps({k: v for k, v in r.items() if k not in ("calls", "normal")}))
     assert all(c["status"] == "RESOURCE_EXHAUSTED" for c in r["calls"]), r["calls"]
-    assert r["max_seconds"] < 3.0, r["calls"]  # perf/results/front_door.json has the unloaded figure
+    assert len(r["gateway_refusal_ms"]) == 8 and r["gateway_refusal_max_ms"] < 1000, r  # refused from the prefix
+    # end to end includes this client copying 1.6 GB under the GIL; buffering them first took ~20 s
+    assert r["max_seconds"] < 10.0, r["calls"]
     assert r["gateway_peak_rss_mb_after"] < 512, r
     assert r["normal"]["answered"] == r["normal"]["sent"] >= 1 and not r["normal"]["errors"], r["normal"]
     after = sum(_code(r) == "request_too_large" for r in read_rows(audit_log))
-    assert after - before == 8
+    assert after - before == 9  # one alone, then 8 together
 
 
 def test_a_greedy_client_does_not_starve_a_polite_one(triton):
-    f = front_door.fairness(triton.grpc_url, polite_n=30, concurrency=32)
+    f = front_door.fairness(triton.grpc_url, polite_n=40, concurrency=32)
     print(json.dumps({k: v for k, v in f.items() if k not in ("alone", "with_greedy")}),
           f["alone"]["p99_ms"], f["with_greedy"]["p99_ms"])
-    assert f["with_greedy"]["errors"] == {} and f["with_greedy"]["answered"] == 30, f["with_greedy"]
+    assert f["with_greedy"]["errors"] == {} and f["with_greedy"]["answered"] == 40, f["with_greedy"]
     assert f["greedy"]["answers"].get("ok", 0) > 30, f["greedy"]  # the greedy client is served too
-    assert f["p99_ratio"] <= 2.5, f  # the goal is 2x; perf/results/front_door.json records the measured ratio
+    # the goal is 2x (perf/results/front_door.json measures it on 200 posts); 2.5 leaves room for a shared CI box.
+    # A greedy client holding all per_client slots beside the polite one measured 2.6-3.4x, one with none 18x.
+    assert f["p99_ratio"] <= 2.5 and f["p50_ratio"] <= 2.5, f
 
 
 def test_admission_sheds_at_its_bounds_and_queues_a_client_behind_itself():
@@ -238,6 +242,46 @@ def test_admission_sheds_at_its_bounds_and_queues_a_client_behind_itself():
             waiter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await waiter
+        assert adm.in_flight() == {"calls": 0, "bytes": 0, "clients": 0}
+
+    asyncio.run(scenario())
+
+
+def test_active_clients_share_the_running_slots_evenly_and_a_lone_client_gets_them_back():
+    async def scenario():
+        adm = Admission(AdmissionLimits(per_client=2, linger_s=0.3))
+        running = {"greedy": 0, "polite": 0}
+        most = {"greedy": 0, "polite": 0}
+
+        async def call(who, hold):
+            async with adm.admit(who, 1):
+                running[who] += 1
+                most[who] = max(most[who], running[who])
+                await asyncio.sleep(hold)
+                running[who] -= 1
+
+        async def greedy(seconds):
+            end = asyncio.get_running_loop().time() + seconds
+            async def worker():
+                while asyncio.get_running_loop().time() < end:
+                    await call("greedy", 0.02)
+            await asyncio.gather(*(worker() for _ in range(8)))
+
+        await greedy(0.2)
+        assert most["greedy"] == 2  # alone: all of per_client
+        most["greedy"] = 0
+        flood = asyncio.create_task(greedy(1.5))
+        await asyncio.sleep(0.1)
+        for _ in range(10):  # one call after another: active in the gaps too
+            await call("polite", 0.03)
+            assert running["greedy"] <= 1, running
+            await asyncio.sleep(0.005)
+        assert most["polite"] == 1
+        await asyncio.sleep(0.6)  # the polite client's linger is over
+        most["greedy"] = 0
+        await asyncio.sleep(0.2)
+        assert most["greedy"] == 2
+        await flood
         assert adm.in_flight() == {"calls": 0, "bytes": 0, "clients": 0}
 
     asyncio.run(scenario())
