@@ -17,7 +17,7 @@ from moderation.core.errors import ModelUnavailable
 from moderation.core.policy import load_policy
 from moderation.core.post import parse_post
 from moderation.core.result import finish_post
-from moderation.gate.inputs import ClipTokens, Preprocess
+from moderation.gate.inputs import ClipTokens, Preprocess, ReadImageText
 from moderation.gate.router import GatePost, GateRouter
 from moderation.ocr.reader import ImageTextReader
 from moderation.repository.artifacts import read_artifact_record, signal_of
@@ -88,7 +88,8 @@ class InProcessExecutor:
 class InProcessPipeline:
     def __init__(self, repo: Path, audit_path: Path, torch_threads: int = 2):
         pre_dir = repo / "preprocess" / VERSION
-        self.preprocess = Preprocess(str(pre_dir / "clip"), VERSION, ImageTextReader())  # the wheel's own sessions
+        self.preprocess = Preprocess(str(pre_dir / "clip"), VERSION)
+        self.read_text = ReadImageText(ImageTextReader(), VERSION)  # the wheel's own onnxruntime sessions
         self.clip_image = _session(repo / "clip_image" / VERSION / "model.onnx")
         self.clip_text = _session(repo / "clip_text" / VERSION / "model.onnx")
         nsfw = repo / "nsfw_image" / VERSION / "model.onnx"
@@ -104,6 +105,7 @@ class InProcessPipeline:
         """preprocess -> clip_image / clip_text / nsfw_image -> clip_gate (-> vlm) -> postprocess."""
         t0, received = time.perf_counter(), time.time()
         inputs = self.preprocess(image, text, options, received, t0)
+        inputs.record = self.read_text(image, text, inputs.record)  # beside the encoders on the server
         img = self.clip_image.run(["IMAGE_EMBEDS"], {"pixel_values": inputs.clip_pixels[None]})[0][0]
         txt = self.clip_text.run(["TEXT_EMBEDS"], {"input_ids": inputs.clip_input_ids[None],
                                                    "attention_mask": inputs.clip_attention_mask[None]})[0][0]

@@ -32,7 +32,7 @@ def test_clip_image_onnx_matches_torch():
     assert np.max(np.abs(got - ref)) < 1e-4
 
 
-@pytest.mark.parametrize("model", [m for m in ONNX_MODELS + PYTHON_MODELS if m != "postprocess"])
+@pytest.mark.parametrize("model", [m for m in ONNX_MODELS + PYTHON_MODELS if m not in ("postprocess", "read_text")])
 def test_artifacts_match_their_records(model):
     rec = read_artifact_record(REPO / model / "1")
     assert rec["files"], model

@@ -20,8 +20,9 @@ from .conftest import ADMIN_KEY, REPO, ROOT
 
 DATA = ROOT / "export" / "data" / "slang_lora.jsonl"
 CKPT = REPO / "language_decoder" / "1" / "checkpoint"
-SERVE_MODELS = ("preprocess", "clip_image", "clip_text", "nsfw_image", "clip_gate", "postprocess", "vlm_preprocess",
-                "vision_encoder", "language_decoder", "vlm", "moderate", "ocr_detect", "ocr_classify", "ocr_recognize")
+SERVE_MODELS = ("preprocess", "read_text", "clip_image", "clip_text", "nsfw_image", "clip_gate", "postprocess",
+                "vlm_preprocess", "vision_encoder", "language_decoder", "vlm", "moderate", "ocr_detect", "ocr_classify",
+                "ocr_recognize")
 
 
 @pytest.fixture(scope="module")

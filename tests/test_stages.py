@@ -220,6 +220,45 @@ def test_preprocess_records_truncation_fingerprint_and_forget_once(pb):
     assert len(rows) == 1 and rows[0]["stage"] == "preprocess" and rows[0]["image_sha256"]
 
 
+
+def test_read_text_adds_the_image_text_and_what_depends_on_it_and_fails_one_post_alone(pb):
+    from moderation.serving.preprocess_model import PreprocessModel
+    from moderation.serving.read_text_model import ReadTextModel
+    from moderation.testing.memes import memes, render
+
+    pre, read = PreprocessModel(), ReadTextModel()
+    pre.initialize(_args("preprocess"))
+    read.initialize(_args("read_text"))
+    meme = render(next(m for m in memes() if m.name == "cat_threat_en"))
+    photo = sample_posts()[0].image_bytes()
+    images, texts = [meme, photo, meme], [b"lol", b"lol", b"lol"]
+    opts = [json.dumps({"request_id": f"rt{i}", "policy": "allow_all", "ocr": i != 2}).encode() for i in range(3)]
+    resp = pre.execute([pb.Request(IMAGE=np.array([[x] for x in images], dtype=np.object_),
+                                   TEXT=np.array([[x] for x in texts], dtype=np.object_),
+                                   OPTIONS=np.array([[x] for x in opts], dtype=np.object_))])[0]
+    before = [RequestRecord.from_json(r[0]) for r in pb.get_output_tensor_by_name(resp, "REQUEST").as_numpy()]
+    assert [r.read_text for r in before] == [True, True, False] and all(r.image_text is None for r in before)
+    assert before[0].caption_key == before[2].caption_key  # preprocess keys on the caption alone
+
+    def run(image_rows, records):
+        out = read.execute([pb.Request(IMAGE=np.array([[x] for x in image_rows], dtype=np.object_),
+                                       TEXT=np.array([[b"lol"]] * len(records), dtype=np.object_),
+                                       REQUEST=np.array([[r.to_json()] for r in records], dtype=np.object_))])[0]
+        assert not out.has_error(), out.error().message()
+        return [RequestRecord.from_json(r[0]) for r in pb.get_output_tensor_by_name(out, "REQUEST").as_numpy()]
+
+    after = run(images, before)
+    assert [line["text"] for line in after[0].image_text] == ["I KNOWWHEREYOULIVE", "YOUARENEXT"]
+    assert after[0].caption_key != before[0].caption_key  # other words drawn on the template: another post
+    assert after[0].read_text_version == "1" and after[0].read_text_ms > 0
+    assert after[1].image_text == [] and after[1].caption_key == before[1].caption_key  # a photo with no text
+    assert after[2] == before[2]  # ocr: false: untouched
+    # one post whose bytes cannot be decoded any more fails alone; the others are read
+    broken = run([meme, b"not an image", meme], before)
+    assert broken[1].error is not None and broken[1].error.code == "bad_image"
+    assert broken[0].image_text and broken[2] == before[2]
+
+
 def test_vlm_preprocess_hands_the_decoder_typed_options(pb):
     from moderation.serving.vlm_preprocess_model import VlmPreprocessModel
 

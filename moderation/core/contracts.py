@@ -64,6 +64,7 @@ class RequestRecord(Contract):
     escalate: bool = False    # OPTIONS escalate: to the VLM whatever the gate decides
     pdq: str | None = None    # PDQ hash, when the policy has an image list
     list_hits: list[dict[str, Any]] = []  # custom-list entries the post matched (core/lists.py ListHit)
+    read_text: bool = False   # the read_text stage reads this post's image text (policy ocr and OPTIONS ocr)
     image_text: list[dict[str, Any]] | None = None  # OCR lines (ocr/reader.py TextLine); None: not read
     text_scores: dict[str, float] = {}  # trained text signals on caption + image text, e.g. {"profanity": p}
     error: PostError | None = None
@@ -71,6 +72,8 @@ class RequestRecord(Contract):
     preprocessed_at: float    # wall clock, s
     preprocess_ms: float
     preprocess_version: str
+    read_text_ms: float | None = None  # set by the read_text stage when it read the image
+    read_text_version: str | None = None
 
     @classmethod
     def failed(cls, request_id: str | None, hashes: dict[str, str], error: PostError, received_at: float,

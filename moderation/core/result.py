@@ -133,8 +133,11 @@ def finish_post(record: RequestRecord, gate: GateDecision, postprocess_version: 
     versions = {"preprocess": record.preprocess_version, "clip_gate": gate.gate_version,
                 "postprocess": postprocess_version}
     latency = {"preprocess": record.preprocess_ms,
+               **({"read_text": record.read_text_ms} if record.read_text_ms is not None else {}),
                "clip_encoders": max(0.0, (gate.gate_started - record.preprocessed_at) * 1e3),
                "gate": gate.gate_ms}
+    if record.read_text_version:
+        versions["read_text"] = record.read_text_version
     if gate.vlm:
         versions.update(gate.vlm.model_versions)
         if gate.cache and gate.cache.get("hit"):  # a near-duplicate's stored verdict: no VLM ran for this post

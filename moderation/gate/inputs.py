@@ -15,11 +15,12 @@ from PIL import Image
 from ..core.contracts import PostError, RequestRecord
 from ..core.errors import BadRequest, ModerationError
 from ..core.hashing import post_hashes
-from ..core.imaging import fingerprint, pdq_hash
+from ..core.imaging import decode_image, fingerprint, pdq_hash
 from ..core.lists import image_hits, term_hits
 from ..core.options import parse_options
+from ..core.policy import load_policy
 from ..core.post import parse_post
-from ..core.text import caption_key, image_words
+from ..core.text import caption_key, decode_caption_as_sent, image_words, normalize_caption
 from ..ocr.reader import ImageTextReader
 from .text_signals import text_scores
 
@@ -123,13 +124,11 @@ class GateInputs:
 class Preprocess:
     """The preprocess stage: validate a post and build its GateInputs."""
 
-    def __init__(self, clip_dir: str, version: str, reader: ImageTextReader | None = None):
-        """`reader` reads the text drawn in images (None: posts carry no image text)."""
+    def __init__(self, clip_dir: str, version: str):
         self.pixels = ClipPixels(clip_dir)
         self.tokens = ClipTokens(clip_dir)
         self.nsfw = NsfwPixels()  # open_nsfw's reference preprocessing for the nsfw_image model
         self.version = version
-        self.reader = reader
 
     def __call__(self, image: bytes, text: bytes, options: bytes | None, received_at: float,
                  started: float, failure_meta: dict | None = None) -> GateInputs:
@@ -142,25 +141,19 @@ class Preprocess:
         post = parse_post(image, text, parsed, hashes)
         ids, mask, truncated = self.tokens.encode([post.caption])
         policy, cache = post.policy, post.policy.cache
-        read = self.reader.read(post.image) if (self.reader and policy.ocr.enabled and parsed.ocr
-                                                and post.has_image) else None
-        lines = None if read is None else [line.to_dict() for line in read]
-        image_text = image_words(lines)
         pdq = pdq_hash(post.image)[0] if policy.lists.images and post.has_image else None
-        hits = (image_hits(policy, pdq) + term_hits(policy, post.caption_as_sent)
-                + term_hits(policy, image_text, "image_text"))
+        hits = image_hits(policy, pdq) + term_hits(policy, post.caption_as_sent)
         record = RequestRecord(
             request_id=parsed.request_id, policy_id=post.policy.id, policy_name=parsed.policy, lang=post.lang,
             describe=parsed.describe, return_embedding=parsed.return_embedding, forget=parsed.forget,
             image_format=post.image_format, image_size=post.image_size, has_caption=bool(post.caption),
             has_image=post.has_image,
-            # the verdict cache's key: a meme template with other words drawn on it is another post
-            caption_key=caption_key(post.caption + "\n" + image_text), caption_truncated=truncated[0],
+            caption_key=verdict_cache_key(post.caption, ""), caption_truncated=truncated[0],
             fingerprint=fingerprint(post.image).tolist()
             if cache.enabled and cache.fingerprint_threshold is not None and post.has_image else None,
             escalate=parsed.escalate, pdq=pdq, list_hits=[h.to_dict() for h in hits],
-            image_text=lines,
-            text_scores=text_scores(post.caption, image_text),
+            read_text=bool(policy.ocr.enabled and parsed.ocr and post.has_image),
+            text_scores=text_scores(post.caption, ""),
             received_at=received_at, preprocessed_at=time.time(),
             preprocess_ms=(time.perf_counter() - started) * 1e3, preprocess_version=self.version, **hashes)
         return GateInputs(record, self.pixels(post.image), ids[0], mask[0], self.nsfw(post.image))
@@ -180,6 +173,37 @@ class Preprocess:
         return GateInputs(record, np.zeros_like(like.clip_pixels), np.zeros_like(like.clip_input_ids),
                           np.zeros_like(like.clip_attention_mask), np.zeros_like(like.nsfw_pixels))
 
+
+def verdict_cache_key(caption: str, image_text: str) -> str:
+    """The verdict cache's text key: a meme template with other words drawn on it is another post."""
+    return caption_key(caption + "\n" + image_text)
+
+
+class ReadImageText:
+    """The read_text stage: the text drawn in a post's image (OCR) and what depends on it: term-list hits on the
+    image text, the trained text signals on caption + image text, the verdict-cache key. An ensemble step beside
+    the encoders (it needs only what preprocess checked), so a photo's text detection overlaps clip_image and
+    nsfw_image instead of adding to them."""
+
+    def __init__(self, reader: ImageTextReader, version: str):
+        self.reader, self.version = reader, version
+
+    def __call__(self, image: bytes, text: bytes, record: RequestRecord) -> RequestRecord:
+        """`record` with its image text; unchanged for a post that failed or is not read (RequestRecord.read_text).
+        `image` and `text` are the bytes preprocess validated: decoding them again cannot fail differently."""
+        if record.error is not None or not record.read_text:
+            return record
+        t0 = time.perf_counter()
+        lines = [line.to_dict() for line in self.reader.read(decode_image(image).image)]
+        update: dict = {"image_text": lines, "read_text_version": self.version}
+        words = image_words(lines)
+        if words:  # with no words the caption-only key, scores and hits preprocess wrote stand
+            caption = normalize_caption(decode_caption_as_sent(text))
+            hits = term_hits(load_policy(record.policy_name), words, "image_text")
+            update.update(caption_key=verdict_cache_key(caption, words), text_scores=text_scores(caption, words),
+                          list_hits=record.list_hits + [h.to_dict() for h in hits])
+        update["read_text_ms"] = (time.perf_counter() - t0) * 1e3
+        return record.model_copy(update=update)
 
 def check_rows(images: list, texts: list, options: list) -> list:
     """The OPTIONS row of each post; BadRequest when IMAGE or TEXT is missing or the rows do not line up."""

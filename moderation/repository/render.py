@@ -23,7 +23,7 @@ from ..core.limits import ENTRY_MAX_POSTS
 
 ONNX_MODELS = ("clip_image", "clip_text", "vision_encoder", "nsfw_image", "ocr_detect", "ocr_classify",
                "ocr_recognize")
-PYTHON_MODELS = ("preprocess", "clip_gate", "postprocess", "vlm_preprocess", "language_decoder",
+PYTHON_MODELS = ("preprocess", "read_text", "clip_gate", "postprocess", "vlm_preprocess", "language_decoder",
                  "language_decoder_int8")
 ENSEMBLES = ("moderate", "vlm")
 # Triton's response cache (the server starts with --cache-config local): only models whose outputs are a
@@ -77,7 +77,12 @@ MODELS: dict[str, dict] = {
     "nsfw_image": dict(
         backend="onnx", max_batch_size=16, instances=1, queue_delay_us=2000,
         inputs=[_io("input:0", F32, [224, 224, 3])], outputs=[_io("outputs", F32, [2])]),
-    # PaddleOCR PP-OCRv4 (trained, from the rapidocr-onnxruntime wheel), called by preprocess (BLS) through the
+    # The image's text (moderation/gate/inputs.py ReadImageText): a step beside the encoders, so text detection
+    # overlaps clip_image and nsfw_image. REQUEST in, the same record with its image text out.
+    "read_text": dict(
+        backend="python", max_batch_size=16, instances=1, queue_delay_us=0,
+        inputs=[_io("IMAGE", S, [1]), _io("TEXT", S, [1]), _io("REQUEST", S, [1])], outputs=[_io("REQUEST", S, [1])]),
+    # PaddleOCR PP-OCRv4 (trained, from the rapidocr-onnxruntime wheel), called by read_text (BLS) through the
     # package's own pre/post-processing (moderation/ocr/reader.py). Tensor names are the ONNX files' own.
     "ocr_detect": dict(
         backend="onnx", max_batch_size=4, instances=1, queue_delay_us=0,
@@ -134,14 +139,15 @@ MODELS: dict[str, dict] = {
             ("preprocess", {"IMAGE": "IMAGE", "TEXT": "TEXT", "OPTIONS": "OPTIONS"},
              {"CLIP_PIXELS": "clip_pixels", "CLIP_INPUT_IDS": "clip_input_ids",
               "CLIP_ATTENTION_MASK": "clip_attention_mask", "REQUEST": "request", "NSFW_PIXELS": "nsfw_pixels"}),
+            ("read_text", {"IMAGE": "IMAGE", "TEXT": "TEXT", "REQUEST": "request"}, {"REQUEST": "request_read"}),
             ("clip_image", {"pixel_values": "clip_pixels"}, {"IMAGE_EMBEDS": "image_embeds"}),
             ("nsfw_image", {"input:0": "nsfw_pixels"}, {"outputs": "nsfw_scores"}),
             ("clip_text", {"input_ids": "clip_input_ids", "attention_mask": "clip_attention_mask"},
              {"TEXT_EMBEDS": "text_embeds"}),
-            ("clip_gate", {"IMAGE": "IMAGE", "TEXT": "TEXT", "REQUEST": "request",
+            ("clip_gate", {"IMAGE": "IMAGE", "TEXT": "TEXT", "REQUEST": "request_read",
                            "IMAGE_EMBEDS": "image_embeds", "TEXT_EMBEDS": "text_embeds", "NSFW_SCORES": "nsfw_scores"},
              {"GATE": "gate"}),
-            ("postprocess", {"REQUEST": "request", "GATE": "gate", "IMAGE_EMBEDS": "image_embeds",
+            ("postprocess", {"REQUEST": "request_read", "GATE": "gate", "IMAGE_EMBEDS": "image_embeds",
                              "TEXT_EMBEDS": "text_embeds"},
              {"RESULT": "RESULT", "VERDICT": "VERDICT", "SCORES": "SCORES", "EMBEDDING": "EMBEDDING"}),
         ]),

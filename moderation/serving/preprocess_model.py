@@ -1,6 +1,6 @@
 """preprocess: validate and decode each post (safe image decode, caption checks, options, policy), then CLIP
-pixels, CLIP tokens, open_nsfw pixels and the post's RequestRecord. Bad input fails that request only, with a
-coded error and its audit row."""
+pixels, CLIP tokens, open_nsfw pixels and the post's RequestRecord (read_text adds the image's text). Bad input
+fails that request only, with a coded error and its audit row."""
 from __future__ import annotations
 
 import time
@@ -9,9 +9,6 @@ import numpy as np
 
 from ..core.errors import BadRequest
 from ..gate.inputs import Preprocess, check_rows, first_post_meta
-from ..gate.router import failed_call
-from ..ocr.reader import MODELS as OCR_MODELS
-from ..ocr.reader import ImageTextReader
 from ..repository.artifacts import read_artifact_record
 from .pb import pb
 from .triton_io import Stage, bytes_rows, string_tensor, tensor, version_dir
@@ -22,7 +19,7 @@ class PreprocessModel:
         self.stage = Stage(args)
         vdir = version_dir(args)
         read_artifact_record(vdir)  # refuses to load when a file differs from its record
-        self.preprocess = Preprocess(str(vdir / "clip"), self.stage.version, ImageTextReader(_ocr_bls))
+        self.preprocess = Preprocess(str(vdir / "clip"), self.stage.version)
 
     def execute(self, requests):
         return [self._one(r) for r in requests]
@@ -68,13 +65,3 @@ class PreprocessModel:
             posts[i] = self.preprocess.failed(e, post_meta, received, t0, like)
         return posts
 
-
-def _ocr_bls(model: str, x: np.ndarray) -> np.ndarray:
-    """One OCR model call by BLS (the reader runs inside preprocess's own execute, so a blocking call)."""
-    u = pb()
-    name_in, name_out = OCR_MODELS[model]
-    resp = u.InferenceRequest(model_name=model, requested_output_names=[name_out],
-                              inputs=[u.Tensor(name_in, np.ascontiguousarray(x, dtype=np.float32))]).exec()
-    if resp.has_error():
-        raise failed_call(model, resp.error().message())
-    return u.get_output_tensor_by_name(resp, name_out).as_numpy()

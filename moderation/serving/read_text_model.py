@@ -1,0 +1,66 @@
+"""read_text: the text drawn in each post's image (PP-OCRv4 through ocr_detect / ocr_classify / ocr_recognize by
+BLS) and what depends on it, written into the post's RequestRecord (gate/inputs.py ReadImageText). An ensemble step
+beside the encoders. A post whose image cannot be read fails alone in a request of several posts."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..core.contracts import PostError, RequestRecord
+from ..core.errors import ModerationError
+from ..gate.inputs import ReadImageText
+from ..gate.router import failed_call
+from ..ocr.reader import MODELS as OCR_MODELS
+from ..ocr.reader import ImageTextReader
+from .pb import pb
+from .triton_io import Stage, bytes_rows, string_tensor
+
+
+class ReadTextModel:
+    def initialize(self, args):
+        self.stage = Stage(args)
+        self.read = ReadImageText(ImageTextReader(_ocr_bls), self.stage.version)
+
+    def execute(self, requests):
+        return [self._one(r) for r in requests]
+
+    def _one(self, request):
+        t0, meta = time.perf_counter(), {}
+        try:
+            records = [RequestRecord.from_json(r) for r in bytes_rows(request, "REQUEST")]
+            posts = list(zip(bytes_rows(request, "IMAGE"), bytes_rows(request, "TEXT"), records, strict=True))
+            if len(posts) == 1:  # a request of one post fails with its post, as in preprocess
+                meta = _meta(records[0])
+                out = [self.read(*posts[0])]
+            else:
+                out = [self._post(*post) for post in posts]
+            return pb().InferenceResponse([string_tensor("REQUEST", [r.to_json() for r in out])])
+        except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
+            return self.stage.fail(e, meta, t0)
+
+    def _post(self, image: bytes, text: bytes, record: RequestRecord) -> RequestRecord:
+        try:
+            return self.read(image, text, record)
+        except Exception as e:  # noqa: BLE001 - a post whose text cannot be read costs only its own row
+            code, message = (e.code, e.message) if isinstance(e, ModerationError) else \
+                ("internal", f"{type(e).__name__}: {e}")
+            if not isinstance(e, ModerationError):
+                self.stage.logger.log_error(f"read_text: {type(e).__name__} on one post of a request")
+            return record.model_copy(update={"error": PostError(code=code, message=message)})
+
+
+def _meta(record: RequestRecord) -> dict:
+    return {"request_id": record.request_id, "image_sha256": record.image_sha256, "text_sha256": record.text_sha256,
+            "policy": record.policy_id}
+
+
+def _ocr_bls(model: str, x: np.ndarray) -> np.ndarray:
+    """One OCR model call by BLS (the reader runs inside this model's own execute, so a blocking call)."""
+    u = pb()
+    name_in, name_out = OCR_MODELS[model]
+    resp = u.InferenceRequest(model_name=model, requested_output_names=[name_out],
+                              inputs=[u.Tensor(name_in, np.ascontiguousarray(x, dtype=np.float32))]).exec()
+    if resp.has_error():
+        raise failed_call(model, resp.error().message())
+    return u.get_output_tensor_by_name(resp, name_out).as_numpy()
