@@ -124,7 +124,8 @@ def test_overload_switches_to_int8_and_returns(triton, policy_dir):
 
     def one(i):
         post = POSTS[i % len(POSTS)]
-        with ModerationClient(triton.grpc_url, timeout_s=120) as c:
+        # a connection of its own: 8 clients at once, not 8 calls of one client sharing its slots at the gateway
+        with ModerationClient(triton.grpc_url, timeout_s=120, channel_args=[("moderation.peak_client", i)]) as c:
             start.wait()
             return c.moderate(post.image_bytes(), post.text, request_id=f"peak-{i}", policy="fallback_1")
 

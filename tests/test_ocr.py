@@ -115,3 +115,22 @@ def test_profanity_is_a_trained_text_signal_that_may_decide(client):
     assert r["action"] == "block" and r["decided_by"] == "profanity" and r["severity"]["hate"] == 3
     calm = client.moderate(photo, "what a nice day", policy="default")
     assert calm["decided_by"] != "profanity" and calm["gate"]["scores"]["hate"] < 0.5
+
+
+def test_detection_runs_within_its_side_limit_whatever_the_image_size():
+    import numpy as np
+
+    from moderation.ocr.reader import DET_SIDE
+
+    shapes = []
+
+    def infer(model, x):
+        shapes.append((model, x.shape))
+        return np.zeros((x.shape[0], 1, *x.shape[2:]), np.float32)  # no text anywhere
+
+    reader = ImageTextReader(infer)
+    for size in ((4000, 3000), (1200, 300), (300, 200)):
+        assert reader.read(Image.new("RGB", size, (200, 180, 160))) == []
+    assert [m for m, _ in shapes] == ["ocr_detect"] * 3  # a photo with no text costs detection only
+    assert all(max(s[2:]) <= DET_SIDE for _, s in shapes), shapes
+    assert shapes[-1][1][2:] == (192, 288)  # a small image is not enlarged (multiples of 32)

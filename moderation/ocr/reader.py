@@ -45,8 +45,13 @@ class ImageTextReader:
     def __init__(self, infer: Callable[[str, np.ndarray], np.ndarray] | None = None, det_side: int = DET_SIDE):
         """`infer(model, input) -> output`: run one of MODELS (None: the package's own sessions)."""
         from rapidocr_onnxruntime import RapidOCR
+        from rapidocr_onnxruntime.ch_ppocr_det.utils import DetPreProcess
 
         self.engine = RapidOCR(det_limit_side_len=det_side, det_limit_type="max")
+        det = self.engine.text_det
+        # rapidocr 1.4 replaces a "max" limit by 960 / 1500 / 2000 px from the image's size (get_preprocess), so
+        # without this the limit bounds nothing: detection would run at up to 2000 px
+        det.get_preprocess = lambda _longest: DetPreProcess(det_side, "max", det.mean, det.std)
         if infer is not None:
             self.engine.text_det.infer = lambda x: [infer("ocr_detect", x)]
             self.engine.text_cls.infer = lambda x: [infer("ocr_classify", x)]
