@@ -23,7 +23,7 @@ from pathlib import Path
 from perf.common import RESULTS, dump_json, git_commit, machine
 from perf.harness import pct
 
-DET_SIDES = (480, 640, 960)
+DET_SIDES = (320, 480, 640, 960)
 
 
 def edit_distance(a: str, b: str) -> int:

