@@ -1,5 +1,5 @@
 """preprocess: each post validated and turned into the gate's model inputs (CLIP pixels and tokens, open_nsfw
-pixels) and its RequestRecord, the typed record every later stage reads."""
+pixels) and its RequestRecord, the typed record every later stage reads; read_text: the image's words added to it."""
 from __future__ import annotations
 
 import contextlib
@@ -205,6 +205,7 @@ class ReadImageText:
                           list_hits=record.list_hits + [h.to_dict() for h in hits])
         update["read_text_ms"] = (time.perf_counter() - t0) * 1e3
         return record.model_copy(update=update)
+
 
 def check_rows(images: list, texts: list, options: list) -> list:
     """The OPTIONS row of each post; BadRequest when IMAGE or TEXT is missing or the rows do not line up."""

@@ -167,7 +167,7 @@ class GateRouter:
         inputs = {"IMAGE": np.array([[post.image]], dtype=np.object_),
                   "TEXT": np.array([[post.text]], dtype=np.object_),
                   "OPTIONS": np.array([[opts]], dtype=np.object_)}
-        words = image_words(post.record.image_text)  # for the prompt (OCR ran once, in preprocess)
+        words = image_words(post.record.image_text)  # for the prompt (OCR ran once, in read_text)
         if words:
             inputs["IMAGE_TEXT"] = np.array([[words.encode("utf-8")]], dtype=np.object_)
         t = time.perf_counter()
