@@ -1,6 +1,7 @@
 """What the stages hand each other in BYTES tensors, one typed contract per hand-off:
 
-    preprocess      -> REQUEST          -> clip_gate, postprocess     RequestRecord
+    preprocess      -> REQUEST          -> read_text                  RequestRecord
+    read_text       -> REQUEST          -> clip_gate, postprocess     RequestRecord (with the image's text)
     vlm_preprocess  -> DECODER_OPTIONS  -> language_decoder           DecoderOptions
     language_decoder -> VLM_RESULT      -> clip_gate                  VlmVerdict
     clip_gate       -> GATE             -> postprocess                GateDecision
@@ -13,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import BadRequest
+from .errors import BadRequest, ModerationError
 
 # Routes of RESULT.route: settled by the gate, judged by the VLM, answered from a near-duplicate's verdict, or
 # settled by a custom block/allow list before any escalation.
@@ -41,6 +42,13 @@ class Contract(BaseModel):
 class PostError(Contract):
     code: str
     message: str
+
+    @classmethod
+    def of(cls, err: Exception) -> PostError:
+        """What a failure says: a ModerationError's code and message, anything else `internal` with its type."""
+        if isinstance(err, ModerationError):
+            return cls(code=err.code, message=err.message)
+        return cls(code="internal", message=f"{type(err).__name__}: {err}")
 
 
 class RequestRecord(Contract):

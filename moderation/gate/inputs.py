@@ -162,9 +162,7 @@ class Preprocess:
                like: GateInputs | None) -> GateInputs:
         """A failed post's row in a request of several posts: its record carries the error; its tensors are
         zeros shaped like a good row's (`like`), so the batch keeps one row per post."""
-        code, message = (err.code, err.message) if isinstance(err, ModerationError) else \
-            ("internal", f"{type(err).__name__}: {err}")
-        record = RequestRecord.failed(meta.get("request_id"), meta, PostError(code=code, message=message),
+        record = RequestRecord.failed(meta.get("request_id"), meta, PostError.of(err),
                                       received_at, (time.perf_counter() - started) * 1e3, self.version)
         if like is None:  # every post failed: the shapes of a blank image's tensors
             blank = Image.new("RGB", (8, 8))

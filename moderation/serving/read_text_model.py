@@ -43,11 +43,9 @@ class ReadTextModel:
         try:
             return self.read(image, text, record)
         except Exception as e:  # noqa: BLE001 - a post whose text cannot be read costs only its own row
-            code, message = (e.code, e.message) if isinstance(e, ModerationError) else \
-                ("internal", f"{type(e).__name__}: {e}")
             if not isinstance(e, ModerationError):
                 self.stage.logger.log_error(f"read_text: {type(e).__name__} on one post of a request")
-            return record.model_copy(update={"error": PostError(code=code, message=message)})
+            return record.model_copy(update={"error": PostError.of(e)})
 
 
 def _meta(record: RequestRecord) -> dict:

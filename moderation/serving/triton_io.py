@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.audit import FAIL_OPEN, AuditLog
+from ..core.contracts import PostError
 from ..core.errors import AuditUnavailable, BadRequest, ModerationError
 from .metrics import Counter
 from .pb import pb
@@ -93,8 +94,8 @@ class Stage:
     def fail(self, err: Exception, meta: dict | None = None, started: float | None = None):
         if not isinstance(err, ModerationError):
             self.logger.log_error(f"{self.name}: {traceback.format_exc()}")
-        code = err.code if isinstance(err, ModerationError) else "internal"
-        message = err.message if isinstance(err, ModerationError) else f"{type(err).__name__}: {err}"
+        failure = PostError.of(err)
+        code, message = failure.code, failure.message
         row = {"request_id": (meta or {}).get("request_id"), "stage": self.name,
                "model_versions": {self.name: self.version}, "error": {"code": code, "message": message},
                **{k: v for k, v in (meta or {}).items() if k in ("image_sha256", "text_sha256", "policy")}}
