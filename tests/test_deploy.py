@@ -597,6 +597,16 @@ def test_audit_shipper_in_compose_reads_the_same_config_and_volume():
 
 
 # --- entrypoint: the production flags, run for real on the embedded binary ----------------------------------
+def _entrypoint_module():
+    """deploy/entrypoint.py, imported as the container runs it (a script beside the package, not part of it)."""
+    sys.path.insert(0, str(DEPLOY))
+    try:
+        import entrypoint
+    finally:
+        sys.path.remove(str(DEPLOY))
+    return entrypoint
+
+
 def _entrypoint_env(tmp_path, key="k" * 32, **extra) -> dict:
     keyfile = tmp_path / "admin_key"
     keyfile.write_text(key + "\n")
@@ -604,11 +614,7 @@ def _entrypoint_env(tmp_path, key="k" * 32, **extra) -> dict:
 
 
 def test_entrypoint_uses_server_restrictions_and_requires_a_key(tmp_path):
-    sys.path.insert(0, str(DEPLOY))
-    try:
-        import entrypoint
-    finally:
-        sys.path.remove(str(DEPLOY))
+    entrypoint = _entrypoint_module()
     from moderation.core.auth import ADMIN_HEADER, RESTRICTED_GRPC, RESTRICTED_HTTP
 
     args = entrypoint.command(_entrypoint_env(tmp_path, MODEL_REPOSITORY="s3://bucket/repo"))
@@ -630,11 +636,7 @@ def test_entrypoint_uses_server_restrictions_and_requires_a_key(tmp_path):
 
 
 def test_entrypoint_uses_tritons_redis_response_cache_when_asked(tmp_path):
-    sys.path.insert(0, str(DEPLOY))
-    try:
-        import entrypoint
-    finally:
-        sys.path.remove(str(DEPLOY))
+    entrypoint = _entrypoint_module()
 
     local = entrypoint.command(_entrypoint_env(tmp_path, RESPONSE_CACHE_BYTES="1024"))
     assert [a for a in local if a.startswith("--cache-config")] == ["--cache-config=local,size=1024"]
