@@ -2,7 +2,10 @@
 
 They use the real transformers classes (Qwen3VLForConditionalGeneration with DeepStack, CLIPModel)
 at toy sizes so the whole serving path runs on a 2-core CPU with no model hub. Their weights are
-random: every output they give is noise, and the service labels it `untrained`.
+random: every output they give is noise, and the service labels it `untrained`. The Qwen3-VL model
+has Qwen's real tokenizer (151,643 BPE ranks from the `dashscope` wheel plus the added tokens at their
+published ids) and the real 151,936-row embedding, so prompts have their real token counts; CLIP keeps
+a toy BPE trained on the policy's text.
 
     .venv/bin/python -m export.build_tiny --out build/checkpoints
 
@@ -17,17 +20,85 @@ from pathlib import Path
 import torch
 
 SEED = 20261125
-QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+# Qwen3-VL's added tokens, in id order from 151643 (its tokenizer_config.json); `special` as published: the tool and
+# think markers are added tokens that are not special.
+QWEN_ADDED_TOKENS = [
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True), ("<|quad_start|>", True),
+    ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+    ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False), ("</tool_call>", False),
+    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False),
+    ("<|repo_name|>", False), ("<|file_sep|>", False), ("<tool_response>", False), ("</tool_response>", False),
+    ("<think>", False), ("</think>", False),
 ]
+QWEN_FIRST_ADDED_ID = 151643
+QWEN_VOCAB_SIZE = 151936  # the embedding's rows in every Qwen3-VL checkpoint (the tokenizer uses 151,669)
 CLIP_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
+# Qwen3-VL-Instruct's chat template (system, user text and images, assistant, generation prompt; no tools).
+QWEN_INSTRUCT_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.content is string %}{{- message.content }}"
+    "{%- else %}{%- for content in message.content %}"
+    "{%- if content.type == 'image' or 'image' in content or 'image_url' in content %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in content %}{{- content.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def qwen_tiktoken_path() -> Path:
+    """Qwen's BPE ranks as the `dashscope` wheel ships them (Apache-2.0; installed without dependencies and never
+    imported: only this file is read)."""
+    from importlib.metadata import distribution
+
+    path = Path(str(distribution("dashscope").locate_file("dashscope/resources/qwen.tiktoken")))
+    if not path.exists():
+        raise SystemExit(f"error: {path} is missing: `pip install --no-deps dashscope` (requirements.lock pins it)")
+    return path
+
+
+def build_qwen_tokenizer(tiktoken_file: Path | None = None):
+    """Qwen's real tokenizer from its tiktoken ranks: byte-level BPE with Qwen2's pre-tokenizer (transformers'
+    Qwen2Tokenizer) and Qwen3-VL's added tokens at their published ids ("Hello world" -> [9707, 1879])."""
+    import base64
+
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks: dict[bytes, int] = {}
+    for line in (tiktoken_file or qwen_tiktoken_path()).read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+
+    class _Ranks(TikTokenConverter):  # the converter reads ranks through the tiktoken package, not installed here
+        @staticmethod
+        def load_tiktoken_bpe(_url):
+            return ranks
+
+    vocab, merges = _Ranks().extract_vocab_merges_from_model(None)
+    if len(vocab) != QWEN_FIRST_ADDED_ID:
+        raise SystemExit(f"error: expected {QWEN_FIRST_ADDED_ID} BPE ranks, got {len(vocab)}")
+    # the class adds its eos/pad tokens as it starts: both <|endoftext|> at first, so that one takes 151643
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|endoftext|>",
+                         pad_token="<|endoftext|>", model_max_length=262144)
+    tok.add_tokens([AddedToken(t, special=special, normalized=False) for t, special in QWEN_ADDED_TOKENS])
+    tok.add_special_tokens({"eos_token": "<|im_end|>",
+                            "additional_special_tokens": [t for t, special in QWEN_ADDED_TOKENS[1:] if special]})
+    for i, (t, _) in enumerate(QWEN_ADDED_TOKENS):
+        if tok.convert_tokens_to_ids(t) != QWEN_FIRST_ADDED_ID + i:
+            raise SystemExit(f"error: {t} got id {tok.convert_tokens_to_ids(t)}, not {QWEN_FIRST_ADDED_ID + i}")
+    tok.chat_template = QWEN_INSTRUCT_CHAT_TEMPLATE
+    return tok
 
 
 def _corpus() -> list[str]:
-    """Training text for the toy BPE: the policy's prompts and options plus sample captions,
-    so that answer options ("yes", "no", "是", "否", label keys) become single tokens."""
+    """Training text for the tiny CLIP's toy BPE: the policy's prompts, concepts and sample captions."""
     from moderation.core.policy import load_policy
 
     lines: list[str] = []
@@ -42,7 +113,7 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(special_tokens: list[str], vocab_size: int, **wrap_kwargs):
+def build_toy_tokenizer(special_tokens: list[str], vocab_size: int, **wrap_kwargs):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -61,15 +132,11 @@ def build_qwen3_vl(out: Path) -> Path:
     from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     torch.manual_seed(SEED)
-    tokenizer = build_tokenizer(
-        QWEN_SPECIAL_TOKENS, 1024,
-        eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
-        additional_special_tokens=QWEN_SPECIAL_TOKENS[1:],
-    )
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    tokenizer = build_qwen_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t, _ in QWEN_ADDED_TOKENS}
     config = Qwen3VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            vocab_size=QWEN_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
             rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
                              "mrope_section": [2, 3, 3], "mrope_interleaved": True},
@@ -99,7 +166,7 @@ def build_clip(out: Path) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
     torch.manual_seed(SEED + 1)
-    tokenizer = build_tokenizer(
+    tokenizer = build_toy_tokenizer(
         CLIP_SPECIAL_TOKENS, 1024, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
         pad_token="<|endoftext|>", model_max_length=77,
     )

@@ -31,6 +31,9 @@ BadText = _coded("BadText", "bad_text", "The caption is not UTF-8 bytes.")
 TextTooLong = _coded("TextTooLong", "text_too_long", "The caption exceeds its byte limit.")
 BadOptions = _coded("BadOptions", "bad_options", "OPTIONS is not a valid JSON object of known fields.")
 UnknownPolicy = _coded("UnknownPolicy", "unknown_policy", "No policy file of that name.")
+BadPolicy = _coded("BadPolicy", "bad_policy",
+                   "The named policy cannot be used with the served models (e.g. an answer option that is not one "
+                   "token of the decoder's vocabulary).")
 ModelUnavailable = _coded("ModelUnavailable", "model_unavailable", "A model the request needs is not serving.")
 BadRequest = _coded("BadRequest", "bad_request",
                     "The request's tensors themselves are wrong (a missing input, a wrong shape or row count).")

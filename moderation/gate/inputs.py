@@ -67,6 +67,9 @@ class ClipTokens:
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_file(str(Path(clip_dir) / "tokenizer.json"))
+        # a caption that spells <|endoftext|> is text: CLIP pools at its end-of-text token, which only the
+        # template adds; the added tokens' strings in the text are split like any other characters
+        self.tok.encode_special_tokens = True
         cfg = json.loads((Path(clip_dir) / "tokenizer_config.json").read_text(encoding="utf-8"))
         pad = cfg.get("pad_token") or cfg.get("eos_token")
         pad = pad["content"] if isinstance(pad, dict) else pad

@@ -1,6 +1,6 @@
 """Edit a policy's custom lists live (`clients.admin lists ...`): images by PDQ hash, terms. The lists live in
 `<policy dir>/<name>.lists.json` beside the policy; the models re-read it when it changes (no restart), and every
-result names the lists' revision in its policy id (`default@2026.11.4+lists.3`). An edit needs an admin key the
+result names the lists' revision in its policy id (`default@2026.12.1+lists.3`). An edit needs an admin key the
 running server accepts, holds an exclusive lock, writes the file atomically and an audit row (entry ids and
 hashes, never the image; a term's sha256, not the term)."""
 from __future__ import annotations

@@ -7,10 +7,12 @@ Per version (override): `quantization.json` {"scheme": ...} and a PEFT LoRA adap
 covered by the version's artifact.json like every other file."""
 import json
 
+import numpy as np
 import torch
 
 from ..core.contracts import DecoderOptions
-from ..core.policy import load_policy
+from ..core.errors import BadRequest
+from ..core.policy import load_policy, policy_dir
 from ..repository.artifacts import read_artifact_record
 from ..vlm.decoder import DecoderRequest, VerdictDecoder
 from .metrics import Counter
@@ -40,6 +42,30 @@ class DecoderModel:
             self.versions[f"{self.stage.name}_adapter"] = name
         self.stage.logger.log_info(f"{self.stage.name} v{self.stage.version} on {self.decoder.device_label}, "
                                    f"adapter={self.decoder.adapter}, untrained={self.decoder.untrained}")
+        self._check_policies()
+
+    def _check_policies(self) -> None:
+        """Every policy's answer options are one token of this decoder's vocabulary: the default policy's must be
+        (the model refuses to load), another one's failure is logged and its escalated posts fail bad_policy."""
+        prompts = self.decoder.prompts(0)
+        for path in sorted(policy_dir().glob("*.yaml")):
+            try:
+                prompts.check(load_policy(path.stem))
+            except Exception as e:  # one unusable policy must not stop the others' posts
+                if path.stem == "default":
+                    raise
+                self.stage.logger.log_error(f"{self.stage.name}: policy {path.stem} is unusable: {e}")
+
+    def _request(self, body: np.ndarray, vis: np.ndarray, ds: np.ndarray, opts: DecoderOptions) -> DecoderRequest:
+        """One post's decoder input, checked: the body holds one image token per visual token and only ids of
+        the vocabulary (a post that breaks either fails alone with bad_request, never its batch)."""
+        ids = body[body >= 0]  # rows of one request are padded with -1
+        image_tokens = int((ids == self.decoder.config.image_token_id).sum())
+        if image_tokens != len(vis):
+            raise BadRequest(f"the prompt body holds {image_tokens} image tokens for {len(vis)} visual tokens")
+        if ids.size and int(ids.max()) >= self.decoder.config.text_config.vocab_size:
+            raise BadRequest("the prompt body holds a token id outside the decoder's vocabulary")
+        return DecoderRequest(ids, vis, ds, load_policy(opts.policy_name), opts.lang, opts.describe)
 
     def execute(self, requests):
         items, owners, responses = [], [], [None] * len(requests)
@@ -48,11 +74,7 @@ class DecoderModel:
                 vis, ds = rows(request, "VISUAL_TOKENS"), rows(request, "DEEPSTACK")
                 body = rows(request, "BODY_IDS")
                 opts = [DecoderOptions.from_json(o) for o in bytes_rows(request, "DECODER_OPTIONS")]
-                batch = []
-                for j, o in enumerate(opts):
-                    ids = body[j][body[j] >= 0]  # rows of one request are padded with -1
-                    batch.append((o, DecoderRequest(ids, vis[j], ds[j], load_policy(o.policy_name), o.lang,
-                                                    o.describe)))
+                batch = [(o, self._request(body[j], vis[j], ds[j], o)) for j, o in enumerate(opts)]
                 items += batch
                 owners.append((i, len(batch)))
             except Exception as e:  # noqa: BLE001 - one bad request must not fail the batch
@@ -62,15 +84,19 @@ class DecoderModel:
         self.batch_size.set(len(items), version=self.stage.version, model=self.stage.name)
         try:
             results = self.decoder.score([d for _, d in items])
-        except Exception as e:  # noqa: BLE001 - a failed batch fails each of its requests with a coded error
-            for i, _ in owners:
-                responses[i] = self.stage.fail(e)
-            return responses
+        except Exception:  # noqa: BLE001 - a failed batch is scored again request by request: only the bad one fails
+            results = None
         k = 0
         for i, n in owners:
+            mine = items[k:k + n]
+            k += n
+            try:
+                scored = results[k - n:k] if results is not None else self.decoder.score([d for _, d in mine])
+            except Exception as e:  # noqa: BLE001 - this request alone fails, with a coded error
+                responses[i] = self.stage.fail(e)
+                continue
             out = [res.verdict(untrained=self.decoder.untrained, caption_truncated=opts.caption_truncated,
                                model_versions={"vlm_preprocess": opts.vlm_preprocess_version, **self.versions})
-                   .to_json() for (opts, _), res in zip(items[k:k + n], results[k:k + n], strict=True)]
+                   .to_json() for (opts, _), res in zip(mine, scored, strict=True)]
             responses[i] = pb().InferenceResponse([string_tensor("VLM_RESULT", out)])
-            k += n
         return responses

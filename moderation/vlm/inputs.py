@@ -50,11 +50,14 @@ class VlmInputs:
         self.version = version
 
     def _cap(self, text: str, max_tokens: int) -> tuple[str, bool]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        """`text` cut to its first `max_tokens` plain-text tokens (the ids go back to characters: the body is
+        tokenized in one piece with the prompt's wording around it)."""
+        ids = self.prompts.text_ids(text)
         return (self.tokenizer.decode(ids[:max_tokens]), True) if len(ids) > max_tokens else (text, False)
 
     def __call__(self, post: Post, image_text: str = "") -> tuple[np.ndarray, np.ndarray, DecoderOptions]:
         """`image_text`: the words OCR read in the image (preprocess), capped at the policy's prompt_max_tokens."""
+        self.prompts.check(post.policy)  # answer options are one token each, or the post fails with bad_policy
         pixel_values, _ = self.pixels(post.image)
         caption, truncated = self._cap(post.caption, MAX_CAPTION_TOKENS)
         image_text, _ = self._cap(image_text, post.policy.ocr.prompt_max_tokens) if image_text else ("", False)
