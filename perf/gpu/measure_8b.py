@@ -4,8 +4,8 @@ No hub is reachable, so the model has the REAL Qwen3-VL-8B shapes (written out b
 config: 36 text layers x 4096, GQA 32/8 heads of 128, MLP 12288, vocabulary 151936; a 27-layer 1152-wide
 vision tower with DeepStack at layers 8/16/24) and random weights. Random weights give real latency: the
 arithmetic and the bytes moved do not depend on the values. Every number it writes is untrained-model latency,
-never quality. The tokenizer is the tiny checkpoint's (vocabulary 1024 < 151936: ids are valid, the prompt is
-longer in tokens than with Qwen's real tokenizer; the token counts are recorded).
+never quality. The tokenizer is the tiny checkpoint's, which is Qwen's real one (151,643 BPE ranks, the published
+added-token ids), so prompts have their real token counts (recorded).
 
 What it measures, each after warm-up, `--runs` times, median and spread recorded:
   1. vision encoder at the fixed 448x448 grid (784 patches -> 196 visual tokens), batch 1/4/8;
