@@ -92,3 +92,40 @@ def test_description_only_when_asked_and_capped(parts):
     assert res[0].description is None
     assert isinstance(res[1].description, str)
     assert 0 < res[1].description_tokens <= load_policy().decoder.describe_max_tokens
+
+
+def _expanded_question_logits(dec, group, questions):
+    """The question pass as it was before the KV was shared: the post's KV copied once per question
+    (batch_repeat_interleave), the questions right-padded, one row per (post, question)."""
+    from moderation.vlm.decoder import cache_bytes
+
+    B, Q = len(group.next_pos), len(questions)
+    C = max(len(q.ids) for q in questions)
+    cont = torch.full((B * Q, C), dec.pad_id, dtype=torch.long)
+    cont_mask = torch.zeros((B * Q, C), dtype=torch.long)
+    last = torch.zeros(B * Q, dtype=torch.long)
+    for b in range(B):
+        for j, q in enumerate(questions):
+            cont[b * Q + j, :len(q.ids)] = torch.tensor(q.ids)
+            cont_mask[b * Q + j, :len(q.ids)] = 1
+            last[b * Q + j] = len(q.ids) - 1
+    group.cache.batch_repeat_interleave(Q)
+    mask = torch.cat([group.mask.repeat_interleave(Q, dim=0), cont_mask], dim=1)
+    pos = (group.next_pos.repeat_interleave(Q)[:, None] + torch.arange(C)[None])[None].expand(3, -1, -1)
+    hidden = dec.model.model.language_model(
+        inputs_embeds=dec.model.model.get_input_embeddings()(cont), attention_mask=mask, position_ids=pos,
+        cache=group.cache, use_cache=True).last_hidden_state
+    return dec.model.lm_head(hidden[torch.arange(B * Q), last]).float(), cache_bytes(group.cache)
+
+
+def test_shared_kv_question_pass_matches_the_per_question_copy(parts):
+    _, dec, _, _ = parts
+    reqs, _, builder, pol = _requests(parts, sample_posts()[:3])  # bodies of different lengths: padded rows
+    questions = builder.questions(pol, reqs[0].lang)
+    with torch.no_grad():
+        shared = dec.question_pass(dec.prefill(reqs), questions)
+        expanded, expanded_bytes = _expanded_question_logits(dec, dec.prefill(reqs), questions)
+    assert shared.shape == expanded.shape == (len(reqs) * len(questions), dec.config.text_config.vocab_size)
+    assert torch.allclose(shared, expanded, atol=1e-4), (shared - expanded).abs().max()
+    # the shared pass holds each post's KV once, the copy held it once per question
+    assert dec.kv_bytes["questions"] * 2 < expanded_bytes

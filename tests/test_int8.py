@@ -81,6 +81,23 @@ def test_int8_decoder_agrees_with_full_precision(requests_, scheme, label):
     assert 0 < max(diffs) < 0.05, max(diffs)
 
 
+
+def test_int8_weight_only_dequantizes_in_blocks_with_the_same_output(monkeypatch):
+    import torch
+
+    from moderation.vlm import int8
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 100)
+    q = int8.Int8WeightOnlyLinear(linear)
+    x = torch.randn(3, 5, 64)
+    whole = torch.nn.functional.linear(x, q.qweight.float() * q.scale[:, None], linear.bias.detach())
+    monkeypatch.setattr(int8, "DEQUANT_BLOCK_ELEMENTS", 64 * 7)  # 7 output rows per block: 15 blocks, a short last
+    blocked = q(x)
+    assert blocked.shape == (3, 5, 100)
+    assert torch.allclose(blocked, whole, atol=1e-5)
+    assert (blocked - linear(x)).abs().max() < 0.05  # and still the layer it quantized
+
 # the switch ----------------------------------------------------------------------------------------------
 def test_switch_trips_on_inflight_and_queue_age_and_returns():
     now = [100.0]

@@ -3,11 +3,11 @@ answers fixed-option questions from next-token logits.
 
 Cost per batch: the policy prefix KV is computed once per (policy, language) and reused; one prefill of
 the post bodies (image tokens + caption) for the whole padded batch; then every question of every post
-scored in one batched pass over the shared KV (a few tokens each). A description is decoded (greedy,
-capped) only for posts that ask for one."""
+scored in one pass over the posts' KV (a few tokens each; the questions of a post share its KV through a
+block-diagonal mask instead of copying it per question). A description is decoded (greedy, capped) only for
+posts that ask for one, on the same KV. The KV held at each step is what moderation/preflight.py plans for."""
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +57,51 @@ class QuestionLogits:
     description_tokens: list[int]
 
 
+@dataclass
+class PrefilledGroup:
+    """A group's KV after its body prefill: cache [B, P + L] (prefix + right-padded bodies), mask [B, P + L] of the
+    valid tokens, next_pos [B] (the rope position after each body)."""
+    builder: PromptBuilder
+    cache: object
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+    prefix_ms: float
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of the keys and values a transformers cache holds."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers
+               if getattr(layer, "keys", None) is not None)
+
+
+class QuestionBlock:
+    """The questions of one (policy, language) as one token sequence: ids [S] (the questions one after another),
+    offsets [S] (a token's place within its question: positions restart at the body's end for each question),
+    last [Q] (where each question's next-token logits are read)."""
+
+    def __init__(self, questions: list[Question]):
+        ids, owner, offsets, last = [], [], [], []
+        for j, q in enumerate(questions):
+            ids += q.ids
+            owner += [j] * len(q.ids)
+            offsets += range(len(q.ids))
+            last.append(len(ids) - 1)
+        self.ids = torch.tensor(ids, dtype=torch.long)
+        self.owner = torch.tensor(owner, dtype=torch.long)
+        self.offsets = torch.tensor(offsets, dtype=torch.long)
+        self.last = torch.tensor(last, dtype=torch.long)
+
+    def attention_mask(self, past_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Additive 4D mask [B, 1, S, past + S]: every question token sees the post's valid past tokens
+        (`past_mask` [B, past], bool) and the earlier tokens of its own question, nothing of the other questions."""
+        S, dev = len(self.ids), past_mask.device
+        owner = self.owner.to(dev)
+        own = (owner[:, None] == owner[None, :]) & torch.tril(torch.ones(S, S, dtype=torch.bool, device=dev))
+        allowed = torch.cat([past_mask[:, None, :].expand(-1, S, -1), own[None].expand(len(past_mask), -1, -1)], -1)
+        blocked = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+        return blocked[:, None]
+
+
 def select_device(prefer: str = "auto") -> torch.device:
     if prefer == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -84,9 +129,10 @@ class VerdictDecoder:
 
             self.model = PeftModel.from_pretrained(self.model, str(adapter)).merge_and_unload().eval()
             self.adapter = Path(adapter).name
-        self.model.to(self.device)
-        # int8 after merging: the adapter's deltas are quantized with the weights they modify
+        # int8 after merging (the adapter's deltas are quantized with the weights they modify) and on the CPU, before
+        # the weights reach the device: the full-precision copy never occupies GPU memory
         self.model, self.quantization, self.quantized_layers = quantize_decoder(self.model, quantization, self.device)
+        self.model.to(self.device)
         # e.g. "cuda:bfloat16" or "cpu:float32+int8_dynamic", for logs, results and perf records
         suffix = "" if self.quantization == "none" else f"+{self.quantization}"
         self.device_label = f"{self.device.type}:{dtype}{suffix}"
@@ -100,6 +146,8 @@ class VerdictDecoder:
         self._prefix_kv: dict[tuple, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         self.untrained = (Path(checkpoint_dir) / "UNTRAINED.json").exists()
         self.stats = {"prefix_computed": 0, "prefix_reused": 0}
+        # bytes of KV the last group's cache held after its body prefill, its question pass and its descriptions
+        self.kv_bytes: dict[str, int] = {}
 
     # prompts ---------------------------------------------------------------------------------
     def prompts(self, num_visual_tokens: int) -> PromptBuilder:
@@ -160,6 +208,21 @@ class VerdictDecoder:
     def question_logits(self, reqs: list[DecoderRequest]) -> QuestionLogits:
         """Next-token logits [B * Q, vocab] after every question of every post of one (policy, language) group.
         Differentiable outside no_grad with reuse_prefix=False: export/train_lora.py fits adapters through it."""
+        t0 = time.perf_counter()
+        group = self.prefill(reqs)
+        t_body = time.perf_counter()
+        self.kv_bytes = {"body": cache_bytes(group.cache)}
+        qs = group.builder.questions(reqs[0].policy, reqs[0].lang)
+        logits = self.question_pass(group, qs)
+        t_q = time.perf_counter()
+        descriptions, n_described = self._describe(reqs, group.builder, group.cache, group.mask, group.next_pos)
+        t_desc = time.perf_counter()
+        timings = {"prefix": group.prefix_ms, "prefill": (t_body - t0) * 1e3 - group.prefix_ms,
+                   "questions": (t_q - t_body) * 1e3, "describe": (t_desc - t_q) * 1e3}
+        return QuestionLogits(logits, qs, timings, descriptions, n_described)
+
+    def prefill(self, reqs: list[DecoderRequest]) -> PrefilledGroup:
+        """The policy prefix KV (cached) and one right-padded prefill of every post's body on top of it."""
         from transformers.cache_utils import DynamicCache
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
@@ -169,9 +232,8 @@ class VerdictDecoder:
         builder = self.prompts(n_vis)
         prefix_ids, prefix_kv = self._prefix(builder, policy, lang)
         P, B = len(prefix_ids), len(reqs)
-        t_prefix = time.perf_counter()
+        prefix_ms = (time.perf_counter() - t0) * 1e3
 
-        # 1. body prefill for the whole batch, right-padded, on top of the shared prefix KV
         lens = [len(r.body_ids) for r in reqs]
         L = max(lens)
         body = torch.full((B, L), self.pad_id, dtype=torch.long)
@@ -197,49 +259,39 @@ class VerdictDecoder:
         mask = torch.cat([torch.ones((B, P), dtype=torch.long), body_mask], dim=1).to(dev)
         self.model.model(input_ids=body.to(dev), attention_mask=mask, position_ids=pos.to(dev), cache=cache,
                          mm_encoder_outputs={"image": mm}, use_cache=True)
-        t_body = time.perf_counter()
+        return PrefilledGroup(builder, cache, mask, next_pos, prefix_ms)
 
-        descriptions, n_described = self._describe(reqs, builder, cache, mask, next_pos)
-        t_desc = time.perf_counter()
-
-        # 2. every question of every post in one batched pass over the shared KV
-        qs = builder.questions(policy, lang)
-        Q = len(qs)
-        C = max(len(q.ids) for q in qs)
-        cont = torch.full((B * Q, C), self.pad_id, dtype=torch.long)
-        cont_mask = torch.zeros((B * Q, C), dtype=torch.long)
-        last = torch.zeros(B * Q, dtype=torch.long)
-        for b in range(B):
-            for j, q in enumerate(qs):
-                row = b * Q + j
-                cont[row, :len(q.ids)] = torch.tensor(q.ids)
-                cont_mask[row, :len(q.ids)] = 1
-                last[row] = len(q.ids) - 1
-        cache.batch_repeat_interleave(Q)
-        qmask = torch.cat([mask.repeat_interleave(Q, dim=0), cont_mask.to(dev)], dim=1)
-        qpos = self._text_positions(next_pos.repeat_interleave(Q).to(dev), C)
+    def question_pass(self, group: PrefilledGroup, questions: list[Question]) -> torch.Tensor:
+        """Next-token logits [B * Q, vocab] of every question of every post, in one pass over the posts' own KV
+        (B rows, not B * Q): a post's questions are one sequence after its body, each question attending to
+        prefix + body and to its own tokens only, with positions restarting at the body's end, so its logits are
+        those of the question alone. The cache is left as it was (prefix + body)."""
+        dev, cache = self.device, group.cache
+        B = len(group.next_pos)
+        block = QuestionBlock(questions)
+        qmask = block.attention_mask(group.mask.bool(), self.dtype)
+        qpos = (group.next_pos[:, None] + block.offsets[None, :])[None].expand(3, -1, -1)
         hidden = self.model.model.language_model(
-            inputs_embeds=self.model.model.get_input_embeddings()(cont.to(dev)), attention_mask=qmask,
-            position_ids=qpos, cache=cache, use_cache=True).last_hidden_state
-        picked = hidden[torch.arange(B * Q, device=dev), last.to(dev)]
-        logits = self.model.lm_head(picked).float()
-        t_q = time.perf_counter()
-
-        timings = {"prefix": (t_prefix - t0) * 1e3, "prefill": (t_body - t_prefix) * 1e3,
-                   "describe": (t_desc - t_body) * 1e3, "questions": (t_q - t_desc) * 1e3}
-        return QuestionLogits(logits, qs, timings, descriptions, n_described)
+            inputs_embeds=self.model.model.get_input_embeddings()(block.ids[None].expand(B, -1).to(dev)),
+            attention_mask=qmask, position_ids=qpos.to(dev), cache=cache, use_cache=True).last_hidden_state
+        self.kv_bytes["questions"] = cache_bytes(cache)
+        cache.crop(-len(block.ids))
+        picked = hidden[:, block.last.to(dev)].reshape(B * len(questions), -1)
+        return self.model.lm_head(picked).float()
 
     def _describe(self, reqs, builder, cache, mask, next_pos) -> tuple[list[str | None], list[int]]:
-        """Greedy descriptions (capped at the policy's describe_max_tokens) for the posts that ask for one."""
+        """Greedy descriptions (capped at the policy's describe_max_tokens) for the posts that ask for one. Consumes
+        `cache` (prefix + body KV of the group): the describing rows are selected in place, never copied."""
         rows = [b for b, r in enumerate(reqs) if r.describe]
         out: list[str | None] = [None] * len(reqs)
         counts = [0] * len(reqs)
         if not rows:
             return out, counts
         policy, lang, dev = reqs[0].policy, reqs[0].lang, self.device
-        c = copy.deepcopy(cache)
         sel = torch.tensor(rows, device=dev)
-        c.batch_select_indices(sel)
+        c = cache
+        if len(rows) < len(reqs):
+            c.batch_select_indices(sel)
         m = mask[sel]
         start = next_pos[rows].to(dev)
         ids = torch.tensor([builder.describe_ids(policy, lang)] * len(rows), device=dev)
@@ -252,6 +304,7 @@ class VerdictDecoder:
                 inputs_embeds=self.model.model.get_input_embeddings()(ids), attention_mask=m,
                 position_ids=self._text_positions(start, n), cache=c, use_cache=True).last_hidden_state
             start = start + n
+            self.kv_bytes["describe"] = cache_bytes(c)
             nxt = self.model.lm_head(h[:, -1]).argmax(-1)  # greedy: deterministic descriptions
             for i, t in enumerate(nxt.tolist()):
                 if not done[i]:

@@ -6,6 +6,7 @@ Decoder schemes (`quantization` of a language_decoder model or version):
                     activations quantized per batch at run time; int8 GEMM through fbgemm/onednn).
   int8_weight_only  any device: int8 weights with a per-output-channel scale, dequantized inside the matmul
                     (halves weight memory against bf16; a fused kernel such as torchao's is the GPU fast path).
+                    Applied on the CPU before the model moves to its device (moderation/vlm/decoder.py).
   int8              int8_dynamic on CPU, int8_weight_only elsewhere.
 The int8 weights are a deterministic function of the fp32 checkpoint, so a version ships the checkpoint plus
 quantization.json (recorded in artifact.json) and quantizes at load instead of pickling packed tensors."""
@@ -17,6 +18,9 @@ import torch
 from torch import nn
 
 SCHEMES = ("none", "int8", "int8_dynamic", "int8_weight_only")
+# Largest block of int8 weights dequantized at once in Int8WeightOnlyLinear (elements; 32 MiB in bf16): a memory
+# plan counts it as the layer's transient (moderation/preflight.py)
+DEQUANT_BLOCK_ELEMENTS = 1 << 24
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -31,9 +35,23 @@ class Int8WeightOnlyLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        w = self.qweight[start:stop].to(dtype)
+        return w.mul_(self.scale[start:stop].to(dtype)[:, None])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.qweight.to(x.dtype) * self.scale.to(x.dtype)[:, None]
-        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        # dequantized a block of output rows at a time: the transient full-precision weight stays under
+        # DEQUANT_BLOCK_ELEMENTS (an 8B lm_head would otherwise need 1.2 GB of bf16 per call)
+        rows = max(1, DEQUANT_BLOCK_ELEMENTS // self.in_features)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if rows >= self.out_features:
+            return nn.functional.linear(x, self.dequantized_rows(0, self.out_features, x.dtype), bias)
+        y = x.new_empty(*x.shape[:-1], self.out_features)
+        for start in range(0, self.out_features, rows):
+            stop = min(start + rows, self.out_features)
+            y[..., start:stop] = nn.functional.linear(x, self.dequantized_rows(start, stop, x.dtype),
+                                                      None if bias is None else bias[start:stop])
+        return y
 
 
 def _weight_only(module: nn.Module) -> int:
