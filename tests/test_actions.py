@@ -194,3 +194,33 @@ def test_reviewer_feedback_drives_evaluate_and_its_proposed_bands_reach_the_reca
         post = next(p for p in POSTS if p.name == name)
         r = client.moderate(post.image_bytes(), post.text, policy="calibrated")
         assert r["action"] in ("review", "block"), (name, r["decision"])
+
+
+def _lists_stale(triton, policy: str) -> float | None:
+    import urllib.request
+
+    text = urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith("moderation_lists_stale{") and f'policy="{policy}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_a_corrupt_lists_file_leaves_the_last_good_lists_in_force(triton, client, policy_dir, audit_log):
+    derive_policy(policy_dir, "lists_lkg", cache={"enabled": False})
+    p = _admin(triton, policy_dir, audit_log, "lists", "add-term", "--policy", "lists_lkg", "--list", "block",
+               "--term", "click the link in bio", "--label", "scam")
+    assert p.returncode == 0, p.stderr
+    hubble = next(p for p in POSTS if p.name == "hubble_scam")
+    r = client.moderate(hubble.image_bytes(), hubble.text, policy="lists_lkg")
+    assert r["action"] == "block" and r["decided_by"] == "terms" and _lists_stale(triton, "lists_lkg") == 0.0
+    lists = policy_dir / "lists_lkg.lists.json"
+    good = lists.read_bytes()
+    for broken in (good[: len(good) // 2], b'{"revision": "not a number"}'):  # cut short; parses, wrong schema
+        lists.write_bytes(broken)
+        r = client.moderate(hubble.image_bytes(), hubble.text, policy="lists_lkg")
+        assert r["error"] is None and r["action"] == "block" and r["decided_by"] == "terms", r
+        assert r["policy"].endswith("+lists.1") and _lists_stale(triton, "lists_lkg") == 1.0
+    lists.write_bytes(good.replace(b'"revision": 1', b'"revision": 2'))
+    r = client.moderate(hubble.image_bytes(), hubble.text, policy="lists_lkg")
+    assert r["policy"].endswith("+lists.2") and _lists_stale(triton, "lists_lkg") == 0.0

@@ -53,3 +53,14 @@ def test_light_clip_tokenizer_matches_transformers():
                                               return_tensors="np")
     ids, mask = ClipTokens(str(clip))(texts)
     assert (ids == ref["input_ids"]).all() and (mask == ref["attention_mask"]).all()
+
+
+def test_a_lists_file_that_never_parsed_is_a_coded_policy_error(tmp_path):
+    from moderation.core.errors import BadPolicy
+    from moderation.core.policy import load_policy
+    from moderation.testing.policies import derive_policy
+
+    derive_policy(tmp_path, "never_parsed")
+    (tmp_path / "never_parsed.lists.json").write_text('{"revision": 1, "terms": [', encoding="utf-8")
+    with pytest.raises(BadPolicy, match="never_parsed.lists.json cannot be read: JSONDecodeError"):
+        load_policy("never_parsed", tmp_path)

@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import UnknownPolicy
+from .errors import BadPolicy, UnknownPolicy
 from .hashing import sha256_hex
 
 PACKAGE_POLICY_DIR = Path(__file__).parent / "policies"
@@ -205,6 +205,8 @@ class Policy(_Strict):
     prompts: dict[Literal["en", "zh"], Prompt]
     digest: str = ""
     lists: PolicyLists = PolicyLists()
+    # why the lists file on disk is not the one in force (it failed to parse: the last good lists are), or None
+    lists_fault: str | None = None
 
     @field_validator("labels")
     @classmethod
@@ -277,12 +279,31 @@ def load_policy(name: str = "default", directory: Path | None = None) -> Policy:
     return _load_cached(str(path), path.stat().st_mtime_ns, lists.stat().st_mtime_ns if lists.exists() else 0)
 
 
+# lists file -> the last lists read from it that parsed and validated: a file cut short by a crash or a bad edit
+# leaves these in force instead of failing every post of the policy
+_LAST_GOOD_LISTS: dict[str, PolicyLists] = {}
+
+
+def _read_lists(path: Path) -> tuple[PolicyLists, str | None]:
+    """The policy's lists and, when the file failed to parse, why (the last good lists are returned then)."""
+    if not path.exists():
+        return PolicyLists(), None
+    try:
+        lists = PolicyLists.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as e:  # JSONDecodeError and pydantic's ValidationError are ValueErrors
+        reason = f"{path.name} cannot be read: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        good = _LAST_GOOD_LISTS.get(str(path))
+        if good is None:
+            raise BadPolicy(f"policy {path.name.split('.')[0]!r}: {reason}, and no earlier copy was loaded") from None
+        return good, f"{reason}; revision {good.revision} stays in force"
+    _LAST_GOOD_LISTS[str(path)] = lists
+    return lists, None
+
+
 @functools.lru_cache(maxsize=32)
 def _load_cached(path: str, _mtime: int, _lists_mtime: int) -> Policy:
     raw = Path(path).read_bytes()
     data = yaml.safe_load(raw)
     data["digest"] = sha256_hex(raw)[:16]  # of the YAML: caches keyed on it survive list edits
-    lists = lists_path(Path(path))
-    if lists.exists():
-        data["lists"] = json.loads(lists.read_text(encoding="utf-8"))
-    return Policy.model_validate(data)
+    lists, fault = _read_lists(lists_path(Path(path)))
+    return Policy.model_validate({**data, "lists": lists, "lists_fault": fault})

@@ -5,10 +5,11 @@ import asyncio
 import time
 
 from ..core.contracts import RequestRecord
+from ..core.policy import load_policy
 from ..gate.inputs import ClipTokens
 from ..gate.router import GatePost, GateRouter, failed_call
 from ..repository.artifacts import read_artifact_record, signal_of
-from .metrics import CountByName
+from .metrics import CountByName, Counter
 from .pb import pb
 from .triton_io import Stage, bytes_rows, parameters, rows, string_tensor, version_dir
 
@@ -39,6 +40,8 @@ class ClipGateModel:
         record = read_artifact_record(vdir)
         signals = {"clip": "untrained" if record.get("untrained") else "trained",
                    "nsfw_image": signal_of(vdir.parent.parent / "nsfw_image")}
+        self.lists_stale = Counter("moderation_lists_stale")
+        self._lists_faults: dict[str, str | None] = {}
         self.router = GateRouter(BlsExecutor(), ClipTokens(str(vdir / "clip")), self.stage.version, signals,
                                  count=CountByName(), warn=self.stage.logger.log_warn)
         epoch = parameters(args).get(EPOCH_PARAMETER)
@@ -62,6 +65,17 @@ class ClipGateModel:
             posts = [GatePost(rec, images[i], texts[i], img_emb[i], txt_emb[i],
                               None if nsfw is None else float(nsfw[i][1])) for i, rec in enumerate(records)]
             decisions = await self.router.decide(posts, started=t0)
+            self._report_lists({rec.policy_name for rec in records})
             return pb().InferenceResponse([string_tensor("GATE", [d.to_json() for d in decisions])])
         except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
             return self.stage.fail(e, meta, t0)
+
+    def _report_lists(self, policy_names: set[str]) -> None:
+        """The lists state of the policies just used: the metric, and one log line when it changes."""
+        for name in policy_names:
+            fault = load_policy(name).lists_fault
+            self.lists_stale.set(1.0 if fault else 0.0, policy=name)
+            if self._lists_faults.get(name) != fault:
+                self._lists_faults[name] = fault
+                log = self.stage.logger.log_warn if fault else self.stage.logger.log_info
+                log(f"policy {name}: {fault or 'lists file in force'}")

@@ -20,6 +20,8 @@ SPECS = {
                                               "skipped), by operation: each one a cache miss or a skipped write"),
     "moderation_decoder_fallback_total": ("COUNTER", "Escalations sent to the INT8 fallback decoder"),
     "moderation_decoder_batch_size": ("GAUGE", "Posts in the language decoder's last batch"),
+    "moderation_lists_stale": ("GAUGE", "1 while a policy's lists file fails to parse and the last good lists stay in "
+                               "force (alert on it), 0 when the file in force is the one on disk; by policy"),
     "moderation_audit_failures_total": ("COUNTER", "Audit writes that failed (disk full, I/O error, read-only), "
                                         "by stage"),
     "moderation_audit_spool_dropped_total": ("COUNTER", "Audit rows dropped from the fail_open spool when it was full, "
