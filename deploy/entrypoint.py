@@ -12,7 +12,11 @@ Environment (defaults in brackets):
   MODERATION_GATEWAY [1]: the audit gateway sidecar (deploy/Dockerfile.gateway) serves gRPC on GRPC_PORT and
       Triton's own gRPC listens on 127.0.0.1:TRITON_GRPC_PORT [8011] only, so every inference is audited;
       0: no gateway, Triton serves gRPC on BIND_ADDRESS:GRPC_PORT itself
-  LOAD_MODELS [every model in moderation.repository]   comma-separated, explicit model control
+  LOAD_MODELS [what the production target loads: every model but language_decoder_int8]   comma-separated,
+      explicit model control
+  MODERATION_GPU_MEMORY [unset]       the GPU's usable memory (e.g. 22GiB on an A10): the server does not start when
+      the memory plan of the models it loads does not fit (moderation/preflight.py); MODERATION_QWEN_CONFIG and
+      MODERATION_CLIP_CONFIG name the checkpoints' configs when MODEL_REPOSITORY is remote
   RESPONSE_CACHE_BYTES [268435456]    Triton's local response cache
   TRITON_REDIS_CACHE_HOST [unset]     Triton's redis response cache instead of the local one (the NGC image ships
       it; Triton 2.51's pip wheel does not): shared by every replica. TRITON_REDIS_CACHE_PORT [6379],
@@ -36,7 +40,8 @@ import sys
 from pathlib import Path
 
 from moderation.core.auth import ADMIN_HEADER, RESTRICTED_HTTP, restricted_grpc
-from moderation.repository.render import ALL_MODELS
+from moderation.preflight import PlanDoesNotFit, check_at_start
+from moderation.repository.render import default_models
 
 MIN_KEY_CHARS = 16
 
@@ -58,7 +63,8 @@ def command(env: dict[str, str] | None = None) -> list[str]:
     env = dict(os.environ if env is None else env)
     key = read_admin_key(env)
     addr = env.get("BIND_ADDRESS", "0.0.0.0")  # inside a pod/container network namespace, not the host's
-    models = [m for m in env.get("LOAD_MODELS", ",".join(ALL_MODELS)).split(",") if m]
+    models = [m for m in env.get("LOAD_MODELS", ",".join(default_models("production"))).split(",") if m]
+    gpu_memory_plan(env, models)
     args = [
         env.get("TRITONSERVER", "/opt/tritonserver/bin/tritonserver"),
         f"--model-repository={env.get('MODEL_REPOSITORY', '/models')}",
@@ -81,6 +87,16 @@ def command(env: dict[str, str] | None = None) -> list[str]:
         args.append(f"--cache-directory={env['TRITON_CACHE_DIR']}")
     args += shlex.split(env.get("TRITON_EXTRA_ARGS", ""))
     return args
+
+
+def gpu_memory_plan(env: dict[str, str], models: list[str]) -> None:
+    """Refuse to start what the GPU memory plan says cannot fit (checked when MODERATION_GPU_MEMORY is set)."""
+    try:
+        plan = check_at_start(env, env.get("MODEL_REPOSITORY", "/models"), tuple(models), "production")
+    except (PlanDoesNotFit, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if plan is not None:
+        print(f"GPU memory plan: {plan.total / 2**30:.2f} of {plan.gpu_memory / 2**30:.2f} GiB", file=sys.stderr)
 
 
 def grpc_listener(env: dict[str, str], addr: str) -> list[str]:

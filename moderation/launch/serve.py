@@ -25,11 +25,27 @@ def apply_live_versions(config: ServerConfig) -> list[dict]:
     return RepositoryAdmin(config.triton_grpc_url, config.key, config.repository).apply_state()
 
 
+def gpu_memory_plan(cfg: ServerConfig, environ: dict[str, str] | None = None) -> str | None:
+    """The memory plan of the models this server loads when MODERATION_GPU_MEMORY is set (None when it is not);
+    raises PlanDoesNotFit, with the numbers, when they cannot fit the GPU."""
+    from ..preflight import check_at_start
+
+    plan = check_at_start(os.environ if environ is None else environ, cfg.repository, cfg.models, "local")
+    return None if plan is None else f"GPU memory plan: {plan.total / 2**30:.2f} of {plan.gpu_memory / 2**30:.2f} GiB"
+
+
 def main() -> int:
     cfg = ServerConfig.from_env()
     if not (cfg.repository / "language_decoder" / "1" / "artifact.json").exists():
         print(f"error: {cfg.repository} has no exported models; run `make models` first", file=sys.stderr)
         return 2
+    try:
+        note = gpu_memory_plan(cfg)
+    except (RuntimeError, ValueError) as e:  # PlanDoesNotFit is a RuntimeError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if note:
+        print(note, flush=True)
     server = TritonProcess(cfg).start()
     gateway = GatewayProcess(cfg) if cfg.gateway else None
     openai = OpenAIProcess(cfg) if cfg.gateway and cfg.openai_port else None

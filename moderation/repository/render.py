@@ -161,12 +161,29 @@ MODELS["language_decoder_int8"] = dict(copy.deepcopy(MODELS["language_decoder"])
                                       parameters={**MODELS["language_decoder"]["parameters"], "quantization": "int8"})
 
 
+# What a target loads at start. Production leaves the INT8 twin out: beside the bf16 8B decoder it does not fit a
+# 24 GB A10 (moderation/preflight.py); the gate's fallback then degrades to the full decoder. Load it explicitly
+# (LOAD_MODELS) on a GPU the plan says holds both.
+NOT_LOADED = {"local": (), "production": ("language_decoder_int8",)}
+
+
+def default_models(target: str) -> tuple[str, ...]:
+    return tuple(m for m in ALL_MODELS if m not in NOT_LOADED[target])
+
+
+def read_model_config(path: Path) -> mc.ModelConfig:
+    """A rendered config.pbtxt, parsed as Triton's ModelConfig."""
+    return text_format.Parse(Path(path).read_text(encoding="utf-8"), mc.ModelConfig())
+
+
 # Production only: how the onnxruntime backend runs the ONNX models on the GPU. "tensorrt" builds FP16 engines at
 # load (minutes the first time, cached under TRT_CACHE_DIR, a writable volume in the container); "cuda" runs the
-# CUDA execution provider in FP32 with no build step. The 1 GiB TensorRT workspace leaves the 8B decoder room on a
-# 24 GB A10.
+# CUDA execution provider in FP32 with no build step. The TensorRT workspace (tactic scratch, capped per engine) is
+# 512 MiB: with 1 GiB the GPU memory plan of the 8B decoder at batch 8 beside the encoders is 0.4 GiB over a
+# 24 GB A10's 22 GiB (moderation/preflight.py).
 ONNX_ACCELERATORS = ("tensorrt", "cuda")
 TRT_CACHE_DIR = "/cache/trt"
+TRT_WORKSPACE_BYTES = 512 << 20
 
 
 def _tensor(msg, t: dict) -> None:
@@ -182,7 +199,7 @@ def _gpu_accelerator(cfg: mc.ModelConfig, accelerator: str) -> None:
         raise ValueError(f"onnx accelerator must be one of {ONNX_ACCELERATORS}, not {accelerator!r}")
     acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name=accelerator)
     if accelerator == "tensorrt":
-        acc.parameters.update({"precision_mode": "FP16", "max_workspace_size_bytes": str(1 << 30),
+        acc.parameters.update({"precision_mode": "FP16", "max_workspace_size_bytes": str(TRT_WORKSPACE_BYTES),
                                "trt_engine_cache_enable": "1", "trt_engine_cache_path": TRT_CACHE_DIR})
 
 
