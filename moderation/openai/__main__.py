@@ -8,6 +8,9 @@ import sys
 
 from aiohttp import web
 
+from ..core import memory
+from ..core.audit import FAIL_OPEN, AuditLog
+from .bounds import FrontEndLimits
 from .router import build_app
 from .serving import ModerationService
 
@@ -20,8 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     print(f"openai: POST http://{host}:{port}/v1/moderations -> gRPC {args.upstream}", flush=True)
-    web.run_app(build_app(ModerationService(args.upstream)), host=host or "127.0.0.1", port=int(port),
-                print=None, access_log=None, shutdown_timeout=30)
+    memory.tune_allocator()  # 20 MB bodies on their own mappings: memory goes back after a burst
+    audit = AuditLog()  # refusals the front end answers itself; the gateway and the models audit the rest
+    if audit.mode == FAIL_OPEN:
+        audit.start_flusher()
+    app = build_app(ModerationService(args.upstream), FrontEndLimits.from_env(), audit)
+    web.run_app(app, host=host or "127.0.0.1", port=int(port), print=None, access_log=None, shutdown_timeout=30,
+                lingering_time=2.0)  # a refused body is discarded for at most this long, then the connection ends
     return 0
 
 

@@ -53,9 +53,12 @@ class OpenAIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
 
     def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error",
-                 param: str | None = None):
+                 param: str | None = None, retry_after: int | None = None, audited: bool = False):
         super().__init__(message)
         self.status, self.message, self.code, self.type, self.param = status, message, code, type_, param
+        self.retry_after = retry_after  # seconds, sent as Retry-After
+        self.audited = audited  # a row exists already (the gateway or a model wrote it)
+        self.inputs: dict = {}  # hashes of the input it concerns, for its audit row
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -15,6 +15,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -22,6 +23,7 @@ from tritonclient.grpc import aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from ..core.errors import ModerationError, classify_failure
+from ..core.hashing import sha256_hex
 from ..core.limits import MAX_IMAGE_BYTES
 from ..core.policy import OPENAI_CATEGORIES, Policy, load_policy
 from .protocol import EXTENSION_KEY, ImagePart, ModerationRequest, ModerationResponse, OpenAIError, TextPart
@@ -178,17 +180,31 @@ class ModerationService:
                               "policy) or a policy name", "model_not_found", param="model") from e
         return model
 
-    async def moderate(self, request: ModerationRequest, peer: str) -> dict:
+    async def moderate(self, request: ModerationRequest, peer: str, rid: str | None = None,
+                       audit: Callable[[dict], Awaitable[None]] | None = None) -> dict:
+        """The response body. One post: its failure is the request's (raised). Several: each failure costs only its
+        own result, and a failure the front end found itself (not audited upstream) gets its own audit row."""
         policy_name = self.policy_for(request.model)
         policy = load_policy(policy_name)
         posts = posts_of(request)
-        rid = f"modr-{uuid.uuid4().hex}"
-        results = await asyncio.gather(*(self._post(peer, parts, f"{rid}-{i}" if len(posts) > 1 else rid,
-                                                    policy_name) for i, parts in enumerate(posts)),
-                                       return_exceptions=len(posts) > 1)
-        for r in results:
-            if isinstance(r, BaseException) and not isinstance(r, OpenAIError):
-                raise r
+        rid = rid or f"modr-{uuid.uuid4().hex}"
+        rids = [f"{rid}-{i}" if len(posts) > 1 else rid for i in range(len(posts))]
+        results = await asyncio.gather(*(self._post(peer, parts, post_rid, policy_name)
+                                         for parts, post_rid in zip(posts, rids, strict=True)),
+                                       return_exceptions=True)
+        if len(posts) == 1 and isinstance(results[0], BaseException):
+            raise results[0]
+        rows = []
+        for i, r in enumerate(results):
+            if isinstance(r, BaseException):
+                if not isinstance(r, OpenAIError):
+                    r = OpenAIError(500, f"internal error ({type(r).__name__})", "internal", "server_error")
+                    results[i] = r
+                if not r.audited and audit is not None:
+                    rows.append(audit({"request_id": rids[i], "stage": "openai", "http_status": r.status,
+                                       "error": {"code": r.code, "message": r.message[:512]}, **r.inputs}))
+        if rows:
+            await asyncio.gather(*rows)
         body = ModerationResponse(id=rid, model=request.model,
                                   results=[failed_result(r) if isinstance(r, OpenAIError) else
                                            openai_result(policy, *r) for r in results])
@@ -197,20 +213,39 @@ class ModerationService:
     async def _post(self, peer: str, parts: list[TextPart | ImagePart], rid: str, policy: str):
         image_part = next((p for p in parts if isinstance(p, ImagePart)), None)
         text = "\n".join(p.text for p in parts if isinstance(p, TextPart))
+        try:
+            text_bytes = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            err = OpenAIError(400, f"the text holds a lone surrogate at character {e.start} (not Unicode text)",
+                              "invalid_unicode", param="input")
+            err.inputs = {"text_sha256": sha256_hex(text.encode("utf-8", "surrogatepass"))}
+            raise err from e
+        del text
         options = {"request_id": rid, "policy": policy}
         if image_part is None:  # text only: judged by its text signals alone (OPTIONS text_only)
             image, options["text_only"] = b"", True
         else:
-            image = await self.fetch(image_part.image_url.url)
-        types = (["image"] if image_part is not None else []) + (["text"] if text else [])
-        return await self._infer(peer, image, text, options), types
+            try:
+                image = await self.fetch(image_part.image_url.url)
+            except OpenAIError as e:
+                e.inputs = {"text_sha256": sha256_hex(text_bytes)}
+                raise
+            image_part.image_url.url = ""  # the base64 text is not needed again: free it now
+        types = (["image"] if image_part is not None else []) + (["text"] if text_bytes else [])
+        inputs = self._inputs(image, text_bytes, options)
+        del image  # the request message holds the only copy from here
+        return await self._infer(peer, inputs), types
 
-    async def _infer(self, peer: str, image: bytes, text: str, options: dict) -> dict:
+    @staticmethod
+    def _inputs(image: bytes, text: bytes, options: dict) -> list:
         inputs = []
-        for name, value in (("IMAGE", image), ("TEXT", text.encode()), ("OPTIONS", json.dumps(options).encode())):
+        for name, value in (("IMAGE", image), ("TEXT", text), ("OPTIONS", json.dumps(options).encode())):
             t = grpcaio.InferInput(name, [1, 1], "BYTES")
             t.set_data_from_numpy(np.array([[value]], dtype=np.object_))
             inputs.append(t)
+        return inputs
+
+    async def _infer(self, peer: str, inputs: list) -> dict:
         started = time.perf_counter()
         try:
             response = await self._client(peer).infer("moderate", inputs,
@@ -219,7 +254,9 @@ class ModerationService:
         except InferenceServerException as e:
             code, message = classify_failure(e.message() or "", e.status() or "")
             status, type_ = _HTTP.get(code, (400, "invalid_request_error"))
-            raise OpenAIError(status, f"[{code}] {message}", code, type_) from e
+            # the gateway or a model wrote this call's audit row
+            raise OpenAIError(status, f"[{code}] {message}", code, type_, audited=True,
+                              retry_after=1 if status in (429, 503) else None) from e
         result = json.loads(response.as_numpy("RESULT").reshape(-1)[0])
         result.setdefault("latency_ms", {})["openai_front_end_total"] = round((time.perf_counter() - started) * 1e3, 3)
         return result
