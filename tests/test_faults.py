@@ -1,7 +1,8 @@
 """Faults: a python-backend stub process killed by pid during load, on a dedicated server. Requests in
-flight succeed or fail with a clear coded error, none outlives its deadline, and the service serves again
-within a measured time: Triton 2.51 does not restart a dead stub by itself (measured here), so
-moderation.watchdog reloads the model. Plus unit tests of the client's deadline and retry behaviour."""
+flight succeed or fail with a clear coded error (none is left to time out), and the service serves again once
+the watchdog runs (the time it took is printed, not bounded): Triton 2.51 does not restart a dead stub by itself
+(shown here), so moderation.watchdog reloads the model. Plus unit tests of the client's deadline and retry
+behaviour on a virtual clock."""
 from __future__ import annotations
 
 import json
@@ -22,8 +23,8 @@ from moderation.testing.server import running_server
 from .conftest import ADMIN_KEY, REPO
 
 POSTS = sample_posts()
-DEADLINE_S = 15.0
-RECOVERY_BOUND_S = 30.0
+DEADLINE_S = 120.0  # the load clients' deadline: only a hung request reaches it
+RECOVERY_HANG_GUARD_S = 180.0  # only a watchdog that never restores the model waits this long
 RESULTS = {}
 
 
@@ -62,7 +63,7 @@ def _load(url, stop, out, policy):
 
 def _kill_under_load(srv, model: str, policy: str, watchdog_after_s: float) -> dict:
     """Load from 3 threads; kill the model's stub; start the watchdog `watchdog_after_s` later; stop 2 s after
-    the first success that started after the kill (or at the recovery bound)."""
+    the first success that started after the kill (or at the hang guard)."""
     stop, out = threading.Event(), []
     threads = [threading.Thread(target=_load, args=(srv.grpc_url, stop, out, policy)) for _ in range(3)]
     for t in threads:
@@ -77,7 +78,7 @@ def _kill_under_load(srv, model: str, policy: str, watchdog_after_s: float) -> d
         ready_while_dead = _ready(srv)
         dog.start()
         watching_at = time.time()
-        deadline, recovered_at = watching_at + RECOVERY_BOUND_S, None
+        deadline, recovered_at = watching_at + RECOVERY_HANG_GUARD_S, None
         while time.time() < deadline:
             time.sleep(0.2)
             ok_after = [r for r in out if r[0] > killed_at + 0.05 and r[2] == "ok"]
@@ -107,8 +108,8 @@ def _ready(srv) -> bool:
 def test_killed_stub_fails_clearly_and_the_watchdog_restores_service(faulty, model, policy, late_s):
     r = _kill_under_load(faulty, model, policy, late_s)
     reqs, dog = r["requests"], r["dog"]
-    # In flight and after: each request succeeded or failed with a clear code; none outlived its deadline.
-    assert all(x[1] - x[0] < DEADLINE_S + 1.0 for x in reqs), max(x[1] - x[0] for x in reqs)
+    # In flight and after: each request succeeded or failed with a clear code; none hung until its deadline
+    # (that would be `deadline_exceeded`).
     codes = {x[2] for x in reqs}
     assert codes <= {"ok", "model_unavailable"}, codes
     failed = [x for x in reqs if x[2] != "ok"]
@@ -125,7 +126,7 @@ def test_killed_stub_fails_clearly_and_the_watchdog_restores_service(faulty, mod
         unattended = [x for x in reqs if r["killed_at"] + 0.5 < x[0] and x[1] < r["watching_at"]]
         assert unattended and all(x[2] != "ok" for x in unattended), "Triton restarted the stub: update the docs"
         assert r["ready_while_dead"]
-    assert r["recovered_at"] is not None, f"{model} did not serve again within {RECOVERY_BOUND_S}s of the watchdog"
+    assert r["recovered_at"] is not None, f"{model} did not serve again within {RECOVERY_HANG_GUARD_S}s of the watchdog"
     recovery_s = r["recovered_at"] - r["watching_at"]
     assert dog.events and dog.events[0]["model"] == model and dog.events[0]["ok"]
     assert _stub_of(faulty, model).pid != r["victim"].pid
@@ -139,17 +140,52 @@ def test_killed_stub_fails_clearly_and_the_watchdog_restores_service(faulty, mod
 
 
 # --- client deadline and retry behaviour (no server) ---------------------------------------------------------
-class _FlakyClient:
-    """Stands in for tritonclient's InferenceServerClient: fails `fails` times with `status`, then answers."""
+class _Clock:
+    """The client module's `time` and `random` in these tests: sleeps and calls move a virtual clock, and the
+    backoff's jitter is fixed, so every pause and deadline is exact."""
 
-    def __init__(self, fails: int, status: str, message: str = "unavailable", delay: float = 0.0):
-        self.fails, self.status, self.message, self.delay = fails, status, message, delay
-        self.calls, self.timeouts = 0, []
+    def __init__(self, jitter: float = 0.5):
+        self.now, self.sleeps, self.jitter = 0.0, [], jitter
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    def random(self) -> float:
+        return self.jitter
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import clients.client as client_module
+
+    c = _Clock()
+    monkeypatch.setattr(client_module, "time", c)
+    monkeypatch.setattr(client_module, "random", c)
+    return c
+
+
+class _FlakyClient:
+    """Stands in for tritonclient's InferenceServerClient: fails `fails` times with `status`, then answers. Each
+    call takes `delay` seconds of `clock`, or ends at its client_timeout with DEADLINE_EXCEEDED as gRPC does."""
+
+    def __init__(self, fails: int, status: str, message: str = "unavailable", delay: float = 0.0,
+                 clock: _Clock | None = None):
+        self.fails, self.status, self.message, self.delay, self.clock = fails, status, message, delay, clock
+        self.calls, self.timeouts, self.started = 0, [], []
 
     def infer(self, model, inputs, outputs=None, client_timeout=None):
         self.calls += 1
         self.timeouts.append(client_timeout)
-        time.sleep(self.delay)
+        if self.clock is not None:
+            self.started.append(self.clock.now)
+            if client_timeout is not None and self.delay > client_timeout:
+                self.clock.now += client_timeout
+                raise InferenceServerException(msg="Deadline Exceeded", status="StatusCode.DEADLINE_EXCEEDED")
+            self.clock.now += self.delay
         if self.calls <= self.fails:
             raise InferenceServerException(msg=self.message, status=self.status)
         raise _Answered()
@@ -168,16 +204,15 @@ def _client(fake, **kw) -> ModerationClient:
     return c
 
 
-def test_client_retries_unavailable_with_backoff_then_answers():
+def test_client_retries_unavailable_with_backoff_then_answers(clock):
     fake = _FlakyClient(2, "StatusCode.UNAVAILABLE")
-    t = time.perf_counter()
     with pytest.raises(_Answered):
         _client(fake, retries=3, backoff_s=0.05).moderate(b"x", "y")
     assert fake.calls == 3
-    assert time.perf_counter() - t >= 0.05 + 0.1  # backoff 0.05 then 0.1 (times 1..2 jitter)
+    assert clock.sleeps == pytest.approx([0.05 * 1.5, 0.1 * 1.5])  # backoff doubles, times 1 + jitter
 
 
-def test_client_retries_a_dead_stub_but_not_bad_input():
+def test_client_retries_a_dead_stub_but_not_bad_input(clock):
     fake = _FlakyClient(1, "StatusCode.INTERNAL",
                         "in ensemble 'moderate', Stub process 'preprocess_0_0' is not healthy.")
     with pytest.raises(_Answered):
@@ -189,7 +224,7 @@ def test_client_retries_a_dead_stub_but_not_bad_input():
     assert fake.calls == 1 and e.value.code == "bad_image"
 
 
-def test_client_gives_up_with_a_coded_error_when_retries_run_out():
+def test_client_gives_up_with_a_coded_error_when_retries_run_out(clock):
     fake = _FlakyClient(9, "StatusCode.UNAVAILABLE",
                         "in ensemble 'moderate', [request id: <id_unknown>] Exceeds maximum queue size")
     with pytest.raises(ModerationFailed) as e:
@@ -197,10 +232,11 @@ def test_client_gives_up_with_a_coded_error_when_retries_run_out():
     assert fake.calls == 3 and e.value.code == "overloaded"
 
 
-def test_client_deadline_covers_retries():
-    fake = _FlakyClient(99, "StatusCode.UNAVAILABLE", delay=0.15)
-    t = time.perf_counter()
+def test_client_deadline_covers_retries(clock):
+    fake = _FlakyClient(99, "StatusCode.UNAVAILABLE", delay=0.15, clock=clock)
     with pytest.raises(ModerationFailed):
         _client(fake, retries=50, backoff_s=0.05, timeout_s=1.0).moderate(b"x", "y")
-    assert time.perf_counter() - t < 1.3
-    assert all(0 < x <= 1.0 for x in fake.timeouts) and fake.timeouts == sorted(fake.timeouts, reverse=True)
+    assert clock.now <= 1.0 + 1e-9, (clock.now, fake.started, clock.sleeps)  # tries and pauses, all within it
+    assert fake.calls == 4 and clock.sleeps == pytest.approx([0.075, 0.15, 0.3])  # no pause past the deadline
+    # each try gets what is left of the call's deadline, never a fresh one
+    assert [round(t, 9) for t in fake.timeouts] == [round(1.0 - t, 9) for t in fake.started]
