@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 
 import pytest
 from PIL import Image, ImageFile
@@ -15,8 +14,6 @@ from moderation.core.errors import ImageTooLarge
 from moderation.core.imaging import FREE_PIXELS, MAX_PIXELS_PER_BYTE, decode_image
 from moderation.testing.samples import image_paths
 from perf.bad_inputs import gif_screen_claiming
-
-REFUSE_WITHIN_S = 0.2  # measured < 1 ms; generous for 2 shared cores (the decode it prevents took 0.4-2.8 s)
 
 
 def _enc(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -48,14 +45,11 @@ def test_the_35_byte_gif_with_a_16384x2000_screen_is_refused_from_its_header(mon
     assert len(data) < 50
     decodes = []
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decodes.append(self) or None)
-    t = time.perf_counter()
     with pytest.raises(ImageTooLarge) as e:
         decode_image(data)
-    elapsed = time.perf_counter() - t
     assert e.value.code == "image_too_large"
     assert f"declares 16384x2000 pixels in {len(data)} bytes" in e.value.message
-    assert not decodes, "the bound must hold before any pixel is decoded"
-    assert elapsed < REFUSE_WITHIN_S, f"refusal took {elapsed:.3f}s"
+    assert not decodes, "the bound must hold before any pixel is decoded"  # the time it saves: perf/decode_ratios.py
 
 
 def test_a_small_screen_with_a_large_first_frame_is_refused():

@@ -1,5 +1,6 @@
 """Property-based tests of the decoding/normalisation library on arbitrary and mutated bytes: only
-ModerationError subclasses escape, within a time and memory bound per call; plus a bounded fuzz run
+ModerationError subclasses escape, within a memory bound (a hang guard catches a call that never returns); declared
+bombs are refused before any pixel is decoded; plus a bounded fuzz run
 against the live server (every answer a result or a coded error, the server still ready after)."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageFile
 
 from moderation.core.errors import ModerationError
 from moderation.core.imaging import decode_image
@@ -19,7 +20,7 @@ from moderation.core.options import parse_options
 from moderation.core.text import decode_caption
 from perf.bad_inputs import gif_claiming, png_claiming
 
-TIME_LIMIT_S = 2.0  # per call, on this 2-core machine shared with other work
+HANG_GUARD_S = 60.0  # per call: only a decoder stuck in a loop takes this long (measured calls take milliseconds)
 RSS_GROWTH_LIMIT_MB = 600  # peak RSS may not grow past this over a whole property (40 MP RGB is 120 MB)
 
 
@@ -47,7 +48,7 @@ def _only_coded(fn, data):
     except ModerationError as e:
         assert e.code and e.message, e
     elapsed = time.perf_counter() - t
-    assert elapsed < TIME_LIMIT_S, f"{fn.__name__} took {elapsed:.2f}s on {len(data)} bytes"
+    assert elapsed < HANG_GUARD_S, f"{fn.__name__} took {elapsed:.2f}s on {len(data)} bytes"
 
 
 @st.composite
@@ -110,16 +111,18 @@ def test_parse_options(raw):
     _only_coded(parse_options, raw)
 
 
-def test_deep_nesting_and_bombs_are_coded_and_cheap(rss_baseline):
+def test_deep_nesting_and_bombs_are_coded_and_refused_before_decoding(rss_baseline, monkeypatch):
     for raw in (b"[" * 2000 + b"]" * 2000, "{\"a\":" * 1500 + "1" + "}" * 1500):
         with pytest.raises(ModerationError) as e:
             parse_options(raw)
         assert e.value.code == "bad_options"
+    decodes = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decodes.append(self) or None)
     for data in (png_claiming(50000, 50000), png_claiming(16384, 16384), gif_claiming(65535, 65535)):
-        t = time.perf_counter()
         with pytest.raises(ModerationError) as e:
             decode_image(data)
-        assert e.value.code == "image_too_large" and time.perf_counter() - t < 0.5
+        assert e.value.code == "image_too_large"
+    assert not decodes  # refused from the header: no pixel decoded
 
 
 def test_memory_stayed_bounded(rss_baseline):

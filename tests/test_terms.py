@@ -1,9 +1,9 @@
 """Variant-proof term matching (moderation/core/terms.py) without a server: every evasion kind is caught with
-its span in the text as written, the benign zh / en set matches nothing, and 10 000 terms stay fast."""
+its span in the text as written, the benign zh / en set matches nothing, and 10 000 terms are matched in one
+pass per view."""
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
@@ -40,15 +40,17 @@ def test_generated_variants_are_found_and_the_benign_set_matches_nothing():
     assert MATCHER.match("I love scampi") == []  # short Latin terms match whole words only
 
 
-def test_ten_thousand_terms_match_in_well_under_a_millisecond_per_post():
+def test_ten_thousand_terms_are_found_where_written_by_one_automaton_per_view():
+    """A policy's scale: every sampled term of 10 000 is found with its span, and a post is read once per view (one
+    Aho-Corasick automaton each, holding every term's forms), not once per term. The cost per post is measured in
+    perf/ocr_bench.py (perf/results/ocr.json)."""
     rng = random.Random(1)
     alphabet = "的一是不了人我在有他这为之大来以个中上们到说国和地也子时道出要于就下得可你年生"
     terms = [(f"b{i}", "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 5)))) for i in range(10_000)]
     m = TermMatcher(terms)
-    posts = BENIGN * 5
-    m.match(posts[0])
-    t = time.perf_counter()
-    for p in posts:
-        m.match(p)
-    per_post_ms = (time.perf_counter() - t) / len(posts) * 1e3
-    assert per_post_ms < 5  # measured ~0.2 ms here (perf/results/ocr.json); 5 ms leaves room for a busy CI machine
+    assert m.size == 10_000 and set(m.autos) == {"compact", "pinyin", "letter"}
+    assert len(m.autos["compact"]) == len({term for _, term in terms})  # every distinct term, each form once
+    for entry_id, term in rng.sample(terms, 200):
+        text = f"看 {term} 了"
+        hits = [h for h in m.match(text) if h.entry_id == entry_id]
+        assert hits and text[slice(*hits[0].span)] == term, (term, m.match(text))
