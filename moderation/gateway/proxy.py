@@ -37,6 +37,7 @@ from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from tritonclient.grpc import service_pb2
 
+from ..core import memory
 from ..core.audit import DELETED_METRIC, DROPPED_METRIC, FAIL_OPEN, FAILURES_METRIC, AuditLog
 from ..core.auth import GRPC_ADMIN_HEADER, admin_key
 from ..core.errors import classify_failure, coded_by_model
@@ -377,8 +378,22 @@ async def serve(listen: str, upstream: str, metrics: str | None) -> None:
         loop.add_signal_handler(sig, stop.set)
     print(f"gateway: gRPC {listen.rpartition(':')[0]}:{port} -> {upstream}; audit {gateway.audit.path}"
           + (f"; metrics {metrics}" if metrics else ""), flush=True)
+    trimmer = asyncio.create_task(trim_when_idle(gateway.admission))
     await stop.wait()
+    trimmer.cancel()
     await gateway.stop()
+
+
+async def trim_when_idle(admission: Admission, every_s: float = 1.0) -> None:
+    """After a burst of large messages, hand the freed heap back to the OS once no call is in flight."""
+    busy = False
+    while True:
+        await asyncio.sleep(every_s)
+        if admission.calls:
+            busy = True
+        elif busy:
+            busy = False
+            await asyncio.to_thread(memory.trim)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,5 +404,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metrics", default=f"127.0.0.1:{os.environ.get('GATEWAY_METRICS_PORT', '8003')}",
                     help="host:port for the gateway's Prometheus metrics; empty to disable")
     args = ap.parse_args(argv)
+    memory.tune_allocator()  # large messages on their own mappings: memory goes back after a burst
     asyncio.run(serve(args.listen, args.upstream, args.metrics or None))
     return 0
