@@ -1,5 +1,7 @@
-"""perf_analyzer against the session Triton server: the `moderate` config runs for a few seconds, completes,
-and stays within the CPU-tiny budget of perf/budgets.yaml. Plus the input-data encoding it relies on."""
+"""perf_analyzer against the session Triton server: the `moderate` config runs for a few seconds and completes
+with a row per concurrency and the per-stage breakdown. Latency budgets (perf/budgets.yaml) are checked by
+`make perf`, not here: on CI's shared 2-core machine a latency bound says more about the neighbours than the
+code. Plus the input-data encoding it relies on, and the budget check itself on made-up rows."""
 from __future__ import annotations
 
 import json
@@ -8,7 +10,7 @@ import struct
 import pytest
 
 from perf.make_inputs import b64_array, b64_bytes, decode_b64_bytes, post_entries
-from perf.run_perf import check, load_budgets, run_target
+from perf.run_perf import check, load_budgets, load_targets, run_target
 from tests.conftest import ADMIN_KEY
 
 
@@ -41,11 +43,9 @@ def test_post_entries_are_real_samples():
         assert json.loads(decode_b64_bytes(e["OPTIONS"])[0]) == {"policy": "allow_all"}
 
 
-@pytest.mark.timeout(120)
-def test_perf_analyzer_moderate_within_cpu_tiny_budget(triton, tmp_path):
+@pytest.mark.timeout(600)  # a hang guard: perf_analyzer that never finishes
+def test_perf_analyzer_moderate_runs_through_the_public_port(triton, tmp_path):
     from perf.make_inputs import write
-    from perf.run_perf import load_targets
-
     defaults, targets = load_targets()
     inputs = tmp_path / "inputs"
     write(inputs, "moderate", post_entries("default"))
@@ -63,8 +63,13 @@ def test_perf_analyzer_moderate_within_cpu_tiny_budget(triton, tmp_path):
     # the per-stage breakdown came from the restricted statistics API (admin key)
     assert result["stages"]["preprocess"]["requests"] >= 24
     assert result["stages"]["moderate"]["requests"] >= 24
-    broken = check(result, load_budgets()["cpu_tiny"]["moderate"])
-    assert broken == [], broken
+
+
+def test_every_target_has_a_budget_on_each_machine():
+    _, targets = load_targets()
+    for machine, budgets in load_budgets().items():
+        assert set(budgets) == set(targets), machine
+        assert all({"p50_ms", "p99_ms", "throughput_min"} <= set(b) for b in budgets.values()), machine
 
 
 def test_budget_check_fails_when_broken():
