@@ -9,7 +9,6 @@ import os
 import queue
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -145,21 +144,19 @@ def test_gateway_metrics_count_calls_and_audited_failures(triton):
     assert after[ok] - before.get(ok, 0) >= 1
 
 
-def test_gateway_adds_little_latency(triton):
-    """Side by side, alternating, same requests: the gateway's median against Triton's own port on the gate
-    path (the cheapest real request). perf/gateway_overhead.py measures more and commits the numbers."""
-    direct = triton.direct_client()
-    gw = grpcclient.InferenceServerClient(triton.grpc_url)
-    times = {"direct": [], "gateway": []}
-    for i in range(24):
-        for name, c in (("direct", direct), ("gateway", gw)) if i % 2 else (("gateway", gw), ("direct", direct)):
-            inputs, outputs = _good(f"lat-{name}-{i}")
-            t = time.perf_counter()
-            c.infer("moderate", inputs, outputs=outputs, client_timeout=60)
-            times[name].append(time.perf_counter() - t)
-    med = {k: statistics.median(v[4:]) for k, v in times.items()}
-    print(json.dumps(med))
-    assert med["gateway"] < med["direct"] * 1.5 + 0.005, med
+def test_gateway_answers_as_triton_does(triton):
+    """The same post through the gateway and on Triton's own port: the same output tensors and the same judgement.
+    What the extra hop costs is measured by perf/gateway_overhead.py (perf/results/gateway_overhead.json)."""
+    answers = {}
+    for name, c in (("direct", triton.direct_client()), ("gateway", grpcclient.InferenceServerClient(triton.grpc_url))):
+        inputs, outputs = _good(f"same-{name}-{uuid.uuid4().hex[:6]}")
+        answers[name] = c.infer("moderate", inputs, outputs=outputs, client_timeout=60).get_response()
+    direct, gateway = answers["direct"], answers["gateway"]
+    assert [(o.name, o.datatype, list(o.shape)) for o in gateway.outputs] == \
+        [(o.name, o.datatype, list(o.shape)) for o in direct.outputs]
+    results = {k: json.loads(grpcclient.InferResult(v).as_numpy("RESULT").reshape(-1)[0]) for k, v in answers.items()}
+    judged = ("action", "decided_by", "route", "violation", "labels", "scores", "model_versions", "error")
+    assert {k: results["gateway"][k] for k in judged} == {k: results["direct"][k] for k in judged}, results
 
 
 def test_triton_down_is_answered_unavailable_and_audited(tmp_path):

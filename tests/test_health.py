@@ -34,7 +34,8 @@ def test_check_and_watch_say_serving(triton):
         watch.cancel()
 
 
-def _wait(predicate, timeout_s: float = 15.0) -> bool:
+def _wait(predicate, timeout_s: float = 60.0) -> bool:
+    """Polls until `predicate` holds; the timeout is a hang guard, not a bound on how fast readiness follows."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
