@@ -224,6 +224,55 @@ def test_near_copies_hit_different_image_misses_purge_clears(triton, cached_poli
     assert after["route"] == "vlm" and not after["cache"]["hit"]
 
 
+def _with_patch(data: bytes, side: int = 80) -> bytes:
+    """The post with a `side`-pixel square of its own pasted in (a payload: text on a flat block), re-encoded."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    block = Image.new("RGB", (side, side), (250, 240, 40))
+    ImageDraw.Draw(block).text((6, side // 3), "BUY NOW", fill="black")
+    im.paste(block, (im.width // 3, im.height // 3))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_a_patched_near_duplicate_misses_while_a_reencoded_copy_hits(triton, cached_policy):
+    from moderation.testing.samples import sample_posts
+    from perf.cache_savings import near_copy
+
+    src = next(p for p in sample_posts() if p.name == "cat_en")
+    caption = f"patched {uuid.uuid4().hex[:6]}"
+    assert _send(triton, src.image_bytes(), caption, policy=cached_policy)["cache"]["stored"]
+    copy = _send(triton, near_copy(src.image_bytes(), "jpeg50"), caption, policy=cached_policy)
+    assert copy["route"] == "cache" and copy["cache"]["local_difference"] <= 0.25, copy["cache"]
+    patched = _send(triton, _with_patch(src.image_bytes()), caption, policy=cached_policy)
+    assert patched["route"] == "vlm" and not patched["cache"]["hit"], patched["cache"]
+
+
+def test_local_check_tells_a_copy_from_a_patched_copy():
+    import io
+
+    from PIL import Image
+
+    from moderation.core.imaging import local_thumbnail
+    from moderation.testing.samples import sample_posts
+    from perf.cache_savings import near_copy
+
+    data = next(p for p in sample_posts() if p.name == "cat_en").image_bytes()
+    local = {name: local_thumbnail(Image.open(io.BytesIO(b))) for name, b in
+             {"src": data, "copy": near_copy(data, "crop5"), "patched": _with_patch(data)}.items()}
+    s = S.model_copy(update={"local_threshold": 0.25})
+    c = VerdictCache()
+    img = _vec(1)
+    c.store(KEY, s, img, None, "c", None, {"v": 1}, local=local["src"])
+    assert c.lookup(KEY, s, img, None, "c", local=local["copy"]).verdict == {"v": 1}
+    assert c.lookup(KEY, s, img, None, "c", local=local["patched"]) is None  # same embedding, a pasted region
+    assert c.lookup(KEY, s, img, None, "c") is None  # a post without a thumbnail never matches a checked entry
+
+
 def test_forget_option_serves_then_evicts(triton, cached_policy):
     from moderation.testing.samples import sample_posts
     from perf.cache_savings import near_copy

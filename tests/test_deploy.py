@@ -240,7 +240,9 @@ def test_compose_one_gpu_host():
     assert gw["read_only"] is True and gw["user"].split(":")[0] != "0"
     assert gw["volumes"] == [v for v in svc["volumes"] if v.startswith("audit:")]  # one audit log
     assert svc["secrets"] == [{"source": "admin_key", "target": "admin_key"},
-                              {"source": "redis_password", "target": "redis_password"}]
+                              {"source": "redis_password", "target": "redis_password"},
+                              {"source": "cache_mac_key", "target": "cache_mac_key"}]
+    assert svc["environment"]["MODERATION_CACHE_KEY_FILE"] == "/run/secrets/cache_mac_key"
     assert c["secrets"]["admin_key"]["file"] == "./secrets/admin_key"
     assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"] and svc["user"].split(":")[0] != "0"
     assert "/v2/health/ready" in " ".join(svc["healthcheck"]["test"])
@@ -417,7 +419,8 @@ def test_redis_for_the_shared_verdict_cache_is_pinned_unpersisted_and_reachable_
     assert mount.get("readOnly") is True
     volume = {v["name"]: v for v in tpod["volumes"]}[mount["name"]]
     assert volume["secret"]["secretName"] == "moderation-redis"
-    assert [i["path"] for i in volume["secret"]["items"]] == [pw.name]
+    mac = PurePosixPath(tenv["MODERATION_CACHE_KEY_FILE"])  # the cache entries' signing key, same Secret
+    assert mac.parent == pw.parent and [i["path"] for i in volume["secret"]["items"]] == [pw.name, mac.name]
     assert 0 < float(tenv["MODERATION_REDIS_TIMEOUT_MS"]) <= 1000  # short: an outage costs misses, not latency
 
 

@@ -582,3 +582,42 @@ def test_redis_killed_under_load_fails_no_request_and_hits_resume(shared_servers
 
     metrics = urllib.request.urlopen(a.metrics_url, timeout=30).read().decode()
     assert "moderation_cache_backend_errors_total" in metrics
+
+
+def test_forged_or_garbage_entries_are_misses_with_a_metric(redis_server):
+    """An entry this service did not sign, or one cut short or edited in Redis, is never served and never an
+    error: a miss, counted by reason. A forged entry with low scores stays unserved even with a valid shape."""
+    import redis
+
+    from moderation.gate.cache import GateCache, Probe
+    from moderation.gate.shared_cache import entry_mac
+
+    count = Counted()
+    c = _shared(redis_server, count=count)
+    r = redis.Redis.from_url(redis_server.url)
+    verdict = {"violation": 0.9, "labels": {"violence": 0.8}, "sentiment": {"negative": 1.0}, "description": None,
+               "untrained": True, "caption_truncated": False, "model_versions": {}}
+    assert c.store(KEY, S, _vec(1), None, "c", None, verdict) is True
+    (entry,) = [k for k in r.scan_iter(match=f"{c.root}:p:*:e:*")]
+    good = r.hgetall(entry)
+
+    def rejected(reason):
+        return sum(1 for name, lab in count.calls if name == "moderation_cache_rejected_total" and
+                   lab == {"reason": reason})
+
+    assert c.lookup(KEY, S, _vec(1), None, "c").verdict == verdict
+    forged_low = json.dumps({**verdict, "violation": 0.0, "labels": {"violence": 0.0}}).encode()
+    edits = [("v", b"not json"), ("img", b"abc"), ("t", b"soon"), ("ver", b"{bad"), ("v", forged_low)]
+    for n, (field, value) in enumerate(edits, start=1):
+        r.hset(entry, mapping={**good, field: value})
+        assert c.lookup(KEY, S, _vec(1), None, "c") is None, field
+        assert rejected("mac") + rejected("schema") == n
+    # signed with this service's key but not a verdict: the shape check refuses it, the gate too
+    base = entry.decode().rsplit(":e:", 1)[0]
+    fields = [good[b"img"], b"", b"", b"", b"c", b"", b'{"violation": "high"}', b"vlm", b"{}"]
+    r.hset(entry, mapping={**good, "v": fields[6], "m": entry_mac(c.mac_key, base, fields)})
+    gate = GateCache(cache=c, count=count)
+    probe = Probe(KEY, S, _vec(1), None, "c", None, False, 0.0)
+    assert gate.lookup(probe) is None and rejected("schema") >= 1
+    r.hset(entry, mapping=good)
+    assert c.lookup(KEY, S, _vec(1), None, "c").verdict == verdict  # the untouched entry still serves

@@ -69,6 +69,7 @@ class RequestRecord(Contract):
     caption_key: str          # verdict-cache key of the normalised caption
     caption_truncated: bool   # CLIP read only its first 77 tokens
     fingerprint: list[float] | None = None  # thumbnail fingerprint, when the policy's cache checks one
+    local_thumbnail: str | None = None  # base64 of core.imaging.local_thumbnail, when the cache checks local agreement
     escalate: bool = False    # OPTIONS escalate: to the VLM whatever the gate decides
     pdq: str | None = None    # PDQ hash, when the policy has an image list
     list_hits: list[dict[str, Any]] = []  # custom-list entries the post matched (core/lists.py ListHit)
@@ -82,6 +83,11 @@ class RequestRecord(Contract):
     preprocess_version: str
     read_text_ms: float | None = None  # set by the read_text stage when it read the image
     read_text_version: str | None = None
+
+    def local_thumbnail_bytes(self) -> bytes | None:
+        import base64
+
+        return base64.b64decode(self.local_thumbnail) if self.local_thumbnail else None
 
     @classmethod
     def failed(cls, request_id: str | None, hashes: dict[str, str], error: PostError, received_at: float,

@@ -86,6 +86,8 @@ class CacheSettings(_Strict):
     image_threshold: float = Field(0.98, ge=0.0, le=1.0)
     text_threshold: float | None = Field(None, ge=0.0, le=1.0)
     fingerprint_threshold: float | None = Field(0.7, ge=-1.0, le=1.0)
+    # largest 8x8-tile difference of the aligned 64x64 thumbnails (core.imaging.local_difference); null: not checked
+    local_threshold: float | None = Field(None, ge=0.0)
     ttl_s: float = Field(3600.0, gt=0)
     max_entries: int = Field(4096, ge=1, le=1_000_000)
     candidates: int = Field(128, ge=1, le=10_000)

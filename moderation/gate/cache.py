@@ -10,7 +10,10 @@ stores each fresh VLM verdict. A match needs, within one partition (policy diges
   * a tiny perceptual fingerprint (core.imaging.fingerprint, computed once in preprocess; cosine) >=
     `cache.fingerprint_threshold` when set: a cheap second check against false CLIP matches. The untrained tiny
     CLIP needs it (different photos reach cosine 0.997 there, see docs/performance.md); with a real CLIP it costs
-    one thumbnail.
+    one thumbnail;
+  * local agreement (core.imaging.local_difference <= `cache.local_threshold` when set): the stored and the new
+    post's 64x64 thumbnails, aligned, differ in no 8x8 tile, so a caller cannot get another post's verdict for a
+    copy with a region of its own pasted in (both global checks barely move for a 2 % patch).
 
 Bounds: each partition is an LRU of at most `cache.max_entries` entries, each entry expires `cache.ttl_s`
 after it was stored. Privacy: OPTIONS {"forget": true} evicts every entry the post matches and stores nothing
@@ -67,9 +70,8 @@ class VerdictCache:
             del p.entries[k]
         self.counts["expired"] += len(old)
 
-    def _matches(self, p: _Partition, settings, image, text, caption, fp) -> list[tuple[int, float, float | None,
-                                                                                        float | None]]:
-        return match(list(p.entries.items()), settings, image, text, caption, fp)
+    def _matches(self, p: _Partition, settings, image, text, caption, fp, local) -> list[tuple]:
+        return match(list(p.entries.items()), settings, image, text, caption, fp, local)
 
     @staticmethod
     def _inputs(image_emb, text_emb, fp):
@@ -77,7 +79,8 @@ class VerdictCache:
 
     # API --------------------------------------------------------------------------------------
     def lookup(self, key: tuple, settings, image_emb, text_emb, caption: str, fp=None,
-               still_valid=None, exact: str | None = None, seen: dict | None = None) -> Hit | None:
+               still_valid=None, exact: str | None = None, seen: dict | None = None,
+               local: bytes | None = None) -> Hit | None:
         """The best live match, or None. `still_valid(entry.versions) -> bool` drops entries whose models are
         no longer served (e.g. after a decoder swap). `exact` (a hash of the image bytes and caption key) is the
         shared backend's index of byte-identical copies; here every entry of the partition is compared anyway.
@@ -88,7 +91,7 @@ class VerdictCache:
                 seen["generation"] = self.generation
             p = self._part(key, settings)
             self._expire(p)
-            for i, s, ts, fs in self._matches(p, settings, image, text, caption, fp):
+            for i, s, ts, fs, ld in self._matches(p, settings, image, text, caption, fp, local):
                 e = p.entries[i]
                 if still_valid is not None and not still_valid(e.versions):
                     del p.entries[i]
@@ -96,13 +99,14 @@ class VerdictCache:
                     continue
                 p.entries.move_to_end(i)
                 self.counts["hit"] += 1
-                return Hit(dict(e.verdict), s, ts, fs, e.source_route, self._clock() - e.stored, dict(e.versions))
+                return Hit(dict(e.verdict), s, ts, fs, e.source_route, self._clock() - e.stored, dict(e.versions),
+                           ld)
             self.counts["miss"] += 1
             return None
 
     def store(self, key: tuple, settings, image_emb, text_emb, caption: str, fp, verdict: dict,
               source_route: str = "vlm", versions: dict | None = None, exact: str | None = None,
-              generation: int | None = None) -> bool:
+              generation: int | None = None, local: bytes | None = None) -> bool:
         """Store a verdict; False (nothing stored) when `generation` is given and a purge happened since."""
         image, text, fp = self._inputs(image_emb, text_emb, fp)
         kept = stored_verdict(verdict)
@@ -113,7 +117,7 @@ class VerdictCache:
             p = self._part(key, settings)
             self._next += 1
             p.entries[self._next] = Entry(image, text, caption, fp, kept, source_route, self._clock(),
-                                          dict(versions or {}))
+                                          dict(versions or {}), local)
             self.counts["stored"] += 1
             while len(p.entries) > p.max_entries:
                 p.entries.popitem(last=False)
@@ -121,12 +125,12 @@ class VerdictCache:
             return True
 
     def forget(self, key: tuple, settings, image_emb, text_emb, caption: str, fp=None,
-               exact: str | None = None) -> int:
+               exact: str | None = None, local: bytes | None = None) -> int:
         """Evict every entry this post matches (OPTIONS forget); returns how many."""
         image, text, fp = self._inputs(image_emb, text_emb, fp)
         with self._lock:
             p = self._part(key, settings)
-            gone = self._matches(p, settings, image, text, caption, fp)
+            gone = self._matches(p, settings, image, text, caption, fp, local)
             for i, *_ in gone:
                 del p.entries[i]
             self.counts["forgotten"] += len(gone)
@@ -196,6 +200,7 @@ class Probe:
     started: float
     exact: str | None = None
     seen: dict = field(default_factory=dict)  # the cache generation the lookup saw
+    local: bytes | None = None  # core.imaging.local_thumbnail of the post
 
 
 class GateCache:
@@ -207,7 +212,7 @@ class GateCache:
     def __init__(self, is_ready=None, clock=time.monotonic, count=_no_count, warn=print, cache=None):
         self.cache = cache if cache is not None else verdict_cache(clock, count=count, warn=warn)
         self.is_ready = is_ready
-        self.warn = warn
+        self.warn, self.count = warn, count
         self.pending_epoch: str | None = None  # a purge Redis missed: nothing is served or stored until it ran
 
     @property
@@ -221,7 +226,7 @@ class GateCache:
             return None
         return Probe(partition_key(policy, record.lang, record.describe, arm), settings, image_emb, text_emb,
                      record.caption_key, record.fingerprint, record.forget, time.perf_counter(),
-                     exact_key(record) if record.image_sha256 else None)
+                     exact_key(record) if record.image_sha256 else None, local=record.local_thumbnail_bytes())
 
     def _valid(self, versions: dict) -> bool:
         if self.is_ready is None:
@@ -247,14 +252,20 @@ class GateCache:
             probe.seen["unavailable"] = True
             return None
         hit = self.cache.lookup(probe.key, probe.settings, probe.image_emb, probe.text_emb, probe.caption,
-                                probe.fingerprint, still_valid=self._valid, exact=probe.exact, seen=probe.seen)
+                                probe.fingerprint, still_valid=self._valid, exact=probe.exact, seen=probe.seen,
+                                local=probe.local)
         if hit is None:
             return None
         if probe.forget:
             self.cache.forget(probe.key, probe.settings, probe.image_emb, probe.text_emb, probe.caption,
-                              probe.fingerprint, exact=probe.exact)
+                              probe.fingerprint, exact=probe.exact, local=probe.local)
+        try:
+            verdict = VlmVerdict.model_validate(hit.verdict)
+        except ValueError:  # a stored verdict that is not a verdict (pydantic's ValidationError): a miss, never served
+            self.count("moderation_cache_rejected_total", reason="schema")
+            return None
         info = dict(hit.info(), lookup_ms=round((time.perf_counter() - probe.started) * 1e3, 3))
-        return VlmVerdict.model_validate(hit.verdict), info
+        return verdict, info
 
     def after(self, probe: Probe, verdict: VlmVerdict) -> dict:
         """Store a fresh verdict (or, for forget, evict what it matches); returns RESULT.cache info of a miss.
@@ -263,13 +274,13 @@ class GateCache:
             return {"hit": False, "stored": False, "unavailable": True}
         if probe.forget:
             n = self.cache.forget(probe.key, probe.settings, probe.image_emb, probe.text_emb, probe.caption,
-                                  probe.fingerprint, exact=probe.exact)
+                                  probe.fingerprint, exact=probe.exact, local=probe.local)
             info = {"hit": False, "stored": False, "forgotten": max(n, 0)}
             return {**info, "unavailable": True} if n < 0 else info
         versions = {k: v for k, v in verdict.model_versions.items() if k in VERDICT_MODELS}
         stored = self.cache.store(probe.key, probe.settings, probe.image_emb, probe.text_emb, probe.caption,
                                   probe.fingerprint, verdict.model_dump(), "vlm", versions, exact=probe.exact,
-                                  generation=probe.seen.get("generation"))
+                                  generation=probe.seen.get("generation"), local=probe.local)
         info = {"hit": False, "stored": stored is True}
         return {**info, "unavailable": True} if stored is None else info
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core.imaging import local_difference
 from ..core.vectors import l2_normalize
 
 # Timings describe the original request, not the one a stored verdict answers.
@@ -22,6 +23,7 @@ class Entry:
     source_route: str
     stored: float  # s: time.monotonic() in-process, Redis server time in the shared cache
     versions: dict = field(default_factory=dict)
+    local: bytes | None = None  # core.imaging.local_thumbnail of the post the verdict was given to
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Hit:
     source_route: str
     age_s: float
     versions: dict
+    local_difference: float | None = None
 
     def info(self) -> dict:
         """The `cache` object of RESULT."""
@@ -40,13 +43,17 @@ class Hit:
                 "age_s": round(self.age_s, 3),
                 **({"text_similarity": round(self.text_similarity, 6)} if self.text_similarity is not None else {}),
                 **({"fingerprint_similarity": round(self.fingerprint_similarity, 6)}
-                   if self.fingerprint_similarity is not None else {})}
+                   if self.fingerprint_similarity is not None else {}),
+                **({"local_difference": round(self.local_difference, 4)}
+                   if self.local_difference is not None else {})}
 
 
-def match(entries: list[tuple[object, Entry]], settings, image, text, caption, fp) -> list[
-        tuple[object, float, float | None, float | None]]:
-    """(id, image cosine, text cosine, fingerprint cosine) of every (id, entry) the post matches, best image cosine
-    first (ties keep the order given). Inputs are unit vectors (`unit_inputs`); both backends decide with this."""
+def match(entries: list[tuple[object, Entry]], settings, image, text, caption, fp, local: bytes | None = None
+          ) -> list[tuple[object, float, float | None, float | None, float | None]]:
+    """(id, image cosine, text cosine, fingerprint cosine, local difference) of every (id, entry) the post matches,
+    best image cosine first (ties keep the order given). Inputs are unit vectors (`unit_inputs`) and the post's
+    local thumbnail; both backends decide with this. The local check runs last, on the few entries that passed
+    the global ones: it is the only one that sees a region pasted into an otherwise identical picture."""
     if not entries:
         return []
     sims = np.stack([e.image for _, e in entries]) @ image
@@ -71,7 +78,14 @@ def match(entries: list[tuple[object, Entry]], settings, image, text, caption, f
             fs = float(e.fingerprint @ fp)
             if fs < settings.fingerprint_threshold:
                 continue
-        out.append((i, float(s), ts, fs))
+        ld = None
+        if settings.local_threshold is not None:
+            if local is None or e.local is None:
+                continue
+            ld = local_difference(e.local, local)
+            if ld > settings.local_threshold:
+                continue
+        out.append((i, float(s), ts, fs, ld))
     return sorted(out, key=lambda m: -m[1])
 
 

@@ -2,6 +2,7 @@
 pixels) and its RequestRecord, the typed record every later stage reads; read_text: the image's words added to it."""
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -15,7 +16,7 @@ from PIL import Image
 from ..core.contracts import PostError, RequestRecord
 from ..core.errors import BadRequest, ModerationError
 from ..core.hashing import post_hashes
-from ..core.imaging import decode_image, fingerprint, pdq_hash
+from ..core.imaging import decode_image, fingerprint, local_thumbnail, pdq_hash
 from ..core.lists import image_hits, term_hits
 from ..core.options import parse_options
 from ..core.policy import load_policy
@@ -154,6 +155,8 @@ class Preprocess:
             caption_key=verdict_cache_key(post.caption, ""), caption_truncated=truncated[0],
             fingerprint=fingerprint(post.image).tolist()
             if cache.enabled and cache.fingerprint_threshold is not None and post.has_image else None,
+            local_thumbnail=base64.b64encode(local_thumbnail(post.image)).decode("ascii")
+            if cache.enabled and cache.local_threshold is not None and post.has_image else None,
             escalate=parsed.escalate, pdq=pdq, list_hits=[h.to_dict() for h in hits],
             read_text=bool(policy.ocr.enabled and parsed.ocr and post.has_image),
             text_scores=text_scores(post.caption, ""),

@@ -9,9 +9,9 @@ compared: a lookup fetches a bounded candidate set in one round trip and matches
 Keys (`<prefix>:v<SCHEMA>:...`; a new SCHEMA starts from an empty cache, old keys expire on their own):
 
     gen, seq, tick, epoch               purge generation, entry ids, LRU logical clock, last purge epoch applied
-    p:<partition>:e:<id>                hash: img, txt, fp (float32 unit vectors), c (caption key), x (exact key),
-                                        v (verdict JSON), r (source route), ver (model versions JSON),
-                                        t (stored, Redis server ms), g (generation); PEXPIRE ttl_s (Redis expiry)
+    p:<partition>:e:<id>                hash: img, txt, fp (float32 unit vectors), lt (local thumbnail), c (caption
+                                        key), x (exact key), v (verdict JSON), r (source route), ver (model versions
+                                        JSON), m (MAC), t (stored, Redis server ms), g (generation); PEXPIRE ttl_s
     p:<partition>:lru                   zset id -> last use (tick): the size bound trims the least recently used
     p:<partition>:age                   zset id -> stored ms: expired ids leave the indexes before trimming
     p:<partition>:c:<caption key>       zset id -> last use: the candidates of a lookup by caption key
@@ -21,6 +21,11 @@ Candidates of a lookup (at most `cache.candidates` + 1): the byte-identical copy
 entries with the same caption key (text_threshold null: a match needs that key anyway) or, when text_threshold is
 set, of the whole partition. Store, trim and expiry run atomically in one Lua script; all times are Redis's own
 clock (TIME), so replicas with skewed clocks agree.
+
+Trust: Redis is shared storage, not a judge. Every entry carries an HMAC-SHA256 (`m`) of its partition and every
+field a lookup acts on, under the key in the file MODERATION_CACHE_KEY_FILE names (one secret for all replicas);
+a candidate whose MAC or shape is wrong (written by something else, cut short, edited) is a miss, counted in
+moderation_cache_rejected_total{reason: mac | schema}, and never served or an error.
 
 Degrade, don't fail: every call has short socket timeouts and no retries, behind a circuit breaker. A Redis error
 opens it: lookups are misses and stores / forgets are skipped (moderation_cache_backend_errors_total{op, kind})
@@ -33,7 +38,12 @@ with it empties the shared cache for every replica. Stale entries (their decoder
 skipped, not deleted: during a rolling swap another replica may still serve that version."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import os
+import secrets
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -42,9 +52,15 @@ from pathlib import Path
 import numpy as np
 
 from ..core.hashing import sha256_hex
+from ..core.imaging import FINGERPRINT_SIDE, LOCAL_SIDE
 from .entries import Entry, Hit, match, stored_verdict, unit_inputs
 
-SCHEMA = 1
+SCHEMA = 2
+CACHE_KEY_FILE_ENV = "MODERATION_CACHE_KEY_FILE"
+FINGERPRINT_BYTES = FINGERPRINT_SIDE * FINGERPRINT_SIDE * 3 * 4
+LOCAL_BYTES = LOCAL_SIDE * LOCAL_SIDE * 3
+SOURCE_ROUTES = ("vlm",)
+_PROCESS_KEY = secrets.token_bytes(32)  # without a configured key: entries this process wrote verify, others' do not
 DEFAULT_PREFIX = "moderation:verdicts"
 DEFAULT_TIMEOUT_MS = 250.0
 _DOWN = object()
@@ -69,7 +85,7 @@ end
 """
 
 # KEYS: gen seq tick lru age bucket exact; ARGV: base expected_gen ttl_ms max_entries caption exact img txt fp verdict
-# route versions -> {id or -1 (refused: purged since the lookup), expired, evicted}
+# route versions local mac -> {id or -1 (refused: purged since the lookup), expired, evicted}
 _STORE = _DROP_FN + """
 local gen = redis.call('GET', KEYS[1]) or '0'
 if ARGV[2] ~= '' and ARGV[2] ~= gen then return {-1, 0, 0} end
@@ -81,7 +97,7 @@ local id = tostring(redis.call('INCR', KEYS[2]))
 local tick = redis.call('INCR', KEYS[3])
 local ek = base .. ':e:' .. id
 redis.call('HSET', ek, 'img', ARGV[7], 'txt', ARGV[8], 'fp', ARGV[9], 'v', ARGV[10], 'r', ARGV[11],
-           'ver', ARGV[12], 't', now, 'g', gen, 'c', ARGV[5], 'x', ARGV[6])
+           'ver', ARGV[12], 't', now, 'g', gen, 'c', ARGV[5], 'x', ARGV[6], 'lt', ARGV[13], 'm', ARGV[14])
 redis.call('PEXPIRE', ek, ttl)
 redis.call('ZADD', KEYS[4], tick, id)
 redis.call('ZADD', KEYS[5], now, id)
@@ -100,7 +116,7 @@ return {tonumber(id), #expired, evicted}
 """
 
 # KEYS: gen bucket exact; ARGV: base limit has_exact -> {gen, now_ms, then per live candidate of this generation:
-# id img txt fp t ver c}
+# id img txt fp t ver c lt x v r m}
 _LOOKUP = """
 local gen = redis.call('GET', KEYS[1]) or '0'
 local t = redis.call('TIME')
@@ -115,12 +131,13 @@ for _, id in ipairs(redis.call('ZREVRANGE', KEYS[2], 0, tonumber(ARGV[2]) - 1)) 
 end
 local out = {gen, tostring(now)}
 for _, id in ipairs(ids) do
-  local f = redis.call('HMGET', ARGV[1] .. ':e:' .. id, 'img', 'txt', 'fp', 't', 'ver', 'c', 'g')
+  local f = redis.call('HMGET', ARGV[1] .. ':e:' .. id, 'img', 'txt', 'fp', 't', 'ver', 'c', 'lt', 'x', 'v', 'r',
+                       'm', 'g')
   if not f[1] then
     redis.call('ZREM', KEYS[2], id)
-  elseif f[7] == gen then
+  elseif f[12] == gen then
     out[#out + 1] = id
-    for j = 1, 6 do out[#out + 1] = f[j] end
+    for j = 1, 11 do out[#out + 1] = f[j] or false end
   end
 end
 return out
@@ -212,16 +229,49 @@ def _bytes(x: np.ndarray | None) -> bytes:
     return b"" if x is None else np.ascontiguousarray(x, dtype="<f4").tobytes()
 
 
+def entry_mac(key: bytes, base: str, fields: list[bytes]) -> bytes:
+    """HMAC-SHA256 of an entry's partition and fields, each length-prefixed (no two field lists frame alike)."""
+    mac = hmac.new(key, base.encode(), hashlib.sha256)
+    for f in fields:
+        mac.update(struct.pack(">I", len(f)))
+        mac.update(f)
+    return mac.digest()
+
+
+class RejectedEntry(ValueError):
+    """A stored entry that is not one this service wrote (reason "mac") or not of this schema ("schema")."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def cache_mac_key(env, warn: Callable[[str], None] = print) -> bytes:
+    """The entries' MAC key: the file MODERATION_CACHE_KEY_FILE names (the same secret on every replica). Without
+    one, a random key of this process: its entries are trusted by itself only (a warning says so)."""
+    path = env.get(CACHE_KEY_FILE_ENV, "").strip()
+    if path:
+        key = Path(path).read_bytes().strip()
+        if len(key) < 16:
+            raise ValueError(f"{CACHE_KEY_FILE_ENV}: the key must be at least 16 bytes")
+        return key
+    warn(f"verdict cache: no {CACHE_KEY_FILE_ENV}; entries are signed with a key of this process only, so other "
+         "replicas' entries are misses")
+    return _PROCESS_KEY
+
+
 class RedisVerdictCache:
     """VerdictCache's API on Redis (see the module doc). Returns: store() True / False (refused: purged since the
     lookup) / None (backend unavailable: skipped); forget() the entries evicted, or -1 when unavailable; lookup()
     None on a miss or an outage (`seen["unavailable"]` says which)."""
 
     def __init__(self, client, prefix: str = DEFAULT_PREFIX, count: Callable[..., None] = _no_count,
-                 warn: Callable[[str], None] = print, breaker: CircuitBreaker | None = None):
+                 warn: Callable[[str], None] = print, breaker: CircuitBreaker | None = None,
+                 mac_key: bytes | None = None):
         import redis
 
         self.redis, self.prefix, self.count, self.warn = client, prefix, count, warn
+        self.mac_key = mac_key or cache_mac_key(os.environ, warn)
         self.errors = (redis.RedisError, OSError)
         self.breaker = breaker or CircuitBreaker()
         self.root = f"{prefix}:v{SCHEMA}"
@@ -232,7 +282,7 @@ class RedisVerdictCache:
         self._forget = client.register_script(_FORGET)
         self._epoch_script = client.register_script(_EPOCH)
         self.counts = {"hit": 0, "miss": 0, "stored": 0, "evicted": 0, "expired": 0, "forgotten": 0, "stale": 0,
-                       "refused": 0, "skipped": 0, "errors": 0}
+                       "refused": 0, "skipped": 0, "errors": 0, "rejected": 0}
 
     @classmethod
     def from_env(cls, url: str, env, count=_no_count, warn=print) -> RedisVerdictCache:
@@ -250,7 +300,8 @@ class RedisVerdictCache:
         client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                       retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
                                       decode_responses=False, client_name="moderation-clip-gate", **extra)
-        return cls(client, env.get("MODERATION_REDIS_PREFIX", DEFAULT_PREFIX), count=count, warn=warn)
+        return cls(client, env.get("MODERATION_REDIS_PREFIX", DEFAULT_PREFIX), count=count, warn=warn,
+                   mac_key=cache_mac_key(env, warn))
 
     # plumbing -----------------------------------------------------------------------------------
     def _call(self, op: str, fn: Callable[[], object]):
@@ -282,18 +333,39 @@ class RedisVerdictCache:
                            args=[base, settings.candidates, "1" if exact else "0"])
         gen, now = raw[0].decode(), int(raw[1])
         entries = []
-        for j in range(2, len(raw), 7):
-            cid, img, txt, fp, t, ver, cap = raw[j:j + 7]
-            image = _vec(img)
-            if image is None or image.shape[0] != dim:  # another encoder's entry: never a match
-                continue
-            entries.append((cid.decode(), Entry(image, _vec(txt), (cap or b"").decode(), _vec(fp), {}, "",
-                                                int(t) / 1e3, json.loads(ver or b"{}"))))
+        for j in range(2, len(raw), 12):
+            cid, *fields = raw[j:j + 12]
+            try:
+                entries.append((cid.decode(), self._entry(base, dim, *fields)))
+            except RejectedEntry as e:  # never served, never an error: a miss, counted
+                self.counts["rejected"] += 1
+                self.count("moderation_cache_rejected_total", reason=e.reason)
         return base, gen, now / 1e3, entries
+
+    def _entry(self, base: str, dim: int, img, txt, fp, t, ver, cap, lt, x, v, r, mac) -> Entry:
+        """A candidate as stored, checked: its MAC under this service's key, then its shape."""
+        signed = [img or b"", txt or b"", fp or b"", lt or b"", cap or b"", x or b"", v or b"", r or b"", ver or b""]
+        if not mac or not hmac.compare_digest(mac, entry_mac(self.mac_key, base, signed)):
+            raise RejectedEntry("mac", "the entry's MAC does not verify")
+        try:
+            image, text, fpv = _vec(img), _vec(txt), _vec(fp)
+            if image is None or image.shape[0] != dim:  # another encoder's entry: never a match
+                raise ValueError("image embedding of another size")
+            if text is not None and text.shape[0] != dim or fp and len(fp) != FINGERPRINT_BYTES \
+                    or lt and len(lt) != LOCAL_BYTES:
+                raise ValueError("a vector of the wrong size")
+            verdict, versions = json.loads(v), json.loads(ver or b"{}")
+            if not isinstance(verdict, dict) or not isinstance(versions, dict) \
+                    or (r or b"").decode() not in SOURCE_ROUTES:
+                raise ValueError("verdict, versions or route")
+            return Entry(image, text, (cap or b"").decode(), fpv, verdict, r.decode(), int(t) / 1e3,
+                         {str(k): str(val) for k, val in versions.items()}, lt or None)
+        except (ValueError, TypeError, UnicodeDecodeError) as e:  # JSONDecodeError and UnicodeDecodeError included
+            raise RejectedEntry("schema", f"{type(e).__name__}") from None
 
     # API (VerdictCache's) -------------------------------------------------------------------------
     def lookup(self, key: tuple, settings, image_emb, text_emb, caption: str, fp=None, still_valid=None,
-               exact: str | None = None, seen: dict | None = None) -> Hit | None:
+               exact: str | None = None, seen: dict | None = None, local: bytes | None = None) -> Hit | None:
         image, text, fpu = unit_inputs(image_emb, text_emb, fp)
 
         def run():
@@ -301,7 +373,7 @@ class RedisVerdictCache:
             if seen is not None:
                 seen["generation"] = gen
             by_id = dict(entries)
-            for i, s, ts, fs in match(entries, settings, image, text, caption, fpu):
+            for i, s, ts, fs, ld in match(entries, settings, image, text, caption, fpu, local):
                 e = by_id[i]
                 if now - e.stored > settings.ttl_s:
                     continue
@@ -311,8 +383,8 @@ class RedisVerdictCache:
                 got = self._touch(keys=[self._tick, f"{base}:lru"], args=[base, i])
                 if got is None:  # evicted since the candidates were read
                     continue
-                return Hit(json.loads(got[0]), s, ts, fs, got[1].decode(), max(0.0, now - e.stored),
-                           dict(e.versions))
+                # the verdict verified with the candidate (entries are written once, never changed in place)
+                return Hit(e.verdict, s, ts, fs, e.source_route, max(0.0, now - e.stored), dict(e.versions), ld)
             return None
 
         hit = self._call("lookup", run)
@@ -325,15 +397,17 @@ class RedisVerdictCache:
 
     def store(self, key: tuple, settings, image_emb, text_emb, caption: str, fp, verdict: dict,
               source_route: str = "vlm", versions: dict | None = None, exact: str | None = None,
-              generation: str | None = None) -> bool | None:
+              generation: str | None = None, local: bytes | None = None) -> bool | None:
         image, text, fpu = unit_inputs(image_emb, text_emb, fp)
         base = self._base(key)
+        signed = [_bytes(image), _bytes(text), _bytes(fpu), local or b"", caption.encode(), (exact or "").encode(),
+                  json.dumps(stored_verdict(verdict), ensure_ascii=False).encode(), source_route.encode(),
+                  json.dumps(dict(versions or {})).encode()]
         keys = [self._gen, self._seq, self._tick, f"{base}:lru", f"{base}:age", f"{base}:c:{caption}",
                 f"{base}:x:{exact}" if exact else self._gen]
         args = [base, "" if generation is None else str(generation), max(1, int(settings.ttl_s * 1e3)),
-                settings.max_entries, caption, exact or "", _bytes(image), _bytes(text), _bytes(fpu),
-                json.dumps(stored_verdict(verdict), ensure_ascii=False), source_route,
-                json.dumps(dict(versions or {}))]
+                settings.max_entries, caption, exact or "", *signed[:3], signed[6], signed[7], signed[8], signed[3],
+                entry_mac(self.mac_key, base, signed)]
         out = self._call("store", lambda: self._store(keys=keys, args=args))
         if out is _DOWN:
             return None
@@ -347,12 +421,12 @@ class RedisVerdictCache:
         return True
 
     def forget(self, key: tuple, settings, image_emb, text_emb, caption: str, fp=None,
-               exact: str | None = None) -> int:
+               exact: str | None = None, local: bytes | None = None) -> int:
         image, text, fpu = unit_inputs(image_emb, text_emb, fp)
 
         def run():
             base, _, _, entries = self._candidates(key, settings, caption, exact, image.shape[0])
-            ids = [i for i, *_ in match(entries, settings, image, text, caption, fpu)]
+            ids = [i for i, *_ in match(entries, settings, image, text, caption, fpu, local)]
             if not ids:
                 return 0
             return int(self._forget(keys=[f"{base}:lru", f"{base}:age"], args=[base, *ids]))

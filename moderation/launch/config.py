@@ -20,6 +20,22 @@ def pytriton_dir() -> Path:
     return Path(pytriton.__file__).parent
 
 
+def local_cache_key(path: Path = Path("build/secrets/verdict_cache.key")) -> Path:
+    """The shared verdict cache's MAC key for servers started from this checkout (made once, mode 0600); a cluster
+    mounts its own secret as MODERATION_CACHE_KEY_FILE instead (docs/deploy.md)."""
+    if not path.exists():
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another server of this checkout made it just now
+            return path.resolve()
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.resolve()
+
+
 def backend_dir(root: Path = Path("build/triton_backends")) -> Path:
     """Triton wants <backend-dir>/python/{libtriton_python.so, stub, utils}; assemble it from the wheel."""
     src = pytriton_dir() / "tritonserver"
@@ -134,4 +150,6 @@ class ServerConfig:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.setdefault("HF_HUB_OFFLINE", "1")  # local-only inference: never reach a model hub
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        if env.get("MODERATION_REDIS_URL", "").strip() and not env.get("MODERATION_CACHE_KEY_FILE"):
+            env["MODERATION_CACHE_KEY_FILE"] = str(local_cache_key())  # servers of this checkout share entries
         return env

@@ -18,6 +18,8 @@ SPECS = {
     "moderation_cache_backend_errors_total": ("COUNTER", "Shared (Redis) verdict-cache calls that failed (kind "
                                               "error) or were skipped while its circuit breaker was open (kind "
                                               "skipped), by operation: each one a cache miss or a skipped write"),
+    "moderation_cache_rejected_total": ("COUNTER", "Shared verdict-cache entries refused at lookup, never served: "
+                                        "reason mac (not signed with this service's key) or schema (malformed)"),
     "moderation_decoder_fallback_total": ("COUNTER", "Escalations sent to the INT8 fallback decoder"),
     "moderation_decoder_batch_size": ("GAUGE", "Posts in the language decoder's last batch"),
     "moderation_lists_stale": ("GAUGE", "1 while a policy's lists file fails to parse and the last good lists stay in "

@@ -1,9 +1,18 @@
 """Stage contracts with plausible defaults, for unit tests of the stages without a server."""
 from __future__ import annotations
 
+import base64
 import time
 
+from PIL import Image
+
 from ..core.contracts import GateDecision, RequestRecord
+from ..core.imaging import local_thumbnail
+
+
+def local_thumbnail_b64(image: Image.Image) -> str:
+    """RequestRecord.local_thumbnail of an image, as preprocess writes it."""
+    return base64.b64encode(local_thumbnail(image)).decode("ascii")
 
 
 def request_record(**fields) -> RequestRecord:
