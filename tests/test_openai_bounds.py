@@ -8,6 +8,8 @@ import dataclasses
 import http.client
 import json
 import os
+import select
+import time
 from unittest import mock
 
 import pytest
@@ -19,21 +21,34 @@ from moderation.testing.server import free_port
 
 MAX_REQUESTS = 3
 MAX_BYTES = 3_000_000
-BODY_TIMEOUT_S = 2
-HANG_GUARD_S = 120  # a socket timeout that only a hung server reaches
+BODY_TIMEOUT_S = 2  # slow_front's: the 408 its test waits for
+HANG_GUARD_S = 120  # a socket timeout that only a hung server reaches; `front`'s body timeout too, so a body a test
+# holds back is never timed out while it decides which request is refused (that would race the clock)
+
+
+def _front(triton, audit_log, policy_dir, log_dir, body_timeout_s: float):
+    """A front end of its own (small bounds) calling the session server's gateway."""
+    config = dataclasses.replace(triton.config, openai_port=free_port())
+    env = {"MODERATION_OPENAI_MAX_REQUESTS": str(MAX_REQUESTS), "MODERATION_OPENAI_MAX_BYTES": str(MAX_BYTES),
+           "MODERATION_OPENAI_BODY_TIMEOUT_S": str(body_timeout_s), "MODERATION_AUDIT_LOG": str(audit_log),
+           "MODERATION_POLICY_DIR": str(policy_dir)}
+    with mock.patch.dict(os.environ, env):
+        proc = OpenAIProcess(config, log_dir / "openai.log")
+    proc.start().wait_ready(60)
+    proc.port, proc.audit = config.openai_port, audit_log
+    return proc
 
 
 @pytest.fixture(scope="module")
 def front(triton, audit_log, policy_dir, tmp_path_factory):
-    """A front end of its own (small bounds, short body timeout) calling the session server's gateway."""
-    config = dataclasses.replace(triton.config, openai_port=free_port())
-    env = {"MODERATION_OPENAI_MAX_REQUESTS": str(MAX_REQUESTS), "MODERATION_OPENAI_MAX_BYTES": str(MAX_BYTES),
-           "MODERATION_OPENAI_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S), "MODERATION_AUDIT_LOG": str(audit_log),
-           "MODERATION_POLICY_DIR": str(policy_dir)}
-    with mock.patch.dict(os.environ, env):
-        proc = OpenAIProcess(config, tmp_path_factory.mktemp("openai_bounds") / "openai.log")
-    proc.start().wait_ready(60)
-    proc.port, proc.audit = config.openai_port, audit_log
+    proc = _front(triton, audit_log, policy_dir, tmp_path_factory.mktemp("openai_bounds"), HANG_GUARD_S)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_front(triton, audit_log, policy_dir, tmp_path_factory):
+    proc = _front(triton, audit_log, policy_dir, tmp_path_factory.mktemp("openai_slow_body"), BODY_TIMEOUT_S)
     yield proc
     proc.stop()
 
@@ -57,6 +72,26 @@ def _answer(conn: http.client.HTTPConnection) -> tuple[int, dict, dict]:
     resp = conn.getresponse()
     body = json.loads(resp.read())
     return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+
+
+def _refused_while_the_others_wait(held: list[tuple[http.client.HTTPConnection, int]], rest: bytes):
+    """Held requests (headers and the start of a body sent): the one answered from its headers alone, while the
+    others hold their slots with no answer; then each other one gets `rest`, padded with JSON whitespace to its
+    declared length, and is answered. Returns the refused one's answer and the others' statuses."""
+    hang_guard = time.monotonic() + HANG_GUARD_S
+    ready: list = []
+    while not ready:
+        assert time.monotonic() < hang_guard, "no held request was refused"
+        ready, _, _ = select.select([c.sock for c, _ in held], [], [], 0.5)
+    assert len(ready) == 1, ready
+    refused = next(c for c, _ in held if c.sock is ready[0])
+    answer = _answer(refused)
+    statuses = []
+    for c, left in held:
+        if c is not refused:
+            c.send(rest.ljust(left))
+            statuses.append(_answer(c)[0])
+    return answer, statuses
 
 
 def _post(front, body: bytes) -> tuple[int, dict, dict]:
@@ -100,32 +135,32 @@ def test_a_declared_length_over_the_limit_is_refused_before_the_body_is_sent(fro
 
 def test_past_the_body_bytes_in_flight_a_request_is_refused_with_retry_after(front):
     declared = MAX_BYTES * 2 // 3  # two of these do not fit
-    held = [_open(front, declared, b'{"input": "'), _open(front, declared, b'{"input": "')]
+    first = b'{"input": "'
+    held = [(_open(front, declared, first), declared - len(first)) for _ in range(2)]
     try:
-        answers = [_answer(c) for c in held]  # neither body is sent: one refused at once, one times out
+        (status, headers, body), admitted = _refused_while_the_others_wait(held, b'a nice day"}')
     finally:
-        for c in held:
+        for c, _ in held:
             c.close()
-    assert sorted(a[0] for a in answers) == [408, 429]
-    status, headers, body = next(a for a in answers if a[0] == 429)
+    assert admitted == [200]  # the one that fitted waited for its body and was judged
     assert body["error"]["type"] == "rate_limit_error" and int(headers["retry-after"]) >= 1
     _refused_and_audited(front, status, headers, body, 429, "overloaded")
 
 
 def test_past_the_requests_in_progress_a_request_is_refused_with_retry_after(front):
-    held = [_open(front, 100, b"{") for _ in range(MAX_REQUESTS + 1)]
+    held = [(_open(front, 100, b"{"), 99) for _ in range(MAX_REQUESTS + 1)]
     try:
-        answers = [_answer(c) for c in held]
+        (status, headers, body), admitted = _refused_while_the_others_wait(held, b'"input": "a nice day"}')
     finally:
-        for c in held:
+        for c, _ in held:
             c.close()
-    assert sorted(a[0] for a in answers) == [408] * MAX_REQUESTS + [429]
-    status, headers, body = next(a for a in answers if a[0] == 429)
+    assert admitted == [200] * MAX_REQUESTS
     assert "requests in progress" in body["error"]["message"] and headers["retry-after"]
     _refused_and_audited(front, status, headers, body, 429, "overloaded")
 
 
-def test_a_slow_body_is_answered_408_and_the_connection_closed(front):
+def test_a_slow_body_is_answered_408_and_the_connection_closed(slow_front):
+    front = slow_front
     conn = _open(front, 1000, b'{"input": "a slow')
     try:
         status, headers, body = _answer(conn)
