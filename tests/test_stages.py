@@ -53,7 +53,7 @@ def pb(tmp_path, monkeypatch):
         session = ort.InferenceSession(str(REPO / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
         u.InferenceRequest.handlers[model] = lambda feed, _v, s=session, i=name_in, o=name_out: {
             o: s.run([o], {i: feed[i]})[0]}
-    u.ready_models.update({("language_decoder", "1"), ("vlm_preprocess", "1")})
+    u.ready_models.update({("language_decoder", "1"), ("vlm_preprocess", "1"), ("language_decoder_int8", "")})
     u.audit_path = tmp_path / "audit.jsonl"
     yield u
 
@@ -136,6 +136,12 @@ def test_gate_sends_escalations_past_max_inflight_to_the_int8_decoder(pb):
     assert ds[0].fallback is None and ds[0].vlm.model_versions["answered_by"] == "vlm"
     assert ds[1].fallback.reason == "inflight" and ds[1].fallback.model == "language_decoder_int8"
     assert ds[1].vlm.model_versions["answered_by"] == "language_decoder_int8"
+    # a render without the INT8 twin (a GPU with no room for it): the peak stays on the full decoder, no refused call
+    pb.ready_models.discard(("language_decoder_int8", ""))
+    pb.InferenceRequest.calls.clear()
+    ds = _decisions(pb, _run(_gate(pb), _gate_request(pb, records)))
+    assert [d.fallback for d in ds] == [None, None] and [d.vlm.model_versions["answered_by"] for d in ds] == ["vlm"] * 2
+    assert not [c for c in pb.InferenceRequest.calls if c["model"] == "language_decoder_int8"]
 
 
 def test_gate_answers_a_near_duplicate_from_the_verdict_cache(pb):

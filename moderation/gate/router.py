@@ -173,6 +173,8 @@ class GateRouter:
         t = time.perf_counter()
         out = None
         fallback = self.fallback.check(policy.decoder.fallback)
+        if fallback is not None and not self.executor.is_ready(fallback.model, ""):
+            fallback = None  # not loaded (a GPU render without room for the twin): no refused call per escalation
         if fallback is not None:  # peak: the INT8 twin instead of queueing behind the full-precision decoder
             try:
                 out = await self._chain(inputs, fallback.model)
