@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "openai_burst.json"))
     args = ap.parse_args(argv)
     result = run(args.posts, args.side, args.idle_s)
-    dump_json(args.out, result)
+    dump_json(Path(args.out), result)
     print(f"wrote {args.out}")
     return 0
 

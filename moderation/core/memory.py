@@ -6,9 +6,12 @@ A fixed threshold keeps large buffers on their own mappings (unmapped when freed
 what the heap freed once the process is idle. Elsewhere than glibc both are no-ops."""
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
+import gc
 import os
+from collections.abc import Callable
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter numbers from glibc's malloc.h
 M_ARENA_MAX = -8
@@ -39,7 +42,30 @@ def tune_allocator(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD, arena_max: int 
     return ok
 
 
-def trim() -> None:
-    """Return freed heap pages to the OS (glibc malloc_trim)."""
+def trim(collect: bool = True) -> None:
+    """Collect cycles (when `collect`), then return freed heap pages to the OS (glibc malloc_trim, which releases
+    the GIL while it walks the heaps)."""
+    if collect:
+        gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+async def trim_periodically(idle: Callable[[], bool], every_s: float = 1.0, slack_bytes: int = 64 << 20) -> None:
+    """Every `every_s`: when RSS has grown `slack_bytes` past what the last trim left, trim (gRPC reads a large
+    message as many small heap blocks, and the freed heap otherwise stays with the process, under load too); cycles
+    are collected only while idle, so a loaded event loop never waits on a full collection."""
+    floor = rss_bytes()
+    while True:
+        await asyncio.sleep(every_s)
+        if rss_bytes() > floor + slack_bytes:
+            await asyncio.to_thread(trim, idle())
+            floor = rss_bytes()

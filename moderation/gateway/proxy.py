@@ -378,22 +378,11 @@ async def serve(listen: str, upstream: str, metrics: str | None) -> None:
         loop.add_signal_handler(sig, stop.set)
     print(f"gateway: gRPC {listen.rpartition(':')[0]}:{port} -> {upstream}; audit {gateway.audit.path}"
           + (f"; metrics {metrics}" if metrics else ""), flush=True)
-    trimmer = asyncio.create_task(trim_when_idle(gateway.admission))
+    # large messages leave freed heap behind: handed back to the OS, during a burst and after it
+    trimmer = asyncio.create_task(memory.trim_periodically(lambda: gateway.admission.calls == 0))
     await stop.wait()
     trimmer.cancel()
     await gateway.stop()
-
-
-async def trim_when_idle(admission: Admission, every_s: float = 1.0) -> None:
-    """After a burst of large messages, hand the freed heap back to the OS once no call is in flight."""
-    busy = False
-    while True:
-        await asyncio.sleep(every_s)
-        if admission.calls:
-            busy = True
-        elif busy:
-            busy = False
-            await asyncio.to_thread(memory.trim)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -29,7 +30,6 @@ __all__ = ["MAX_BODY_BYTES", "build_app"]
 
 SERVICE_KEY = web.AppKey("service", ModerationService)
 FRONT_KEY = web.AppKey("front", object)
-TRIM_AFTER_IDLE_S = 1.0
 
 
 class FrontEnd:
@@ -38,7 +38,6 @@ class FrontEnd:
     def __init__(self, limits: FrontEndLimits, audit: AuditLog | None):
         self.limits, self.audit = limits, audit
         self.in_flight = InFlight(limits)
-        self._trim: asyncio.TimerHandle | None = None
 
     async def write(self, row: dict) -> None:
         if self.audit is None:
@@ -48,16 +47,11 @@ class FrontEnd:
         except Exception as e:  # noqa: BLE001 - the refusal stands whether or not its row could be written
             print(f"openai: audit write failed: {type(e).__name__}", file=sys.stderr, flush=True)
 
-    def done(self, reservation: Reservation | None) -> None:
-        if reservation is not None:
-            reservation.release()
-        if self.in_flight.requests == 0 and self._trim is None:
-            self._trim = asyncio.get_running_loop().call_later(TRIM_AFTER_IDLE_S, self._trim_if_idle)
-
-    def _trim_if_idle(self) -> None:
-        self._trim = None
-        if self.in_flight.requests == 0:
-            memory.trim()
+    async def trim_memory(self, app_) -> AsyncIterator[None]:
+        """Freed body buffers go back to the OS, during a burst and after it."""
+        task = asyncio.create_task(memory.trim_periodically(lambda: self.in_flight.requests == 0))
+        yield
+        task.cancel()
 
 
 def _error(err: OpenAIError, rid: str, close: bool) -> web.Response:
@@ -182,7 +176,8 @@ async def moderations(request: web.Request) -> web.Response:
             await front.write(refusal_row(rid, e, request, declared, started))
         return _error(e, rid, close=not body_read)
     finally:
-        front.done(reservation)
+        if reservation is not None:
+            reservation.release()
 
 
 def refusal_row(rid: str, err: OpenAIError, request: web.Request, declared: int | None, started: float) -> dict:
@@ -215,7 +210,8 @@ def build_app(service: ModerationService, limits: FrontEndLimits | None = None,
     # the handler reads the body itself (read_body), within the limits above
     app = web.Application(client_max_size=limits.max_body_bytes)
     app[SERVICE_KEY] = service
-    app[FRONT_KEY] = FrontEnd(limits, audit)
+    app[FRONT_KEY] = front = FrontEnd(limits, audit)
+    app.cleanup_ctx.append(front.trim_memory)
     app.router.add_post("/v1/moderations", moderations, expect_handler=expect_continue)
     app.router.add_get("/health", health)
 
