@@ -39,7 +39,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from moderation.core.auth import ADMIN_HEADER, RESTRICTED_HTTP, restricted_grpc
+from moderation.core.auth import ADMIN_HEADER, ADMIN_KEY_ENV, RESTRICTED_HTTP, restricted_grpc
 from moderation.preflight import PlanDoesNotFit, check_at_start
 from moderation.repository.render import default_models
 
@@ -152,6 +152,8 @@ def main(argv: list[str]) -> int:
         print(shlex.join(redact(args)))
         return 0
     sys.stdout.flush()
+    for k in ADMIN_KEY_ENV:  # Triton has the key on its command line; its python stubs parse untrusted images
+        os.environ.pop(k, None)
     os.execv(args[0], args)
     return 127  # not reached
 

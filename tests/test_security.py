@@ -134,10 +134,32 @@ def test_launch_flags_restrict_every_admin_protocol():
 
 
 def test_the_key_is_on_no_command_line_but_tritons(triton):
-    """The gateway gets the key in its environment; Triton 2.51 reads it only from its arguments, so its command
-    line is the one exposure (docs/security.md: per-start key, hidepid, one tenant per pod)."""
+    """The gateway reads the key from a pipe it inherits; Triton 2.51 reads it only from its arguments, so its command
+    line is the one exposure (docs/security.md: per-start key, hidepid, one tenant per pod). No environment holds it:
+    not the gateway's, not Triton's, not a python stub's (they parse untrusted images)."""
+    from moderation.ops.watchdog import stubs
+
     key = triton.config.key.encode()
-    gateway = Path(f"/proc/{triton.gateway.proc.pid}/cmdline").read_bytes()
-    assert key not in gateway
-    assert key in Path(f"/proc/{triton.gateway.proc.pid}/environ").read_bytes()
+    assert key not in Path(f"/proc/{triton.gateway.proc.pid}/cmdline").read_bytes()
     assert key in Path(f"/proc/{triton.process.proc.pid}/cmdline").read_bytes()  # the stated exposure
+    pids = {"gateway": triton.gateway.proc.pid, "tritonserver": triton.process.proc.pid,
+            **{f"stub {s.model}": pid for pid, s in stubs(triton.process.proc.pid).items()}}
+    assert len(pids) > 10  # every python model's stub
+    for who, pid in pids.items():
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert key not in environ, who
+        if who != "gateway":  # the gateway's has the number of the descriptor it read the key from
+            assert b"MODERATION_ADMIN_KEY" not in environ, who
+
+
+def test_no_child_but_the_gateway_is_given_the_key(monkeypatch, tmp_path):
+    """Exported by the operator (make serve), the key still reaches no environment the launcher hands on."""
+    from moderation.launch.config import ServerConfig
+    from moderation.launch.processes import GatewayProcess, OpenAIProcess
+
+    monkeypatch.setenv("MODERATION_ADMIN_KEY", "k" * 24)
+    monkeypatch.setenv("MODERATION_ADMIN_KEY_FILE", str(tmp_path / "key"))
+    cfg = ServerConfig(key="k" * 24)
+    for env in (cfg.env(), GatewayProcess(cfg).env, OpenAIProcess(cfg).env):
+        assert not {k for k in env if k.startswith("MODERATION_ADMIN_KEY")}
+        assert "k" * 24 not in "".join(env.values())

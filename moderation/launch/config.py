@@ -10,7 +10,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.auth import ADMIN_HEADER, RESTRICTED_HTTP, admin_key, restricted_grpc
+from ..core.auth import ADMIN_HEADER, RESTRICTED_HTTP, admin_key, restricted_grpc, without_admin_key
 from ..repository.render import ALL_MODELS
 
 
@@ -129,12 +129,11 @@ class ServerConfig:
         return [sys.executable, "-m", "moderation.openai", "--listen", f"{self.address}:{self.openai_port}",
                 "--upstream", f"127.0.0.1:{self.grpc_port}"]
 
-    def gateway_env(self) -> dict[str, str]:
-        """The gateway's environment: the key reaches it here, never on its command line."""
-        return {**self.env(), "MODERATION_ADMIN_KEY": self.key}
-
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        """The environment of Triton (inherited by every python stub) and of the front ends: no admin key. Triton
+        takes it on its command line (its only way; docs/security.md), the gateway through an inherited pipe
+        (processes.GatewayProcess)."""
+        env = without_admin_key(os.environ)
         libs = pytriton_dir().parent / "nvidia_pytriton.libs"
         paths = [str(libs)]
         # The stub links libpython3.X.so dynamically: make it the interpreter's own (the one whose stdlib

@@ -32,13 +32,14 @@ class ServerProcess:
     def ready(self) -> bool:
         raise NotImplementedError
 
-    def start(self):
+    def start(self, env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()):
+        env = self.env if env is None else env
         if self.log_path:
             with open(self.log_path, "ab") as out:  # the child keeps its own copy of the descriptor
-                self.proc = subprocess.Popen(self.command(), env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                             start_new_session=True)
+                self.proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                             start_new_session=True, pass_fds=pass_fds)
         else:
-            self.proc = subprocess.Popen(self.command(), env=self.env, start_new_session=True)
+            self.proc = subprocess.Popen(self.command(), env=env, start_new_session=True, pass_fds=pass_fds)
         return self
 
     def wait_ready(self, timeout: float = 300.0) -> None:
@@ -93,9 +94,18 @@ class GatewayProcess(ServerProcess):
     poll_s = 0.2
     stop_timeout_s = 40.0
 
-    def __init__(self, config: ServerConfig, log_path: Path | None = None):
-        super().__init__(config, log_path)
-        self.env = config.gateway_env()
+    def start(self, env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()):
+        """The gateway checks the admin key (and presents it to Triton): it reads it from a pipe it inherits, so the
+        key is in no environment or command line of it (moderation.core.auth.admin_key)."""
+        read, write = os.pipe()
+        try:
+            os.write(write, self.config.key.encode("utf-8"))
+        finally:
+            os.close(write)
+        try:
+            return super().start({**self.env, "MODERATION_ADMIN_KEY_FD": str(read)}, (read,))
+        finally:
+            os.close(read)
 
     def command(self) -> list[str]:
         return self.config.gateway_command()
