@@ -27,6 +27,7 @@ from .conftest import ADMIN_KEY, REPO, ROOT, write_policy
 
 POSTS = sample_posts()
 SWAPS = 20
+HANG_GUARD_S = 120.0  # only a server that stopped answering makes a wait this long
 _IDS = itertools.count()
 
 
@@ -73,7 +74,7 @@ def _run_load(srv, seconds: float | None, action=None, threads: int = 2) -> list
         t.start()
     try:
         if action:
-            action()
+            action(out)
         else:
             time.sleep(seconds)
     finally:
@@ -87,11 +88,18 @@ def test_swaps_under_load_fail_no_request(ops):
     baseline = _run_load(ops, seconds=8)
     swaps = []
 
-    def do_swaps():
+    def do_swaps(out: list):
         for i in range(SWAPS):
             model = ("language_decoder", "clip_gate")[i % 2]
             version = "1" if (i // 2) % 2 == 0 else "2"
+            answered = len(out)
             swaps.append(ops.admin.swap(model, version))
+            # the next swap waits for a request answered by this version: load meets every version, by order
+            hang_guard = time.monotonic() + HANG_GUARD_S
+            while not any(o[0] == "ok" and o[2].get(model) == version for o in out[answered:]):
+                assert time.monotonic() < hang_guard, f"no request answered by {model} {version}"
+                assert not any(o[0] == "fail" for o in out[answered:]), out[answered:][:3]
+                time.sleep(0.05)
 
     during = _run_load(ops, seconds=None, action=do_swaps)
     failures = [o for o in during + baseline if o[0] == "fail"]
