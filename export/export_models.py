@@ -94,13 +94,38 @@ def export_onnx(module, args, path: Path, input_names, output_names, opset: int,
         if len(written) == 1 and staged.stat().st_size <= external_data_threshold:
             os.replace(staged, path)
             return None
-        import onnx
-
-        proto = onnx.load(str(staged))  # reads torch's per-tensor files back in
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        del proto
+        _save_with_one_data_file(staged, path, data)
     return data.name
+
+
+def _save_with_one_data_file(staged: Path, path: Path, data: Path, inline_limit: int = 1024) -> None:
+    """Rewrites the exported model at `staged` (weights inline, or in torch's one file per tensor) as `path`
+    plus ONE data file `data`, copying tensor by tensor: never more than one tensor in memory beside the graph."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    proto = onnx.load(str(staged), load_external_data=False)
+    with data.open("wb") as sink:
+        for tensor in proto.graph.initializer:
+            if uses_external_data(tensor):
+                info = ExternalDataInfo(tensor)
+                with (staged.parent / info.location).open("rb") as f:
+                    f.seek(info.offset or 0)
+                    blob = f.read(info.length) if info.length else f.read()
+            elif len(tensor.raw_data) >= inline_limit:
+                blob = tensor.raw_data
+            else:
+                continue
+            offset = sink.tell()
+            sink.write(blob)
+            tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(blob)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del blob
+    onnx.save_model(proto, str(path))
 
 
 def _parity(path: Path, reference, feeds: dict[str, np.ndarray], rtol: float) -> dict:

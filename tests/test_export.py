@@ -174,3 +174,27 @@ def test_onnx_above_the_threshold_keeps_its_weights_in_one_file(tmp_path):
     assert export_onnx(net, (x,), out, ["x"], ["y"], 17) is None
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]
     assert ort.InferenceSession(str(out)).run(None, {"x": x.numpy()})[0].shape == (2, 64)
+
+
+def test_per_tensor_data_files_are_merged_into_one(tmp_path):
+    """The layout torch's exporter writes above 2 GB (one file per tensor) becomes one data file."""
+    import onnx
+
+    from export.export_models import _save_with_one_data_file, export_onnx
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)]).eval()
+    x = torch.randn(2, 64)
+    inline = tmp_path / "inline.onnx"
+    assert export_onnx(net, (x,), inline, ["x"], ["y"], 17) is None
+    staged = tmp_path / "staged" / "model.onnx"
+    staged.parent.mkdir()
+    onnx.save_model(onnx.load(str(inline)), str(staged), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=1024)
+    assert len(list(staged.parent.iterdir())) > 4
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    _save_with_one_data_file(staged, out, out.with_name("model.onnx.data"))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    want = ort.InferenceSession(str(inline)).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_array_equal(ort.InferenceSession(str(out)).run(None, {"x": x.numpy()})[0], want)
