@@ -184,7 +184,9 @@ class AuditGateway:
 
         async def handler(requests, context):
             started = time.perf_counter()
-            raw = await anext(aiter(requests), None)
+            messages = aiter(requests)
+            raw = await anext(messages, None)
+            await messages.aclose()  # grpc's receiver holds its last message until it is closed: 20 MB a call
             if raw is None:
                 await self._refuse(None, None, "request_too_large", f"no request message arrived: over the "
                                    f"{self.max_request_bytes}-byte limit of this port, or none was sent", started,
