@@ -98,6 +98,20 @@ def export_onnx(module, args, path: Path, input_names, output_names, opset: int,
     return data.name
 
 
+def _tensors(graph):
+    """(tensor, is_initializer) for every tensor of the graph: initializers and node attributes (torch's
+    exporter moves large Constant values out too), subgraphs included."""
+    for tensor in graph.initializer:
+        yield tensor, True
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t, False
+            yield from ((t, False) for t in attr.tensors)
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensors(sub)
+
+
 def _save_with_one_data_file(staged: Path, path: Path, data: Path, inline_limit: int = 1024) -> None:
     """Rewrites the exported model at `staged` (weights inline, or in torch's one file per tensor) as `path`
     plus ONE data file `data`, copying tensor by tensor: never more than one tensor in memory beside the graph."""
@@ -106,13 +120,13 @@ def _save_with_one_data_file(staged: Path, path: Path, data: Path, inline_limit:
 
     proto = onnx.load(str(staged), load_external_data=False)
     with data.open("wb") as sink:
-        for tensor in proto.graph.initializer:
+        for tensor, is_initializer in _tensors(proto.graph):
             if uses_external_data(tensor):
                 info = ExternalDataInfo(tensor)
                 with (staged.parent / info.location).open("rb") as f:
                     f.seek(info.offset or 0)
                     blob = f.read(info.length) if info.length else f.read()
-            elif len(tensor.raw_data) >= inline_limit:
+            elif is_initializer and len(tensor.raw_data) >= inline_limit:
                 blob = tensor.raw_data
             else:
                 continue

@@ -177,24 +177,33 @@ def test_onnx_above_the_threshold_keeps_its_weights_in_one_file(tmp_path):
 
 
 def test_per_tensor_data_files_are_merged_into_one(tmp_path):
-    """The layout torch's exporter writes above 2 GB (one file per tensor) becomes one data file."""
+    """The layout torch's exporter writes above 2 GB (one file per tensor, Constant values included) becomes one
+    data file that onnxruntime reads to the same outputs."""
     import onnx
+    from onnx import TensorProto, helper, numpy_helper
 
-    from export.export_models import _save_with_one_data_file, export_onnx
+    from export.export_models import _save_with_one_data_file
 
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)]).eval()
-    x = torch.randn(2, 64)
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), f"w{i}") for i in range(4)]
+    shift = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "shift")
+    nodes = [helper.make_node("Constant", [], ["c"], value=shift), helper.make_node("Add", ["x", "c"], ["h0"])]
+    nodes += [helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"h{i + 1}"]) for i in range(4)]
+    nodes.append(helper.make_node("Identity", ["h4"], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 64])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     inline = tmp_path / "inline.onnx"
-    assert export_onnx(net, (x,), inline, ["x"], ["y"], 17) is None
+    onnx.save_model(model, str(inline))
     staged = tmp_path / "staged" / "model.onnx"
     staged.parent.mkdir()
-    onnx.save_model(onnx.load(str(inline)), str(staged), save_as_external_data=True, all_tensors_to_one_file=False,
-                    size_threshold=1024)
-    assert len(list(staged.parent.iterdir())) > 4
+    onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=1024, convert_attribute=True)
+    assert len(list(staged.parent.iterdir())) == 6  # the graph, 4 weights, the Constant's value
     out = tmp_path / "out" / "model.onnx"
     out.parent.mkdir()
     _save_with_one_data_file(staged, out, out.with_name("model.onnx.data"))
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
-    want = ort.InferenceSession(str(inline)).run(None, {"x": x.numpy()})[0]
-    np.testing.assert_array_equal(ort.InferenceSession(str(out)).run(None, {"x": x.numpy()})[0], want)
+    x = {"x": rng.standard_normal((64, 64)).astype(np.float32)}
+    want = ort.InferenceSession(str(inline)).run(None, x)[0]
+    np.testing.assert_array_equal(ort.InferenceSession(str(out)).run(None, x)[0], want)
