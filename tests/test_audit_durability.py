@@ -454,8 +454,9 @@ def test_server_fail_open_serves_counts_and_writes_the_outage_rows_later(server)
     finally:
         server.fs.free()
     _moderate(server, f"open-{tag}-after")
-    deadline = time.time() + 30  # the next row flushes the spool; another instance's spool flushes by its timer
-    while time.time() < deadline and not set(outage + [f"open-{tag}-after"]) <= set(_ids(server)):
+    # the next row flushes the spool; another instance's spool flushes by its 5 s timer (120 s: a hang guard)
+    hang_guard = time.monotonic() + 120
+    while time.monotonic() < hang_guard and not set(outage + [f"open-{tag}-after"]) <= set(_ids(server)):
         time.sleep(0.5)
     ids = _ids(server)
     assert set(outage + [f"open-{tag}-after"]) <= set(ids), ids[-10:]

@@ -170,7 +170,7 @@ def test_triton_down_is_answered_unavailable_and_audited(tmp_path):
         c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
         rid = "down-1"
         inputs, outputs = _good(rid)
-        deadline = time.monotonic() + 30
+        hang_guard = time.monotonic() + 120  # the gateway starting; only a hang takes this long
         while True:
             try:
                 c.infer("moderate", inputs, outputs=outputs, client_timeout=10)
@@ -178,7 +178,7 @@ def test_triton_down_is_answered_unavailable_and_audited(tmp_path):
             except InferenceServerException as e:
                 if "UNAVAILABLE" in (e.status() or "") and audit.exists():
                     break
-                assert time.monotonic() < deadline, (e.status(), e.message())
+                assert time.monotonic() < hang_guard, (e.status(), e.message())
                 time.sleep(0.2)
         rows = _rows(audit, rid)
         assert rows and rows[-1]["stage"] == "gateway" and rows[-1]["error"]["code"] == "unavailable", rows
