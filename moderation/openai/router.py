@@ -108,10 +108,12 @@ def too_deep(value, limit: int = MAX_JSON_DEPTH) -> bool:
 
 
 def parse_body(body: bytearray):
+    """The JSON value of the body, which is emptied once decoded."""
     try:
         text = body.decode("utf-8")  # strict: UTF-8-encoded surrogates are not UTF-8
     except UnicodeDecodeError as e:
         raise OpenAIError(400, f"the request body is not UTF-8 (byte {e.start})", "invalid_json") from e
+    body.clear()  # the text is the one copy from here: the parse holds two at most, never three
     try:
         value = json.loads(text)
     except RecursionError as e:
