@@ -23,13 +23,13 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 def test_check_and_watch_say_serving(triton):
     for service in ("", "inference.GRPCInferenceService", "moderate"):
-        assert grpc_health_serving(triton.grpc_url, service), service
+        assert grpc_health_serving(triton.grpc_url, service, timeout_s=60), service  # 60 s: a hang guard
     with grpc.insecure_channel(triton.grpc_url) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         with pytest.raises(grpc.RpcError) as e:
-            stub.Check(health_pb2.HealthCheckRequest(service="preprocess"), timeout=5)
+            stub.Check(health_pb2.HealthCheckRequest(service="preprocess"), timeout=60)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND  # internal models are not services of this port
-        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
         assert next(watch).status == SERVING
         watch.cancel()
 
