@@ -14,6 +14,7 @@ $MODERATION_ADMIN_KEY or the file named by $MODERATION_ADMIN_KEY_FILE).
         --term "click the link in bio" [--label scam]
     .venv/bin/python -m clients.admin --url 127.0.0.1:8001 lists remove-image --policy default --id img-…
     .venv/bin/python -m clients.admin --url 127.0.0.1:8001 feedback REQUEST_ID --verdict violation [--label L]
+    .venv/bin/python -m clients.admin client-token --id shop-a     # a signed client id for fair shares
 
 Lists are edited in the policy directory (--policy-dir, default $MODERATION_POLICY_DIR or the shipped one) that
 the server reads; the server must accept the admin key first. Every action is an audit row.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from moderation.core.audit import AuditLog
 from moderation.core.auth import admin_key
+from moderation.core.caller import CLIENT_KEY_FILE_ENV, client_key, client_value
 from moderation.ops.admin import AdminError, RepositoryAdmin, record_feedback, verify_admin_key
 
 from .client import DEFAULT_URL
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     lists.add_argument("--label", default=None, help="the policy label a hit is reported under")
     lists.add_argument("--note", default="")
     lists.add_argument("--id", dest="entry_id", help="remove-*: the entry id (see `lists show`)")
+    token = sub.add_parser("client-token", help="the signed `moderation-client` value of a client id (the gateway's "
+                           "fair shares trust it where MODERATION_GATEWAY_CLIENT_KEY_FILE is set)")
+    token.add_argument("--id", dest="client_id", required=True)
     fb = sub.add_parser("feedback", help="record a reviewer's decision on a judged post (joins its audit row)")
     fb.add_argument("request_id")
     fb.add_argument("--verdict", choices=["violation", "ok"], required=True)
@@ -64,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         if name == "load":
             p.add_argument("--versions", default=None, help="comma-separated versions to keep loaded")
     args = ap.parse_args(argv)
+    if args.cmd == "client-token":  # needs the client key, not the admin key
+        client_key_bytes = client_key()
+        if not client_key_bytes:
+            print(f"error: set {CLIENT_KEY_FILE_ENV} (the gateway's client key file)", file=sys.stderr)
+            return 2
+        print(client_value(args.client_id, client_key_bytes))
+        return 0
     key = admin_key()
     if not key:
         print("error: set MODERATION_ADMIN_KEY or MODERATION_ADMIN_KEY_FILE (the server's admin key)", file=sys.stderr)

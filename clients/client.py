@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
+from moderation.core.caller import CLIENT_METADATA
 from moderation.core.errors import classify_failure
 from moderation.core.result import validate_result
 
@@ -133,20 +135,25 @@ def _single(results: list[dict]) -> dict:
 
 
 class _ClientBase:
-    def __init__(self, url: str, model: str, timeout_s: float, retries: int, backoff_s: float):
+    def __init__(self, url: str, model: str, timeout_s: float, retries: int, backoff_s: float,
+                 client_id: str | None = None):
         self.url, self.model, self.timeout_s, self.retries, self.backoff_s = url, model, timeout_s, retries, backoff_s
+        self.headers = {CLIENT_METADATA: client_id or f"lib-{uuid.uuid4().hex[:16]}"}
 
     def _attempts(self) -> _Attempts:
         return _Attempts(self.timeout_s, self.retries, self.backoff_s)
 
 
 class ModerationClient(_ClientBase):
-    """`channel_args`: gRPC channel arguments; distinct ones give the client a connection of its own (the gateway
-    limits calls per connection, so clients in one process that share a connection share that limit)."""
+    """`client_id`: who this client is for the gateway's fair shares (`moderation-client` metadata; a signed token
+    from `clients.admin client-token` where the gateway has a client key); default, a random id per client object.
+    Without a valid id the gateway counts every caller of one host as one client. `channel_args`: gRPC channel
+    arguments."""
 
     def __init__(self, url: str = DEFAULT_URL, model: str = "moderate", timeout_s: float = 30.0,
-                 retries: int = 3, backoff_s: float = 0.2, channel_args: list[tuple[str, object]] | None = None):
-        super().__init__(url, model, timeout_s, retries, backoff_s)
+                 retries: int = 3, backoff_s: float = 0.2, channel_args: list[tuple[str, object]] | None = None,
+                 client_id: str | None = None):
+        super().__init__(url, model, timeout_s, retries, backoff_s, client_id)
         self.client = grpcclient.InferenceServerClient(url=url, channel_args=channel_args)
 
     def moderate(self, image: bytes | str | Path, text: str | bytes, **options) -> dict:
@@ -161,7 +168,7 @@ class ModerationClient(_ClientBase):
         attempts = self._attempts()
         while True:
             try:
-                return parse_results(self.client.infer(self.model, inputs, outputs=outputs,
+                return parse_results(self.client.infer(self.model, inputs, outputs=outputs, headers=self.headers,
                                                        client_timeout=attempts.remaining()))
             except InferenceServerException as e:
                 time.sleep(attempts.pause_after(e))
@@ -178,8 +185,9 @@ class ModerationClient(_ClientBase):
 
 class AsyncModerationClient(_ClientBase):
     def __init__(self, url: str = DEFAULT_URL, model: str = "moderate", timeout_s: float = 30.0,
-                 retries: int = 3, backoff_s: float = 0.2, channel_args: list[tuple[str, object]] | None = None):
-        super().__init__(url, model, timeout_s, retries, backoff_s)
+                 retries: int = 3, backoff_s: float = 0.2, channel_args: list[tuple[str, object]] | None = None,
+                 client_id: str | None = None):
+        super().__init__(url, model, timeout_s, retries, backoff_s, client_id)
         self.client = grpcaio.InferenceServerClient(url=url, channel_args=channel_args)
 
     async def moderate(self, image: bytes | str | Path, text: str | bytes, **options) -> dict:
@@ -191,6 +199,7 @@ class AsyncModerationClient(_ClientBase):
         while True:
             try:
                 return parse_results(await self.client.infer(self.model, inputs, outputs=outputs,
+                                                             headers=self.headers,
                                                              client_timeout=attempts.remaining()))
             except InferenceServerException as e:
                 await asyncio.sleep(attempts.pause_after(e))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moderation.core.caller import CLIENT_METADATA
 from perf.common import perf_policy_dir
 
 
@@ -38,9 +39,10 @@ def options(policy: str, request_id: str | None = None, return_embedding: bool =
                        "return_embedding": return_embedding}).encode()
 
 
-def infer(client, model: str, image: bytes, text: bytes, opts: bytes) -> float:
+def infer(client, model: str, image: bytes, text: bytes, opts: bytes, client_id: str | None = None) -> float:
     """One post to `moderate` (RESULT) or `vlm` (VLM_RESULT) on a gRPC client: milliseconds for the call. The
-    answer is decoded after the clock stops (a real answer, not an error)."""
+    answer is decoded after the clock stops (a real answer, not an error). Each client object is one caller for
+    the gateway's fair shares (`client_id`, default one id per client object), as the client library's are."""
     import tritonclient.grpc as g
 
     ins = []
@@ -50,7 +52,8 @@ def infer(client, model: str, image: bytes, text: bytes, opts: bytes) -> float:
         ins.append(t)
     out = "RESULT" if model == "moderate" else "VLM_RESULT"
     t0 = time.perf_counter()
-    r = client.infer(model, ins, outputs=[g.InferRequestedOutput(out)], client_timeout=300)
+    headers = {CLIENT_METADATA: client_id or f"harness-{id(client):x}"}
+    r = client.infer(model, ins, outputs=[g.InferRequestedOutput(out)], headers=headers, client_timeout=300)
     ms = (time.perf_counter() - t0) * 1e3
     json.loads(r.as_numpy(out).reshape(-1)[0])
     return ms

@@ -10,8 +10,8 @@ for `linger_s` after its last call ends: a client sending one call after another
 too, and the greedy client does not take its share back in the gap. A client's waiting calls are bounded
 (`per_client_queue`, then shed).
 
-Client identity: the connection's peer for an anonymous caller, or the value of a configured header set by a
-trusted front proxy (MODERATION_GATEWAY_CLIENT_HEADER); a caller-chosen header is never trusted by default."""
+Client identity (identity.py): the caller, not its connection: a trusted front proxy's header when configured, else
+the client id the caller names (signed when a client key is configured), else the peer's address without its port."""
 from __future__ import annotations
 
 import asyncio
@@ -19,6 +19,8 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
+
+from .identity import ClientIdentity
 
 
 @dataclass
@@ -61,8 +63,10 @@ class _Client:
 
 
 class Admission:
-    def __init__(self, limits: AdmissionLimits | None = None, clock=time.monotonic):
+    def __init__(self, limits: AdmissionLimits | None = None, clock=time.monotonic,
+                 identity: ClientIdentity | None = None):
         self.limits = limits or AdmissionLimits()
+        self.identity = identity or ClientIdentity(None, self.limits.client_header)
         self.calls = 0
         self.bytes = 0
         self._clock = clock
@@ -70,11 +74,7 @@ class Admission:
         self._rewake: asyncio.TimerHandle | None = None
 
     def client_id(self, peer: str, metadata: tuple[tuple[str, str | bytes], ...]) -> str:
-        if self.limits.client_header:
-            for k, v in metadata:
-                if k == self.limits.client_header and v:
-                    return f"header:{v if isinstance(v, str) else v.decode('latin-1')}"[:200]
-        return f"peer:{peer}"
+        return self.identity.resolve(peer, metadata)
 
     def admit(self, client: str, size: int) -> _Ticket:
         """Take a call of `size` bytes for `client`, or raise Shed. `async with ticket:` waits for a running slot."""

@@ -40,11 +40,13 @@ from tritonclient.grpc import service_pb2
 from ..core import memory
 from ..core.audit import DELETED_METRIC, DROPPED_METRIC, FAIL_OPEN, FAILURES_METRIC, AuditLog
 from ..core.auth import GRPC_ADMIN_HEADER, admin_key
+from ..core.caller import client_key
 from ..core.errors import classify_failure, coded_by_model
 from ..core.hashing import sha256_hex
 from ..core.limits import MAX_REQUEST_BYTES, PUBLIC_MODELS
 from .admission import Admission, AdmissionLimits, Shed
 from .health import Readiness
+from .identity import ClientIdentity
 from .summary import cap, parse_request, refusal, request_summary
 
 SERVICE = "inference.GRPCInferenceService"
@@ -106,7 +108,8 @@ class AuditGateway:
             self.audit.start_flusher()
         self.key = admin_key() if key is None else key
         self.public, self.max_request_bytes = tuple(public), max_request_bytes
-        self.admission = Admission(limits or AdmissionLimits.from_env())
+        limits = limits or AdmissionLimits.from_env()
+        self.admission = Admission(limits, identity=ClientIdentity(client_key(), limits.client_header))
         self.metrics.in_flight.labels(what="calls").set_function(lambda: self.admission.calls)
         self.metrics.in_flight.labels(what="bytes").set_function(lambda: self.admission.bytes)
         self.channel: aio.Channel | None = None

@@ -22,6 +22,7 @@ import numpy as np
 from tritonclient.grpc import aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
+from ..core.caller import CLIENT_METADATA, client_key, client_value
 from ..core.errors import ModerationError, classify_failure
 from ..core.hashing import sha256_hex
 from ..core.limits import MAX_IMAGE_BYTES
@@ -145,8 +146,9 @@ def failed_result(err: OpenAIError) -> dict:
 
 
 class ModerationService:
-    """Calls `moderate` through the gateway. One gRPC connection per HTTP client address (bounded), so the
-    gateway's per-client fairness sees this front end's callers apart, not as one client."""
+    """Calls `moderate` through the gateway. Each HTTP caller (its address) is a client of its own for the gateway's
+    fair shares: the call names it in `moderation-client`, signed with the gateway's client key when one is
+    configured (gateway/identity.py); one gRPC connection per caller address (bounded)."""
 
     max_channels = 64
 
@@ -154,6 +156,7 @@ class ModerationService:
         self.gateway_url, self.timeout_s = gateway_url, timeout_s
         self.fetch = fetcher or ImageFetcher()
         self._clients: OrderedDict[str, grpcaio.InferenceServerClient] = OrderedDict()
+        self.client_key = client_key()
 
     def _client(self, peer: str) -> grpcaio.InferenceServerClient:
         client = self._clients.pop(peer, None)
@@ -250,6 +253,8 @@ class ModerationService:
         try:
             response = await self._client(peer).infer("moderate", inputs,
                                                       outputs=[grpcaio.InferRequestedOutput("RESULT")],
+                                                      headers={CLIENT_METADATA: client_value(f"http:{peer}",
+                                                                                             self.client_key)},
                                                       client_timeout=self.timeout_s)
         except InferenceServerException as e:
             code, message = classify_failure(e.message() or "", e.status() or "")
