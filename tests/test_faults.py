@@ -177,7 +177,7 @@ class _FlakyClient:
         self.fails, self.status, self.message, self.delay, self.clock = fails, status, message, delay, clock
         self.calls, self.timeouts, self.started = 0, [], []
 
-    def infer(self, model, inputs, outputs=None, client_timeout=None):
+    def infer(self, model, inputs, outputs=None, client_timeout=None, headers=None):
         self.calls += 1
         self.timeouts.append(client_timeout)
         if self.clock is not None:

@@ -215,11 +215,11 @@ def _gateway_calls_in_flight(url: str) -> int:
 
 def test_a_greedy_client_does_not_starve_a_polite_one(triton, audit_log):
     """A greedy client's backlog waits behind itself: a polite client's call, sent while GREEDY_CALLS calls of one
-    greedy connection are admitted and most of them still wait, gets a running slot at once, so it is answered
+    greedy caller are admitted and most of them still wait, gets a running slot at once, so it is answered
     before most of that backlog; no call of either client is shed. Order and counts only: the polite client's
     latency beside a greedy one is perf/front_door.py's measurement (perf/results/front_door.json)."""
     tag = uuid.uuid4().hex[:6]
-    greedy = grpcclient.InferenceServerClient(triton.grpc_url)  # one connection: one client at the gateway
+    greedy = grpcclient.InferenceServerClient(triton.grpc_url)  # one client object: one caller at the gateway
     start, lock, done, codes = threading.Barrier(GREEDY_CALLS), threading.Lock(), [], {}
 
     def greedy_call(i: int):
@@ -242,7 +242,7 @@ def test_a_greedy_client_does_not_starve_a_polite_one(triton, audit_log):
                 break
             assert len(done) < GREEDY_CALLS // 2, "the greedy backlog drained before it was all admitted"
             assert time.monotonic() < hang_guard, (in_flight, len(done))
-        polite = front_door.polite(triton.grpc_url, 5, f"polite-{tag}")  # a connection of its own
+        polite = front_door.polite(triton.grpc_url, 5, f"polite-{tag}")  # a client object (caller) of its own
         for call in calls:
             call.result()
     greedy.close()
