@@ -18,6 +18,8 @@ from tritonclient.utils import InferenceServerException
 
 from clients.client import ModerationClient, build_batch_inputs, parse_results
 from moderation.core.audit import read_rows
+from moderation.gateway.health import LISTS_SERVICE
+from moderation.launch.processes import grpc_health_serving
 from moderation.testing.policies import derive_policy
 from moderation.testing.samples import image_paths, sample_posts
 
@@ -221,6 +223,20 @@ def test_a_corrupt_lists_file_leaves_the_last_good_lists_in_force(triton, client
         r = client.moderate(hubble.image_bytes(), hubble.text, policy="lists_lkg")
         assert r["error"] is None and r["action"] == "block" and r["decided_by"] == "terms", r
         assert r["policy"].endswith("+lists.1") and _lists_stale(triton, "lists_lkg") == 1.0
+    # readiness detail: the gateway's `moderation.lists` health service says so; the service itself stays SERVING
+    assert _lists_health(triton, serving=False) and grpc_health_serving(triton.grpc_url)
     lists.write_bytes(good.replace(b'"revision": 1', b'"revision": 2'))
     r = client.moderate(hubble.image_bytes(), hubble.text, policy="lists_lkg")
     assert r["policy"].endswith("+lists.2") and _lists_stale(triton, "lists_lkg") == 0.0
+    assert _lists_health(triton, serving=True)
+
+
+def _lists_health(triton, serving: bool) -> bool:
+    """Wait (hang guard 60 s: the gateway probes every 0.5 s) until `moderation.lists` reports `serving`."""
+    import time
+
+    hang_guard = time.monotonic() + 60
+    while grpc_health_serving(triton.grpc_url, LISTS_SERVICE) != serving:
+        assert time.monotonic() < hang_guard, f"moderation.lists never turned {'SERVING' if serving else 'NOT'}"
+        time.sleep(0.2)
+    return True

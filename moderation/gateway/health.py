@@ -4,7 +4,12 @@ Kubernetes `grpc:` probes send) and the gateway's answer to ServerReady, from on
 Ready means a call on this port would be served: Triton answers ServerReady (strict readiness: every model
 loaded) and, in the fail_closed audit mode, the audit log can take rows. The overall service (""), the inference
 service's name and each public model report the same status. On shutdown every status turns NOT_SERVING before
-the gateway stops taking calls, so probes drop the endpoint first."""
+the gateway stops taking calls, so probes drop the endpoint first.
+
+A detail beside readiness: the service `moderation.lists` is NOT_SERVING while some policy's lists file fails to
+parse and its last good lists are in force (Triton's `moderation_lists_stale` gauge, read from its metrics each
+probe). The overall status stays SERVING then, on purpose: the last good lists are a correct state to serve
+(`grpc_health_probe -service=moderation.lists` tells an operator; the gateway logs which policies)."""
 from __future__ import annotations
 
 import asyncio
@@ -19,11 +24,26 @@ from ..core.audit import FAIL_CLOSED, AuditLog
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVER_READY = "/inference.GRPCInferenceService/ServerReady"
+LISTS_SERVICE = "moderation.lists"
+
+
+def stale_lists(metrics_url: str) -> list[str]:
+    """Policies whose last good lists are in force, from Triton's moderation_lists_stale gauge."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url, timeout=2) as r:
+        text = r.read().decode("utf-8", "replace")
+    return sorted(m.group(1) for m in re.finditer(r'^moderation_lists_stale\{[^}]*policy="([^"]*)"[^}]*\} 1(?:\.0)?$',
+                                                  text, re.M))
 
 
 class Readiness:
-    def __init__(self, channel: aio.Channel, audit: AuditLog, services: tuple[str, ...], interval_s: float = 0.5):
+    def __init__(self, channel: aio.Channel, audit: AuditLog, services: tuple[str, ...], interval_s: float = 0.5,
+                 triton_metrics: str | None = None):
         self.channel, self.audit, self.interval_s = channel, audit, interval_s
+        self.triton_metrics = triton_metrics
+        self.stale_lists: list[str] = []
         self.services = ("", "inference.GRPCInferenceService", *services)
         self.servicer = health.aio.HealthServicer()
         self.upstream_ready = False
@@ -49,7 +69,20 @@ class Readiness:
         status = SERVING if self.ready else NOT_SERVING
         for name in self.services:
             await self.servicer.set(name, status)
+        if self.triton_metrics:
+            await self._probe_lists()
         return self.ready
+
+    async def _probe_lists(self) -> None:
+        try:
+            stale = await asyncio.to_thread(stale_lists, self.triton_metrics)
+        except OSError:  # Triton's metrics not answering: the last status stands
+            return
+        if stale != self.stale_lists:
+            print(f"gateway: lists of {stale} fail to parse; their last good lists are in force" if stale
+                  else "gateway: every policy's lists file is in force", flush=True)
+        self.stale_lists = stale
+        await self.servicer.set(LISTS_SERVICE, NOT_SERVING if stale else SERVING)
 
     async def start(self) -> None:
         await self.probe()

@@ -100,8 +100,10 @@ class Metrics:
 class AuditGateway:
     def __init__(self, listen: str, upstream: str, audit: AuditLog | None = None, grace_s: float = 30.0,
                  key: str | None = None, limits: AdmissionLimits | None = None,
-                 public: tuple[str, ...] = PUBLIC_MODELS, max_request_bytes: int = MAX_REQUEST_BYTES):
+                 public: tuple[str, ...] = PUBLIC_MODELS, max_request_bytes: int = MAX_REQUEST_BYTES,
+                 triton_metrics: str | None = None):
         self.listen, self.upstream, self.grace_s = listen, upstream, grace_s
+        self.triton_metrics = triton_metrics
         self.metrics = Metrics()
         self.audit = audit or AuditLog(on_count=lambda name, n: self.metrics.audit_counts[name].inc(n))
         if self.audit.mode == FAIL_OPEN:  # spooled rows reach the disk when it takes rows again, traffic or not
@@ -122,7 +124,7 @@ class AuditGateway:
         # The public limit is checked by gRPC from each message's length prefix, before the body is buffered.
         self.server = aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                           ("grpc.max_receive_message_length", self.max_request_bytes)])
-        self.readiness = Readiness(self.channel, self.audit, self.public)
+        self.readiness = Readiness(self.channel, self.audit, self.public, triton_metrics=self.triton_metrics)
         self.readiness.add_to(self.server)
         self.server.add_generic_rpc_handlers((_Router(self),))
         port = self.server.add_insecure_port(self.listen)
@@ -371,8 +373,8 @@ class _Router(grpc.GenericRpcHandler):
         return self.handlers.get(handler_call_details.method)
 
 
-async def serve(listen: str, upstream: str, metrics: str | None) -> None:
-    gateway = AuditGateway(listen, upstream)
+async def serve(listen: str, upstream: str, metrics: str | None, triton_metrics: str | None = None) -> None:
+    gateway = AuditGateway(listen, upstream, triton_metrics=triton_metrics)
     port = await gateway.start()
     if metrics:
         host, _, mport = metrics.rpartition(":")
@@ -397,7 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--upstream", default=f"127.0.0.1:{os.environ.get('TRITON_GRPC_PORT', '8011')}")
     ap.add_argument("--metrics", default=f"127.0.0.1:{os.environ.get('GATEWAY_METRICS_PORT', '8003')}",
                     help="host:port for the gateway's Prometheus metrics; empty to disable")
+    ap.add_argument("--triton-metrics",
+                    default=f"http://127.0.0.1:{os.environ.get('METRICS_PORT', '8002')}/metrics",
+                    help="Triton's Prometheus endpoint: the lists state the `moderation.lists` health service reports")
     args = ap.parse_args(argv)
     memory.tune_allocator()  # large messages on their own mappings: memory goes back after a burst
-    asyncio.run(serve(args.listen, args.upstream, args.metrics or None))
+    asyncio.run(serve(args.listen, args.upstream, args.metrics or None, args.triton_metrics or None))
     return 0

@@ -123,7 +123,8 @@ class ServerConfig:
 
     def gateway_command(self) -> list[str]:
         return [sys.executable, "-m", "moderation.gateway", "--listen", f"{self.address}:{self.grpc_port}",
-                "--upstream", self.triton_grpc_url, "--metrics", f"127.0.0.1:{self.gateway_metrics_port}"]
+                "--upstream", self.triton_grpc_url, "--metrics", f"127.0.0.1:{self.gateway_metrics_port}",
+                "--triton-metrics", f"http://127.0.0.1:{self.metrics_port}/metrics"]
 
     def openai_command(self) -> list[str]:
         return [sys.executable, "-m", "moderation.openai", "--listen", f"{self.address}:{self.openai_port}",
