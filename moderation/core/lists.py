@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from .imaging import pdq_distance
+from .image_match import index_for
 from .policy import Policy
 from .terms import TermMatcher
 
@@ -25,12 +25,15 @@ class ListHit:
 
 
 def image_hits(policy: Policy, pdq: str | None) -> list[ListHit]:
-    """Entries whose nearest stored hash is within the policy's distance (none for an image without a hash)."""
+    """Entries whose nearest stored hash (any window of the entry's image: core/image_match.py) is within the
+    policy's distance (none for an image without a hash)."""
     if not pdq:
         return []
+    images = policy.lists.images
+    if not images:
+        return []
     limit, hits = policy.decisions.image_match_distance, []
-    for e in policy.lists.images:
-        d = min(pdq_distance(pdq, h) for h in e.pdq)
+    for e, d in zip(images, index_for(images).distances(pdq).tolist(), strict=True):
         if d <= limit:
             hits.append(ListHit("image", e.list, e.id, e.label, "image", {"distance": d}))
     return hits

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..core.audit import AuditLog
 from ..core.hashing import sha256_hex
-from ..core.imaging import PDQ_ENTRY_CROPS, centred_crop, decode_image, pdq_hash
+from ..core.image_match import entry_hashes
+from ..core.imaging import decode_image
 from ..core.policy import ImageEntry, PolicyLists, TermEntry, lists_path, load_policy, policy_dir
 from ..core.text import fold_caption
 from .admin import AdminError, verify_admin_key
@@ -64,7 +65,7 @@ class ListAdmin:
 
     def add_image(self, policy: str, list_name: str, image: bytes, label: str | None = None, note: str = "") -> dict:
         decoded = decode_image(image).image
-        hashes = [pdq_hash(centred_crop(decoded, keep)) for keep in PDQ_ENTRY_CROPS]
+        hashes = entry_hashes(decoded)  # the whole image's first, then its crops' (centred and one-sided)
         digest = sha256_hex(image)
         entry_id = "img-" + digest[:12]
         with self._edit(policy, "add-image", list=list_name, id=entry_id, image_sha256=digest) as (pol, data):
