@@ -132,7 +132,7 @@ class ListEntry(_Strict):
 
 
 class ImageEntry(ListEntry):
-    pdq: list[str]             # PDQ hashes (hex) of the image and of centred crops of it
+    pdq: list[str]             # PDQ hashes (hex) of the image and of crops of it (core/image_match.py)
     quality: int = 0
 
 
