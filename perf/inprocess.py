@@ -17,6 +17,7 @@ from moderation.core.errors import ModelUnavailable
 from moderation.core.policy import load_policy
 from moderation.core.post import parse_post
 from moderation.core.result import finish_post
+from moderation.gate.calibration import served_clip_identity
 from moderation.gate.inputs import ClipTokens, Preprocess, ReadImageText
 from moderation.gate.router import GatePost, GateRouter
 from moderation.ocr.reader import ImageTextReader
@@ -98,7 +99,7 @@ class InProcessPipeline:
         signals = {"clip": "untrained" if read_artifact_record(gate_dir, verify=False).get("untrained") else "trained",
                    "nsfw_image": signal_of(repo / "nsfw_image")}
         self.router = GateRouter(InProcessExecutor(repo, torch_threads), ClipTokens(str(gate_dir / "clip")), VERSION,
-                                 signals)
+                                 signals, clip_identity=served_clip_identity(repo))
         self.audit = AuditLog(audit_path)
 
     def moderate(self, image: bytes, text: bytes, options: bytes) -> dict:

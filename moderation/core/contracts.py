@@ -20,7 +20,8 @@ from .errors import BadRequest, ModerationError
 # settled by a custom block/allow list before any escalation.
 ALLOW, BLOCK, ESCALATE, CACHE, LIST = "gate_allow", "gate_block", "vlm", "cache", "list"
 Route = Literal["gate_allow", "gate_block", "vlm", "cache", "list"]
-Signal = Literal["trained", "untrained"]
+Signal = Literal["trained", "untrained", "uncalibrated"]  # uncalibrated: trained, but the policy's gate
+# thresholds were fitted for another CLIP (moderation/gate/calibration.py)
 
 
 class Contract(BaseModel):

@@ -32,7 +32,21 @@ class Label(_Strict):
     gate_concepts: list[str] = []
 
 
+class ClipIdentity(_Strict):
+    """The CLIP a policy's gate thresholds were calibrated for: the sha256 of clip_image's and clip_text's
+    model.onnx as their artifact.json records them (moderation/gate/calibration.py served_clip_identity)."""
+    clip_image: str = Field(pattern=r"^[0-9a-f]{64}$")
+    clip_text: str = Field(pattern=r"^[0-9a-f]{64}$")
+    name: str = ""  # where the checkpoint came from (the records' `source`), for people; not compared
+
+    def same_clip(self, other: ClipIdentity | None) -> bool:
+        return other is not None and (self.clip_image, self.clip_text) == (other.clip_image, other.clip_text)
+
+
 class Gate(_Strict):
+    # The CLIP these thresholds were fitted on (clients.evaluate --calibrate-gate). A trained CLIP that is not this
+    # one is an "uncalibrated" signal: like an untrained one it may escalate or send to review, never allow or block.
+    calibrated_for: ClipIdentity | None = None
     concept_scale: float = 40.0
     concept_center: float = 0.12
     consistency_scale: float = 40.0

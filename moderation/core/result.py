@@ -157,7 +157,7 @@ def finish_post(record: RequestRecord, gate: GateDecision, postprocess_version: 
            "latency_ms": result["latency_ms"], "image_sha256": record.image_sha256,
            "text_sha256": record.text_sha256, "image_format": record.image_format,
            "image_size": list(record.image_size), "caption_truncated": result["caption_truncated"],
-           "lang": record.lang, "error": None, "untrained": result["untrained"],
+           "lang": record.lang, "error": None, "untrained": result["untrained"], "signals": result["signals"],
            **_image_text_audit(record),
            **({"list_hits": result["list_hits"]} if result["list_hits"] else {}),
            **({"escalated": result["escalated"]} if result["escalated"] else {}),

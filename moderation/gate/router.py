@@ -19,9 +19,10 @@ import numpy as np
 from ..core.contracts import CACHE, ESCALATE, LIST, GateDecision, PostError, RequestRecord, VlmVerdict
 from ..core.errors import ModerationError, classify_failure
 from ..core.hashing import unit_interval
-from ..core.policy import Policy, load_policy
+from ..core.policy import ClipIdentity, Policy, load_policy
 from ..core.text import image_words
 from .cache import GateCache
+from .calibration import UNCALIBRATED, clip_signal
 from .fallback import FallbackSwitch
 from .inputs import ClipTokens
 from .scoring import ConceptBank, judge
@@ -71,10 +72,14 @@ def _no_count(name: str, **labels: str) -> None:
 
 class GateRouter:
     def __init__(self, executor: Executor, clip_tokens: ClipTokens, version: str, signals: dict[str, str],
-                 count: Callable[..., None] = _no_count, warn: Callable[[str], None] = print):
+                 count: Callable[..., None] = _no_count, warn: Callable[[str], None] = print,
+                 clip_identity: ClipIdentity | None = None):
         """`signals`: 'trained' / 'untrained' per signal the gate reads (clip, nsfw_image), from artifact records;
-        `count(metric, **labels)` feeds the custom metrics; `warn` logs a degraded path."""
+        `count(metric, **labels)` feeds the custom metrics; `warn` logs a degraded path; `clip_identity`: the
+        served CLIP (calibration.served_clip_identity), which a policy's gate.calibrated_for must name for a
+        trained CLIP to count as trained under it."""
         self.executor, self.clip_tokens, self.version = executor, clip_tokens, version
+        self.clip_identity, self._uncalibrated_told = clip_identity, set()
         self.signals, self.count, self.warn = {**TEXT_SIGNALS, **signals}, count, warn
         self.banks: dict[str, ConceptBank] = {}
         # near-duplicate verdict cache (policy `cache`); verdicts of swapped-out model versions are not served
@@ -120,7 +125,7 @@ class GateRouter:
             # there is no image for the caption to be consistent with
             judged = judge(policy, await self.bank(policy), post.image_emb if rec.has_image else post.text_emb,
                            post.text_emb, rec.has_caption and rec.has_image, trained)
-            signals = {"clip": self.signals["clip"]}
+            signals = {"clip": self._clip_signal(policy)}
             for source in trained:  # an artifact record (or the text classifier's own module) says trained
                 signals[source] = self.signals.get(source, "untrained")
             d = GateDecision(**judged, signals=signals, gate_version=self.version, gate_started=time.time(),
@@ -159,6 +164,15 @@ class GateRouter:
             if probe:
                 d.cache = self.verdicts.after(probe, d.vlm)
         return decisions
+
+    def _clip_signal(self, policy: Policy) -> str:
+        status = clip_signal(self.signals["clip"], policy, self.clip_identity)
+        if status == UNCALIBRATED and policy.digest not in self._uncalibrated_told:
+            self._uncalibrated_told.add(policy.digest)
+            self.warn(f"policy {policy.id}: gate thresholds not calibrated for the served CLIP "
+                      f"({self.clip_identity.name if self.clip_identity else 'no artifact record'}): its scores may "
+                      "escalate or send to review, never allow or block (clients.evaluate --calibrate-gate)")
+        return status
 
     async def _escalate(self, post: GatePost, policy: Policy, arm: str | None):
         """(verdict, round trip ms, A/B arm name, fallback info) of one escalated post."""

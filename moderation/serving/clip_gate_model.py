@@ -6,6 +6,7 @@ import time
 
 from ..core.contracts import RequestRecord
 from ..core.policy import load_policy
+from ..gate.calibration import served_clip_identity
 from ..gate.inputs import ClipTokens
 from ..gate.router import GatePost, GateRouter, failed_call
 from ..repository.artifacts import read_artifact_record, signal_of
@@ -42,8 +43,11 @@ class ClipGateModel:
                    "nsfw_image": signal_of(vdir.parent.parent / "nsfw_image")}
         self.lists_stale = Counter("moderation_lists_stale")
         self._lists_faults: dict[str, str | None] = {}
+        identity = served_clip_identity(vdir.parent.parent)  # the policies' gate.calibrated_for must name it
+        self.stage.logger.log_info(f"clip_gate: CLIP {signals['clip']}, served encoders "
+                                   f"{identity.model_dump() if identity else 'without artifact records'}")
         self.router = GateRouter(BlsExecutor(), ClipTokens(str(vdir / "clip")), self.stage.version, signals,
-                                 count=CountByName(), warn=self.stage.logger.log_warn)
+                                 count=CountByName(), warn=self.stage.logger.log_warn, clip_identity=identity)
         epoch = parameters(args).get(EPOCH_PARAMETER)
         if epoch and self.router.verdicts.shared:  # a purge reload: the in-process cache is new, Redis is not
             n = self.router.verdicts.purge_on_load(epoch)  # Redis down: a fresh purge fails the reload
