@@ -145,8 +145,13 @@ def test_gate_sends_escalations_past_max_inflight_to_the_int8_decoder(pb):
 
 
 def test_gate_answers_a_near_duplicate_from_the_verdict_cache(pb):
+    from PIL import Image
+
+    from moderation.testing.records import local_thumbnail_b64
+
     gate = _gate(pb)
-    rec = request_record(policy_name="escalate_cached", fingerprint=[1.0] + [0.0] * 191)
+    rec = request_record(policy_name="escalate_cached", fingerprint=[1.0] + [0.0] * 191,
+                         local_thumbnail=local_thumbnail_b64(Image.open(sample_posts()[0].image_path)))
     first = _decisions(pb, _run(gate, _gate_request(pb, [rec])))[0]
     second = _decisions(pb, _run(gate, _gate_request(pb, [rec.model_copy(update={"request_id": "r2"})])))[0]
     assert first.route == "vlm" and first.cache == {"hit": False, "stored": True}

@@ -131,17 +131,17 @@ class GateRouter:
             d = GateDecision(**judged, signals=signals, gate_version=self.version, gate_started=time.time(),
                              gate_ms=(time.perf_counter() - t0) * 1e3)
             decisions.append(d)
+            settled = next((h for h in rec.list_hits if h["list"] in ("block", "allow")), None)
+            if settled is not None and not rec.escalate:  # an operator's list decides, whatever the gate's band
+                d.route, d.escalated = LIST, None
+                d.reason = f"{settled['kind']} on the {settled['list']} list (entry {settled['id']}); {d.reason}"
+                continue
             if rec.escalate and d.route != ESCALATE:  # reported posts, appeals, spot checks
                 d.route, d.reason = ESCALATE, f"escalation forced by OPTIONS (the gate said {d.route}: {d.reason})"
                 d.escalated = "forced"
             elif d.route == ESCALATE:
                 d.escalated = "gate"
             if d.route != ESCALATE:
-                continue
-            settled = next((h for h in rec.list_hits if h["list"] in ("block", "allow")), None)
-            if settled is not None and not rec.escalate:  # an operator's list already decides: no VLM needed
-                d.route, d.escalated = LIST, None
-                d.reason = f"{settled['kind']} on the {settled['list']} list (entry {settled['id']}); {d.reason}"
                 continue
             arm = ab_arm(policy, rec.image_sha256, rec.text_sha256)
             probe = self.verdicts.probe(policy, rec, post.image_emb, post.text_emb, arm)
