@@ -2,6 +2,16 @@
 
     .venv/bin/python -m clients.evaluate --url 127.0.0.1:8001 labelled.jsonl [--policy default] [--json out.json]
     .venv/bin/python -m clients.evaluate --audit build/audit/audit.jsonl [--target-recall 0.95] [--policy default]
+    .venv/bin/python -m clients.evaluate labelled.jsonl --calibrate-gate [--repository model_repository]
+        [--policy default] [--target-precision 0.95] [--write-policy PATH]
+
+With --calibrate-gate (the first step after exporting a real CLIP): no server is needed; the labelled posts go
+through the repository's served CLIP encoders in this process (the preprocess, onnxruntime and concept-bank code
+the server runs) and the gate's raw cosines fit a proposed `gate:` section: concept_center/concept_scale (and
+consistency_* when `mismatch` posts are labelled), block_at and allow_below for --target-precision, and
+calibrated_for naming the served CLIP. It prints the section and how the labelled posts route now and with it
+(wrongly allowed / blocked, escalated). Nothing is applied: paste the section into the policy, or --write-policy
+PATH writes the whole policy with it under a new version.
 
 With --audit: every judged post (`stage: moderate` rows) that a reviewer gave feedback on (`clients.admin feedback
 REQUEST_ID --verdict violation|ok [--label L]`, joined by request id; the latest feedback wins) is a labelled
@@ -230,13 +240,92 @@ def main_feedback(args) -> int:
     return 0
 
 
+# gate calibration ------------------------------------------------------------------------------------------------
+def calibrated_policy_text(policy_path: Path, gate_section: dict) -> str:
+    """The policy file with its gate section replaced and a version naming the CLIP it was calibrated for."""
+    import yaml
+
+    data = yaml.safe_load(policy_path.read_text(encoding="utf-8"))
+    data["gate"] = gate_section
+    data["version"] = f"{data['version']}-clip.{gate_section['calibrated_for']['clip_image'][:8]}"
+    return yaml.safe_dump(data, allow_unicode=True, sort_keys=False)
+
+
+def render_calibration(fit, policy, served) -> str:
+    import yaml
+
+    now = policy.gate.calibrated_for
+    state = ("calibrated for it" if now is not None and now.same_clip(served) else
+             f"calibrated for {now.name or now.clip_image[:12]}" if now is not None else "names no CLIP")
+    cols = ["n", "allowed", "wrongly_allowed", "blocked", "wrongly_blocked", "escalated", "escalated_clean",
+            "escalated_violating"]
+    lines = [f"served CLIP: {served.name} (clip_image {served.clip_image[:12]}…, clip_text {served.clip_text[:12]}…)",
+             f"policy {policy.id}: gate {state}",
+             f"labels the CLIP alone scores: {', '.join(fit.labels)} (truth: one of them applies)", "",
+             f"{'gate':<10}" + "".join(f"{c:>21}" for c in cols)]
+    for name, m in (("now", fit.now), ("proposed", fit.proposed)):
+        lines.append(f"{name:<10}" + "".join(f"{m[c]:>21}" for c in cols))
+    lines += [f"note: {n}" for n in fit.notes]
+    lines += ["", "proposed gate section (paste into the policy; nothing is applied):", "",
+              yaml.safe_dump(fit.section(), allow_unicode=True, sort_keys=False)]
+    return "\n".join(lines)
+
+
+def main_calibrate(args) -> int:
+    import os
+
+    if args.policy_dir:  # preprocess reads the policy by name, as the server does
+        os.environ["MODERATION_POLICY_DIR"] = str(args.policy_dir)
+    from moderation.core.errors import ModerationError
+    from moderation.core.policy import load_policy, policy_dir
+    from moderation.gate.calibration import CalibrationError, ServedClip, fit_gate
+
+    try:
+        posts = read_labelled(args.labelled)
+        policy = load_policy(args.policy)
+        unknown = sorted({x for p in posts for x in p["labels"]} - set(policy.label_keys))
+        if unknown:
+            raise ValueError(f"labels {unknown} are not in policy {args.policy!r} ({policy.label_keys})")
+        clip = ServedClip(args.repository)
+        if clip.identity is None:
+            raise CalibrationError(f"{args.repository}: clip_image / clip_text have no artifact record naming "
+                                   "their model.onnx (export them with export.export_models)")
+        bank = clip.bank(policy)
+        cosines = [clip.cosines(policy, bank, p["image"].read_bytes(), p["caption"], p["labels"]) for p in posts]
+        fit = fit_gate(policy, cosines, clip.identity, args.target_precision)
+    except (OSError, ValueError, ModerationError) as e:  # CalibrationError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(render_calibration(fit, policy, clip.identity))
+    if args.write_policy:
+        path = Path(args.policy_dir or policy_dir()) / f"{args.policy}.yaml"
+        args.write_policy.write_text(calibrated_policy_text(path, fit.section()["gate"]), encoding="utf-8")
+        print(f"wrote {args.write_policy} (review it, then put it in the policy directory)")
+    if args.json:
+        args.json.write_text(json.dumps({"policy": policy.id, "served_clip": clip.identity.model_dump(),
+                                         "labels": fit.labels, "now": fit.now, "proposed": fit.proposed,
+                                         "notes": fit.notes, **fit.section(),
+                                         "posts": [{"line": p["line"], "labels": p["labels"], "concept": c.concept,
+                                                    "consistency": c.consistency}
+                                                   for p, c in zip(posts, cosines, strict=True)]},
+                                        indent=2, ensure_ascii=False))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("labelled", type=Path, nargs="?", help="JSONL: {image, caption, labels} per line")
     ap.add_argument("--audit", type=Path, help="evaluate the audit log joined with reviewers' feedback instead")
     ap.add_argument("--target-recall", type=float, default=None, help="with --audit: propose review bands")
     ap.add_argument("--policy-dir", type=Path, default=None)
-    ap.add_argument("--write-policy", type=Path, default=None, help="with --target-recall: the proposed policy")
+    ap.add_argument("--write-policy", type=Path, default=None,
+                    help="with --target-recall or --calibrate-gate: write the proposed policy here")
+    ap.add_argument("--calibrate-gate", action="store_true",
+                    help="fit the gate's thresholds for the served CLIP from the labelled posts (no server)")
+    ap.add_argument("--repository", type=Path, default=Path("model_repository"),
+                    help="with --calibrate-gate: the model repository whose served CLIP is calibrated")
+    ap.add_argument("--target-precision", type=float, default=0.95,
+                    help="with --calibrate-gate: precision of the gate's blocks and of its allows")
     ap.add_argument("--url", default=DEFAULT_URL, help="gRPC address of the server")
     ap.add_argument("--policy", default="default")
     ap.add_argument("--concurrency", type=int, default=4)
@@ -247,6 +336,8 @@ def main(argv=None) -> int:
         return main_feedback(args)
     if not args.labelled:
         ap.error("give a labelled JSONL file, or --audit AUDIT.jsonl")
+    if args.calibrate_gate:
+        return main_calibrate(args)
     try:
         posts = read_labelled(args.labelled)
         images = [p["image"].read_bytes() for p in posts]

@@ -147,8 +147,9 @@ def _centre_and_scale(pos: list[float], neg: list[float], what: str) -> tuple[fl
     return (hi + lo) / 2, EDGE_LOGIT / max((hi - lo) / 2, spread)
 
 
-def _floor(x: float) -> float:
-    return math.floor(x * 1e6) / 1e6
+def _between(lo: float | None, hi: float) -> float:
+    """A threshold midway between two neighbouring scores (a margin for posts the fit did not see)."""
+    return hi if lo is None else round((lo + hi) / 2, 6)
 
 
 @dataclass
@@ -189,20 +190,20 @@ def fit_gate(policy: Policy, posts: list[LabelledCosines], served: ClipIdentity,
     draft = Gate.model_validate({**policy.gate.model_dump(), **update, "allow_below": 0.0, "block_at": 1.01})
     scored = [(bool(p.labels & set(labels)), clip_scores(draft, labels, p)) for p in posts]
     blockable = [(v, max([s for k, s in sc.items() if k in draft.block_labels], default=0.0)) for v, sc in scored]
-    block_at = 1.01
-    for t in sorted({b for _, b in blockable}):
+    block_at, ladder = 1.01, sorted({b for _, b in blockable})
+    for i, t in enumerate(ladder):  # the lowest block threshold that is precise enough
         hit = [v for v, b in blockable if b >= t]
         if hit and sum(hit) / len(hit) >= target_precision:
-            block_at = _floor(t)
+            block_at = _between(ladder[i - 1] if i else None, t)
             break
     if block_at > 1.0:
         notes.append(f"no score blocks with precision >= {target_precision} on these posts: the gate never blocks")
     top = [(v, max(sc.values(), default=0.0)) for v, sc in scored]
-    allow_below = 0.0
-    for t in sorted({s for _, s in top} | {1.01}, reverse=True):
-        allowed = [v for v, s in top if s < t]
-        if t <= block_at and allowed and sum(not v for v in allowed) / len(allowed) >= target_precision:
-            allow_below = _floor(t)
+    allow_below, ladder = 0.0, sorted({s for _, s in top if s < block_at})
+    for i in range(len(ladder), 0, -1):  # the highest allow threshold (below block_at) that is precise enough
+        allowed = [v for v, s in top if s <= ladder[i - 1]]
+        if sum(not v for v in allowed) / len(allowed) >= target_precision:
+            allow_below = _between(ladder[i - 1], ladder[i] if i < len(ladder) else block_at)
             break
     gate = Gate.model_validate({**draft.model_dump(), "allow_below": allow_below, "block_at": block_at})
     return GateFit(gate, labels, outcomes(policy.gate, labels, posts), outcomes(gate, labels, posts), notes)
