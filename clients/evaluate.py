@@ -279,6 +279,7 @@ def main_calibrate(args) -> int:
     from moderation.core.errors import ModerationError
     from moderation.core.policy import load_policy, policy_dir
     from moderation.gate.calibration import CalibrationError, ServedClip, fit_gate
+    from moderation.repository.served import served_clip_identity, served_version_dirs
 
     try:
         posts = read_labelled(args.labelled)
@@ -286,10 +287,12 @@ def main_calibrate(args) -> int:
         unknown = sorted({x for p in posts for x in p["labels"]} - set(policy.label_keys))
         if unknown:
             raise ValueError(f"labels {unknown} are not in policy {args.policy!r} ({policy.label_keys})")
-        clip = ServedClip(args.repository)
-        if clip.identity is None:
+        dirs = served_version_dirs(args.repository, ServedClip.MODELS)
+        identity = served_clip_identity(args.repository)
+        if identity is None:
             raise CalibrationError(f"{args.repository}: clip_image / clip_text have no artifact record naming "
                                    "their model.onnx (export them with export.export_models)")
+        clip = ServedClip(dirs, identity)
         bank = clip.bank(policy)
         cosines = [clip.cosines(policy, bank, p["image"].read_bytes(), p["caption"], p["labels"]) for p in posts]
         fit = fit_gate(policy, cosines, clip.identity, args.target_precision)

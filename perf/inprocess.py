@@ -17,11 +17,11 @@ from moderation.core.errors import ModelUnavailable
 from moderation.core.policy import load_policy
 from moderation.core.post import parse_post
 from moderation.core.result import finish_post
-from moderation.gate.calibration import served_clip_identity
 from moderation.gate.inputs import ClipTokens, Preprocess, ReadImageText
 from moderation.gate.router import GatePost, GateRouter
 from moderation.ocr.reader import ImageTextReader
 from moderation.repository.artifacts import read_artifact_record, signal_of
+from moderation.repository.served import served_clip_identity
 
 VERSION = "1"
 

@@ -17,16 +17,9 @@ import yaml
 from clients.client import ModerationClient
 from moderation.core.audit import read_rows
 from moderation.core.policy import ClipIdentity, load_policy
-from moderation.gate.calibration import (
-    CalibrationError,
-    LabelledCosines,
-    ServedClip,
-    clip_signal,
-    fit_gate,
-    served_clip_identity,
-    served_version,
-)
+from moderation.gate.calibration import CalibrationError, LabelledCosines, ServedClip, clip_signal, fit_gate
 from moderation.repository.artifacts import read_artifact_record, write_artifact_record
+from moderation.repository.served import served_clip_identity, served_version, served_version_dirs
 from moderation.testing.policies import derive_policy
 from moderation.testing.samples import sample_posts
 
@@ -114,7 +107,7 @@ def test_calibrate_gate_cli_proposes_a_section_for_the_served_clip(tmp_path):
     """Truth constructed from the served tiny CLIP itself: `scam` marks the three posts whose scam concepts it
     finds closest (the labels are made up; the CLIP is random), so the labels are separable by its cosines."""
     posts = sample_posts()
-    clip = ServedClip(REPO)
+    clip = ServedClip(served_version_dirs(REPO, ServedClip.MODELS), served_clip_identity(REPO))
     bank = clip.bank(POLICY)
     scam = [clip.cosines(POLICY, bank, p.image_bytes(), p.text, []).concept["scam"] for p in posts]
     top = set(np.argsort(scam)[-3:].tolist())

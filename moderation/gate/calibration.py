@@ -3,7 +3,8 @@
 The gate turns cosines into label scores with the policy's concept_center / concept_scale (and consistency_*),
 then routes on allow_below / block_at. Cosines depend on the CLIP's weights: thresholds fitted for the seeded tiny
 CLIP mean nothing for ViT-L/14, whose cosines sit elsewhere. A policy names the CLIP it was calibrated for
-(gate.calibrated_for: the sha256 of clip_image's and clip_text's model.onnx from their artifact records); a trained
+(gate.calibrated_for: the sha256 of clip_image's and clip_text's model.onnx from their artifact records,
+moderation/repository/served.py); a trained
 CLIP it does not name is an "uncalibrated" signal, which the decision treats like an untrained one (it may escalate
 and send to review, never allow or block). `clients.evaluate --calibrate-gate` fits new thresholds from labelled
 posts with the served encoders, in this process (fit_gate), and proposes them with the served CLIP's identity; an
@@ -19,10 +20,8 @@ import numpy as np
 
 from ..core.policy import ClipIdentity, Gate, Policy
 from ..core.vectors import l2_normalize
-from ..repository.artifacts import RECORD, read_artifact_record
 from .scoring import ConceptBank, trained_labels
 
-LIVE_VERSIONS = ".live_versions.json"  # moderation/ops/admin.py STATE_FILE: the versions `clients.admin swap` made live
 UNCALIBRATED = "uncalibrated"
 # the score a fitted sigmoid gives the median violating cosine (and 1 - it the median clean one): logit(0.95)
 EDGE_LOGIT = math.log(19.0)
@@ -30,34 +29,6 @@ EDGE_LOGIT = math.log(19.0)
 
 class CalibrationError(ValueError):
     """The labelled posts cannot fit the gate (no violating or no clean post, or no separation)."""
-
-
-def served_version(model_dir: Path) -> Path | None:
-    """The version directory Triton serves for a model: the one `clients.admin swap` recorded live, else the newest
-    with an artifact record (the rendered configs' `latest` version policy)."""
-    model_dir = Path(model_dir)
-    state = model_dir.parent / LIVE_VERSIONS
-    if state.exists():
-        live = json.loads(state.read_text(encoding="utf-8")).get(model_dir.name, {}).get("live")
-        if live and (model_dir / str(live) / RECORD).exists():
-            return model_dir / str(live)
-    versions = [d for d in model_dir.glob("[0-9]*") if d.name.isdigit() and (d / RECORD).exists()]
-    return max(versions, key=lambda d: int(d.name)) if versions else None
-
-
-def served_clip_identity(repository: Path) -> ClipIdentity | None:
-    """The served CLIP's identity from its encoders' artifact records; None when either has no record."""
-    digests, source = {}, ""
-    for model in ("clip_image", "clip_text"):
-        vdir = served_version(Path(repository) / model)
-        if vdir is None:
-            return None
-        record = read_artifact_record(vdir, verify=False)
-        digest = record.get("files", {}).get("model.onnx")
-        if not digest:
-            return None
-        digests[model], source = digest, source or str(record.get("source", ""))
-    return ClipIdentity(**digests, name=source)
 
 
 def clip_signal(artifact_signal: str, policy: Policy, served: ClipIdentity | None) -> str:
@@ -212,23 +183,24 @@ def fit_gate(policy: Policy, posts: list[LabelledCosines], served: ClipIdentity,
 # the served encoders, in this process -------------------------------------------------------------------------
 class ServedClip:
     """The gate's cosines of posts with the served CLIP: preprocess's pixels and tokens, clip_image's and
-    clip_text's model.onnx through onnxruntime, the policy's concept bank (the code the server runs)."""
+    clip_text's model.onnx through onnxruntime, the policy's concept bank (the code the server runs).
+    `version_dirs`: the served version directory of preprocess, clip_gate, clip_image and clip_text."""
 
-    def __init__(self, repository: Path):
+    MODELS = ("preprocess", "clip_gate", "clip_image", "clip_text")
+
+    def __init__(self, version_dirs: dict[str, Path], identity: ClipIdentity):
         import onnxruntime as ort
 
         from .inputs import ClipTokens, Preprocess
 
-        repository = Path(repository)
-        dirs = {m: served_version(repository / m) for m in ("preprocess", "clip_image", "clip_text", "clip_gate")}
-        missing = [m for m, d in dirs.items() if d is None]
-        if missing:
-            raise CalibrationError(f"{repository} has no exported version of {', '.join(missing)}")
-        self.identity = served_clip_identity(repository)
-        self.preprocess = Preprocess(str(dirs["preprocess"] / "clip"), dirs["preprocess"].name)
-        self.tokens = ClipTokens(str(dirs["clip_gate"] / "clip"))
-        self.image = ort.InferenceSession(str(dirs["clip_image"] / "model.onnx"), providers=["CPUExecutionProvider"])
-        self.text = ort.InferenceSession(str(dirs["clip_text"] / "model.onnx"), providers=["CPUExecutionProvider"])
+        self.identity = identity
+        pre = Path(version_dirs["preprocess"])
+        self.preprocess = Preprocess(str(pre / "clip"), pre.name)
+        self.tokens = ClipTokens(str(Path(version_dirs["clip_gate"]) / "clip"))
+        self.image = ort.InferenceSession(str(Path(version_dirs["clip_image"]) / "model.onnx"),
+                                          providers=["CPUExecutionProvider"])
+        self.text = ort.InferenceSession(str(Path(version_dirs["clip_text"]) / "model.onnx"),
+                                         providers=["CPUExecutionProvider"])
 
     def bank(self, policy: Policy) -> ConceptBank:
         texts = [t for _, t in ConceptBank.concept_texts(policy)]

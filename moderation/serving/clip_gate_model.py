@@ -6,10 +6,10 @@ import time
 
 from ..core.contracts import RequestRecord
 from ..core.policy import load_policy
-from ..gate.calibration import served_clip_identity
 from ..gate.inputs import ClipTokens
 from ..gate.router import GatePost, GateRouter, failed_call
 from ..repository.artifacts import read_artifact_record, signal_of
+from ..repository.served import served_clip_identity
 from .metrics import CountByName, Counter
 from .pb import pb
 from .triton_io import Stage, bytes_rows, parameters, rows, string_tensor, version_dir
