@@ -15,7 +15,7 @@ Environment (defaults in brackets):
   LOAD_MODELS [what the production target loads: every model but language_decoder_int8]   comma-separated,
       explicit model control
   MODERATION_GPU_MEMORY [unset]       the GPU's usable memory (e.g. 22GiB on an A10): the server does not start when
-      the memory plan of the models it loads does not fit (moderation/preflight.py); MODERATION_QWEN_CONFIG and
+      the memory plan of the models it loads does not fit (moderation.preflight); MODERATION_QWEN_CONFIG and
       MODERATION_CLIP_CONFIG name the checkpoints' configs when MODEL_REPOSITORY is remote
   RESPONSE_CACHE_BYTES [268435456]    Triton's local response cache
   TRITON_REDIS_CACHE_HOST [unset]     Triton's redis response cache instead of the local one (the NGC image ships

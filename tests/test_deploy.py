@@ -630,7 +630,7 @@ def test_entrypoint_uses_server_restrictions_and_requires_a_key(tmp_path):
     alone = entrypoint.command(_entrypoint_env(tmp_path, MODERATION_GATEWAY="0"))
     assert "--grpc-address=0.0.0.0" in alone and "--grpc-port=8001" in alone
     assert f"--grpc-restricted-protocol={RESTRICTED_GRPC}:{ADMIN_HEADER}={'k' * 32}" in alone
-    # the INT8 twin is not loaded beside the bf16 decoder on a GPU (moderation/preflight.py)
+    # the INT8 twin is not loaded beside the bf16 decoder on a GPU (moderation.preflight)
     assert {a.split("=", 1)[1] for a in args if a.startswith("--load-model=")} == \
         set(ALL_MODELS) - {"language_decoder_int8"}
     assert all("k" * 32 not in a for a in entrypoint.redact(args))

@@ -21,7 +21,8 @@ ALLOWED = {
     "ops": {"core"},
     "gateway": {"core"},
     "openai": {"core"},
-    "launch": {"core", "repository", "ops"},
+    "launch": {"core", "repository", "ops", "preflight"},
+    "preflight": {"core", "repository", "vlm"},
     "testing": {"core", "launch", "repository"},
 }
 MODEL_STACK = {"torch", "transformers", "onnxruntime", "PIL", "pydantic", "yaml", "numpy", "tokenizers", "peft"}

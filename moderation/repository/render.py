@@ -162,7 +162,7 @@ MODELS["language_decoder_int8"] = dict(copy.deepcopy(MODELS["language_decoder"])
 
 
 # What a target loads at start. Production leaves the INT8 twin out: beside the bf16 8B decoder it does not fit a
-# 24 GB A10 (moderation/preflight.py); the gate's fallback then degrades to the full decoder. Load it explicitly
+# 24 GB A10 (moderation.preflight); the gate's fallback then degrades to the full decoder. Load it explicitly
 # (LOAD_MODELS) on a GPU the plan says holds both.
 NOT_LOADED = {"local": (), "production": ("language_decoder_int8",)}
 
@@ -180,7 +180,7 @@ def read_model_config(path: Path) -> mc.ModelConfig:
 # load (minutes the first time, cached under TRT_CACHE_DIR, a writable volume in the container); "cuda" runs the
 # CUDA execution provider in FP32 with no build step. The TensorRT workspace (tactic scratch, capped per engine) is
 # 512 MiB: with 1 GiB the GPU memory plan of the 8B decoder at batch 8 beside the encoders is 0.4 GiB over a
-# 24 GB A10's 22 GiB (moderation/preflight.py).
+# 24 GB A10's 22 GiB (moderation.preflight).
 ONNX_ACCELERATORS = ("tensorrt", "cuda")
 TRT_CACHE_DIR = "/cache/trt"
 TRT_WORKSPACE_BYTES = 512 << 20

@@ -5,7 +5,7 @@ Cost per batch: the policy prefix KV is computed once per (policy, language) and
 the post bodies (image tokens + caption) for the whole padded batch; then every question of every post
 scored in one pass over the posts' KV (a few tokens each; the questions of a post share its KV through a
 block-diagonal mask instead of copying it per question). A description is decoded (greedy, capped) only for
-posts that ask for one, on the same KV. The KV held at each step is what moderation/preflight.py plans for."""
+posts that ask for one, on the same KV. The KV held at each step is what moderation.preflight plans for."""
 from __future__ import annotations
 
 import time

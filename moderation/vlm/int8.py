@@ -19,7 +19,7 @@ from torch import nn
 
 SCHEMES = ("none", "int8", "int8_dynamic", "int8_weight_only")
 # Largest block of int8 weights dequantized at once in Int8WeightOnlyLinear (elements; 32 MiB in bf16): a memory
-# plan counts it as the layer's transient (moderation/preflight.py)
+# plan counts it as the layer's transient (moderation.preflight)
 DEQUANT_BLOCK_ELEMENTS = 1 << 24
 
 

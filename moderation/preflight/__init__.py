@@ -153,7 +153,7 @@ def decoder_activation_bytes(cfg: dict, batch: int, layout: PromptLayout, dtype_
              + batch * nh * T * K + 2 * batch * nh * K * hd) * b
     inputs = batch * layout.visual * H * (1 + n_deepstack) * b
     logits = batch * layout.question_count * V * (b + 4)  # lm_head output, then as float32
-    from .vlm.int8 import DEQUANT_BLOCK_ELEMENTS
+    from ..vlm.int8 import DEQUANT_BLOCK_ELEMENTS
 
     return layer + inputs + logits + (DEQUANT_BLOCK_ELEMENTS * b if int8 else 0)
 
@@ -320,7 +320,7 @@ def plan(qwen: dict, clip: dict, gpu_memory: int, target: str = "production", mo
          layout: PromptLayout = PromptLayout()) -> MemoryPlan:
     """The memory plan of the GPU models among `models` (default: what `target` loads), their configs rendered for
     `target` or read from `repository`'s config.pbtxt files."""
-    from .repository.render import MODELS, default_models, model_config, read_model_config
+    from ..repository.render import MODELS, default_models, model_config, read_model_config
 
     target = "production" if target == "gpu" else target
     models = tuple(models or default_models(target))
@@ -352,7 +352,7 @@ def plan(qwen: dict, clip: dict, gpu_memory: int, target: str = "production", mo
 
 def _decoder_batches(p: MemoryPlan, qwen: dict, models, repository, target, onnx_accelerator) -> dict[str, int]:
     """The largest max_batch_size of each decoder at which the set would fit, the rest unchanged (0: none)."""
-    from .repository.render import model_config, read_model_config
+    from ..repository.render import model_config, read_model_config
 
     out = {}
     for need in [m for m in p.models if m.name in DECODERS or m.kind.startswith("decoder")]:
@@ -428,7 +428,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {result.reason()}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
