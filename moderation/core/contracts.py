@@ -76,6 +76,7 @@ class RequestRecord(Contract):
     list_hits: list[dict[str, Any]] = []  # custom-list entries the post matched (core/lists.py ListHit)
     read_text: bool = False   # the read_text stage reads this post's image text (policy ocr and OPTIONS ocr)
     image_text: list[dict[str, Any]] | None = None  # OCR lines (ocr/reader.py TextLine); None: not read
+    image_text_truncated: bool = False  # the OCR read budget left detected text unread
     text_scores: dict[str, float] = {}  # trained text signals on caption + image text, e.g. {"profanity": p}
     error: PostError | None = None
     received_at: float        # wall clock, s

@@ -5,6 +5,9 @@ label scores when it ran, and custom-list hits. A signal's artifact record says 
 untrained signal may escalate a post and may send it to review, but is never the reason a post is allowed or
 blocked. In order:
 
+  0. a post whose image text OCR read only in part (its read budget ran out: the unread text may hide the
+     violation) is blocked by a block-list hit or a trained block band, else reviewed (a review-list hit names
+     itself; otherwise decided_by "ocr_budget"): no allow list, band or default allows it;
   1. a block-list hit blocks; 2. an allow-list hit allows (operators wrote both);
   3. a trained signal at or above its block band blocks (highest score first);
   4. a review-list hit, or 5. a trained signal in its review band, sends to review;
@@ -25,6 +28,7 @@ from .policy import Band, Policy
 
 ACTIONS = ("allow", "review", "block")
 POLICY_DEFAULT = "policy_default"
+OCR_BUDGET = "ocr_budget"
 
 
 @dataclass(frozen=True)
@@ -100,14 +104,14 @@ def _label_severity(policy: Policy, evs: list[Evidence]) -> dict[str, int]:
     return out
 
 
-def decide(policy: Policy, gate: GateDecision, list_hits: list[dict]) -> Decision:
+def decide(policy: Policy, gate: GateDecision, list_hits: list[dict], image_text_truncated: bool = False) -> Decision:
     evs = evidence(policy, gate)
-    decision = _choose(policy, evs, list_hits)
+    decision = _choose(policy, evs, list_hits, image_text_truncated)
     decision.evidence = evs
     return decision
 
 
-def _choose(policy: Policy, evs: list[Evidence], list_hits: list[dict]) -> Decision:
+def _choose(policy: Policy, evs: list[Evidence], list_hits: list[dict], image_text_truncated: bool) -> Decision:
     sev = _label_severity(policy, evs)
     for hit in list_hits:
         if hit["label"] in sev and hit["list"] == "block":
@@ -126,7 +130,9 @@ def _choose(policy: Policy, evs: list[Evidence], list_hits: list[dict]) -> Decis
     trained = [e for e in evs if e.trained and _may_decide(policy, e)]
     covered = {e.label for e in trained}  # a trained score on a label outranks every untrained one on it
     untrained = [e for e in evs if not e.trained and e.label not in covered]
-    if (d := by_list("block")) or (d := by_list("allow")):
+    if d := by_list("block"):
+        return d
+    if not image_text_truncated and (d := by_list("allow")):
         return d
     blocking = strongest([e for e in trained if e.block_at is not None and e.score >= e.block_at])
     if blocking:
@@ -134,6 +140,9 @@ def _choose(policy: Policy, evs: list[Evidence], list_hits: list[dict]) -> Decis
                         f">= its block band {blocking.block_at}", sev)
     if d := by_list("review"):
         return d
+    if image_text_truncated:
+        return Decision("review", OCR_BUDGET, "the image's text was read only in part (the OCR read budget ran "
+                        "out): the unread text may hide a violation, so a person decides", sev)
     untrained_vlm = [e for e in untrained if e.signal == "vlm"]
     pools = ((trained, "in its review band"), (untrained_vlm, "in its review band; untrained, so a person decides"),
              (untrained, "in its review band; untrained, so a person decides"))

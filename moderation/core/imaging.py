@@ -2,7 +2,10 @@
 
 Every limit is checked from the header before pixels are decoded, so a decompression bomb costs a
 header read, not gigabytes of memory, and a tiny file cannot buy a large decode: above FREE_PIXELS an image
-may declare at most MAX_PIXELS_PER_BYTE pixels per encoded byte."""
+may declare at most MAX_PIXELS_PER_BYTE pixels per encoded byte. No stage reads more than ~1000 px (CLIP, open_nsfw,
+OCR detection at 480, the VLM at 448), so images decode to a longer side under 2 x DECODE_SIDE: a JPEG in the DCT
+domain (Image.draft: 1/2, 1/4 or 1/8 scale, never the full frame), other formats shrunk by Image.reduce straight
+after decoding, the full frame freed at once."""
 from __future__ import annotations
 
 import io
@@ -30,6 +33,7 @@ ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP"}
 # higher (20840 px/B at 3840x2160, 23764 at 4096x4096): refused above FREE_PIXELS, it carries nothing to judge.
 FREE_PIXELS = 2048 * 2048  # 4.2 MP
 MAX_PIXELS_PER_BYTE = 16_384
+DECODE_SIDE = 1024  # decoded images are shrunk by whole factors to a longer side below 2 x this
 
 # Pillow's own bomb guard as a second line: raise instead of warn.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -44,8 +48,10 @@ class DecodedImage:
 
 
 def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_PIXELS,
-                 free_pixels: int = FREE_PIXELS, max_pixels_per_byte: int = MAX_PIXELS_PER_BYTE) -> DecodedImage:
-    """Decode untrusted bytes into an RGB image or raise a ModerationError naming the problem."""
+                 free_pixels: int = FREE_PIXELS, max_pixels_per_byte: int = MAX_PIXELS_PER_BYTE,
+                 decode_side: int | None = DECODE_SIDE) -> DecodedImage:
+    """Decode untrusted bytes into an RGB image or raise a ModerationError naming the problem. The image's longer
+    side is below 2 x `decode_side` (None: full size); `original_size` is the size the header declares."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BadImage(f"image must be bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -74,8 +80,11 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: i
                         f"image declares {sw}x{sh} pixels{what} in {len(data)} bytes; above {free_pixels} pixels an "
                         f"image may declare at most {max_pixels_per_byte} pixels per encoded byte")
             im.seek(0)  # animated GIF/WebP: the first frame only
+            if decode_side and fmt == "JPEG" and max(w, h) >= 2 * decode_side:
+                scale = max(w, h) / decode_side
+                im.draft(im.mode, (max(1, int(w / scale)), max(1, int(h / scale))))
             im.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(im))
+            rgb = _to_rgb(ImageOps.exif_transpose(_reduced(im, decode_side)))
     except (BadImage, ImageTooLarge, UnsupportedImage):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -130,6 +139,21 @@ def _declared_sizes(data: bytes, fmt: str, size: tuple[int, int]) -> list[tuple[
         if (sw, sh) != size:
             out.append((sw, sh, " (its GIF logical screen)"))
     return out
+
+
+def _reduced(im: Image.Image, decode_side: int | None) -> Image.Image:
+    """`im` shrunk by the whole factor that brings its longer side below 2 x `decode_side` (a box filter over
+    factor x factor blocks), keeping its EXIF for the orientation; `im` itself when it is already small enough."""
+    factor = max(im.size) // decode_side if decode_side else 0
+    if factor < 2:
+        return im
+    exif = im.info.get("exif")
+    if im.mode in ("1", "P") or im.mode.startswith("I;16"):  # modes Image.reduce does not take
+        im = _to_rgb(im)
+    small = im.reduce(factor)
+    if exif is not None:
+        small.info["exif"] = exif
+    return small
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -165,6 +165,17 @@ class OcrSettings(_Strict):
     """Reading the text drawn in images (moderation/ocr/reader.py); OPTIONS {"ocr": false} skips it per post."""
     enabled: bool = True
     prompt_max_tokens: int = Field(128, ge=0, le=1024)  # image-text tokens the VLM prompt carries
+    # Per-image read budget (ocr/reader.py ReadBudget): detected boxes recognised, largest first; their cost in
+    # line squares (a box's long side / short side, padded per batch as the recogniser reads them); time after
+    # which no new batch starts. Past it the post carries what was read, image_text.truncated, and goes to review.
+    max_boxes: int = Field(48, ge=1, le=1000)
+    max_read_area: float = Field(48.0, ge=7.0, le=10_000.0)
+    max_read_ms: float = Field(400.0, ge=10.0, le=60_000.0)
+
+    def budget(self):
+        from ..ocr.reader import ReadBudget
+
+        return ReadBudget(max_boxes=self.max_boxes, max_area=self.max_read_area, max_ms=self.max_read_ms)
 
 
 # The categories of OpenAI's moderation API (POST /v1/moderations, omni-moderation-latest), every one reported.

@@ -35,7 +35,7 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
     """Combine the gate's decision, the decoder's answer for escalated posts and list hits into RESULT
     (`decision`: the action already chosen for this post, else chosen here)."""
     route, gate_scores, vlm = gate.route, gate.scores, gate.vlm
-    decision = decision or decide(policy, gate, record.list_hits)
+    decision = decision or decide(policy, gate, record.list_hits, record.image_text_truncated)
     if route in (ESCALATE, CACHE) and vlm:  # CACHE: an earlier VLM verdict of a near-duplicate post
         threshold, source = policy.decoder.label_threshold, "vlm"
         sent = max(vlm.sentiment, key=vlm.sentiment.get)
@@ -81,7 +81,8 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
         "caption_truncated": {"clip": record.caption_truncated, "vlm": vlm.caption_truncated if vlm else None},
         "list_hits": record.list_hits,
         # the words OCR read in the image (null: not read, OPTIONS ocr false or the policy's ocr off)
-        "image_text": None if record.image_text is None else {"lines": record.image_text},
+        "image_text": None if record.image_text is None else {"lines": record.image_text,
+                                                              "truncated": record.image_text_truncated},
         "escalated": gate.escalated,
         "error": None,
         # the verdict cache's answer for posts the gate escalated under a policy with `cache.enabled`
@@ -98,7 +99,8 @@ def _image_text_audit(record: RequestRecord) -> dict:
     if record.image_text is None:
         return {}
     text = "\n".join(line["text"] for line in record.image_text)
-    return {"image_text_sha256": sha256_hex(text.encode("utf-8")), "image_text_lines": len(record.image_text)}
+    return {"image_text_sha256": sha256_hex(text.encode("utf-8")), "image_text_lines": len(record.image_text),
+            "image_text_truncated": record.image_text_truncated}
 
 
 @dataclass
@@ -146,7 +148,7 @@ def finish_post(record: RequestRecord, gate: GateDecision, postprocess_version: 
             latency["vlm"] = gate.vlm_ms or 0.0
             latency.update({f"decoder_{k}": v for k, v in gate.vlm.timings_ms.items()})
     latency["total"] = (now - record.received_at) * 1e3
-    decision = decide(policy, gate, record.list_hits)
+    decision = decide(policy, gate, record.list_hits, record.image_text_truncated)
     result = validate_result(build_result(policy, record, gate, versions, latency, decision))
     row = {"request_id": result["request_id"], "stage": "moderate", "route": result["route"],
            "action": result["action"], "decided_by": result["decided_by"], "severity": result["severity"],

@@ -199,12 +199,14 @@ class ReadImageText:
         if record.error is not None or not record.read_text:
             return record
         t0 = time.perf_counter()
-        lines = [line.to_dict() for line in self.reader.read(decode_image(image).image)]
-        update: dict = {"image_text": lines, "read_text_version": self.version}
+        policy = load_policy(record.policy_name)
+        read = self.reader.read_within(decode_image(image).image, policy.ocr.budget())
+        lines = [line.to_dict() for line in read.lines]
+        update: dict = {"image_text": lines, "image_text_truncated": read.truncated, "read_text_version": self.version}
         words = image_words(lines)
         if words:  # with no words the caption-only key, scores and hits preprocess wrote stand
             caption = normalize_caption(decode_caption_as_sent(text))
-            hits = term_hits(load_policy(record.policy_name), words, "image_text")
+            hits = term_hits(policy, words, "image_text")
             update.update(caption_key=verdict_cache_key(caption, words), text_scores=text_scores(caption, words),
                           list_hits=record.list_hits + [h.to_dict() for h in hits])
         update["read_text_ms"] = (time.perf_counter() - t0) * 1e3

@@ -5,9 +5,12 @@ run as Triton models (ocr_detect, ocr_classify, ocr_recognize: dynamic batching,
 call that reaches them (BLS). Without it the package's own onnxruntime sessions run in-process (benchmarks).
 
 Cost control: detection runs at most at `det_side` pixels on the longer side; an image where detection finds no
-text costs detection only."""
+text costs detection only; recognition reads the detected boxes largest first within a per-image ReadBudget (boxes,
+area, time), and a read cut short by it says so (ImageText.truncated): dense text costs a bounded read, not one
+recognition per word."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +20,9 @@ from PIL import Image
 
 DET_SIDE = 480   # chosen by measurement: docs/performance.md (OCR)
 MAX_LINES = 32   # lines kept per image, in reading order
+REC_HEIGHT = 48  # PP-OCRv4 recognition reads each box scaled to this height
+REC_CHUNK = 6    # boxes per recognition batch (the package's rec_batch_num), and between looks at the time budget
+REC_MIN_RATIO = 320 / 48  # the package's narrowest recognition input, in line squares
 MAX_ASPECT = 8   # wider or taller images are padded to this first (banners keep their text; strips cost nothing)
 # Triton model -> (input, output) tensor names: the ONNX files' own, so the onnxruntime backend serves them too.
 MODELS = {"ocr_detect": ("x", "sigmoid_0.tmp_0"), "ocr_classify": ("x", "save_infer_model/scale_0.tmp_1"),
@@ -41,6 +47,62 @@ class TextLine:
         return {"text": self.text, "confidence": round(self.confidence, 4), "box": self.box}
 
 
+@dataclass(frozen=True)
+class ReadBudget:
+    """What recognition may spend on one image (policy ocr): at most `max_boxes` detected boxes, at most
+    `max_area` line squares of them (rec_area: the recogniser's cost follows each box's long side / short side),
+    and no new batch of boxes once `max_ms` have passed since the read began. Detection always runs whole."""
+    max_boxes: int = 48
+    max_area: float = 48.0  # the shipped memes' two lines cost 13-31 squares
+    max_ms: float = 400.0
+
+
+@dataclass(frozen=True)
+class ImageText:
+    lines: list[TextLine]   # reading order, at most MAX_LINES
+    truncated: bool         # boxes were detected that the budget left unread
+    boxes_found: int
+    boxes_read: int
+
+
+def rec_area(box: np.ndarray) -> float:
+    """A detected box's cost to the recogniser in line squares: the recogniser reads it scaled to a REC_HEIGHT-px
+    line, so REC_HEIGHT x REC_HEIGHT squares, as many as its long side / short side (crops taller than wide are
+    turned on their side first, as the package does)."""
+    w = max(np.linalg.norm(box[0] - box[1]), np.linalg.norm(box[2] - box[3]))
+    h = max(np.linalg.norm(box[0] - box[3]), np.linalg.norm(box[1] - box[2]))
+    return float(max(w, h) / max(1.0, min(w, h)))
+
+
+def rec_cost(areas: list[float]) -> float:
+    """Line squares the recogniser computes for boxes read in this order, REC_CHUNK per batch: the package pads
+    every box of a batch to the batch's widest (and at least REC_MIN_RATIO squares)."""
+    return sum(len(part) * max(REC_MIN_RATIO, *part) for part in
+               (areas[i:i + REC_CHUNK] for i in range(0, len(areas), REC_CHUNK)))
+
+
+def within_budget(boxes: list[np.ndarray], budget: ReadBudget) -> list[int]:
+    """Indexes of the boxes to read, in the order they are read: the largest (by image area) first while the box
+    and area budgets last (a box that would pass the area budget is skipped, a later one may still fit). Large text
+    is what a viewer reads first."""
+    order = sorted(range(len(boxes)), key=lambda i: -_image_area(boxes[i]))
+    chosen: list[int] = []
+    areas: list[float] = []
+    for i in order:
+        if len(chosen) == budget.max_boxes:
+            break
+        area = rec_area(boxes[i])
+        if rec_cost(areas + [area]) <= budget.max_area:
+            chosen.append(i)
+            areas.append(area)
+    return chosen
+
+
+def _image_area(box: np.ndarray) -> float:
+    x, y = box[:, 0], box[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+
 class ImageTextReader:
     def __init__(self, infer: Callable[[str, np.ndarray], np.ndarray] | None = None, det_side: int = DET_SIDE):
         """`infer(model, input) -> output`: run one of MODELS (None: the package's own sessions)."""
@@ -57,16 +119,46 @@ class ImageTextReader:
             self.engine.text_cls.infer = lambda x: [infer("ocr_classify", x)]
             self.engine.text_rec.session = lambda x: [infer("ocr_recognize", x)]
 
-    def read(self, image: Image.Image) -> list[TextLine]:
+    def read(self, image: Image.Image, budget: ReadBudget = ReadBudget()) -> list[TextLine]:
         """Lines in reading order (top to bottom, then left to right), as the package orders them."""
+        return self.read_within(image, budget).lines
+
+    def read_within(self, image: Image.Image, budget: ReadBudget = ReadBudget()) -> ImageText:
+        """The image's lines read within `budget`, and whether it left detected text unread. The steps of the
+        package's RapidOCR.__call__, with the budget between detection and recognition."""
+        t0 = time.perf_counter()
+        engine = self.engine
         canvas, (dx, dy) = _within_aspect(image.convert("RGB"))
-        result, _ = self.engine(canvas)
+        img = engine.load_img(canvas)
+        raw_h, raw_w = img.shape[:2]
+        img, ratio_h, ratio_w = engine.preprocess(img)
+        op_record = {"preprocess": {"ratio_h": ratio_h, "ratio_w": ratio_w}}
+        img, op_record = engine.maybe_add_letterbox(img, op_record)
+        boxes, _ = engine.auto_text_det(img)
+        if not boxes:
+            return ImageText([], False, 0, 0)
+        chosen = within_budget(boxes, budget)
+        read: list[int] = []
+        rec_res: list = []
+        for start in range(0, len(chosen), REC_CHUNK):
+            if read and (time.perf_counter() - t0) * 1e3 > budget.max_ms:
+                break
+            part = chosen[start:start + REC_CHUNK]
+            crops = engine.get_crop_img_list(img, [boxes[i] for i in part])
+            crops, _, _ = engine.text_cls(crops)
+            got, _ = engine.text_rec(crops, False)
+            read += part
+            rec_res += list(got)
+        order = sorted(range(len(read)), key=lambda k: read[k])  # back to reading order
+        kept = [boxes[read[k]] for k in order]
+        origin = engine._get_origin_points(kept, op_record, raw_h, raw_w)
+        result, _ = engine.get_final_res(list(origin), None, [rec_res[k] for k in order], 0.0, 0.0, 0.0)
         w, h = image.size
         lines = []
         for box, text, score in (result or [])[:MAX_LINES]:
             corners = [[min(w, max(0, int(round(x)) - dx)), min(h, max(0, int(round(y)) - dy))] for x, y in box]
             lines.append(TextLine(str(text), float(score), corners))
-        return lines
+        return ImageText(lines, len(read) < len(boxes), len(boxes), len(read))
 
 
 def _within_aspect(image: Image.Image) -> tuple[Image.Image, tuple[int, int]]:
