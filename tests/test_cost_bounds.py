@@ -20,7 +20,7 @@ from moderation.core.decision import OCR_BUDGET, decide
 from moderation.core.imaging import DECODE_SIDE, decode_image
 from moderation.core.policy import PACKAGE_POLICY_DIR, load_policy
 from moderation.ocr.reader import ImageTextReader, ReadBudget, rec_cost, within_budget
-from moderation.testing.hostile_images import dense_text_png, flat_jpeg
+from moderation.testing.hostile_images import dense_text_png, flat_jpeg, spaced_words_png
 from moderation.testing.memes import memes, render
 
 from .conftest import ADMIN_KEY, ROOT
@@ -61,6 +61,8 @@ def test_a_dense_image_is_read_in_part_and_says_so_in_process():
     image = decode_image(dense_text_png()).image
     part = reader.read_within(image, ReadBudget(max_boxes=3, max_area=10_000.0, max_ms=60_000.0))
     assert part.truncated and part.boxes_read == 3 < part.boxes_found and 1 <= len(part.lines) <= 3
+    words = reader.read_within(decode_image(spaced_words_png()).image)  # a box per word
+    assert words.truncated and words.boxes_found > 48 and 1 <= words.boxes_read <= 48
     meme = reader.read_within(decode_image(render(MEMES["cat_joke_en"])).image)
     assert not meme.truncated and meme.boxes_read == meme.boxes_found == 2
 

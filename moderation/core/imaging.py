@@ -8,8 +8,6 @@ domain (Image.draft: 1/2, 1/4 or 1/8 scale, never the full frame), other formats
 after decoding, the full frame freed at once."""
 from __future__ import annotations
 
-import contextlib
-import functools
 import io
 import struct
 import warnings
@@ -61,7 +59,6 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: i
         raise BadImage("image is empty (0 bytes)")
     if len(data) > max_bytes:
         raise ImageTooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}")
-    w = h = 0
     try:
         # Only the accepted formats' parsers ever see the bytes: other Pillow plugins are attack surface.
         with Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS)) as im:
@@ -105,24 +102,7 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: i
         raise BadImage(f"image is truncated or corrupt: {e}") from None
     except Exception as e:  # noqa: BLE001 - any other decoder failure on untrusted bytes is still a bad image
         raise BadImage(f"image could not be decoded ({type(e).__name__}: {e})") from None
-    finally:
-        if w * h > free_pixels:
-            _return_freed_memory()
     return DecodedImage(image=rgb, format=fmt, original_size=(w, h))
-
-
-def _return_freed_memory() -> None:
-    """Give the pages a large decode freed back to the OS (glibc keeps freed heap memory for reuse, and after one
-    large free it serves even 16 MB blocks from that heap: a stage's RSS would stay at its largest upload)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        _libc().malloc_trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    import ctypes
-
-    return ctypes.CDLL("libc.so.6")
 
 
 ACCEPTED = "JPEG, PNG, WebP, GIF or BMP"

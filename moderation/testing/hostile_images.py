@@ -12,9 +12,11 @@ from .memes import FONT
 WORDS = ("cat", "dog", "sun", "tea", "map", "red", "box", "pen", "sky", "cup", "hat", "jam", "owl", "fox", "ink")
 
 
-def dense_text_png(words: int = 555, side: int = 480, seed: int = 0, px: int = 11) -> bytes:
-    """A white `side` x `side` PNG with `words` small words in rows (black, `px`-pixel font): detection finds a
-    box per word."""
+def dense_text_png(words: int = 555, side: int = 480, seed: int = 0, px: int = 11, word_gap: int = 9,
+                   row_gap: int = 6) -> bytes:
+    """A white `side` x `side` PNG with up to `words` small words in rows (black, `px`-pixel font). At the default
+    gaps detection finds each row as one long box (33 boxes); with word_gap 22, row_gap 8, px 10 it finds a box
+    per word (spaced_words_png)."""
     font = ImageFont.truetype(str(FONT), px)
     rng = random.Random(seed)
     im = Image.new("L", (side, side), 255)
@@ -24,14 +26,19 @@ def dense_text_png(words: int = 555, side: int = 480, seed: int = 0, px: int = 1
         word = rng.choice(WORDS)
         width = draw.textlength(word, font=font)
         if x + width > side - 4:
-            x, y = 4, y + px + 6
+            x, y = 4, y + px + row_gap
             continue
         draw.text((x, y), word, fill=0, font=font)
-        x += width + 9
+        x += width + word_gap
         n += 1
     buf = io.BytesIO()
     im.save(buf, "PNG", optimize=True)
     return buf.getvalue()
+
+
+def spaced_words_png(seed: int = 0) -> bytes:
+    """320 small words far enough apart that detection finds a box per word."""
+    return dense_text_png(words=555, seed=seed, px=10, word_gap=22, row_gap=8)
 
 
 def flat_jpeg(width: int = 6324, height: int = 6324, quality: int = 75) -> bytes:
