@@ -48,12 +48,31 @@ def flat_jpeg(width: int = 6324, height: int = 6324, quality: int = 75) -> bytes
     return buf.getvalue()
 
 
-def with_pixel_changed(data: bytes, i: int, fmt: str | None = None) -> bytes:
-    """The image re-encoded with pixel (0, 0) set from `i`: a post no cache has seen."""
+def unseen_copy(data: bytes, i: int, fmt: str | None = None) -> bytes:
+    """The image re-encoded with a faint noise seeded by `i` (1 % of the pixels moved by up to 6 levels): a post
+    no response cache has seen, down to the OCR crops (one changed pixel leaves every text line's crop as it was,
+    and ocr_recognize's cache would answer it)."""
+    import numpy as np
+
     im = Image.open(io.BytesIO(data))
     fmt = fmt or im.format
-    im = im.convert("L" if im.mode == "L" else "RGB")
-    im.putpixel((0, 0), i % 251 if im.mode == "L" else (i % 251, (i // 251) % 251, 7))
+    arr = np.array(im.convert("L" if im.mode == "L" else "RGB"), dtype=np.int16)
+    rng = np.random.default_rng(i)
+    mask = rng.random(arr.shape[:2]) < 0.01
+    arr[mask] += rng.integers(-6, 7, size=(int(mask.sum()),) + arr.shape[2:], dtype=np.int16)
     buf = io.BytesIO()
-    im.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def stamped_copy(data: bytes, i: int, fmt: str | None = None) -> bytes:
+    """The image re-encoded with a 64 x 64 patch of a colour from `i` at its centre: a large image no response
+    cache has seen (the patch survives the encoders' downscaling, where one pixel of a 6324-px image would not)."""
+    im = Image.open(io.BytesIO(data))
+    fmt = fmt or im.format
+    im = im.convert("RGB")
+    w, h = im.size
+    im.paste((i % 251, (i // 251) % 251, 91), (w // 2 - 32, h // 2 - 32, w // 2 + 32, h // 2 + 32))
+    buf = io.BytesIO()
+    im.save(buf, fmt, **({"quality": 75} if fmt == "JPEG" else {}))
     return buf.getvalue()
