@@ -12,9 +12,9 @@ perf/results/cost_bounds.json (raw latencies, summary, machine, commit).
   decode     p50 of a flat 6324x6324 JPEG, a flat 16384x2441 JPEG and a 4000x3000 photo JPEG, interleaved, each
              post with a patch of its own colour at the centre; and in-process decode_image of each at full size
              vs reduced, side by side;
-  memory     RSS of the preprocess, read_text and vlm_preprocess stubs after a few ordinary posts, at its peak and
-             after each of two bursts of 12 maximum-size images sent at once (escalate_all, so vlm_preprocess
-             decodes them too).
+  memory     RSS of the preprocess, read_text and vlm_preprocess stubs (summed over a stage's instances) after a few
+             ordinary posts, at its peak and after each of two bursts of 12 maximum-size images sent at once
+             (escalate_all, so vlm_preprocess decodes them too).
 
 All on the gate path's policies derived from the shipped default (allow_all, escalate_all).
 
@@ -219,11 +219,11 @@ def decode_cost(url: str, n: int) -> dict:
     return out
 
 
-def stage_pids(triton_pid: int) -> dict[str, int]:
-    """The python backend stubs of STAGES, found by the model file on their command line."""
+def stage_pids(triton_pid: int) -> dict[str, list[int]]:
+    """The python backend stubs of STAGES (one per instance), found by the model file on their command line."""
     import psutil
 
-    out = {}
+    out: dict[str, list[int]] = {stage: [] for stage in STAGES}
     for p in psutil.Process(triton_pid).children(recursive=True):
         try:
             cmd = " ".join(p.cmdline())
@@ -231,14 +231,15 @@ def stage_pids(triton_pid: int) -> dict[str, int]:
             continue
         for stage in STAGES:
             if f"/{stage}/1/model.py" in cmd:
-                out[stage] = p.pid
+                out[stage].append(p.pid)
     return out
 
 
-def rss_mb(pids: dict[str, int]) -> dict[str, float]:
+def rss_mb(pids: dict[str, list[int]]) -> dict[str, float]:
+    """Each stage's RSS, summed over its instances."""
     import psutil
 
-    return {k: round(psutil.Process(pid).memory_info().rss / 2**20, 1) for k, pid in pids.items()}
+    return {k: round(sum(psutil.Process(pid).memory_info().rss for pid in v) / 2**20, 1) for k, v in pids.items()}
 
 
 def memory(url: str, triton_pid: int, burst: int) -> dict:
@@ -280,7 +281,8 @@ def memory(url: str, triton_pid: int, burst: int) -> dict:
     stop.set()
     sampler.join()
     rss["peak"] = peak
-    return {"burst": burst, "kinds": ["flat JPEG 6324x6324", "flat JPEG 16384x2441", "flat PNG 6000x6000"],
+    return {"burst": burst, "instances": {k: len(v) for k, v in pids.items()},
+            "kinds": ["flat JPEG 6324x6324", "flat JPEG 16384x2441", "flat PNG 6000x6000"],
             "bursts": bursts, "rss_mb": rss,
             "growth_mb": {k: {"after_burst_1": round(rss["after_burst_1"][k] - rss["before"][k], 1),
                               "after_burst_2": round(rss["after_burst_2"][k] - rss["before"][k], 1),
