@@ -172,11 +172,6 @@ class OcrSettings(_Strict):
     max_read_area: float = Field(48.0, ge=7.0, le=10_000.0)
     max_read_ms: float = Field(400.0, ge=10.0, le=60_000.0)
 
-    def budget(self):
-        from ..ocr.reader import ReadBudget
-
-        return ReadBudget(max_boxes=self.max_boxes, max_area=self.max_read_area, max_ms=self.max_read_ms)
-
 
 # The categories of OpenAI's moderation API (POST /v1/moderations, omni-moderation-latest), every one reported.
 OPENAI_CATEGORIES = ("harassment", "harassment/threatening", "hate", "hate/threatening", "illicit",

@@ -22,7 +22,7 @@ from ..core.options import parse_options
 from ..core.policy import load_policy
 from ..core.post import parse_post
 from ..core.text import caption_key, decode_caption_as_sent, image_words, normalize_caption
-from ..ocr.reader import ImageTextReader
+from ..ocr.reader import ImageTextReader, ReadBudget
 from .text_signals import text_scores
 
 CLIP_MAX_TOKENS = 77
@@ -200,7 +200,7 @@ class ReadImageText:
             return record
         t0 = time.perf_counter()
         policy = load_policy(record.policy_name)
-        read = self.reader.read_within(decode_image(image).image, policy.ocr.budget())
+        read = self.reader.read_within(decode_image(image).image, ReadBudget.of(policy.ocr))
         lines = [line.to_dict() for line in read.lines]
         update: dict = {"image_text": lines, "image_text_truncated": read.truncated, "read_text_version": self.version}
         words = image_words(lines)

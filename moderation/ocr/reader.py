@@ -56,6 +56,11 @@ class ReadBudget:
     max_area: float = 48.0  # the shipped memes' two lines cost 13-31 squares
     max_ms: float = 400.0
 
+    @classmethod
+    def of(cls, settings) -> ReadBudget:
+        """The budget a policy's `ocr` section (core.policy.OcrSettings) sets."""
+        return cls(max_boxes=settings.max_boxes, max_area=settings.max_read_area, max_ms=settings.max_read_ms)
+
 
 @dataclass(frozen=True)
 class ImageText:
