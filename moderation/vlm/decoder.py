@@ -154,7 +154,9 @@ class VerdictDecoder:
         # one builder per image size, so its tokenized questions are cached across batches
         builder = self._builders.get(num_visual_tokens)
         if builder is None:
-            builder = self._builders[num_visual_tokens] = PromptBuilder(self.tokenizer, num_visual_tokens)
+            shared = next(iter(self._builders.values()), None)  # one plain-text tokenizer for every image size
+            builder = self._builders[num_visual_tokens] = PromptBuilder(
+                self.tokenizer, num_visual_tokens, plain=shared.plain if shared else None)
         return builder
 
     def _prefix(self, builder: PromptBuilder, policy: Policy, lang: str):

@@ -77,9 +77,9 @@ def generation_prompt(tokenizer) -> str:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer, num_visual_tokens: int):
+    def __init__(self, tokenizer, num_visual_tokens: int, plain: PlainText | None = None):
         self.tok = tokenizer
-        self.plain = PlainText(tokenizer)
+        self.plain = plain or PlainText(tokenizer)  # builders of one tokenizer can share it: it copies the vocabulary
         self.num_visual_tokens = num_visual_tokens
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.generation_prompt = generation_prompt(tokenizer)
