@@ -13,6 +13,7 @@ from moderation.testing.samples import sample_posts
 from moderation.testing.server import running_server
 
 from .client import ModerationClient, ModerationFailed
+from .evidence import decided_text, hits_text
 
 BANNER = """\
 NOTE: the embedded CLIP and Qwen3-VL are tiny and RANDOM-INITIALISED (untrained) versions of the real
@@ -51,17 +52,51 @@ def _demo_policies(root: Path) -> Path:
     return root
 
 
-def _add_demo_lists(url: str, key: str, policies: Path) -> None:
+def _add_demo_lists(url: str, key: str, policies: Path, policy: str = "default") -> None:
     from moderation.core.audit import AuditLog
     from moderation.ops.lists import ListAdmin
 
     lists = ListAdmin(url, key, policies, audit=AuditLog(Path("build/audit/demo.jsonl")))
     coins = next(p for p in sample_posts() if p.name == "coins_scam_zh")
-    lists.add_image("default", "block", coins.image_bytes(), label="scam", note="demo: a known scam-ad photo")
-    lists.add_term("default", "block", "click the link in bio", label="scam", note="demo: spam phrase")
-    lists.add_term("default", "review", "deserved everything", label="hate", note="demo: send to a person")
-    lists.add_term("default", "block", "稳赚不赔", label="scam", note="demo: scam slogan (caught in image text too)")
-    lists.add_term("default", "review", "加微信", label="scam", note="demo: contact bait, and its 加V信 variant")
+    lists.add_image(policy, "block", coins.image_bytes(), label="scam", note="demo: a known scam-ad photo")
+    lists.add_term(policy, "block", "click the link in bio", label="scam", note="demo: spam phrase")
+    lists.add_term(policy, "review", "deserved everything", label="hate", note="demo: send to a person")
+    lists.add_term(policy, "block", "稳赚不赔", label="scam", note="demo: scam slogan (caught in image text too)")
+    lists.add_term(policy, "review", "加微信", label="scam", note="demo: contact bait, and its 加V信 variant")
+
+
+def run(url: str, key: str, policies: Path, policy: str = "default") -> str:
+    """Add the demo's lists to `policy`, moderate the memes and the sample posts under it on the server at `url`,
+    and return the tables (what `make demo` prints). Every kind of evidence is shown (clients/evidence.py): image-
+    and term-list hits, model signals, cached verdicts."""
+    _add_demo_lists(url, key, policies, policy)
+    rows, meme_rows = [], []
+    with ModerationClient(url) as client:
+        for meme in memes():
+            r = client.moderate(render(meme), meme.caption, policy=policy)
+            drawn = " / ".join(x["text"] for x in (r["image_text"] or {}).get("lines", [])) or "-"
+            meme_rows.append([meme.name, drawn[:34] + ("…" if len(drawn) > 34 else ""), r["action"].upper(),
+                              decided_text(r), r["route"], hits_text(r), f"{r['latency_ms']['total']:.0f} ms"])
+        for post in sample_posts():
+            caption = post.text if len(post.text) <= 28 else post.text[:27] + "…"
+            try:
+                r = client.moderate(post.image_bytes(), post.text, describe=True, policy=policy)
+            except ModerationFailed as e:
+                rows.append([post.name, caption, "error", e.code, "", "", "", "", "", ""])
+                continue
+            top = ", ".join(f"{x['name']} {x['score']:.2f} ({x['source']})" for x in r["labels"][:2]) or "-"
+            signals = " ".join(f"{k}:{v}" for k, v in sorted(r["signals"].items()))
+            trained = [k for k, src in r["gate"].get("sources", {}).items() if src == "nsfw_image"]
+            nsfw = f"{r['gate']['scores'][trained[0]]:.4f}" if trained else "-"
+            rows.append([post.name, caption, r["action"].upper(), decided_text(r), r["route"], hits_text(r), top, nsfw,
+                         f"{r['latency_ms']['total']:.0f} ms", signals])
+    return "\n".join([
+        _table(rows, ["post", "caption", "action", "decided by (evidence)", "route", "list hits",
+                      "top labels (source)", "nsfw", "latency", "signals"]),
+        "\nmemes: the text drawn in the image (PP-OCRv4, trained), matched against the term lists; the photo "
+        "against the image lists",
+        _table(meme_rows, ["meme", "image text (OCR)", "action", "decided by (evidence)", "route", "list hits",
+                           "latency"])])
 
 
 def main() -> int:
@@ -73,33 +108,7 @@ def main() -> int:
     env = {"MODERATION_AUDIT_LOG": "build/audit/demo.jsonl", "MODERATION_POLICY_DIR": str(policies)}
     with running_server(log_path=log, env=env, key=key) as srv:
         print(f"ready in {time.time() - t:.1f}s on gRPC {srv.grpc_url} (server log: {log})\n", flush=True)
-        _add_demo_lists(srv.grpc_url, key, policies)
-        rows, meme_rows = [], []
-        with ModerationClient(srv.grpc_url) as client:
-            for meme in memes():
-                r = client.moderate(render(meme), meme.caption)
-                drawn = " / ".join(x["text"] for x in (r["image_text"] or {}).get("lines", [])) or "-"
-                hits = ", ".join(f"{h['list']}:{h['variant']}@{h['field']}" for h in r["list_hits"]) or "-"
-                meme_rows.append([meme.name, drawn[:34] + ("…" if len(drawn) > 34 else ""), r["action"].upper(),
-                                  r["decided_by"], r["route"], hits, f"{r['latency_ms']['total']:.0f} ms"])
-            for post in sample_posts():
-                caption = post.text if len(post.text) <= 28 else post.text[:27] + "…"
-                try:
-                    r = client.moderate(post.image_bytes(), post.text, describe=True)
-                except ModerationFailed as e:
-                    rows.append([post.name, caption, "error", e.code, "", "", "", "", ""])
-                    continue
-                top = ", ".join(f"{x['name']} {x['score']:.2f} ({x['source']})" for x in r["labels"][:2]) or "-"
-                signals = " ".join(f"{k}:{v}" for k, v in sorted(r["signals"].items()))
-                trained = [k for k, src in r["gate"].get("sources", {}).items() if src == "nsfw_image"]
-                nsfw = f"{r['gate']['scores'][trained[0]]:.4f}" if trained else "-"
-                by = r["decided_by"] + (f" {r['decision']['list_hit']['id']}" if "list_hit" in r["decision"] else "")
-                rows.append([post.name, caption, r["action"].upper(), by, r["route"], top, nsfw,
-                             f"{r['latency_ms']['total']:.0f} ms", signals])
-        print(_table(rows, ["post", "caption", "action", "decided by", "route", "top labels (source)", "nsfw",
-                            "latency", "signals"]))
-        print("\nmemes: the text drawn in the image (PP-OCRv4, trained), matched against the term lists")
-        print(_table(meme_rows, ["meme", "image text (OCR)", "action", "decided by", "route", "list hits", "latency"]))
+        print(run(srv.grpc_url, key, policies))
         print("\n" + BANNER)
     print("\nserver stopped.")
     return 0

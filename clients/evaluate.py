@@ -25,12 +25,14 @@ Each JSONL line is one post: {"image": path, "caption": str, "labels": [label ke
 list means the post is safe; relative image paths are read from the JSONL file's folder ("text" is accepted
 for "caption"). For every policy label it prints:
 
-  predicted   the label is listed in RESULT.labels (what the service asserts at the policy's thresholds)
+  predicted   the label is listed in RESULT.labels (what the service asserts at the policy's thresholds), or an
+              operator's block / review list entry under that label (image or term) matched the post
   AUROC       ranking quality of RESULT.scores[label] (the score the post was finally judged by) and of the
               gate's own score RESULT.gate.scores[label] (e.g. the trained nsfw_image signal on `sexual`),
               independent of any threshold — use it to place the policy's thresholds
 and, per route (gate_allow / gate_block / vlm), the post-level violation metrics (truth: any label applies;
-predicted: RESULT.violation). Metrics are scikit-learn's; a metric with no positives (or, for AUROC, no
+predicted: RESULT.violation), and per kind of evidence that decided (image_list, terms, cache, model, policy:
+clients/evidence.py). Metrics are scikit-learn's; a metric with no positives (or, for AUROC, no
 negatives) is reported as null, not as 0 or 1. Exit code 0 when every post was moderated, 1 when any failed
 (failed posts are counted and left out of the metrics), 2 for a bad file.
 """
@@ -46,6 +48,7 @@ import numpy as np
 from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
 from .client import DEFAULT_URL, ModerationClient, ModerationFailed
+from .evidence import decided_text, kind_of
 from .jsonl import read_jsonl
 
 
@@ -85,7 +88,7 @@ def evaluate(rows: list[tuple[list[str], dict]], label_keys: list[str]) -> dict:
     per_label = {}
     for key in label_keys:
         y = [key in truth for truth, _ in rows]
-        pred = [any(x["name"] == key for x in r["labels"]) for _, r in rows]
+        pred = [asserts(r, key) for _, r in rows]
         score = [r["scores"].get(key, 0.0) for _, r in rows]
         gate = [r.get("gate", {}).get("scores", {}).get(key, 0.0) for _, r in rows]
         sources = sorted({r.get("gate", {}).get("sources", {}).get(key, "clip_gate") for _, r in rows})
@@ -100,9 +103,19 @@ def evaluate(rows: list[tuple[list[str], dict]], label_keys: list[str]) -> dict:
 
     routes = sorted({r["route"] for _, r in rows})
     per_route = {route: post_level([(t, r) for t, r in rows if r["route"] == route]) for route in routes}
+    kinds = sorted({kind_of(r) for _, r in rows})
+    per_evidence = {k: post_level([(t, r) for t, r in rows if kind_of(r) == k]) for k in kinds}
     signals = sorted({f"{k}:{v}" for _, r in rows for k, v in r.get("signals", {}).items()})
     return {"n": len(rows), "overall": post_level(rows) if rows else None, "per_label": per_label,
-            "per_route": per_route, "signals": signals}
+            "per_route": per_route, "per_evidence": per_evidence, "signals": signals}
+
+
+def asserts(result: dict, label: str) -> bool:
+    """The service asserts `label` of a post: RESULT.labels lists it (a score at the policy's threshold), or an
+    operator's block or review list entry under that label matched the post (an image or a term)."""
+    return (any(x["name"] == label for x in result["labels"])
+            or any(h.get("label") == label and h.get("list") in ("block", "review")
+                   for h in result.get("list_hits") or []))
 
 
 def _fmt(v) -> str:
@@ -122,6 +135,10 @@ def render(report: dict) -> str:
     for route, m in list(report["per_route"].items()) + [("ALL", report["overall"])]:
         if m:
             lines.append(f"{route:<12}" + "".join(f"{_fmt(m[c]):>10}" for c in cols))
+    lines += ["", "per evidence (what decided: image_list, terms, cache, model, policy)",
+              f"{'evidence':<12}" + "".join(f"{c:>10}" for c in cols)]
+    for kind, m in report.get("per_evidence", {}).items():
+        lines.append(f"{kind:<12}" + "".join(f"{_fmt(m[c]):>10}" for c in cols))
     if any(s.endswith(":untrained") for s in report["signals"]):
         lines += ["", "note: signals marked untrained are random-initialised models; their metrics are noise."]
     return "\n".join(lines)
@@ -155,8 +172,12 @@ def evaluate_feedback(pairs: list[tuple[dict, dict]]) -> dict:
             groups.setdefault(str(r.get(key)), []).append((r, fb))
         return {k: _action_metrics(v) for k, v in sorted(groups.items())}
 
+    evidence: dict[str, list] = {}
+    for r, fb in pairs:
+        evidence.setdefault(kind_of(r), []).append((r, fb))
     return {"n": len(pairs), "overall": _action_metrics(pairs), "per_action": by("action"), "per_route": by("route"),
-            "per_decided_by": by("decided_by")}
+            "per_decided_by": by("decided_by"),
+            "per_evidence": {k: _action_metrics(v) for k, v in sorted(evidence.items())}}
 
 
 def label_score(row: dict, label: str) -> float:
@@ -213,7 +234,7 @@ def main_feedback(args) -> int:
     cols = ["n", "positives", "blocked", "reviewed", "precision", "recall", "review_rate"]
     lines = [f"{report['n']} judged posts with reviewer feedback", ""]
     for title, key in (("per action", "per_action"), ("per route", "per_route"),
-                       ("per deciding signal", "per_decided_by")):
+                       ("per deciding signal", "per_decided_by"), ("per evidence", "per_evidence")):
         lines += [title, f"{'':<16}" + "".join(f"{c:>12}" for c in cols)]
         for name, m in list(report[key].items()) + ([("ALL", report["overall"])] if key == "per_action" else []):
             lines.append(f"{name:<16}" + "".join(f"{_fmt(m[c]):>12}" for c in cols))
@@ -373,7 +394,9 @@ def main(argv=None) -> int:
     if args.json:
         outcomes = [{"line": p["line"], "labels": p["labels"],
                      **({"error": {"code": r.code, "message": r.message}} if isinstance(r, ModerationFailed) else
-                        {"route": r["route"], "violation": r["violation"], "scores": r["scores"],
+                        {"route": r["route"], "violation": r["violation"], "action": r["action"],
+                         "decided_by": r["decided_by"], "evidence": kind_of(r), "decided": decided_text(r),
+                         "list_hits": r.get("list_hits") or [], "scores": r["scores"],
                          "predicted_labels": [x["name"] for x in r["labels"]],
                          "gate_scores": r["gate"]["scores"]})} for p, r in zip(posts, results, strict=False)]
         args.json.write_text(json.dumps(report | {"posts": outcomes}, indent=2, ensure_ascii=False))

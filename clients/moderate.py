@@ -3,8 +3,10 @@
     .venv/bin/python -m clients.moderate --url 127.0.0.1:8001 --image PATH --text TEXT [--describe]
     .venv/bin/python -m clients.moderate --batch posts.jsonl [--concurrency 8]   # {"image": path, "text": str} per line
 
-Prints one JSON object (one JSON line per post with --batch). Exit code 0 when every post was moderated,
-1 when any failed (the error names the problem), 2 for bad arguments or unreadable files."""
+Prints one JSON object (one JSON line per post with --batch); a single post's action and what decided it (an
+image- or term-list hit, a model signal, a cached verdict: clients/evidence.py) also go to stderr. Exit code 0
+when every post was moderated, 1 when any failed (the error names the problem), 2 for bad arguments or unreadable
+files."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .client import DEFAULT_URL, AsyncModerationClient, ModerationClient, ModerationFailed
+from .evidence import summary
 from .jsonl import read_jsonl
 
 UNTRAINED_NOTE = ("note: this result comes from untrained, random-initialised tiny models "
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"error": {"code": e.code, "message": e.message}}, ensure_ascii=False))
         return _fail(f"moderation failed [{e.code}]: {e.message}", 1)
     print(json.dumps(result, ensure_ascii=False, indent=2))
+    print(f"decided: {summary(result)}", file=sys.stderr)  # list hits, model signals, cached verdicts alike
     if result.get("untrained"):
         print(UNTRAINED_NOTE, file=sys.stderr)
     return 0

@@ -4,10 +4,11 @@
                                        [--bucket minute|hour] [--json] [--memory-limit 2GB]
 
 Each path is read with its rotated backups (audit.jsonl.1 … audit.jsonl.N). Prints totals by route, action and who
-decided it, error code and label, latency percentiles (the total and every stage of `latency_ms`), label (route,
-action) trends per hour or minute, and an A/B table by language_decoder version with 95 % confidence intervals
-(Wilson for the violation rate, normal for the mean violation score, Newcombe for the difference to the first
-version); with --plot draws routes, labels and latency over time (PNG).
+decided it, the evidence it was decided on (an image- or term-list hit, a cached verdict, a model signal, the policy's
+rule; list hits by kind, term hits by variant; verdict cache hits), error code and label, latency percentiles (the
+total and every stage of `latency_ms`), label (route, action) trends per hour or minute, and an A/B table by
+language_decoder version with 95 % confidence intervals (Wilson for the violation rate, normal for the mean violation
+score, Newcombe for the difference to the first version); with --plot draws routes, labels and latency over time (PNG).
 
 Rows: the `moderate` rows (core/result.py) are the judged posts; rows of every other stage but the operators'
 (gateway refusals, a model's own error rows) are requests that failed; `admin`, `feedback`, `watchdog` and `audit`
@@ -28,6 +29,8 @@ from pathlib import Path
 
 from moderation.core.audit import log_files  # the log and its rotated backups, oldest first
 
+from .evidence import IMAGE_LIST, POLICY_RULES, TERMS
+
 __all__ = ["OPERATOR_STAGES", "Report", "log_files", "main", "newcombe", "summarize_files", "summary", "wilson"]
 
 OPERATOR_STAGES = ("admin", "feedback", "watchdog", "audit")
@@ -42,6 +45,8 @@ COLUMNS = {
     "violation": "BOOLEAN", "labels": "STRUCT(name VARCHAR)[]", "scores": "STRUCT(violation DOUBLE)",
     "latency_ms": "MAP(VARCHAR, DOUBLE)", "model_versions": "STRUCT(language_decoder VARCHAR)",
     "ab": "STRUCT(arm VARCHAR)", "error": "JSON",
+    # evidence: the operators' list entries a post matched, and the verdict cache's answer (clients/evidence.py)
+    "list_hits": "STRUCT(kind VARCHAR, list VARCHAR, variant VARCHAR, field VARCHAR)[]", "cache": "STRUCT(hit BOOLEAN)",
     "event": "VARCHAR", "rows": "BIGINT", "dropped": "BIGINT",  # the audit log's own rows (stage "audit")
 }
 
@@ -85,6 +90,11 @@ def load(con, files: list[Path], bucket: str) -> None:
                latency_ms['total'] AS total_ms,
                model_versions.language_decoder AS decoder,
                ab.arm AS arm,
+               list_transform(list_hits, lambda h: coalesce(h.kind, '?') || ':' || coalesce(h.list, '?')) AS hits,
+               list_transform(list_filter(list_hits, lambda h: h.kind = 'term'),
+                              lambda h: coalesce(h.variant, '?') || '@' || coalesce(h.field, '?')) AS term_hits,
+               cache.hit AS cache_hit,
+               {_evidence_sql()} AS evidence,
                ({truthy_error}) AS failed_row,
                CASE WHEN {truthy_error}
                     THEN coalesce(json_extract_string(error, '$.code'), '?') END AS error_code,
@@ -100,6 +110,15 @@ def load(con, files: list[Path], bucket: str) -> None:
     con.execute("""
         CREATE OR REPLACE TEMP VIEW ok AS
         SELECT * FROM req WHERE NOT failed_row AND route IS NOT NULL AND route <> ''""")
+
+
+def _evidence_sql() -> str:
+    """clients/evidence.kind_of in SQL: what kind of evidence decided a post."""
+    rules = ", ".join(_sql_str(r) for r in POLICY_RULES)
+    return f"""CASE WHEN decided_by IS NULL OR decided_by = '' THEN '-'
+                    WHEN decided_by IN ({_sql_str(IMAGE_LIST)}, {_sql_str(TERMS)}) THEN decided_by
+                    WHEN route = 'cache' OR coalesce(cache.hit, false) THEN 'cache'
+                    WHEN decided_by IN ({rules}) THEN 'policy' ELSE 'model' END"""
 
 
 def _bucket_name(seconds: int, bucket: str) -> str:
@@ -202,6 +221,12 @@ def summary(con, bucket: str = "hour") -> dict:
         SELECT coalesce(stage, '-'), error_code, count(*) FROM req WHERE failed_row
         GROUP BY ALL ORDER BY ALL""").fetchall():
         errors_by_stage.setdefault(stage, {})[code] = int(n)
+    by_evidence = {}
+    for action, kind, n in con.execute("""
+        SELECT coalesce(action, '-'), evidence, count(*) FROM ok GROUP BY ALL ORDER BY ALL""").fetchall():
+        by_evidence.setdefault(action, {})[kind] = int(n)
+    cache_lookups, cache_hits = con.execute("""
+        SELECT count(cache_hit), count(*) FILTER (WHERE cache_hit) FROM ok""").fetchone()
     op = ", ".join(_sql_str(s) for s in OPERATOR_STAGES)
     audit = {e: {"events": int(n), "rows": int(k or 0)} for e, n, k in con.execute("""
         SELECT coalesce(audit_event, '-'), count(*), sum(audit_rows) FROM r WHERE stage = 'audit'
@@ -212,6 +237,15 @@ def summary(con, bucket: str = "hour") -> dict:
         "actions": _counts(con, "SELECT coalesce(action, '-'), count(*) FROM ok GROUP BY 1 ORDER BY 2 DESC"),
         "decided_by": _counts(con, "SELECT coalesce(decided_by, '-'), count(*) FROM ok GROUP BY 1 ORDER BY 2 DESC"),
         "action_by_decided_by": decided,
+        # evidence: the kind that decided (image_list, terms, cache, model, policy), every list hit by kind:list
+        # (image:block, term:review, ...), term hits by variant@field, and the verdict cache's lookups and hits
+        "evidence": _counts(con, "SELECT evidence, count(*) FROM ok GROUP BY 1 ORDER BY 2 DESC, 1"),
+        "action_by_evidence": by_evidence,
+        "list_hits": _counts(con, """SELECT h, count(*) FROM (SELECT unnest(hits) AS h FROM ok) GROUP BY 1
+                                     ORDER BY 2 DESC, 1"""),
+        "term_hits": _counts(con, """SELECT h, count(*) FROM (SELECT unnest(term_hits) AS h FROM ok) GROUP BY 1
+                                     ORDER BY 2 DESC, 1"""),
+        "cache": {"lookups": int(cache_lookups), "hits": int(cache_hits)},
         "errors": _counts(con, "SELECT error_code, count(*) FROM req WHERE failed_row GROUP BY 1 ORDER BY 2 DESC"),
         "errors_by_stage": errors_by_stage,
         "labels": _counts(con, """SELECT l, count(*) FROM (SELECT unnest(labels) AS l FROM ok) GROUP BY 1
@@ -270,7 +304,9 @@ def summarize_files(paths: list[Path], bucket: str = "hour", memory_limit: str |
 
 def summary_of_nothing() -> dict:
     return {"requests": 0, "succeeded": 0, "failed": 0, "routes": {}, "actions": {}, "decided_by": {},
-            "action_by_decided_by": {}, "errors": {}, "errors_by_stage": {}, "labels": {}, "violation_rate": None,
+            "action_by_decided_by": {}, "evidence": {}, "action_by_evidence": {}, "list_hits": {}, "term_hits": {},
+            "cache": {"lookups": 0, "hits": 0}, "errors": {}, "errors_by_stage": {}, "labels": {},
+            "violation_rate": None,
             "latency_ms": {"p50": math.nan, "p99": math.nan}, "latency_by_stage_ms": {}, "ab_by_decoder_version": {},
             "ab_comparison": {}, "trends": {}, "other_stages": {}, "unreadable_lines": 0, "audit_events": {}}
 
@@ -318,6 +354,8 @@ def print_text(s: dict, bucket: str) -> None:
           f"violation rate {vr if vr is None else round(vr, 3)}")
     print(f"actions {s['actions']}\ndecided {s['decided_by']}\nroutes  {s['routes']}\nerrors  {s['errors']}\n"
           f"labels  {s['labels']}")
+    print(f"evidence {s['evidence']}  list hits {s['list_hits'] or '-'}  term hits {s['term_hits'] or '-'}  "
+          f"cache hits {s['cache']['hits']} of {s['cache']['lookups']} lookups")
     if s["other_stages"] or s["unreadable_lines"]:
         print(f"other rows {s['other_stages']}  unreadable lines {s['unreadable_lines']}")
     for event, a in s["audit_events"].items():
