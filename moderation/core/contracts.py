@@ -72,7 +72,9 @@ class RequestRecord(Contract):
     fingerprint: list[float] | None = None  # thumbnail fingerprint, when the policy's cache checks one
     local_thumbnail: str | None = None  # base64 of core.imaging.local_thumbnail, when the cache checks local agreement
     escalate: bool = False    # OPTIONS escalate: to the VLM whatever the gate decides
-    pdq: str | None = None    # PDQ hash, when the policy has an image list
+    pdq: str | None = None    # PDQ hash (of the first frame), when the policy has an image list
+    frame_count: int = 1      # frames in the image file (1: a still image)
+    frames_read: list[int] = [0]  # indices of the frames every image signal read (policy media.max_frames)
     list_hits: list[dict[str, Any]] = []  # custom-list entries the post matched (core/lists.py ListHit)
     read_text: bool = False   # the read_text stage reads this post's image text (policy ocr and OPTIONS ocr)
     image_text: list[dict[str, Any]] | None = None  # OCR lines (ocr/reader.py TextLine); None: not read

@@ -40,18 +40,39 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
+# Animated GIF, WebP and APNG: at most FRAME_SCAN frames are looked at (every frame of a short animation, evenly
+# spaced ones of a longer one); of those, a frame
+# is kept when some 8x8 tile of its 64x64 grey thumbnail moved by FRAME_CHANGE grey levels (of 255) on average
+# against the last frame kept (a caption drawn into one frame moves its tiles by tens of levels; GIF dithering noise
+# by under one); the kept frames are then thinned evenly to the caller's max_frames, the first always kept.
+# Reaching frame n decodes every frame before it (GIF disposal, WebP and APNG blending), so an animation read frame by
+# frame costs its frame count x its size: above ANIMATION_PIXELS (~1 s of decoding on one core) it is refused.
+FRAME_SCAN = 64
+FRAME_CHANGE = 3.0
+ANIMATION_PIXELS = 200_000_000
+
+
 @dataclass(frozen=True)
 class DecodedImage:
     image: Image.Image  # RGB, EXIF orientation applied, first frame
     format: str
     original_size: tuple[int, int]
+    frame_count: int = 1  # frames the file holds (1: a still image)
+    # the frames read (RGB, same size rules as `image`) and their indices in the file; the first is `image`
+    frames: tuple[Image.Image, ...] = ()
+    frame_indices: tuple[int, ...] = (0,)
+
+    @property
+    def animated(self) -> bool:
+        return self.frame_count > 1
 
 
 def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_PIXELS,
                  free_pixels: int = FREE_PIXELS, max_pixels_per_byte: int = MAX_PIXELS_PER_BYTE,
-                 decode_side: int | None = DECODE_SIDE) -> DecodedImage:
+                 decode_side: int | None = DECODE_SIDE, max_frames: int = 1) -> DecodedImage:
     """Decode untrusted bytes into an RGB image or raise a ModerationError naming the problem. The image's longer
-    side is below 2 x `decode_side` (None: full size); `original_size` is the size the header declares."""
+    side is below 2 x `decode_side` (None: full size); `original_size` is the size the header declares. An animation
+    is read to at most `max_frames` distinct frames spread over it (sample_frames); 1 reads the first frame only."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BadImage(f"image must be bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -85,6 +106,14 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: i
                 im.draft(im.mode, (max(1, int(w / scale)), max(1, int(h / scale))))
             im.load()
             rgb = _to_rgb(ImageOps.exif_transpose(_reduced(im, decode_side)))
+            count = int(getattr(im, "n_frames", 1) or 1)
+            frames, indices = (rgb,), (0,)
+            if max_frames > 1 and count > 1:
+                if count * w * h > ANIMATION_PIXELS:
+                    raise ImageTooLarge(
+                        f"animation has {count} frames of {w}x{h} ({count * w * h} pixels in all); animations are "
+                        f"read frame by frame up to {ANIMATION_PIXELS} pixels: send a shorter or smaller one")
+                frames, indices = sample_frames(im, rgb, count, max_frames, decode_side)
     except (BadImage, ImageTooLarge, UnsupportedImage):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -102,7 +131,40 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: i
         raise BadImage(f"image is truncated or corrupt: {e}") from None
     except Exception as e:  # noqa: BLE001 - any other decoder failure on untrusted bytes is still a bad image
         raise BadImage(f"image could not be decoded ({type(e).__name__}: {e})") from None
-    return DecodedImage(image=rgb, format=fmt, original_size=(w, h))
+    return DecodedImage(image=rgb, format=fmt, original_size=(w, h), frame_count=count, frames=frames,
+                        frame_indices=indices)
+
+
+def _grey_thumbnail(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("L").resize((LOCAL_SIDE, LOCAL_SIDE), Image.BOX), dtype=np.float32)
+
+
+def frame_change(a: np.ndarray, b: np.ndarray) -> float:
+    """The largest mean grey-level change of one 8x8 tile between two 64x64 grey thumbnails."""
+    d = np.abs(a - b).reshape(LOCAL_SIDE // LOCAL_TILE, LOCAL_TILE, LOCAL_SIDE // LOCAL_TILE, LOCAL_TILE)
+    return float(d.mean(axis=(1, 3)).max())
+
+
+def sample_frames(im: Image.Image, first: Image.Image, count: int, max_frames: int,
+                  decode_side: int | None) -> tuple[tuple[Image.Image, ...], tuple[int, ...]]:
+    """Frames of an open animation (positioned on frame 0, decoded as `first`) worth judging: the scan and the
+    change rule above, then at most `max_frames` of the changed frames, evenly spread, frame 0 always first."""
+    scan = min(FRAME_SCAN, count)
+    candidates = sorted({round(i * (count - 1) / (scan - 1)) for i in range(scan)} - {0})
+    kept, indices, last = [first], [0], _grey_thumbnail(first)
+    for n in candidates:
+        im.seek(n)
+        im.load()
+        thumb_src = _to_rgb(_reduced(im, decode_side))
+        thumb = _grey_thumbnail(thumb_src)
+        if frame_change(thumb, last) >= FRAME_CHANGE:
+            kept.append(thumb_src)
+            indices.append(n)
+            last = thumb
+    if len(kept) > max_frames:  # thin evenly, keeping frame 0
+        pick = sorted({round(i * (len(kept) - 1) / (max_frames - 1)) for i in range(max_frames)})
+        kept, indices = [kept[i] for i in pick], [indices[i] for i in pick]
+    return tuple(kept), tuple(indices)
 
 
 ACCEPTED = "JPEG, PNG, WebP, GIF or BMP"

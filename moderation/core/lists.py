@@ -39,6 +39,21 @@ def image_hits(policy: Policy, pdq: str | None) -> list[ListHit]:
     return hits
 
 
+def frame_hits(hits_per_frame: list[tuple[int | None, list[ListHit]]]) -> list[ListHit]:
+    """The hits of every frame of an animation as one list: each entry once, from the frame it matched first (by
+    the smallest distance for an image entry), that frame's index in its detail (None: a still image)."""
+    best: dict[tuple[str, str], ListHit] = {}
+    for frame, hits in hits_per_frame:
+        for h in hits:
+            if frame is not None:
+                h = ListHit(h.kind, h.list, h.id, h.label, h.field, {**h.detail, "frame": frame})
+            key = (h.kind, h.id)
+            old = best.get(key)
+            if old is None or h.detail.get("distance", 0) < old.detail.get("distance", 0):
+                best[key] = h
+    return list(best.values())
+
+
 @functools.lru_cache(maxsize=64)
 def _matcher(policy_name: str, revision: int, digest: str, terms: tuple[tuple[str, str], ...]) -> TermMatcher:
     return TermMatcher(list(terms))

@@ -173,6 +173,12 @@ class OcrSettings(_Strict):
     max_read_ms: float = Field(400.0, ge=10.0, le=60_000.0)
 
 
+class MediaSettings(_Strict):
+    """How much of a post's media is read (core/imaging.py): an animated GIF, WebP or APNG is judged on at most
+    `max_frames` distinct frames spread over it (1: the first frame only, as a still image)."""
+    max_frames: int = Field(8, ge=1, le=32)
+
+
 # The categories of OpenAI's moderation API (POST /v1/moderations, omni-moderation-latest), every one reported.
 OPENAI_CATEGORIES = ("harassment", "harassment/threatening", "hate", "hate/threatening", "illicit",
                      "illicit/violent", "self-harm", "self-harm/intent", "self-harm/instructions", "sexual",
@@ -222,6 +228,7 @@ class Policy(_Strict):
     cache: CacheSettings = CacheSettings()
     decisions: Decisions = Decisions()
     ocr: OcrSettings = OcrSettings()
+    media: MediaSettings = MediaSettings()
     openai: OpenAICompat = OpenAICompat()
     sentiment: list[SentimentOption]
     prompts: dict[Literal["en", "zh"], Prompt]

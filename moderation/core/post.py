@@ -26,6 +26,17 @@ class Post:
     image_size: tuple[int, int]
     caption_as_sent: str = ""  # before normalisation: what term matching reports against
     has_image: bool = True     # False for a text_only post: `image` is a blank placeholder
+    frame_count: int = 1       # frames in the image file (1: a still image)
+    # the frames judged (policy media.max_frames; the first is `image`) and their indices in the file
+    frames: tuple[Image.Image, ...] = ()
+    frame_indices: tuple[int, ...] = (0,)
+
+    @property
+    def judged_frames(self) -> list[tuple[int | None, Image.Image]]:
+        """(frame index, or None for a still image; frame) of every frame the signals read."""
+        if self.frame_count <= 1 or not self.frames:
+            return [(None, self.image)]
+        return list(zip(self.frame_indices, self.frames, strict=True))
 
 
 # What the models see in place of a text_only post's image: shapes only, never judged (no image signal is read).
@@ -49,6 +60,7 @@ def parse_post(image: bytes, text: bytes, options: Options | bytes | None, hashe
         blank = Image.new("RGB", (PLACEHOLDER_SIDE, PLACEHOLDER_SIDE), (127, 127, 127))
         return Post(options, policy, hashes["image_sha256"], hashes["text_sha256"], caption, lang, blank, "none",
                     (0, 0), as_sent, has_image=False)
-    decoded = decode_image(image)
+    decoded = decode_image(image, max_frames=policy.media.max_frames)
     return Post(options, policy, hashes["image_sha256"], hashes["text_sha256"], caption, lang, decoded.image,
-                decoded.format, decoded.original_size, as_sent)
+                decoded.format, decoded.original_size, as_sent, frame_count=decoded.frame_count,
+                frames=decoded.frames, frame_indices=decoded.frame_indices)

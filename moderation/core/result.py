@@ -84,6 +84,7 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
         "image_text": None if record.image_text is None else {"lines": record.image_text,
                                                               "truncated": record.image_text_truncated},
         "escalated": gate.escalated,
+        **({"frames": {"count": record.frame_count, "read": record.frames_read}} if record.frame_count > 1 else {}),
         "error": None,
         # the verdict cache's answer for posts the gate escalated under a policy with `cache.enabled`
         **({"cache": gate.cache} if gate.cache else {}),
@@ -161,6 +162,8 @@ def finish_post(record: RequestRecord, gate: GateDecision, postprocess_version: 
            "image_size": list(record.image_size), "caption_truncated": result["caption_truncated"],
            "lang": record.lang, "error": None, "untrained": result["untrained"], "signals": result["signals"],
            **_image_text_audit(record),
+           **({"image_frames": record.frame_count, "image_frames_read": record.frames_read}
+              if record.frame_count > 1 else {}),
            **({"list_hits": result["list_hits"]} if result["list_hits"] else {}),
            **({"escalated": result["escalated"]} if result["escalated"] else {}),
            **({"ab": result["ab"]} if "ab" in result else {}),

@@ -17,12 +17,12 @@ from ..core.contracts import PostError, RequestRecord
 from ..core.errors import BadRequest, ModerationError
 from ..core.hashing import post_hashes
 from ..core.imaging import decode_image, fingerprint, local_thumbnail, pdq_hash
-from ..core.lists import image_hits, term_hits
+from ..core.lists import frame_hits, image_hits, term_hits
 from ..core.options import parse_options
 from ..core.policy import load_policy
 from ..core.post import parse_post
 from ..core.text import caption_key, decode_caption_as_sent, image_words, normalize_caption
-from ..ocr.reader import ImageTextReader, ReadBudget
+from ..ocr.reader import MAX_LINES, ImageTextReader, ReadBudget
 from .text_signals import text_scores
 
 CLIP_MAX_TOKENS = 77
@@ -145,8 +145,12 @@ class Preprocess:
         post = parse_post(image, text, parsed, hashes)
         ids, mask, truncated = self.tokens.encode([post.caption])
         policy, cache = post.policy, post.policy.cache
-        pdq = pdq_hash(post.image)[0] if policy.lists.images and post.has_image else None
-        hits = image_hits(policy, pdq) + term_hits(policy, post.caption_as_sent)
+        pdq, hits = None, []
+        if policy.lists.images and post.has_image:  # every judged frame of an animation against the image list
+            pdqs = [(frame, pdq_hash(image)[0]) for frame, image in post.judged_frames]
+            pdq = pdqs[0][1]
+            hits = frame_hits([(frame, image_hits(policy, h)) for frame, h in pdqs])
+        hits += term_hits(policy, post.caption_as_sent)
         record = RequestRecord(
             request_id=parsed.request_id, policy_id=post.policy.id, policy_name=parsed.policy, lang=post.lang,
             describe=parsed.describe, return_embedding=parsed.return_embedding, forget=parsed.forget,
@@ -158,6 +162,7 @@ class Preprocess:
             local_thumbnail=base64.b64encode(local_thumbnail(post.image)).decode("ascii")
             if cache.enabled and cache.local_threshold is not None and post.has_image else None,
             escalate=parsed.escalate, pdq=pdq, list_hits=[h.to_dict() for h in hits],
+            frame_count=post.frame_count, frames_read=list(post.frame_indices),
             read_text=bool(policy.ocr.enabled and parsed.ocr and post.has_image),
             text_scores=text_scores(post.caption, ""),
             received_at=received_at, preprocessed_at=time.time(),
@@ -200,13 +205,23 @@ class ReadImageText:
             return record
         t0 = time.perf_counter()
         policy = load_policy(record.policy_name)
-        read = self.reader.read_within(decode_image(image).image, ReadBudget.of(policy.ocr))
-        lines = [line.to_dict() for line in read.lines]
-        update: dict = {"image_text": lines, "image_text_truncated": read.truncated, "read_text_version": self.version}
-        words = image_words(lines)
+        decoded = decode_image(image, max_frames=policy.media.max_frames)
+        frames = (list(zip(decoded.frame_indices, decoded.frames, strict=True)) if decoded.animated
+                  else [(None, decoded.image)])
+        reads, truncated = self.reader.read_frames(frames, ReadBudget.of(policy.ocr))
+        lines, seen, per_frame = [], set(), []
+        for frame, read in reads:
+            frame_lines = [line.to_dict() | ({} if frame is None else {"frame": frame}) for line in read.lines]
+            per_frame.append((frame, image_words(frame_lines)))
+            for line in frame_lines:  # a caption shown across frames is reported once, from its first frame
+                if line["text"] not in seen and len(lines) < MAX_LINES:
+                    seen.add(line["text"])
+                    lines.append(line)
+        update: dict = {"image_text": lines, "image_text_truncated": truncated, "read_text_version": self.version}
+        words = "\n".join(dict.fromkeys(w for _, fw in per_frame for w in fw.split("\n") if w))
         if words:  # with no words the caption-only key, scores and hits preprocess wrote stand
             caption = normalize_caption(decode_caption_as_sent(text))
-            hits = term_hits(policy, words, "image_text")
+            hits = frame_hits([(frame, term_hits(policy, fw, "image_text")) for frame, fw in per_frame])
             update.update(caption_key=verdict_cache_key(caption, words), text_scores=text_scores(caption, words),
                           list_hits=record.list_hits + [h.to_dict() for h in hits])
         update["read_text_ms"] = (time.perf_counter() - t0) * 1e3

@@ -165,6 +165,14 @@ class ImageTextReader:
             lines.append(TextLine(str(text), float(score), corners))
         return ImageText(lines, len(read) < len(boxes), len(boxes), len(read))
 
+    def read_frames(self, frames: list[tuple[int | None, Image.Image]],
+                    budget: ReadBudget = ReadBudget()) -> tuple[list[tuple[int | None, ImageText]], bool]:
+        """Each frame of an image (or the one still image) read within `budget` of its own: an animation costs at
+        most its judged frames (policy media.max_frames) x one image's read. Returns (frame, its text) per frame,
+        and whether the budget left detected text unread in any of them."""
+        out = [(frame, self.read_within(image, budget)) for frame, image in frames]
+        return out, any(read.truncated for _, read in out)
+
 
 def _within_aspect(image: Image.Image) -> tuple[Image.Image, tuple[int, int]]:
     """The image centred on a white canvas of at most MAX_ASPECT:1 (a 4000x1 strip would otherwise be scaled to a

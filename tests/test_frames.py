@@ -1,0 +1,167 @@
+"""Animated GIF, WebP and APNG are judged frame by frame: the frames read, the lists and the image text per frame,
+and what RESULT and the audit row say about them (unit, then on a real server)."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image, ImageDraw, ImageFont
+
+from moderation.core.errors import ImageTooLarge
+from moderation.core.image_match import entry_hashes
+from moderation.core.imaging import ANIMATION_PIXELS, decode_image
+from moderation.core.lists import ListHit, frame_hits
+from moderation.core.policy import ImageEntry, PolicyLists, TermEntry, lists_path
+from moderation.testing.policies import derive_policy
+from moderation.testing.samples import image_paths
+
+FONT = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"
+TERM = "稳赚不赔"
+
+
+def _photo(name: str = "astronaut", side: int = 480) -> Image.Image:
+    return Image.open(image_paths()[name]).convert("RGB").resize((side, side))
+
+
+def _with_text(im: Image.Image, text: str) -> Image.Image:
+    im = im.copy()
+    draw = ImageDraw.Draw(im)
+    draw.rectangle((20, 360, 460, 440), fill=(255, 255, 255))
+    draw.text((40, 370), text, font=ImageFont.truetype(FONT, 48), fill=(0, 0, 0))
+    return im
+
+
+def _moving_dot(im: Image.Image, i: int) -> Image.Image:
+    im = im.copy()
+    ImageDraw.Draw(im).ellipse((20 + 30 * i, 20, 36 + 30 * i, 36), fill=(255, 0, 0))
+    return im
+
+
+def _animation(frames: list[Image.Image], fmt: str = "GIF") -> bytes:
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buf.getvalue()
+
+
+def _text_in_frame(index: int, n: int = 6, fmt: str = "GIF", text: str = f"{TERM} 加我") -> bytes:
+    """n frames of a photo with a dot moving (so no two frames are equal), `text` drawn in frame `index` only."""
+    base = _photo()
+    return _animation([_with_text(_moving_dot(base, i), text) if i == index else _moving_dot(base, i)
+                       for i in range(n)], fmt)
+
+
+# --- reading frames ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
+def test_every_changed_frame_of_a_short_animation_is_read(fmt):
+    d = decode_image(_text_in_frame(3, fmt=fmt), max_frames=8)
+    assert d.format == fmt and d.animated and d.frame_count == 6
+    assert d.frame_indices == (0, 1, 2, 3, 4, 5) and len(d.frames) == 6
+    assert d.frames[0] is d.image
+    first_only = decode_image(_text_in_frame(3, fmt=fmt), max_frames=1)
+    assert first_only.frame_count == 6 and first_only.frame_indices == (0,)
+
+
+def test_frames_that_barely_change_are_skipped_and_the_change_is_kept():
+    base = _photo()
+    rng = np.random.default_rng(0)
+    frames = []
+    for i in range(12):  # a few pixels flicker in every frame; the caption appears at frame 7
+        arr = np.asarray(base).copy()
+        arr[rng.integers(0, 480, 3), rng.integers(0, 480, 3)] = 255
+        im = Image.fromarray(arr)
+        frames.append(_with_text(im, "LOOK") if i >= 7 else im)
+    d = decode_image(_animation(frames, "WEBP"), max_frames=8)
+    assert d.frame_count == 12 and d.frame_indices == (0, 7)
+
+
+def test_a_long_animation_is_thinned_evenly_keeping_the_first_and_last_changes():
+    rng = np.random.default_rng(1)
+    frames = [Image.fromarray(np.full((64, 64, 3), rng.integers(0, 255, 3), dtype=np.uint8)) for _ in range(40)]
+    d = decode_image(_animation(frames), max_frames=8)
+    assert d.frame_count == 40 and len(d.frame_indices) == 8
+    assert d.frame_indices[0] == 0 and d.frame_indices[-1] == 39
+    assert list(d.frame_indices) == sorted(set(d.frame_indices))
+
+
+def test_an_animation_too_long_to_read_is_refused_with_a_code_and_its_first_frame_still_decodes():
+    rng = np.random.default_rng(2)
+    side = 1000
+    n = ANIMATION_PIXELS // (side * side) + 1
+    frames = [Image.fromarray(np.full((side, side, 3), rng.integers(0, 255, 3), dtype=np.uint8)) for _ in range(n)]
+    data = _animation(frames)
+    with pytest.raises(ImageTooLarge) as e:
+        decode_image(data, max_frames=8)
+    assert e.value.code == "image_too_large" and f"{n} frames of {side}x{side}" in str(e.value)
+    assert decode_image(data, max_frames=1).frame_count == n
+
+
+def test_frame_hits_name_each_entry_once_from_its_best_frame():
+    def hit(entry, distance):
+        return ListHit("image", "block", entry, "scam", "image", {"distance": distance})
+
+    hits = frame_hits([(0, [hit("a", 20)]), (3, [hit("a", 4), hit("b", 30)]), (5, [hit("b", 30)])])
+    assert {h.id: (h.detail["frame"], h.detail["distance"]) for h in hits} == {"a": (3, 4), "b": (3, 30)}
+    still = frame_hits([(None, [hit("a", 7)])])
+    assert still[0].to_dict() == {"kind": "image", "list": "block", "id": "a", "label": "scam", "field": "image",
+                                  "distance": 7}
+
+
+# --- on a real server ----------------------------------------------------------------------------------------
+def _policy_with_lists(directory, name: str, lists: PolicyLists, max_frames: int | None = None) -> None:
+    path = derive_policy(directory, name, cache={"enabled": False})
+    if max_frames is not None:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data["media"] = {"max_frames": max_frames}
+        path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    lists_path(path).write_text(lists.model_dump_json(), encoding="utf-8")
+
+
+def _audit_rows(audit_log, request_id: str) -> list[dict]:
+    rows = [json.loads(line) for line in audit_log.read_text(encoding="utf-8").splitlines()]
+    return [r for r in rows if r.get("request_id") == request_id and r.get("stage") == "moderate"]
+
+
+def test_a_term_drawn_in_frame_4_blocks_the_post_and_names_the_frame(triton, client, policy_dir, audit_log):
+    terms = PolicyLists(revision=1, terms=[TermEntry(id="term-wzbp", list="block", label="scam", term=TERM)])
+    _policy_with_lists(policy_dir, "frames_terms", terms)
+    _policy_with_lists(policy_dir, "frames_terms_first_only", terms, max_frames=1)
+    gif = _text_in_frame(3)
+
+    r = client.moderate(gif, "今天天气真好", policy="frames_terms", request_id="frames-term-4")
+    assert r["action"] == "block" and r["decided_by"] == "terms", r["decision"]
+    (hit,) = [h for h in r["list_hits"] if h["id"] == "term-wzbp"]
+    assert hit["field"] == "image_text" and hit["frame"] == 3
+    assert r["frames"] == {"count": 6, "read": [0, 1, 2, 3, 4, 5]}
+    assert any(TERM in line["text"] and line["frame"] == 3 for line in r["image_text"]["lines"])
+    (row,) = _audit_rows(audit_log, "frames-term-4")
+    assert row["image_frames"] == 6 and row["image_frames_read"] == [0, 1, 2, 3, 4, 5]
+    assert TERM not in json.dumps(row, ensure_ascii=False)  # the audit row keeps hashes, never the words
+
+    # the same GIF judged on its first frame only (what the service did before frames were read)
+    r = client.moderate(gif, "今天天气真好", policy="frames_terms_first_only")
+    assert r["decided_by"] != "terms" and not r["list_hits"]
+    assert r["frames"] == {"count": 6, "read": [0]}
+
+    # the same text in the first frame of a still image is blocked as before, and says no frame
+    still = io.BytesIO()
+    _with_text(_photo(), f"{TERM} 加我").save(still, "PNG")
+    r = client.moderate(still.getvalue(), "今天天气真好", policy="frames_terms")
+    assert r["decided_by"] == "terms" and "frame" not in r["list_hits"][0] and "frames" not in r
+
+
+def test_a_listed_photo_in_a_later_frame_blocks_the_post(triton, client, policy_dir):
+    listed = _photo("coffee")
+    entry = ImageEntry(id="img-coffee", list="block", label="scam", pdq=[h for h, _ in entry_hashes(listed)])
+    _policy_with_lists(policy_dir, "frames_images", PolicyLists(revision=1, images=[entry]))
+    other = _photo("chelsea")
+    gif = _animation([_moving_dot(other, 0), _moving_dot(other, 1), listed, _moving_dot(other, 3)])
+    r = client.moderate(gif, "good morning", policy="frames_images")
+    assert r["action"] == "block" and r["decided_by"] == "image_list", r["decision"]
+    assert r["decision"]["list_hit"]["id"] == "img-coffee" and r["decision"]["list_hit"]["frame"] == 2
+    # a still of the other photo matches nothing
+    still = io.BytesIO()
+    other.save(still, "JPEG")
+    assert not client.moderate(still.getvalue(), "good morning", policy="frames_images")["list_hits"]
