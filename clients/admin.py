@@ -16,22 +16,99 @@ $MODERATION_ADMIN_KEY or the file named by $MODERATION_ADMIN_KEY_FILE).
     .venv/bin/python -m clients.admin --url 127.0.0.1:8001 feedback REQUEST_ID --verdict violation [--label L]
     .venv/bin/python -m clients.admin client-token --id shop-a     # a signed client id for fair shares
 
-Lists are edited in the policy directory (--policy-dir, default $MODERATION_POLICY_DIR or the shipped one) that
-the server reads; the server must accept the admin key first. Every action is an audit row.
+`lists` and `feedback` keep no local state: they call the gateway's admin service at --url, which checks the key,
+applies the edit to the lists the server reads (an image is sent as its bytes; the server hashes it) or writes the
+reviewer's row, and records each into the service's own audit log. A refused call prints `error: [code] message`
+(docs/errors.md) and exits 1. Every action is an audit row.
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import re
 import sys
 from pathlib import Path
 
+import grpc
+
+from moderation.core import admin_rpc
 from moderation.core.audit import AuditLog
-from moderation.core.auth import admin_key
+from moderation.core.auth import GRPC_ADMIN_HEADER, admin_key
 from moderation.core.caller import CLIENT_KEY_FILE_ENV, client_key, client_value
-from moderation.ops.admin import AdminError, RepositoryAdmin, record_feedback, verify_admin_key
+from moderation.ops.admin import AdminError, RepositoryAdmin
 
 from .client import DEFAULT_URL
+
+_CODED = re.compile(r"^\[([a-z][a-z0-9_]*)\] (.*)$", re.S)
+
+
+class ServiceError(AdminError):
+    """The admin service refused or failed a call: its code and message (docs/errors.md)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"[{code}] {message}")
+        self.code, self.message = code, message
+
+
+class ServiceAdmin:
+    """The gateway's admin service (moderation/core/admin_rpc.py): the server applies lists edits and records
+    feedback, checks the key and audits both; nothing is read or written on this machine."""
+
+    def __init__(self, url: str, key: str, timeout_s: float = 180.0):
+        self.url, self.key, self.timeout_s = url, key, timeout_s
+        self.channel = grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", 64 * 2**20),
+                                                           ("grpc.max_send_message_length", 64 * 2**20)])
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> ServiceAdmin:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def call(self, method: str, request: dict) -> dict:
+        try:
+            raw = self.channel.unary_unary(method)(admin_rpc.encode(request), timeout=self.timeout_s,
+                                                   metadata=((GRPC_ADMIN_HEADER, self.key),))
+        except grpc.RpcError as e:
+            status, details = e.code(), e.details() or ""
+            if m := _CODED.match(details):
+                raise ServiceError(m.group(1), m.group(2)) from None
+            if status == grpc.StatusCode.UNIMPLEMENTED:
+                raise ServiceError("unavailable", f"the server at {self.url} has no admin service: it is Triton "
+                                   "without its audit gateway (MODERATION_GATEWAY=0), or an older gateway") from None
+            if status == grpc.StatusCode.UNAVAILABLE:
+                raise ServiceError("unavailable", f"cannot reach {self.url}: {details}") from None
+            if status == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise ServiceError("deadline_exceeded", f"no answer from {self.url} within {self.timeout_s:.0f} s") \
+                    from None
+            raise ServiceError("internal", f"{status.name}: {details}") from None
+        return admin_rpc.decode(raw)
+
+    def lists(self, action: str, policy: str, **fields) -> dict:
+        return self.call(admin_rpc.LISTS, {"action": action, "policy": policy,
+                                           **{k: v for k, v in fields.items() if v is not None}})
+
+    def show(self, policy: str) -> dict:
+        return self.lists("show", policy)
+
+    def add_image(self, policy: str, list_name: str, image: bytes, label: str | None = None, note: str = "") -> dict:
+        return self.lists("add-image", policy, list=list_name, label=label, note=note or None,
+                          image_b64=base64.b64encode(image).decode("ascii"))
+
+    def add_term(self, policy: str, list_name: str, term: str, label: str | None = None, note: str = "") -> dict:
+        return self.lists("add-term", policy, list=list_name, term=term, label=label, note=note or None)
+
+    def remove(self, policy: str, kind: str, entry_id: str) -> dict:
+        return self.lists(f"remove-{kind}", policy, id=entry_id)
+
+    def feedback(self, request_id: str, verdict: str, label: str | None = None, reviewer: str | None = None) -> dict:
+        return self.call(admin_rpc.FEEDBACK, {"request_id": request_id, "verdict": verdict,
+                                              **({"label": label} if label else {}),
+                                              **({"reviewer": reviewer} if reviewer else {})})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     lists = sub.add_parser("lists", help="custom block / allow / review lists of images and terms, live")
     lists.add_argument("action", choices=["show", "add-image", "remove-image", "add-term", "remove-term"])
     lists.add_argument("--policy", default="default")
-    lists.add_argument("--policy-dir", type=Path, default=None)
     lists.add_argument("--list", dest="list_name", choices=["block", "allow", "review"], default=None)
     lists.add_argument("--image", type=Path, help="add-image: the image file")
     lists.add_argument("--term", help="add-term: the term (matched after case / width / spacing folding)")
@@ -84,10 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     admin = RepositoryAdmin(args.url, key, repo)
     try:
         if args.cmd == "lists":
-            out = _lists(args, key)
+            with ServiceAdmin(args.url, key) as service:
+                out = _lists(args, service)
         elif args.cmd == "feedback":
-            verify_admin_key(args.url, key)
-            out = record_feedback(AuditLog(), args.request_id, args.verdict, args.label, args.reviewer)
+            with ServiceAdmin(args.url, key) as service:
+                out = service.feedback(args.request_id, args.verdict, args.label, args.reviewer)
         elif args.cmd == "status":
             rows = admin.status()
             for r in rows:
@@ -119,24 +196,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _lists(args, key: str) -> dict:
-    from moderation.ops.lists import ListAdmin, ListError
-
-    lists = ListAdmin(args.url, key, args.policy_dir)
+def _lists(args, lists: ServiceAdmin) -> dict:
     if args.action == "show":
         return lists.show(args.policy)
     if args.action.startswith("add-") and not args.list_name:
-        raise ListError(f"{args.action} needs --list block|allow|review")
+        raise AdminError(f"{args.action} needs --list block|allow|review")
     if args.action == "add-image":
         if not args.image:
-            raise ListError("add-image needs --image PATH")
-        return lists.add_image(args.policy, args.list_name, args.image.read_bytes(), args.label, args.note)
+            raise AdminError("add-image needs --image PATH")
+        try:
+            image = args.image.read_bytes()
+        except OSError as e:
+            raise AdminError(f"cannot read {args.image}: {e.strerror}") from None
+        return lists.add_image(args.policy, args.list_name, image, args.label, args.note)
     if args.action == "add-term":
         if not args.term:
-            raise ListError("add-term needs --term TEXT")
+            raise AdminError("add-term needs --term TEXT")
         return lists.add_term(args.policy, args.list_name, args.term, args.label, args.note)
     if not args.entry_id:
-        raise ListError(f"{args.action} needs --id ENTRY_ID")
+        raise AdminError(f"{args.action} needs --id ENTRY_ID")
     return lists.remove(args.policy, args.action.split("-", 1)[1], args.entry_id)
 
 

@@ -52,24 +52,25 @@ def _demo_policies(root: Path) -> Path:
     return root
 
 
-def _add_demo_lists(url: str, key: str, policies: Path, policy: str = "default") -> None:
-    from moderation.core.audit import AuditLog
-    from moderation.ops.lists import ListAdmin
+def _add_demo_lists(url: str, key: str, policy: str = "default") -> None:
+    """Through the server's admin service, as an operator would (`clients.admin lists ...`): the server edits the
+    lists in its own policy directory and audits each edit."""
+    from .admin import ServiceAdmin
 
-    lists = ListAdmin(url, key, policies, audit=AuditLog(Path("build/audit/demo.jsonl")))
-    coins = next(p for p in sample_posts() if p.name == "coins_scam_zh")
-    lists.add_image(policy, "block", coins.image_bytes(), label="scam", note="demo: a known scam-ad photo")
-    lists.add_term(policy, "block", "click the link in bio", label="scam", note="demo: spam phrase")
-    lists.add_term(policy, "review", "deserved everything", label="hate", note="demo: send to a person")
-    lists.add_term(policy, "block", "稳赚不赔", label="scam", note="demo: scam slogan (caught in image text too)")
-    lists.add_term(policy, "review", "加微信", label="scam", note="demo: contact bait, and its 加V信 variant")
+    with ServiceAdmin(url, key) as lists:
+        coins = next(p for p in sample_posts() if p.name == "coins_scam_zh")
+        lists.add_image(policy, "block", coins.image_bytes(), label="scam", note="demo: a known scam-ad photo")
+        lists.add_term(policy, "block", "click the link in bio", label="scam", note="demo: spam phrase")
+        lists.add_term(policy, "review", "deserved everything", label="hate", note="demo: send to a person")
+        lists.add_term(policy, "block", "稳赚不赔", label="scam", note="demo: scam slogan (caught in image text too)")
+        lists.add_term(policy, "review", "加微信", label="scam", note="demo: contact bait, and its 加V信 variant")
 
 
-def run(url: str, key: str, policies: Path, policy: str = "default") -> str:
+def run(url: str, key: str, policy: str = "default") -> str:
     """Add the demo's lists to `policy`, moderate the memes and the sample posts under it on the server at `url`,
     and return the tables (what `make demo` prints). Every kind of evidence is shown (clients/evidence.py): image-
     and term-list hits, model signals, cached verdicts."""
-    _add_demo_lists(url, key, policies, policy)
+    _add_demo_lists(url, key, policy)
     rows, meme_rows = [], []
     with ModerationClient(url) as client:
         for meme in memes():
@@ -108,7 +109,7 @@ def main() -> int:
     env = {"MODERATION_AUDIT_LOG": "build/audit/demo.jsonl", "MODERATION_POLICY_DIR": str(policies)}
     with running_server(log_path=log, env=env, key=key) as srv:
         print(f"ready in {time.time() - t:.1f}s on gRPC {srv.grpc_url} (server log: {log})\n", flush=True)
-        print(run(srv.grpc_url, key, policies))
+        print(run(srv.grpc_url, key))
         print("\n" + BANNER)
     print("\nserver stopped.")
     return 0

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,11 +30,22 @@ from .test_server import decoder_count
 POSTS = sample_posts()
 
 
-def _admin(triton, policy_dir, audit_log, *args):
-    env = dict(os.environ, MODERATION_ADMIN_KEY=ADMIN_KEY, MODERATION_POLICY_DIR=str(policy_dir),
-               MODERATION_AUDIT_LOG=str(audit_log))
-    p = subprocess.run([sys.executable, "-m", "clients.admin", "--url", triton.grpc_url, *args], env=env,
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+def _admin(triton, *args, key: str = ADMIN_KEY):
+    """clients.admin as an operator runs it on another machine: from an empty working directory, with this machine's
+    policy directory and audit log pointing into it. The command keeps no local state: it calls the server, and the
+    directory is still empty afterwards."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="operator-") as here:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MODERATION_")}
+        env.update(MODERATION_ADMIN_KEY=key, MODERATION_POLICY_DIR=str(Path(here) / "policies"),
+                   MODERATION_AUDIT_LOG=str(Path(here) / "audit.jsonl"),
+                   PYTHONPATH=os.pathsep.join(x for x in (str(ROOT), env.get("PYTHONPATH", "")) if x))
+        p = subprocess.run([sys.executable, "-m", "clients.admin", "--url", triton.grpc_url, *args], env=env,
+                           capture_output=True, text=True, timeout=180, cwd=here)
+        left = sorted(str(x.relative_to(here)) for x in Path(here).rglob("*"))
+        assert not left, f"clients.admin left local state: {left}"
+    assert "Traceback" not in p.stderr, p.stderr
     return p
 
 
@@ -76,7 +88,7 @@ def test_an_untrained_gate_block_goes_to_review(client):
 def test_image_list_blocks_live_with_its_copies_and_not_other_photos(triton, client, policy_dir, audit_log):
     derive_policy(policy_dir, "listed", cache={"enabled": False})
     rocket = image_paths()["rocket"].read_bytes()
-    p = _admin(triton, policy_dir, audit_log, "lists", "add-image", "--policy", "listed", "--list", "block",
+    p = _admin(triton, "lists", "add-image", "--policy", "listed", "--list", "block",
                "--image", str(image_paths()["rocket"]), "--label", "scam")
     assert p.returncode == 0, p.stderr
     entry = json.loads(p.stdout)
@@ -89,13 +101,13 @@ def test_image_list_blocks_live_with_its_copies_and_not_other_photos(triton, cli
         if name != "rocket":
             r = client.moderate(path.read_bytes(), "Launch day!", policy="listed")
             assert r["decided_by"] != "image_list" and not r["list_hits"], name
-    p = _admin(triton, policy_dir, audit_log, "lists", "remove-image", "--policy", "listed", "--id", entry["id"])
+    p = _admin(triton, "lists", "remove-image", "--policy", "listed", "--id", entry["id"])
     assert p.returncode == 0, p.stderr
     r = client.moderate(rocket, "Launch day!", policy="listed")
     assert r["decided_by"] != "image_list" and r["policy"].endswith("+lists.2")
     rows = [r for r in read_rows(audit_log) if r.get("action", "").startswith("lists.")]
     assert [(r["action"], r["ok"]) for r in rows][-2:] == [("lists.add-image", True), ("lists.remove-image", True)]
-    wrong = _admin(triton, policy_dir, audit_log, "lists", "show", "--policy", "listed")
+    wrong = _admin(triton, "lists", "show", "--policy", "listed")
     assert wrong.returncode == 0 and json.loads(wrong.stdout)["revision"] == 2
 
 
@@ -103,7 +115,7 @@ def test_term_lists_block_and_review_in_the_caption(triton, client, policy_dir, 
     derive_policy(policy_dir, "termed", cache={"enabled": False})
     for args in (("--list", "block", "--term", "Click the LINK in bio", "--label", "scam"),
                  ("--list", "review", "--term", "内部消息")):
-        p = _admin(triton, policy_dir, audit_log, "lists", "add-term", "--policy", "termed", *args)
+        p = _admin(triton, "lists", "add-term", "--policy", "termed", *args)
         assert p.returncode == 0, p.stderr
     hubble = next(p for p in POSTS if p.name == "hubble_scam")
     coins = next(p for p in POSTS if p.name == "coins_scam_zh")
@@ -114,14 +126,82 @@ def test_term_lists_block_and_review_in_the_caption(triton, client, policy_dir, 
     assert r["action"] == "review" and r["decided_by"] == "terms"
     r = client.moderate(POSTS[1].image_bytes(), POSTS[1].text, policy="termed")
     assert not r["list_hits"]
-    bad = _admin(triton, policy_dir, audit_log, "lists", "add-term", "--policy", "termed", "--list", "block",
+    bad = _admin(triton, "lists", "add-term", "--policy", "termed", "--list", "block",
                  "--term", "x", "--label", "no_such_label")
     assert bad.returncode == 1 and "no_such_label" in bad.stderr
-    env = dict(os.environ, MODERATION_ADMIN_KEY="wrong-key", MODERATION_POLICY_DIR=str(policy_dir))
-    refused = subprocess.run([sys.executable, "-m", "clients.admin", "--url", triton.grpc_url, "lists", "add-term",
-                              "--policy", "termed", "--list", "block", "--term", "y"],
-                             env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert refused.returncode == 1 and "refused the admin key" in refused.stderr
+    assert "[bad_list_entry]" in bad.stderr
+    refused = _admin(triton, "lists", "add-term", "--policy", "termed", "--list", "block", "--term", "y",
+                     key="wrong-key")
+    assert refused.returncode == 1 and "[unauthorized]" in refused.stderr, refused.stderr
+    row = [r for r in read_rows(audit_log) if r.get("stage") == "admin"][-1]
+    assert row["action"] == "lists.add-term" and row["ok"] is False and row["error"]["code"] == "unauthorized"
+
+
+def _package_state() -> tuple[str, dict[str, str]]:
+    """The package's policy folder as git and the disk see it: where a local edit would have landed."""
+    from moderation.core.hashing import sha256_hex
+    from moderation.core.policy import PACKAGE_POLICY_DIR
+
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", str(PACKAGE_POLICY_DIR)],
+                            capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    return status, {f.name: sha256_hex(f.read_bytes()) for f in sorted(PACKAGE_POLICY_DIR.iterdir())}
+
+
+def test_operator_actions_go_through_the_service_from_another_directory(triton, client, policy_dir, audit_log):
+    """clients.admin run elsewhere (an empty working directory whose own policy dir and audit log it never touches):
+    the server applies the edits to the lists it reads and writes every row into its own audit log; a wrong key and
+    malformed calls are refused with a code and audited; the package's source tree stays as it was."""
+    from clients.admin import ServiceAdmin, ServiceError
+
+    before = _package_state()
+    derive_policy(policy_dir, "remote", cache={"enabled": False})
+    hubble = next(p for p in POSTS if p.name == "hubble_scam")
+    rocket = image_paths()["rocket"]
+    term = _admin(triton, "lists", "add-term", "--policy", "remote", "--list", "block", "--term", "10k followers",
+                  "--label", "scam")
+    assert term.returncode == 0, term.stderr
+    image = _admin(triton, "lists", "add-image", "--policy", "remote", "--list", "review", "--image", str(rocket),
+                   "--label", "scam", "--note", "sent as bytes")
+    assert image.returncode == 0, image.stderr
+    entry = json.loads(image.stdout)
+    assert entry["id"].startswith("img-") and len(entry["pdq"]) > 1  # the server hashed the image and its crops
+    assert (policy_dir / "remote.lists.json").exists()  # where the server reads its lists, not where the CLI ran
+    r = client.moderate(hubble.image_bytes(), hubble.text, policy="remote")
+    assert r["action"] == "block" and r["decided_by"] == "terms" and r["policy"].endswith("+lists.2"), r["decision"]
+    r = client.moderate(rocket.read_bytes(), "Launch day!", policy="remote")
+    assert r["action"] == "review" and r["decided_by"] == "image_list", r["decision"]
+    assert r["decision"]["list_hit"]["id"] == entry["id"]
+    rows = [x for x in read_rows(audit_log) if x.get("stage") == "admin" and x.get("policy") == "remote"]
+    assert [(x["action"], x["ok"], x["via"]) for x in rows] == [("lists.add-term", True, "gateway"),
+                                                               ("lists.add-image", True, "gateway")]
+    assert rows[1]["image_sha256"] and "term" not in rows[0] and rows[0]["term_sha256"]  # hashes, never content
+
+    rid = f"remote-{uuid.uuid4().hex[:8]}"
+    fb = _admin(triton, "feedback", rid, "--verdict", "violation", "--label", "scam", "--reviewer", "r7")
+    assert fb.returncode == 0, fb.stderr
+    row = [x for x in read_rows(audit_log) if x.get("request_id") == rid][-1]
+    assert {k: v for k, v in row.items() if k != "ts"} == json.loads(fb.stdout) == {
+        "stage": "feedback", "request_id": rid, "verdict": "violation", "label": "scam", "reviewer": "r7"}
+    wrong = _admin(triton, "feedback", rid, "--verdict", "ok", key="not-the-key")
+    assert wrong.returncode == 1 and wrong.stderr.startswith("error: [unauthorized]"), wrong.stderr
+    assert [x["verdict"] for x in read_rows(audit_log) if x.get("request_id") == rid] == ["violation"]
+    refusal = [x for x in read_rows(audit_log) if x.get("stage") == "admin"][-1]
+    assert refusal["action"] == "feedback" and refusal["error"]["code"] == "unauthorized" and not refusal["ok"]
+
+    # malformed or refused calls: coded, audited, nothing applied
+    with ServiceAdmin(triton.grpc_url, ADMIN_KEY) as service:
+        cases = {"bad_request": {"action": "add-image", "policy": "remote", "list": "block", "image_b64": "%%"},
+                 "unknown_policy": {"action": "add-term", "policy": "no_such_policy", "list": "block", "term": "x"},
+                 "bad_image": {"action": "add-image", "policy": "remote", "list": "block", "image_b64": "bm90IGFu"},
+                 "bad_list_entry": {"action": "remove-term", "policy": "remote", "id": "term-000000000000"}}
+        for code, request in cases.items():
+            with pytest.raises(ServiceError) as e:
+                service.call("/moderation.Admin/Lists", request)
+            assert e.value.code == code, (code, e.value)
+            last = [x for x in read_rows(audit_log) if x.get("stage") == "admin"][-1]
+            assert last["ok"] is False and last["error"]["code"] == code, (code, last)
+        assert service.show("remote")["revision"] == 2
+    assert _package_state() == before
 
 
 def test_a_batch_of_eight_with_one_broken_image_returns_seven_judged_rows_and_one_error(triton, audit_log):
@@ -174,7 +254,7 @@ def test_reviewer_feedback_drives_evaluate_and_its_proposed_bands_reach_the_reca
     for p in POSTS:
         client.moderate(p.image_bytes(), p.text, policy="default", request_id=f"{rid}-{p.name}")
         verdict = ["--verdict", "violation", "--label", truth[p.name]] if p.name in truth else ["--verdict", "ok"]
-        fb = _admin(triton, policy_dir, audit_log, "feedback", f"{rid}-{p.name}", *verdict)
+        fb = _admin(triton, "feedback", f"{rid}-{p.name}", *verdict)
         assert fb.returncode == 0, fb.stderr
     rows = [r for r in read_rows(audit_log) if r.get("stage") == "feedback" and r["request_id"].startswith(rid)]
     assert len(rows) == len(POSTS) and all(set(r) <= {"ts", "stage", "request_id", "verdict", "label"} for r in rows)
@@ -210,7 +290,7 @@ def _lists_stale(triton, policy: str) -> float | None:
 
 def test_a_corrupt_lists_file_leaves_the_last_good_lists_in_force(triton, client, policy_dir, audit_log):
     derive_policy(policy_dir, "lists_lkg", cache={"enabled": False})
-    p = _admin(triton, policy_dir, audit_log, "lists", "add-term", "--policy", "lists_lkg", "--list", "block",
+    p = _admin(triton, "lists", "add-term", "--policy", "lists_lkg", "--list", "block",
                "--term", "click the link in bio", "--label", "scam")
     assert p.returncode == 0, p.stderr
     hubble = next(p for p in POSTS if p.name == "hubble_scam")

@@ -44,7 +44,7 @@ def _hash(data: bytes) -> str:
 @pytest.fixture()
 def listed(tmp_path):
     derive_policy(tmp_path, "listed")
-    admin = ListAdmin(None, "", directory=tmp_path, audit=AuditLog(tmp_path / "audit.jsonl"), verify_key=False)
+    admin = ListAdmin(directory=tmp_path, audit=AuditLog(tmp_path / "audit.jsonl"))
     return admin, tmp_path
 
 
@@ -122,7 +122,7 @@ def test_the_index_gives_each_entry_its_nearest_stored_hash():
 def test_a_copy_cut_on_one_edge_is_blocked_live(triton, client, policy_dir, audit_log):
     derive_policy(policy_dir, "edge_listed", cache={"enabled": False})
     photo = image_paths()["coffee"]
-    p = _admin(triton, policy_dir, audit_log, "lists", "add-image", "--policy", "edge_listed", "--list", "block",
+    p = _admin(triton, "lists", "add-image", "--policy", "edge_listed", "--list", "block",
                "--image", str(photo), "--label", "scam")
     assert p.returncode == 0, p.stderr
     entry = json.loads(p.stdout)

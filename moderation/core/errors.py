@@ -44,6 +44,11 @@ ModelNotFound = _coded("ModelNotFound", "model_not_found",
 RequestTooLarge = _coded("RequestTooLarge", "request_too_large",
                          "The message is larger than any request the entry model can accept; refused unread.")
 ArtifactMismatch = _coded("ArtifactMismatch", "artifact_mismatch", "A model file differs from its artifact record.")
+Unauthorized = _coded("Unauthorized", "unauthorized",
+                      "An operator call (the gateway's admin service) without the server's admin key, or with another.")
+BadListEntry = _coded("BadListEntry", "bad_list_entry",
+                      "A custom-list edit the policy cannot take: a label it does not have, an empty term, an image "
+                      "too small or too plain for a perceptual hash, an entry id it does not hold.")
 
 
 class AuditUnavailable(ModerationError):

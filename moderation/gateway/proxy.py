@@ -15,7 +15,8 @@ those, and Triton neither logs nor counts them, so without this nothing would au
   its row) gets one audit row here. Every call gets exactly one row, from a model or from here: the summary is
   bounded and total (summary.py), and a row that cannot be built is replaced by a minimal one.
 Health, metadata and the restricted admin protocols (with the caller's key header) pass through untouched, so
-Triton still enforces the admin key.
+Triton still enforces the admin key. The gateway's own admin service (`/moderation.Admin/*`: custom lists, reviewer
+feedback; admin.py) checks the same key itself and writes its rows into the same audit log.
 
     python -m moderation.gateway --listen 127.0.0.1:8001 --upstream 127.0.0.1:8011 [--metrics 127.0.0.1:8003]
 
@@ -44,6 +45,7 @@ from ..core.caller import client_key
 from ..core.errors import classify_failure, coded_by_model
 from ..core.hashing import sha256_hex
 from ..core.limits import MAX_REQUEST_BYTES, PUBLIC_MODELS
+from .admin import AdminService
 from .admission import Admission, AdmissionLimits, Shed
 from .health import Readiness
 from .identity import ClientIdentity
@@ -109,6 +111,7 @@ class AuditGateway:
         if self.audit.mode == FAIL_OPEN:  # spooled rows reach the disk when it takes rows again, traffic or not
             self.audit.start_flusher()
         self.key = admin_key() if key is None else key
+        self.admin = AdminService(self.key, self.audit, observe=self._observe)
         self.public, self.max_request_bytes = tuple(public), max_request_bytes
         limits = limits or AdmissionLimits.from_env()
         self.admission = Admission(limits, identity=ClientIdentity(client_key(), limits.client_header))
@@ -358,7 +361,8 @@ class AuditGateway:
 
 
 class _Router(grpc.GenericRpcHandler):
-    """Every method of Triton's GRPCInferenceService, built once; anything else is UNIMPLEMENTED."""
+    """Every method of Triton's GRPCInferenceService and of the admin service, built once; anything else is
+    UNIMPLEMENTED."""
 
     def __init__(self, gateway: AuditGateway):
         methods = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
@@ -368,6 +372,7 @@ class _Router(grpc.GenericRpcHandler):
             self.handlers[path] = gateway.unary(path)
         self.handlers[INFER] = gateway.infer()
         self.handlers[STREAM_INFER] = gateway.stream()
+        self.handlers.update(gateway.admin.handlers())  # /moderation.Admin/*: operator actions, behind the key
 
     def service(self, handler_call_details):
         return self.handlers.get(handler_call_details.method)

@@ -24,32 +24,6 @@ class AdminError(Exception):
     pass
 
 
-def verify_admin_key(url: str, key: str) -> None:
-    """Raise AdminError unless the server at `url` accepts `key` (its restricted model-repository API answers
-    only callers with the admin key): operator actions outside Triton are behind the same key."""
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        client.get_model_repository_index(headers=admin_headers(key, "grpc"))
-    except InferenceServerException as e:
-        raise AdminError(f"the server at {url} refused the admin key: {e.message()}") from None
-    finally:
-        client.close()
-
-
-def record_feedback(audit: AuditLog, request_id: str, verdict: str, label: str | None = None,
-                    reviewer: str | None = None) -> dict:
-    """A reviewer's decision on a judged post, as an audit row joined to the post's row by request id (no
-    content). clients.evaluate reads them."""
-    if verdict not in ("violation", "ok"):
-        raise AdminError(f"verdict must be 'violation' or 'ok', not {verdict!r}")
-    if not request_id or len(request_id) > 128:
-        raise AdminError("a request id of 1 to 128 characters is required")
-    row = {"stage": "feedback", "request_id": request_id, "verdict": verdict, "label": label,
-           **({"reviewer": reviewer} if reviewer else {})}
-    audit.write(row)
-    return row
-
-
 class RepositoryAdmin:
     def __init__(self, url: str, key: str, repository: Path | None = None, audit: AuditLog | None = None):
         self.client = grpcclient.InferenceServerClient(url)
