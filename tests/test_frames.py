@@ -42,7 +42,8 @@ def _moving_dot(im: Image.Image, i: int) -> Image.Image:
 
 def _animation(frames: list[Image.Image], fmt: str = "GIF") -> bytes:
     buf = io.BytesIO()
-    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    extra = {"lossless": True} if fmt == "WEBP" else {}  # each frame keeps the exact pixels it was drawn with
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0, **extra)
     return buf.getvalue()
 
 
@@ -134,7 +135,7 @@ def test_a_term_drawn_in_frame_4_blocks_the_post_and_names_the_frame(triton, cli
     assert r["action"] == "block" and r["decided_by"] == "terms", r["decision"]
     (hit,) = [h for h in r["list_hits"] if h["id"] == "term-wzbp"]
     assert hit["field"] == "image_text" and hit["frame"] == 3
-    assert r["frames"] == {"count": 6, "read": [0, 1, 2, 3, 4, 5]}
+    assert (r["frames"]["count"], r["frames"]["read"]) == (6, [0, 1, 2, 3, 4, 5])
     assert any(TERM in line["text"] and line["frame"] == 3 for line in r["image_text"]["lines"])
     (row,) = _audit_rows(audit_log, "frames-term-4")
     assert row["image_frames"] == 6 and row["image_frames_read"] == [0, 1, 2, 3, 4, 5]
@@ -143,7 +144,7 @@ def test_a_term_drawn_in_frame_4_blocks_the_post_and_names_the_frame(triton, cli
     # the same GIF judged on its first frame only (what the service did before frames were read)
     r = client.moderate(gif, "今天天气真好", policy="frames_terms_first_only")
     assert r["decided_by"] != "terms" and not r["list_hits"]
-    assert r["frames"] == {"count": 6, "read": [0]}
+    assert r["frames"] == {"count": 6, "read": [0]}  # no later frame was scored
 
     # the same text in the first frame of a still image is blocked as before, and says no frame
     still = io.BytesIO()
@@ -165,3 +166,29 @@ def test_a_listed_photo_in_a_later_frame_blocks_the_post(triton, client, policy_
     still = io.BytesIO()
     other.save(still, "JPEG")
     assert not client.moderate(still.getvalue(), "good morning", policy="frames_images")["list_hits"]
+
+
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _nsfw_score(result: dict) -> float:
+    (label,) = [k for k, v in result["gate"]["sources"].items() if v == "nsfw_image"]
+    return result["gate"]["scores"][label]
+
+
+def test_open_nsfw_reads_every_frame_and_reports_the_frame_of_its_score(triton, client):
+    # open_nsfw on the shipped photos as stills: the lowest-scoring one opens the animation, the highest is frame 2
+    stills = {name: _photo(name, 320) for name in ("astronaut", "coffee", "chelsea", "rocket", "horse")}
+    score = {name: _nsfw_score(client.moderate(_png(im), "hello")) for name, im in stills.items()}
+    low, high = min(score, key=score.get), max(score, key=score.get)
+    assert score[high] > score[low]
+    frames = [stills[low], _moving_dot(stills[low], 1), stills[high], _moving_dot(stills[low], 3)]
+    r = client.moderate(_animation(frames, "WEBP"), "hello")
+    assert r["frames"]["read"] == [0, 1, 2, 3] and r["frames"]["signals"] == {"nsfw_image": 2}
+    assert _nsfw_score(r) == pytest.approx(score[high], abs=1e-4)
+    # frames that all score below the first: the first frame's score, and no frame named
+    r = client.moderate(_animation([stills[high], _moving_dot(stills[low], 1)], "WEBP"), "hello")
+    assert _nsfw_score(r) == pytest.approx(score[high], abs=1e-4) and "signals" not in r["frames"]

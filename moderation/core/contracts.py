@@ -75,6 +75,9 @@ class RequestRecord(Contract):
     pdq: str | None = None    # PDQ hash (of the first frame), when the policy has an image list
     frame_count: int = 1      # frames in the image file (1: a still image)
     frames_read: list[int] = [0]  # indices of the frames every image signal read (policy media.max_frames)
+    # open_nsfw's P(nsfw) of each frame read after the first, [[frame, p], ...] (the first frame's comes from
+    # the nsfw_image step of the ensemble)
+    frame_nsfw: list[tuple[int, float]] = []
     list_hits: list[dict[str, Any]] = []  # custom-list entries the post matched (core/lists.py ListHit)
     read_text: bool = False   # the read_text stage reads this post's image text (policy ocr and OPTIONS ocr)
     image_text: list[dict[str, Any]] | None = None  # OCR lines (ocr/reader.py TextLine); None: not read
@@ -141,6 +144,7 @@ class GateDecision(Contract):
     scores: dict[str, float]
     consistency: float | None
     sources: dict[str, str] = {}         # label -> trained signal that scored it instead of the concept bank
+    signal_frames: dict[str, int] = {}   # image signal -> the animation frame its score came from (not the first)
     thresholds: dict[str, float] = {}    # label -> that signal's allow threshold
     signals: dict[str, Signal]
     gate_version: str

@@ -84,7 +84,9 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
         "image_text": None if record.image_text is None else {"lines": record.image_text,
                                                               "truncated": record.image_text_truncated},
         "escalated": gate.escalated,
-        **({"frames": {"count": record.frame_count, "read": record.frames_read}} if record.frame_count > 1 else {}),
+        **({"frames": {"count": record.frame_count, "read": record.frames_read,
+                       **({"signals": gate.signal_frames} if gate.signal_frames else {})}}
+           if record.frame_count > 1 else {}),
         "error": None,
         # the verdict cache's answer for posts the gate escalated under a policy with `cache.enabled`
         **({"cache": gate.cache} if gate.cache else {}),

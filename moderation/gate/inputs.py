@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,10 +129,14 @@ class GateInputs:
 class Preprocess:
     """The preprocess stage: validate a post and build its GateInputs."""
 
-    def __init__(self, clip_dir: str, version: str):
+    def __init__(self, clip_dir: str, version: str,
+                 score_nsfw: Callable[[np.ndarray], np.ndarray] | None = None):
+        """`score_nsfw`: open_nsfw's P(nsfw) for a batch of NsfwPixels, for the frames of an animation after its
+        first (the first frame's NSFW_PIXELS go through the ensemble's nsfw_image step); None: not scored."""
         self.pixels = ClipPixels(clip_dir)
         self.tokens = ClipTokens(clip_dir)
         self.nsfw = NsfwPixels()  # open_nsfw's reference preprocessing for the nsfw_image model
+        self.score_nsfw = score_nsfw
         self.version = version
 
     def __call__(self, image: bytes, text: bytes, options: bytes | None, received_at: float,
@@ -163,11 +168,19 @@ class Preprocess:
             if cache.enabled and cache.local_threshold is not None and post.has_image else None,
             escalate=parsed.escalate, pdq=pdq, list_hits=[h.to_dict() for h in hits],
             frame_count=post.frame_count, frames_read=list(post.frame_indices),
+            frame_nsfw=self._later_frames_nsfw(post),
             read_text=bool(policy.ocr.enabled and parsed.ocr and post.has_image),
             text_scores=text_scores(post.caption, ""),
             received_at=received_at, preprocessed_at=time.time(),
             preprocess_ms=(time.perf_counter() - started) * 1e3, preprocess_version=self.version, **hashes)
         return GateInputs(record, self.pixels(post.image), ids[0], mask[0], self.nsfw(post.image))
+
+    def _later_frames_nsfw(self, post) -> list[tuple[int, float]]:
+        later = [(frame, image) for frame, image in post.judged_frames[1:] if frame is not None]
+        if not later or self.score_nsfw is None:
+            return []
+        scores = self.score_nsfw(np.stack([self.nsfw(image) for _, image in later]))
+        return [(frame, float(p)) for (frame, _), p in zip(later, scores, strict=True)]
 
     def failed(self, err: Exception, meta: dict, received_at: float, started: float,
                like: GateInputs | None) -> GateInputs:

@@ -63,7 +63,16 @@ class GatePost:
     text: bytes
     image_emb: np.ndarray
     text_emb: np.ndarray
-    nsfw_score: float | None = None  # open_nsfw's P(nsfw), when nsfw_image ran
+    nsfw_score: float | None = None  # open_nsfw's P(nsfw) of the (first) frame, when nsfw_image ran
+
+    def image_nsfw(self) -> tuple[float | None, int | None]:
+        """open_nsfw's P(nsfw) of the image, the largest over the frames read, and the animation frame it came
+        from (None: a still image, or the first frame's score is the largest)."""
+        best, frame = self.nsfw_score, None
+        for f, p in self.record.frame_nsfw:
+            if best is None or p > best:
+                best, frame = p, f
+        return best, frame
 
 
 def _no_count(name: str, **labels: str) -> None:
@@ -119,8 +128,9 @@ class GateRouter:
                 continue
             policy = load_policy(rec.policy_name)
             trained = dict(rec.text_scores)
-            if post.nsfw_score is not None and rec.has_image:
-                trained["nsfw_image"] = post.nsfw_score
+            nsfw, nsfw_frame = post.image_nsfw()
+            if nsfw is not None and rec.has_image:
+                trained["nsfw_image"] = nsfw
             # a text_only post: the concept bank reads the caption's CLIP embedding (one space for both), and
             # there is no image for the caption to be consistent with
             judged = judge(policy, await self.bank(policy), post.image_emb if rec.has_image else post.text_emb,
@@ -129,7 +139,9 @@ class GateRouter:
             for source in trained:  # an artifact record (or the text classifier's own module) says trained
                 signals[source] = self.signals.get(source, "untrained")
             d = GateDecision(**judged, signals=signals, gate_version=self.version, gate_started=time.time(),
-                             gate_ms=(time.perf_counter() - t0) * 1e3)
+                             gate_ms=(time.perf_counter() - t0) * 1e3,
+                             signal_frames={} if nsfw_frame is None or "nsfw_image" not in trained
+                             else {"nsfw_image": nsfw_frame})
             decisions.append(d)
             settled = next((h for h in rec.list_hits if h["list"] in ("block", "allow")), None)
             if settled is not None and not rec.escalate:  # an operator's list decides, whatever the gate's band

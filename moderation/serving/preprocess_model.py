@@ -9,6 +9,7 @@ import numpy as np
 
 from ..core.errors import BadRequest
 from ..gate.inputs import Preprocess, check_rows, first_post_meta
+from ..gate.router import failed_call
 from ..repository.artifacts import read_artifact_record
 from .pb import pb
 from .triton_io import Stage, bytes_rows, string_tensor, tensor, version_dir
@@ -19,7 +20,7 @@ class PreprocessModel:
         self.stage = Stage(args)
         vdir = version_dir(args)
         read_artifact_record(vdir)  # refuses to load when a file differs from its record
-        self.preprocess = Preprocess(str(vdir / "clip"), self.stage.version)
+        self.preprocess = Preprocess(str(vdir / "clip"), self.stage.version, score_nsfw=_nsfw_bls)
 
     def execute(self, requests):
         return [self._one(r) for r in requests]
@@ -65,3 +66,19 @@ class PreprocessModel:
             posts[i] = self.preprocess.failed(e, post_meta, received, t0, like)
         return posts
 
+
+# nsfw_image's tensors (the ONNX file's own names) and its max_batch_size
+NSFW_INPUT, NSFW_OUTPUT, NSFW_BATCH = "input:0", "outputs", 16
+
+
+def _nsfw_bls(pixels: np.ndarray) -> np.ndarray:
+    """open_nsfw's P(nsfw) per row of NHWC pixels, by BLS to nsfw_image (the frames of an animation after its first;
+    a blocking call inside this model's execute)."""
+    u, out = pb(), []
+    for start in range(0, len(pixels), NSFW_BATCH):
+        resp = u.InferenceRequest(model_name="nsfw_image", requested_output_names=[NSFW_OUTPUT], inputs=[
+            u.Tensor(NSFW_INPUT, np.ascontiguousarray(pixels[start:start + NSFW_BATCH], dtype=np.float32))]).exec()
+        if resp.has_error():
+            raise failed_call("nsfw_image", resp.error().message())
+        out.append(u.get_output_tensor_by_name(resp, NSFW_OUTPUT).as_numpy()[:, 1])
+    return np.concatenate(out)
