@@ -32,7 +32,8 @@ def kind_of(row: dict) -> str:
 
 
 def hit_text(hit: dict) -> str:
-    """One list hit: `block:image img-3f2a… d=4 [scam]`, `review:term term-1c… leetspeak@image_text [scam]`."""
+    """One list hit: `block:image img-3f2a… d=4 [scam]`, `review:term term-1c… leetspeak@image_text [scam]`; a hit in
+    an animation names its frame (`block:image img-… d=2 frame 5`)."""
     kind, name, entry = hit.get("kind", "?"), hit.get("list", "?"), hit.get("id", "?")
     label = f" [{hit['label']}]" if hit.get("label") else ""
     if kind == "image":
@@ -41,6 +42,8 @@ def hit_text(hit: dict) -> str:
         where = f" {hit.get('variant') or '?'}@{hit.get('field') or '?'}"
     else:  # a kind this client does not know yet: named, never a crash
         where = f" @{hit['field']}" if hit.get("field") else ""
+    if isinstance(hit.get("frame"), int):  # an animation: the frame it was found in
+        where += f" frame {hit['frame']}"
     return f"{name}:{kind} {entry}{where}{label}"
 
 

@@ -75,6 +75,7 @@ def test_every_kind_is_named_without_a_crash():
     assert hit_text(IMAGE_HIT) == "block:image img-3f2a00112233 d=4 [scam]"
     assert hit_text(TERM_HIT) == "review:term term-1c0000000000 homophone@image_text [scam]"
     assert hit_text({"kind": "audio", "list": "block", "id": "a-1"}) == "block:audio a-1"  # an unknown kind
+    assert hit_text({**IMAGE_HIT, "frame": 5}) == "block:image img-3f2a00112233 d=4 frame 5 [scam]"
     assert [kind_of(r) for r in (IMAGE, TERM, CACHED, MODEL, DEFAULT)] == [
         "image_list",
         "terms",
