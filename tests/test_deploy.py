@@ -748,3 +748,21 @@ def test_a10_projection_arithmetic():
     assert p["decode_b1"]["scaled_ms"] == pytest.approx(7.0 * 3350 / 600)
     # decode can never beat reading 16.4 GB of bf16 weights at 600 GB/s
     assert p["decode_b1"]["a10_ms"] >= 8.2e9 * 2 / 600e9 * 1e3
+
+
+def test_state_directory_is_a_writable_volume_in_every_deploy():
+    """MODERATION_STATE_DIR (the last good policy lists every model process falls back to) is a volume, not the
+    read-only root, wherever the models run."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "MODERATION_STATE_DIR=/var/lib/moderation/state" in text
+    assert re.search(r"chown 1000:1000 [^\n]*/var/lib/moderation/state", text)
+    svc = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["triton"]
+    state = svc["environment"]["MODERATION_STATE_DIR"]
+    assert any(v.split(":")[1] == state and not v.endswith(":ro") for v in svc["volumes"])
+    c = next(c for c in _k8s_resources()["deployment.yaml"][0]["spec"]["template"]["spec"]["containers"]
+             if c["name"] == "triton")
+    state = {e["name"]: e.get("value") for e in c["env"]}["MODERATION_STATE_DIR"]
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == state)
+    assert not mount.get("readOnly")
+    volumes = {v["name"]: v for v in _k8s_resources()["deployment.yaml"][0]["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes[mount["name"]] or "persistentVolumeClaim" in volumes[mount["name"]]

@@ -158,3 +158,14 @@ def test_server_config_reads_the_environment_when_built(monkeypatch):
     cfg = ServerConfig.from_env()
     assert cfg.grpc_port == 9101 and cfg.gateway is False
     assert ServerConfig.from_env({"GRPC_PORT": "9102"}, http_port=9103).grpc_port == 9102
+
+
+def test_the_servers_processes_share_one_state_directory(monkeypatch):
+    """Triton (so every python stub) and the front ends get the same MODERATION_STATE_DIR: the checkout's
+    build/state unless one is set."""
+    from moderation.launch.config import ServerConfig
+
+    monkeypatch.delenv("MODERATION_STATE_DIR", raising=False)
+    assert ServerConfig().env()["MODERATION_STATE_DIR"] == str((Path("build") / "state").resolve())
+    monkeypatch.setenv("MODERATION_STATE_DIR", "/var/lib/moderation/state")
+    assert ServerConfig().env()["MODERATION_STATE_DIR"] == "/var/lib/moderation/state"

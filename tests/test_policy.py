@@ -64,3 +64,118 @@ def test_a_lists_file_that_never_parsed_is_a_coded_policy_error(tmp_path):
     (tmp_path / "never_parsed.lists.json").write_text('{"revision": 1, "terms": [', encoding="utf-8")
     with pytest.raises(BadPolicy, match="never_parsed.lists.json cannot be read: JSONDecodeError"):
         load_policy("never_parsed", tmp_path)
+
+
+def _lists_json(revision: int, term: str) -> str:
+    import json
+
+    return json.dumps({"revision": revision, "terms": [{"id": f"t{revision}", "list": "block", "label": "scam",
+                                                        "term": term}]})
+
+
+def _new_process():
+    """What a second model instance (or a restarted server) holds: no lists read yet, no policy cached."""
+    from moderation.core import policy
+
+    policy._LAST_GOOD_LISTS.clear()
+    policy._load_cached.cache_clear()
+
+
+@pytest.fixture
+def lists_policy(tmp_path, monkeypatch):
+    from moderation.testing.policies import derive_policy
+
+    monkeypatch.setenv("MODERATION_STATE_DIR", str(tmp_path / "state"))
+    (tmp_path / "policies").mkdir()
+    derive_policy(tmp_path / "policies", "lkg")
+    _new_process()
+    yield tmp_path / "policies" / "lkg.lists.json"
+    _new_process()
+
+
+def test_a_process_that_never_read_the_lists_takes_the_state_copy_when_the_file_breaks(lists_policy):
+    from moderation.core.policy import lists_state_path
+
+    lists_policy.write_text(_lists_json(1, "click the link in bio"), encoding="utf-8")
+    first = load_policy("lkg", lists_policy.parent)  # the first process reads a good file: the state copy follows it
+    assert first.lists.revision == 1 and first.lists_fault is None
+    state = lists_state_path(lists_policy)
+    assert state.read_text(encoding="utf-8") == lists_policy.read_text(encoding="utf-8")
+    assert state.parent.parent == lists_policy.parent.parent / "state"  # $MODERATION_STATE_DIR/lists/
+    _new_process()
+    lists_policy.write_text(_lists_json(1, "click the link in bio")[:40], encoding="utf-8")  # cut short
+    second = load_policy("lkg", lists_policy.parent)
+    assert second.lists == first.lists
+    assert "JSONDecodeError" in second.lists_fault and "revision 1 stays in force" in second.lists_fault
+    assert state.read_text(encoding="utf-8") == _lists_json(1, "click the link in bio")  # a bad file is never kept
+
+
+def test_a_corrupt_state_copy_is_no_copy(lists_policy):
+    from moderation.core.errors import BadPolicy
+    from moderation.core.policy import lists_state_path
+
+    lists_policy.write_text(_lists_json(1, "click the link in bio"), encoding="utf-8")
+    load_policy("lkg", lists_policy.parent)
+    state = lists_state_path(lists_policy)
+    for damaged in ('{"revision": 1, "terms": [', '{"revision": "one"}'):
+        state.write_text(damaged, encoding="utf-8")
+        _new_process()
+        lists_policy.write_text("{", encoding="utf-8")
+        with pytest.raises(BadPolicy, match="no earlier copy was loaded"):
+            load_policy("lkg", lists_policy.parent)
+        lists_policy.write_text(_lists_json(1, "click the link in bio"), encoding="utf-8")
+
+
+def test_the_state_copy_is_never_read_while_the_lists_file_is_fine(lists_policy):
+    from moderation.core.policy import lists_state_path
+
+    state = lists_state_path(lists_policy)
+    state.parent.mkdir(parents=True)
+    state.write_text(_lists_json(9, "from another server"), encoding="utf-8")
+    lists_policy.write_text(_lists_json(2, "click the link in bio"), encoding="utf-8")
+    pol = load_policy("lkg", lists_policy.parent)
+    assert pol.lists.revision == 2 and pol.lists.terms[0].term == "click the link in bio"
+    assert state.read_text(encoding="utf-8") == lists_policy.read_text(encoding="utf-8")  # replaced by the good file
+
+
+def test_a_process_with_an_older_copy_of_its_own_takes_the_newer_state_copy(lists_policy):
+    lists_policy.write_text(_lists_json(1, "old term"), encoding="utf-8")
+    assert load_policy("lkg", lists_policy.parent).lists.revision == 1  # this process read revision 1
+    from moderation.core import policy
+
+    mine = dict(policy._LAST_GOOD_LISTS)
+    _new_process()  # another instance reads revision 2 and keeps it in the state directory
+    lists_policy.write_text(_lists_json(2, "new term"), encoding="utf-8")
+    assert load_policy("lkg", lists_policy.parent).lists.revision == 2
+    policy._LAST_GOOD_LISTS.clear()
+    policy._LAST_GOOD_LISTS.update(mine)  # back to the first instance, which saw only revision 1
+    policy._load_cached.cache_clear()
+    lists_policy.write_text("{", encoding="utf-8")
+    pol = load_policy("lkg", lists_policy.parent)
+    assert pol.lists.revision == 2 and pol.lists.terms[0].term == "new term"  # every instance agrees
+
+
+def test_an_unwritable_state_directory_costs_only_the_copy(lists_policy, monkeypatch):
+    blocker = lists_policy.parent.parent / "not_a_directory"
+    blocker.write_text("", encoding="utf-8")
+    monkeypatch.setenv("MODERATION_STATE_DIR", str(blocker / "state"))
+    lists_policy.write_text(_lists_json(3, "click the link in bio"), encoding="utf-8")
+    assert load_policy("lkg", lists_policy.parent).lists.revision == 3
+    lists_policy.write_text("{", encoding="utf-8")  # the same process keeps its own copy
+    pol = load_policy("lkg", lists_policy.parent)
+    assert pol.lists.revision == 3 and "revision 3 stays in force" in pol.lists_fault
+
+
+def test_the_default_state_directory_is_per_user_and_outside_the_package(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    import moderation
+    from moderation.core.state import state_dir
+
+    monkeypatch.delenv("MODERATION_STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert state_dir() == tmp_path / "cache" / "moderation" / "state"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert state_dir() == tmp_path / "home" / ".cache" / "moderation" / "state"
+    assert Path(moderation.__file__).parent not in state_dir().parents

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .errors import BadPolicy, UnknownPolicy
 from .hashing import sha256_hex
+from .state import read_state, state_dir, write_state
 
 PACKAGE_POLICY_DIR = Path(__file__).parent / "policies"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -174,8 +175,10 @@ class OcrSettings(_Strict):
 
 
 class MediaSettings(_Strict):
-    """How much of a post's media is read (core/imaging.py): an animated GIF, WebP or APNG is judged on at most
-    `max_frames` distinct frames spread over it (1: the first frame only, as a still image)."""
+    """How much of a post's media is read (core/imaging.py): at most `max_images` images per post (more is the
+    post's `too_many_images` error); an animated GIF, WebP or APNG is judged on at most `max_frames` distinct frames
+    spread over it (1: the first frame only, as a still image)."""
+    max_images: int = Field(9, ge=1, le=18)
     max_frames: int = Field(8, ge=1, le=32)
 
 
@@ -313,19 +316,43 @@ def load_policy(name: str = "default", directory: Path | None = None) -> Policy:
 _LAST_GOOD_LISTS: dict[str, PolicyLists] = {}
 
 
+def lists_state_path(path: Path) -> Path:
+    """Where every process of a server keeps the last good copy of a lists file: a process (a second model instance,
+    a restarted server) that never read a good copy itself falls back to it. Named by policy and by the file's path,
+    so policy directories of several servers sharing one state directory do not mix."""
+    path = Path(path).resolve()
+    policy = path.name.removesuffix(".lists.json")
+    return state_dir() / "lists" / f"{policy}-{sha256_hex(str(path).encode())[:16]}.json"
+
+
+def _state_copy(path: Path) -> PolicyLists | None:
+    raw = read_state(lists_state_path(path))
+    if raw is None:
+        return None
+    try:
+        return PolicyLists.model_validate(json.loads(raw))
+    except ValueError:  # a damaged state copy is no copy
+        return None
+
+
 def _read_lists(path: Path) -> tuple[PolicyLists, str | None]:
     """The policy's lists and, when the file failed to parse, why (the last good lists are returned then)."""
     if not path.exists():
         return PolicyLists(), None
     try:
-        lists = PolicyLists.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        text = path.read_text(encoding="utf-8")
+        lists = PolicyLists.model_validate(json.loads(text))
     except (OSError, ValueError) as e:  # JSONDecodeError and pydantic's ValidationError are ValueErrors
         reason = f"{path.name} cannot be read: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-        good = _LAST_GOOD_LISTS.get(str(path))
+        # The state copy is the newest good one any process read; this process's own copy wins only when it is
+        # newer (the state copy could not be written).
+        mine, shared = _LAST_GOOD_LISTS.get(str(path)), _state_copy(path)
+        good = shared if shared is not None and (mine is None or shared.revision >= mine.revision) else mine
         if good is None:
             raise BadPolicy(f"policy {path.name.split('.')[0]!r}: {reason}, and no earlier copy was loaded") from None
         return good, f"{reason}; revision {good.revision} stays in force"
     _LAST_GOOD_LISTS[str(path)] = lists
+    write_state(lists_state_path(path), text.encode("utf-8"))
     return lists, None
 
 

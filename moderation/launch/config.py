@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.auth import ADMIN_HEADER, RESTRICTED_HTTP, admin_key, restricted_grpc, without_admin_key
+from ..core.state import STATE_DIR_ENV
 from ..repository.render import ALL_MODELS
 
 
@@ -150,6 +151,10 @@ class ServerConfig:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.setdefault("HF_HUB_OFFLINE", "1")  # local-only inference: never reach a model hub
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        # State every process of this server shares (the last good copy of each policy's lists: a model instance
+        # that never read a good copy falls back to it) lives with this checkout's other build outputs.
+        if not env.get(STATE_DIR_ENV, "").strip():
+            env[STATE_DIR_ENV] = str(Path("build/state").resolve())
         if env.get("MODERATION_REDIS_URL", "").strip() and not env.get("MODERATION_CACHE_KEY_FILE"):
             env["MODERATION_CACHE_KEY_FILE"] = str(local_cache_key())  # servers of this checkout share entries
         return env

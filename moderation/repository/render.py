@@ -78,11 +78,11 @@ MODELS: dict[str, dict] = {
         backend="onnx", max_batch_size=16, instances=1, queue_delay_us=2000,
         inputs=[_io("input:0", F32, [224, 224, 3])], outputs=[_io("outputs", F32, [2])]),
     # The image's text (moderation/gate/inputs.py ReadImageText): a step beside the encoders, so text detection
-    # overlaps clip_image and nsfw_image. REQUEST in, the same record with its image text out. One instance: the
-    # last good copy of a policy's lists lives in the process that read it (core/policy.py), so a second instance
-    # that had not read them yet fails a post when the file is then corrupted (docs/performance.md, cost bounds).
+    # overlaps clip_image and nsfw_image. REQUEST in, the same record with its image text out. Two instances: a
+    # post full of text (up to its OCR read budget) holds one while other posts' text goes through the other
+    # (perf/cost_bounds.py). Both fall back to the same last good lists: core/policy.py keeps them in the state dir.
     "read_text": dict(
-        backend="python", max_batch_size=16, instances=1, queue_delay_us=0,
+        backend="python", max_batch_size=16, instances=2, queue_delay_us=0,
         inputs=[_io("IMAGE", S, [1]), _io("TEXT", S, [1]), _io("REQUEST", S, [1])], outputs=[_io("REQUEST", S, [1])]),
     # PaddleOCR PP-OCRv4 (trained, from the rapidocr-onnxruntime wheel), called by read_text (BLS) through the
     # package's own pre/post-processing (moderation/ocr/reader.py). Tensor names are the ONNX files' own.
