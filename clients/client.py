@@ -30,22 +30,31 @@ class ModerationFailed(Exception):
         self.code, self.message, self.status = code, message, status
 
 
-def _image_bytes(image: bytes | str | Path) -> bytes:
+Image = bytes | str | Path  # an image's bytes or the path of its file
+
+
+def _image_bytes(image: Image | list[Image] | tuple[Image, ...]) -> bytes | list[bytes]:
+    """One image's bytes, or a post's images' bytes (a list or tuple of images)."""
+    if isinstance(image, (list, tuple)):
+        return [_image_bytes(x) for x in image]
     if isinstance(image, (bytes, bytearray)):
         return bytes(image)
     return Path(image).read_bytes()
 
 
-def build_batch_inputs(module, posts: list[tuple[bytes, str | bytes, dict | None]]):
-    """Tensors of one request carrying every post (one row each); OPTIONS is sent when any post has options."""
-    rows = {"IMAGE": [p[0] for p in posts],
-            "TEXT": [p[1].encode("utf-8") if isinstance(p[1], str) else p[1] for p in posts]}
+def build_batch_inputs(module, posts: list[tuple[bytes | list[bytes], str | bytes, dict | None]]):
+    """Tensors of one request carrying every post (one row each); OPTIONS is sent when any post has options. IMAGE is
+    [posts, N] with N the most images any post has: a post of fewer pads its row with empty elements."""
+    images = [p[0] if isinstance(p[0], list) else [p[0]] for p in posts]
+    width = max(1, max(len(x) for x in images))
+    rows = {"IMAGE": [x + [b""] * (width - len(x)) for x in images],
+            "TEXT": [[p[1].encode("utf-8") if isinstance(p[1], str) else p[1]] for p in posts]}
     if any(p[2] for p in posts):
-        rows["OPTIONS"] = [json.dumps(p[2] or {}, ensure_ascii=False).encode("utf-8") for p in posts]
+        rows["OPTIONS"] = [[json.dumps(p[2] or {}, ensure_ascii=False).encode("utf-8")] for p in posts]
     inputs = []
     for name, values in rows.items():
-        t = module.InferInput(name, [len(values), 1], "BYTES")
-        t.set_data_from_numpy(np.array([[v] for v in values], dtype=np.object_))
+        t = module.InferInput(name, [len(values), len(values[0])], "BYTES")
+        t.set_data_from_numpy(np.array(values, dtype=np.object_))
         inputs.append(t)
     outputs = [module.InferRequestedOutput(n) for n in ("RESULT", "VERDICT", "SCORES", "EMBEDDING")]
     return inputs, outputs
@@ -156,12 +165,13 @@ class ModerationClient(_ClientBase):
         super().__init__(url, model, timeout_s, retries, backoff_s, client_id)
         self.client = grpcclient.InferenceServerClient(url=url, channel_args=channel_args)
 
-    def moderate(self, image: bytes | str | Path, text: str | bytes, **options) -> dict:
-        """One post's RESULT; raises ModerationFailed with the code. Options: describe, request_id, policy, lang,
-        return_embedding, forget, escalate."""
+    def moderate(self, image: Image | list[Image], text: str | bytes, **options) -> dict:
+        """One post's RESULT; raises ModerationFailed with the code. `image`: one image, or a list of the post's
+        images (judged together: RESULT names the image of each piece of evidence). Options: describe, request_id,
+        policy, lang, return_embedding, forget, escalate."""
         return _single(self.moderate_batch([(image, text, _options(**options))]))
 
-    def moderate_batch(self, posts: list[tuple[bytes | str | Path, str | bytes, dict | None]]) -> list[dict]:
+    def moderate_batch(self, posts: list[tuple[Image | list[Image], str | bytes, dict | None]]) -> list[dict]:
         """One request carrying several posts (image, text, OPTIONS dict): one RESULT per post, in order. A bad
         post's row has `error` and no action; ModerationFailed only when the request fails as a whole."""
         inputs, outputs = _posts_inputs(grpcclient, posts)
@@ -190,10 +200,10 @@ class AsyncModerationClient(_ClientBase):
         super().__init__(url, model, timeout_s, retries, backoff_s, client_id)
         self.client = grpcaio.InferenceServerClient(url=url, channel_args=channel_args)
 
-    async def moderate(self, image: bytes | str | Path, text: str | bytes, **options) -> dict:
+    async def moderate(self, image: Image | list[Image], text: str | bytes, **options) -> dict:
         return _single(await self.moderate_batch([(image, text, _options(**options))]))
 
-    async def moderate_batch(self, posts: list[tuple[bytes | str | Path, str | bytes, dict | None]]) -> list[dict]:
+    async def moderate_batch(self, posts: list[tuple[Image | list[Image], str | bytes, dict | None]]) -> list[dict]:
         inputs, outputs = _posts_inputs(grpcaio, posts)
         attempts = self._attempts()
         while True:

@@ -1,7 +1,7 @@
 """Moderate posts from the command line.
 
-    .venv/bin/python -m clients.moderate --url 127.0.0.1:8001 --image PATH --text TEXT [--describe]
-    .venv/bin/python -m clients.moderate --batch posts.jsonl [--concurrency 8]   # {"image": path, "text": str} per line
+    .venv/bin/python -m clients.moderate --url 127.0.0.1:8001 --image PATH [--image PATH ...] --text TEXT [--describe]
+    .venv/bin/python -m clients.moderate --batch posts.jsonl [--concurrency 8]   # {"image": path or [paths], "text"}
 
 Prints one JSON object (one JSON line per post with --batch); a single post's action and what decided it (an
 image- or term-list hit, a model signal, a cached verdict: clients/evidence.py) also go to stderr. Exit code 0
@@ -49,12 +49,14 @@ async def _run_batch(args, posts: list[dict]) -> int:
     async with AsyncModerationClient(args.url, timeout_s=args.timeout) as client:
         async def one(i: int, post: dict):
             nonlocal failures
-            image = Path(post["image"])
-            image = image if image.is_absolute() else base / image
+            paths = [Path(x) for x in (post["image"] if isinstance(post["image"], list) else [post["image"]])]
+            paths = [x if x.is_absolute() else base / x for x in paths]
             async with sem:
                 try:
-                    out = await client.moderate(image.read_bytes(), post.get("text", ""), describe=args.describe,
-                                                policy=args.policy, request_id=post.get("request_id"))
+                    data = [x.read_bytes() for x in paths]
+                    out = await client.moderate(data[0] if len(data) == 1 else data, post.get("text", ""),
+                                                describe=args.describe, policy=args.policy,
+                                                request_id=post.get("request_id"))
                 except (ModerationFailed, OSError) as e:
                     failures += 1
                     code = getattr(e, "code", "unreadable_file")
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clients.moderate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=DEFAULT_URL, help="gRPC host:port (default %(default)s)")
-    ap.add_argument("--image", type=Path)
+    ap.add_argument("--image", type=Path, action="append",
+                    help="an image of the post; repeat it for a post of several images (judged together, in order)")
     ap.add_argument("--text", default=None)
     ap.add_argument("--batch", type=Path, help="JSONL of posts")
     ap.add_argument("--concurrency", type=int, default=4)
@@ -100,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.image or args.text is None:
         return _fail("give --image PATH and --text TEXT (or --batch FILE)")
     try:
-        image = args.image.read_bytes()
+        images = [path.read_bytes() for path in args.image]
     except OSError as e:
-        return _fail(f"cannot read image {args.image}: {e.strerror}")
+        return _fail(f"cannot read image {e.filename}: {e.strerror}")
+    image = images[0] if len(images) == 1 else images
     try:
         with ModerationClient(args.url, timeout_s=args.timeout) as client:
             result = client.moderate(image, args.text, describe=args.describe, policy=args.policy,

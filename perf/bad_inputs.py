@@ -233,8 +233,8 @@ def triton_reject_request(module, kind: str, image: bytes, text: bytes,
     good = [t("IMAGE", one(image)), t("TEXT", one(text)), *opts]
     if kind == "wrong_dtype":
         return "moderate", [t("IMAGE", np.zeros((1, 1), np.float32), "FP32"), *good[1:]], ""
-    if kind == "wrong_shape":
-        return "moderate", [t("IMAGE", np.array([[image, image]], dtype=np.object_)), *good[1:]], ""
+    if kind == "wrong_shape":  # TEXT is one caption per post (IMAGE [posts, N] carries a post's images)
+        return "moderate", [good[0], t("TEXT", np.array([[text, text]], dtype=np.object_)), *opts], ""
     if kind == "batch_too_large":
         n = ENTRY_MAX_POSTS + 1  # one over moderate's max_batch_size
         return "moderate", [t("IMAGE", np.array([[image]] * n, dtype=np.object_)),

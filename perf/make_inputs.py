@@ -38,6 +38,11 @@ def b64_bytes(values: list[bytes]) -> dict:
     return {"b64": base64.b64encode(raw).decode("ascii")}
 
 
+def post_images(images: list[bytes]) -> dict:
+    """IMAGE of one post: its images, with the shape perf_analyzer needs for the variable image count."""
+    return {**b64_bytes(images), "shape": [len(images)]}
+
+
 def b64_array(a: np.ndarray, with_shape: bool = False) -> dict:
     a = np.ascontiguousarray(a)
     if a.dtype.byteorder == ">":
@@ -65,9 +70,20 @@ def post_entries(policy: str, posts=None) -> list[dict]:
     for p in posts or sample_posts():
         # No request_id: the server assigns a fresh one per request, as for a client that sends none.
         opts = json.dumps({"policy": policy}).encode()
-        out.append({"IMAGE": b64_bytes([p.image_bytes()]), "TEXT": b64_bytes([p.text.encode("utf-8")]),
+        out.append({"IMAGE": post_images([p.image_bytes()]), "TEXT": b64_bytes([p.text.encode("utf-8")]),
                     "OPTIONS": b64_bytes([opts])})
     return out
+
+
+def multi_image_entries(policy: str, per_post: int = 3) -> list[dict]:
+    """Posts of `per_post` images each (the sample posts' images in turn, the first post's caption)."""
+    from moderation.testing.samples import sample_posts
+
+    posts = sample_posts()
+    opts = json.dumps({"policy": policy}).encode()
+    return [{"IMAGE": post_images([posts[(i + k) % len(posts)].image_bytes() for k in range(per_post)]),
+             "TEXT": b64_bytes([posts[i].text.encode("utf-8")]), "OPTIONS": b64_bytes([opts])}
+            for i in range(len(posts))]
 
 
 def vlm_entries(repo: Path, n: int, policy: str = "default") -> tuple[list[dict], list[dict]]:
@@ -134,7 +150,7 @@ def meme_entries(policy: str) -> list[dict]:
     from moderation.testing.memes import memes, render
 
     opts = json.dumps({"policy": policy}).encode()
-    return [{"IMAGE": b64_bytes([render(m)]), "TEXT": b64_bytes([m.caption.encode("utf-8")]),
+    return [{"IMAGE": post_images([render(m)]), "TEXT": b64_bytes([m.caption.encode("utf-8")]),
              "OPTIONS": b64_bytes([opts])} for m in memes()]
 
 
@@ -165,6 +181,7 @@ def make_all(out: Path = BUILD / "inputs", repo: Path = REPO, vlm_samples: int =
         "moderate": write(out, "moderate", post_entries("default")),
         "gate": write(out, "gate", post_entries("allow_all")),
         "moderate_vlm": write(out, "moderate_vlm", post_entries("escalate_all")),
+        "moderate_multi": write(out, "moderate_multi", multi_image_entries("default")),
     }
     venc, dec = vlm_entries(repo, vlm_samples)
     files["vision_encoder"] = write(out, "vision_encoder", venc)

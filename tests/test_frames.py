@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from moderation.core.errors import ImageTooLarge
 from moderation.core.image_match import entry_hashes
 from moderation.core.imaging import ANIMATION_PIXELS, decode_image
-from moderation.core.lists import ListHit, frame_hits
+from moderation.core.lists import ListHit, media_hits
 from moderation.core.policy import ImageEntry, PolicyLists, TermEntry, lists_path
 from moderation.testing.policies import derive_policy
 from moderation.testing.samples import image_paths
@@ -99,13 +99,15 @@ def test_an_animation_too_long_to_read_is_refused_with_a_code_and_its_first_fram
     assert decode_image(data, max_frames=1).frame_count == n
 
 
-def test_frame_hits_name_each_entry_once_from_its_best_frame():
+def test_media_hits_name_each_entry_once_from_its_best_image_and_frame():
     def hit(entry, distance):
         return ListHit("image", "block", entry, "scam", "image", {"distance": distance})
 
-    hits = frame_hits([(0, [hit("a", 20)]), (3, [hit("a", 4), hit("b", 30)]), (5, [hit("b", 30)])])
+    hits = media_hits([(None, 0, [hit("a", 20)]), (None, 3, [hit("a", 4), hit("b", 30)]), (None, 5, [hit("b", 30)])])
     assert {h.id: (h.detail["frame"], h.detail["distance"]) for h in hits} == {"a": (3, 4), "b": (3, 30)}
-    still = frame_hits([(None, [hit("a", 7)])])
+    several = media_hits([(0, None, [hit("a", 9)]), (2, 1, [hit("a", 3)])])
+    assert several[0].detail == {"distance": 3, "image": 2, "frame": 1}
+    still = media_hits([(None, None, [hit("a", 7)])])
     assert still[0].to_dict() == {"kind": "image", "list": "block", "id": "a", "label": "scam", "field": "image",
                                   "distance": 7}
 
@@ -135,22 +137,23 @@ def test_a_term_drawn_in_frame_4_blocks_the_post_and_names_the_frame(triton, cli
     assert r["action"] == "block" and r["decided_by"] == "terms", r["decision"]
     (hit,) = [h for h in r["list_hits"] if h["id"] == "term-wzbp"]
     assert hit["field"] == "image_text" and hit["frame"] == 3
-    assert (r["frames"]["count"], r["frames"]["read"]) == (6, [0, 1, 2, 3, 4, 5])
+    (media,) = r["media"]["images"]
+    assert (media["frames"], media["read"], media["format"]) == (6, [0, 1, 2, 3, 4, 5], "GIF")
     assert any(TERM in line["text"] and line["frame"] == 3 for line in r["image_text"]["lines"])
     (row,) = _audit_rows(audit_log, "frames-term-4")
-    assert row["image_frames"] == 6 and row["image_frames_read"] == [0, 1, 2, 3, 4, 5]
+    assert row["media"] == r["media"]["images"]
     assert TERM not in json.dumps(row, ensure_ascii=False)  # the audit row keeps hashes, never the words
 
     # the same GIF judged on its first frame only (what the service did before frames were read)
     r = client.moderate(gif, "今天天气真好", policy="frames_terms_first_only")
     assert r["decided_by"] != "terms" and not r["list_hits"]
-    assert r["frames"] == {"count": 6, "read": [0]}  # no later frame was scored
+    assert r["media"] == {"images": [{**media, "read": [0]}]}  # no later frame was scored
 
     # the same text in the first frame of a still image is blocked as before, and says no frame
     still = io.BytesIO()
     _with_text(_photo(), f"{TERM} 加我").save(still, "PNG")
     r = client.moderate(still.getvalue(), "今天天气真好", policy="frames_terms")
-    assert r["decided_by"] == "terms" and "frame" not in r["list_hits"][0] and "frames" not in r
+    assert r["decided_by"] == "terms" and "frame" not in r["list_hits"][0] and "media" not in r
 
 
 def test_a_listed_photo_in_a_later_frame_blocks_the_post(triton, client, policy_dir):
@@ -187,8 +190,8 @@ def test_open_nsfw_reads_every_frame_and_reports_the_frame_of_its_score(triton, 
     assert score[high] > score[low]
     frames = [stills[low], _moving_dot(stills[low], 1), stills[high], _moving_dot(stills[low], 3)]
     r = client.moderate(_animation(frames, "WEBP"), "hello")
-    assert r["frames"]["read"] == [0, 1, 2, 3] and r["frames"]["signals"] == {"nsfw_image": 2}
+    assert r["media"]["images"][0]["read"] == [0, 1, 2, 3] and r["media"]["signals"] == {"nsfw_image": {"frame": 2}}
     assert _nsfw_score(r) == pytest.approx(score[high], abs=1e-4)
     # frames that all score below the first: the first frame's score, and no frame named
     r = client.moderate(_animation([stills[high], _moving_dot(stills[low], 1)], "WEBP"), "hello")
-    assert _nsfw_score(r) == pytest.approx(score[high], abs=1e-4) and "signals" not in r["frames"]
+    assert _nsfw_score(r) == pytest.approx(score[high], abs=1e-4) and "signals" not in r["media"]

@@ -198,10 +198,10 @@ def test_results_carry_the_trained_nsfw_signal(client, reference, package):
         r = client.moderate(p.image_bytes(), p.text, request_id=f"nsfw-{p.name}")
         assert r["signals"]["nsfw_image"] == "trained" and r["signals"]["clip"] == "untrained", p.name
         assert r["gate"]["sources"]["sexual"] == NSFW_SOURCE
-        if "frames" in r:  # an animation (the skimage GIF): every frame read counts, the largest score is reported
+        if "media" in r:  # an animation (the skimage GIF): every frame read counts, the largest score is reported
             want, frame = _frames_reference(package, p.image_bytes())
             assert abs(r["gate"]["scores"]["sexual"] - want) < 1e-4 and want >= reference[p.name] - 1e-4, p.name
-            assert r["frames"].get("signals", {}).get("nsfw_image") == frame, p.name
+            assert r["media"].get("signals", {}).get("nsfw_image", {}).get("frame") == frame, p.name
             continue
         assert abs(r["gate"]["scores"]["sexual"] - reference[p.name]) < 1e-4, p.name
         if r["route"] != "vlm":

@@ -139,3 +139,22 @@ def test_text_only_posts_carry_no_image(triton):
         grpcclient.InferenceServerClient(triton.grpc_url).infer("moderate", inputs, outputs=outputs,
                                                                 client_timeout=60)
     assert classify_failure(e.value.message(), e.value.status())[0] == "bad_request"
+
+
+def test_several_image_parts_are_one_post_and_evidence_names_the_image(front, policy_dir):
+    from moderation.core.policy import PolicyLists, TermEntry
+
+    from .test_frames import _policy_with_lists
+    from .test_multi_image import TERM, _jpeg
+
+    terms = PolicyLists(revision=1, terms=[TermEntry(id="term-wzbp", list="block", label="scam", term=TERM)])
+    _policy_with_lists(policy_dir, "openai_multi_terms", terms)
+    images = [_jpeg("astronaut"), _jpeg("coffee"), _jpeg("chelsea", f"{TERM} 加我")]
+    parts = [{"type": "text", "text": "周末愉快"}] + [
+        {"type": "image_url", "image_url": {"url": _data_url(x)}} for x in images]
+    r = front.client.moderations.create(model="openai_multi_terms", input=parts)  # the model names the policy
+    assert len(r.results) == 1
+    ext = _ext(r.results[0])
+    assert r.results[0].flagged and ext["action"] == "block" and ext["decided_by"] == "terms"
+    assert [h["image"] for h in ext["list_hits"] if h["id"] == "term-wzbp"] == [2]
+    assert len(ext["media"]["images"]) == 3

@@ -73,11 +73,12 @@ class RequestRecord(Contract):
     local_thumbnail: str | None = None  # base64 of core.imaging.local_thumbnail, when the cache checks local agreement
     escalate: bool = False    # OPTIONS escalate: to the VLM whatever the gate decides
     pdq: str | None = None    # PDQ hash (of the first frame), when the policy has an image list
-    frame_count: int = 1      # frames in the image file (1: a still image)
-    frames_read: list[int] = [0]  # indices of the frames every image signal read (policy media.max_frames)
-    # open_nsfw's P(nsfw) of each frame read after the first, [[frame, p], ...] (the first frame's comes from
-    # the nsfw_image step of the ensemble)
-    frame_nsfw: list[tuple[int, float]] = []
+    # each image's sha256, format, size, frame count and the frames read (core/post.py PostImage.media), for a post
+    # of several images or an animated one; None for one still image
+    media: list[dict[str, Any]] | None = None
+    # open_nsfw's P(nsfw) of every image and frame read after the post's first, [[image, frame, p], ...] (image None
+    # in a post of one image, frame None for a still); the first's comes from the ensemble's nsfw_image step
+    more_nsfw: list[tuple[int | None, int | None, float]] = []
     list_hits: list[dict[str, Any]] = []  # custom-list entries the post matched (core/lists.py ListHit)
     read_text: bool = False   # the read_text stage reads this post's image text (policy ocr and OPTIONS ocr)
     image_text: list[dict[str, Any]] | None = None  # OCR lines (ocr/reader.py TextLine); None: not read
@@ -144,7 +145,8 @@ class GateDecision(Contract):
     scores: dict[str, float]
     consistency: float | None
     sources: dict[str, str] = {}         # label -> trained signal that scored it instead of the concept bank
-    signal_frames: dict[str, int] = {}   # image signal -> the animation frame its score came from (not the first)
+    # image signal -> {"image": i, "frame": f}: where its reported score came from, when not the post's first
+    signal_media: dict[str, dict[str, int]] = {}
     thresholds: dict[str, float] = {}    # label -> that signal's allow threshold
     signals: dict[str, Signal]
     gate_version: str

@@ -27,6 +27,7 @@ def _coded(name: str, code: str, doc: str) -> type[ModerationError]:
 BadImage = _coded("BadImage", "bad_image", "The image bytes are empty, truncated, corrupt or not an image.")
 ImageTooLarge = _coded("ImageTooLarge", "image_too_large", "The image exceeds a byte, side or pixel limit.")
 UnsupportedImage = _coded("UnsupportedImage", "unsupported_image", "A recognised format that is not accepted.")
+TooManyImages = _coded("TooManyImages", "too_many_images", "A post carries more images than its policy reads.")
 BadText = _coded("BadText", "bad_text", "The caption is not UTF-8 bytes.")
 TextTooLong = _coded("TextTooLong", "text_too_long", "The caption exceeds its byte limit.")
 BadOptions = _coded("BadOptions", "bad_options", "OPTIONS is not a valid JSON object of known fields.")

@@ -39,14 +39,16 @@ def image_hits(policy: Policy, pdq: str | None) -> list[ListHit]:
     return hits
 
 
-def frame_hits(hits_per_frame: list[tuple[int | None, list[ListHit]]]) -> list[ListHit]:
-    """The hits of every frame of an animation as one list: each entry once, from the frame it matched first (by
-    the smallest distance for an image entry), that frame's index in its detail (None: a still image)."""
+def media_hits(hits_per_item: list[tuple[int | None, int | None, list[ListHit]]]) -> list[ListHit]:
+    """The hits of every image and frame of a post as one list: each entry once, from the item it matched first
+    (by the smallest distance for an image entry), with that `image` and `frame` in its detail where not None (a
+    post of one image names no image, a still names no frame)."""
     best: dict[tuple[str, str], ListHit] = {}
-    for frame, hits in hits_per_frame:
+    for image, frame, hits in hits_per_item:
+        where = {k: v for k, v in (("image", image), ("frame", frame)) if v is not None}
         for h in hits:
-            if frame is not None:
-                h = ListHit(h.kind, h.list, h.id, h.label, h.field, {**h.detail, "frame": frame})
+            if where:
+                h = ListHit(h.kind, h.list, h.id, h.label, h.field, {**h.detail, **where})
             key = (h.kind, h.id)
             old = best.get(key)
             if old is None or h.detail.get("distance", 0) < old.detail.get("distance", 0):

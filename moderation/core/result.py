@@ -84,9 +84,10 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
         "image_text": None if record.image_text is None else {"lines": record.image_text,
                                                               "truncated": record.image_text_truncated},
         "escalated": gate.escalated,
-        **({"frames": {"count": record.frame_count, "read": record.frames_read,
-                       **({"signals": gate.signal_frames} if gate.signal_frames else {})}}
-           if record.frame_count > 1 else {}),
+        # a post of several images or an animated one: each image's hash and frames, and where an image signal's
+        # reported score came from when not the first image or frame
+        **({"media": {"images": record.media, **({"signals": gate.signal_media} if gate.signal_media else {})}}
+           if record.media else {}),
         "error": None,
         # the verdict cache's answer for posts the gate escalated under a policy with `cache.enabled`
         **({"cache": gate.cache} if gate.cache else {}),
@@ -164,8 +165,7 @@ def finish_post(record: RequestRecord, gate: GateDecision, postprocess_version: 
            "image_size": list(record.image_size), "caption_truncated": result["caption_truncated"],
            "lang": record.lang, "error": None, "untrained": result["untrained"], "signals": result["signals"],
            **_image_text_audit(record),
-           **({"image_frames": record.frame_count, "image_frames_read": record.frames_read}
-              if record.frame_count > 1 else {}),
+           **({"media": record.media} if record.media else {}),
            **({"list_hits": result["list_hits"]} if result["list_hits"] else {}),
            **({"escalated": result["escalated"]} if result["escalated"] else {}),
            **({"ab": result["ab"]} if "ab" in result else {}),

@@ -17,11 +17,11 @@ from PIL import Image
 from ..core.contracts import PostError, RequestRecord
 from ..core.errors import BadRequest, ModerationError
 from ..core.hashing import post_hashes
-from ..core.imaging import decode_image, fingerprint, local_thumbnail, pdq_hash
-from ..core.lists import frame_hits, image_hits, term_hits
+from ..core.imaging import fingerprint, local_thumbnail, pdq_hash
+from ..core.lists import image_hits, media_hits, term_hits
 from ..core.options import parse_options
 from ..core.policy import load_policy
-from ..core.post import parse_post
+from ..core.post import decode_post_images, judged_items, parse_post, post_images
 from ..core.text import caption_key, decode_caption_as_sent, image_words, normalize_caption
 from ..ocr.reader import MAX_LINES, ImageTextReader, ReadBudget
 from .text_signals import text_scores
@@ -143,44 +143,45 @@ class Preprocess:
                  started: float, failure_meta: dict | None = None) -> GateInputs:
         """`failure_meta` (when given) is filled as the post is read, for the audit row of a post that fails."""
         meta = failure_meta if failure_meta is not None else {}
-        hashes = post_hashes(image, text)
+        images = post_images(image)
+        hashes = post_hashes(images[0] if images else None, text)
         meta.update(hashes)
         parsed = parse_options(options)
         meta["request_id"] = parsed.request_id
-        post = parse_post(image, text, parsed, hashes)
+        post = parse_post(images, text, parsed, hashes)
         ids, mask, truncated = self.tokens.encode([post.caption])
         policy, cache = post.policy, post.policy.cache
         pdq, hits = None, []
-        if policy.lists.images and post.has_image:  # every judged frame of an animation against the image list
-            pdqs = [(frame, pdq_hash(image)[0]) for frame, image in post.judged_frames]
-            pdq = pdqs[0][1]
-            hits = frame_hits([(frame, image_hits(policy, h)) for frame, h in pdqs])
+        if policy.lists.images and post.has_image:  # every image and judged frame against the image list
+            pdqs = [(i, f, pdq_hash(frame)[0]) for i, f, frame in post.judged_frames]
+            pdq = pdqs[0][2]
+            hits = media_hits([(i, f, image_hits(policy, h)) for i, f, h in pdqs])
         hits += term_hits(policy, post.caption_as_sent)
         record = RequestRecord(
             request_id=parsed.request_id, policy_id=post.policy.id, policy_name=parsed.policy, lang=post.lang,
             describe=parsed.describe, return_embedding=parsed.return_embedding, forget=parsed.forget,
             image_format=post.image_format, image_size=post.image_size, has_caption=bool(post.caption),
             has_image=post.has_image,
-            caption_key=verdict_cache_key(post.caption, ""), caption_truncated=truncated[0],
+            caption_key=verdict_cache_key(post.caption, "", post.media), caption_truncated=truncated[0],
             fingerprint=fingerprint(post.image).tolist()
             if cache.enabled and cache.fingerprint_threshold is not None and post.has_image else None,
             local_thumbnail=base64.b64encode(local_thumbnail(post.image)).decode("ascii")
             if cache.enabled and cache.local_threshold is not None and post.has_image else None,
             escalate=parsed.escalate, pdq=pdq, list_hits=[h.to_dict() for h in hits],
-            frame_count=post.frame_count, frames_read=list(post.frame_indices),
-            frame_nsfw=self._later_frames_nsfw(post),
+            media=post.media, more_nsfw=self._more_nsfw(post),
             read_text=bool(policy.ocr.enabled and parsed.ocr and post.has_image),
             text_scores=text_scores(post.caption, ""),
             received_at=received_at, preprocessed_at=time.time(),
             preprocess_ms=(time.perf_counter() - started) * 1e3, preprocess_version=self.version, **hashes)
         return GateInputs(record, self.pixels(post.image), ids[0], mask[0], self.nsfw(post.image))
 
-    def _later_frames_nsfw(self, post) -> list[tuple[int, float]]:
-        later = [(frame, image) for frame, image in post.judged_frames[1:] if frame is not None]
-        if not later or self.score_nsfw is None:
+    def _more_nsfw(self, post) -> list[tuple[int | None, int | None, float]]:
+        """open_nsfw on every image and frame after the post's first (whose pixels go through the ensemble)."""
+        more = post.judged_frames[1:] if post.has_image else []
+        if not more or self.score_nsfw is None:
             return []
-        scores = self.score_nsfw(np.stack([self.nsfw(image) for _, image in later]))
-        return [(frame, float(p)) for (frame, _), p in zip(later, scores, strict=True)]
+        scores = self.score_nsfw(np.stack([self.nsfw(frame) for _, _, frame in more]))
+        return [(i, f, float(p)) for (i, f, _), p in zip(more, scores, strict=True)]
 
     def failed(self, err: Exception, meta: dict, received_at: float, started: float,
                like: GateInputs | None) -> GateInputs:
@@ -196,10 +197,13 @@ class Preprocess:
                           np.zeros_like(like.clip_attention_mask), np.zeros_like(like.nsfw_pixels))
 
 
-def verdict_cache_key(caption: str, image_text: str) -> str:
+def verdict_cache_key(caption: str, image_text: str, media: list[dict] | None = None) -> str:
     """The verdict cache's text key: a meme template with other words drawn on it is another post. The image
-    text's spaces do not count: PP-OCRv4 reads the gaps between English words differently on a re-encoded copy."""
-    return caption_key(caption + "\n" + "".join(image_text.split()))
+    text's spaces do not count: PP-OCRv4 reads the gaps between English words differently on a re-encoded copy.
+    A post of several images keys on all of them (the cache compares the first image's embedding; the others by
+    their sha256), so it never reuses the verdict of a post that shares only one of its images."""
+    others = "".join(f"\n{m['sha256']}" for m in (media or [])[1:])
+    return caption_key(caption + "\n" + "".join(image_text.split()) + others)
 
 
 class ReadImageText:
@@ -211,31 +215,34 @@ class ReadImageText:
     def __init__(self, reader: ImageTextReader, version: str):
         self.reader, self.version = reader, version
 
-    def __call__(self, image: bytes, text: bytes, record: RequestRecord) -> RequestRecord:
+    def __call__(self, image: bytes | list[bytes], text: bytes, record: RequestRecord) -> RequestRecord:
         """`record` with its image text; unchanged for a post that failed or is not read (RequestRecord.read_text).
-        `image` and `text` are the bytes preprocess validated: decoding them again cannot fail differently."""
+        `image` (a post's images) and `text` are the bytes preprocess validated: decoding them again cannot fail
+        differently. Every image and judged frame is read; lines and term hits name their image and frame where the
+        post has several images or an animation (core/post.py judged_items)."""
         if record.error is not None or not record.read_text:
             return record
         t0 = time.perf_counter()
         policy = load_policy(record.policy_name)
-        decoded = decode_image(image, max_frames=policy.media.max_frames)
-        frames = (list(zip(decoded.frame_indices, decoded.frames, strict=True)) if decoded.animated
-                  else [(None, decoded.image)])
-        reads, truncated = self.reader.read_frames(frames, ReadBudget.of(policy.ocr))
-        lines, seen, per_frame = [], set(), []
-        for frame, read in reads:
-            frame_lines = [line.to_dict() | ({} if frame is None else {"frame": frame}) for line in read.lines]
-            per_frame.append((frame, image_words(frame_lines)))
-            for line in frame_lines:  # a caption shown across frames is reported once, from its first frame
-                if line["text"] not in seen and len(lines) < MAX_LINES:
-                    seen.add(line["text"])
+        items = judged_items(decode_post_images(post_images(image), policy))
+        reads, truncated = self.reader.read_frames([((i, f), frame) for i, f, frame in items],
+                                                   ReadBudget.of(policy.ocr))
+        lines, seen, per_item = [], set(), []
+        for (i, f), read in reads:
+            where = {k: v for k, v in (("image", i), ("frame", f)) if v is not None}
+            item_lines = [line.to_dict() | where for line in read.lines]
+            per_item.append((i, f, image_words(item_lines)))
+            for line in item_lines:  # a caption shown across frames is reported once, from its first frame
+                if (line["text"], i) not in seen and len(lines) < MAX_LINES:
+                    seen.add((line["text"], i))
                     lines.append(line)
         update: dict = {"image_text": lines, "image_text_truncated": truncated, "read_text_version": self.version}
-        words = "\n".join(dict.fromkeys(w for _, fw in per_frame for w in fw.split("\n") if w))
+        words = "\n".join(dict.fromkeys(w for _, _, iw in per_item for w in iw.split("\n") if w))
         if words:  # with no words the caption-only key, scores and hits preprocess wrote stand
             caption = normalize_caption(decode_caption_as_sent(text))
-            hits = frame_hits([(frame, term_hits(policy, fw, "image_text")) for frame, fw in per_frame])
-            update.update(caption_key=verdict_cache_key(caption, words), text_scores=text_scores(caption, words),
+            hits = media_hits([(i, f, term_hits(policy, iw, "image_text")) for i, f, iw in per_item])
+            update.update(caption_key=verdict_cache_key(caption, words, record.media),
+                          text_scores=text_scores(caption, words),
                           list_hits=record.list_hits + [h.to_dict() for h in hits])
         update["read_text_ms"] = (time.perf_counter() - t0) * 1e3
         return record.model_copy(update=update)
@@ -256,7 +263,8 @@ def check_rows(images: list, texts: list, options: list) -> list:
 
 def first_post_meta(images: list, texts: list, options: list) -> dict:
     """The audit row's hashes and request id for a request refused as a whole (its first post's)."""
-    meta = post_hashes(images[0] if images else None, texts[0] if texts else None)
+    first = post_images(images[0]) if images else []
+    meta = post_hashes(first[0] if first else None, texts[0] if texts else None)
     with contextlib.suppress(ModerationError):
         meta["request_id"] = parse_options(options[0]).request_id if options else None
     return meta

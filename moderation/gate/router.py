@@ -59,20 +59,20 @@ def ab_arm(policy: Policy, image_sha256: str, text_sha256: str) -> str | None:
 class GatePost:
     """One post as clip_gate receives it."""
     record: RequestRecord
-    image: bytes
+    images: list[bytes]  # the post's images as sent (one, or several)
     text: bytes
     image_emb: np.ndarray
     text_emb: np.ndarray
     nsfw_score: float | None = None  # open_nsfw's P(nsfw) of the (first) frame, when nsfw_image ran
 
-    def image_nsfw(self) -> tuple[float | None, int | None]:
-        """open_nsfw's P(nsfw) of the image, the largest over the frames read, and the animation frame it came
-        from (None: a still image, or the first frame's score is the largest)."""
-        best, frame = self.nsfw_score, None
-        for f, p in self.record.frame_nsfw:
+    def image_nsfw(self) -> tuple[float | None, dict[str, int]]:
+        """open_nsfw's P(nsfw) of the post, the largest over its images and frames, and where it came from
+        ({"image": i, "frame": f} as far as they apply; empty when the post's first image or frame scored it)."""
+        best, where = self.nsfw_score, {}
+        for i, f, p in self.record.more_nsfw:
             if best is None or p > best:
-                best, frame = p, f
-        return best, frame
+                best, where = p, {k: v for k, v in (("image", i), ("frame", f)) if v is not None}
+        return best, where
 
 
 def _no_count(name: str, **labels: str) -> None:
@@ -128,7 +128,7 @@ class GateRouter:
                 continue
             policy = load_policy(rec.policy_name)
             trained = dict(rec.text_scores)
-            nsfw, nsfw_frame = post.image_nsfw()
+            nsfw, nsfw_from = post.image_nsfw()
             if nsfw is not None and rec.has_image:
                 trained["nsfw_image"] = nsfw
             # a text_only post: the concept bank reads the caption's CLIP embedding (one space for both), and
@@ -140,8 +140,7 @@ class GateRouter:
                 signals[source] = self.signals.get(source, "untrained")
             d = GateDecision(**judged, signals=signals, gate_version=self.version, gate_started=time.time(),
                              gate_ms=(time.perf_counter() - t0) * 1e3,
-                             signal_frames={} if nsfw_frame is None or "nsfw_image" not in trained
-                             else {"nsfw_image": nsfw_frame})
+                             signal_media={"nsfw_image": nsfw_from} if nsfw_from and "nsfw_image" in trained else {})
             decisions.append(d)
             settled = next((h for h in rec.list_hits if h["list"] in ("block", "allow")), None)
             if settled is not None and not rec.escalate:  # an operator's list decides, whatever the gate's band
@@ -190,7 +189,7 @@ class GateRouter:
         """(verdict, round trip ms, A/B arm name, fallback info) of one escalated post."""
         opts = json.dumps({"request_id": post.record.request_id, "describe": post.record.describe,
                            "lang": post.record.lang, "policy": post.record.policy_name}).encode()
-        inputs = {"IMAGE": np.array([[post.image]], dtype=np.object_),
+        inputs = {"IMAGE": np.array([post.images], dtype=np.object_),
                   "TEXT": np.array([[post.text]], dtype=np.object_),
                   "OPTIONS": np.array([[opts]], dtype=np.object_)}
         words = image_words(post.record.image_text)  # for the prompt (OCR ran once, in read_text)

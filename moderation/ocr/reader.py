@@ -11,7 +11,7 @@ recognition per word."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,11 +165,11 @@ class ImageTextReader:
             lines.append(TextLine(str(text), float(score), corners))
         return ImageText(lines, len(read) < len(boxes), len(boxes), len(read))
 
-    def read_frames(self, frames: list[tuple[int | None, Image.Image]],
-                    budget: ReadBudget = ReadBudget()) -> tuple[list[tuple[int | None, ImageText]], bool]:
-        """Each frame of an image (or the one still image) read within `budget` of its own: an animation costs at
-        most its judged frames (policy media.max_frames) x one image's read. Returns (frame, its text) per frame,
-        and whether the budget left detected text unread in any of them."""
+    def read_frames(self, frames: list[tuple[Hashable, Image.Image]],
+                    budget: ReadBudget = ReadBudget()) -> tuple[list[tuple[Hashable, ImageText]], bool]:
+        """Each (key, frame) of a post's images read within `budget` of its own: a post costs at most its judged
+        images and frames (policy media) x one image's read. Returns (key, its text) per frame, and whether the
+        budget left detected text unread in any of them."""
         out = [(frame, self.read_within(image, budget)) for frame, image in frames]
         return out, any(read.truncated for _, read in out)
 

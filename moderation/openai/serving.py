@@ -100,7 +100,7 @@ MAX_INPUTS = 32
 
 def posts_of(request: ModerationRequest) -> list[list[TextPart | ImagePart]]:
     """One post per result, as OpenAI counts them: a string, each string of a list, or one list of parts (its
-    text parts are the caption, at most one image_url part is the image)."""
+    text parts are the caption, its image_url parts the post's images)."""
     if isinstance(request.input, str):
         return [[TextPart(type="text", text=request.input)]]
     if not request.input:
@@ -110,11 +110,7 @@ def posts_of(request: ModerationRequest) -> list[list[TextPart | ImagePart]]:
             raise OpenAIError(400, f"{len(request.input)} inputs; at most {MAX_INPUTS} per request", "too_many_inputs",
                               param="input")
         return [[TextPart(type="text", text=t)] for t in request.input]
-    parts = list(request.input)
-    if sum(isinstance(p, ImagePart) for p in parts) > 1:
-        raise OpenAIError(400, "a post has at most one image; send one request per image", "too_many_images",
-                          param="input")
-    return [parts]
+    return [list(request.input)]  # its image_url parts are the post's images, in order (media.max_images bounds them)
 
 
 def openai_result(policy: Policy, result: dict, input_types: list[str]) -> dict:
@@ -132,7 +128,8 @@ def openai_result(policy: Policy, result: dict, input_types: list[str]) -> dict:
             EXTENSION_KEY: {"request_id": result["request_id"], "action": result["action"],
                             "decided_by": result["decided_by"], "reason": (result.get("decision") or {}).get("reason"),
                             "route": result["route"], "severity": severity, "policy": result.get("policy"),
-                            "image_text": result.get("image_text"), "untrained": result.get("untrained"),
+                            "image_text": result.get("image_text"), "list_hits": result.get("list_hits"),
+                            "media": result.get("media"), "untrained": result.get("untrained"),
                             "unmapped_categories": [c for c in OPENAI_CATEGORIES if c not in mapping]}}
 
 
@@ -214,7 +211,7 @@ class ModerationService:
         return body.model_dump()
 
     async def _post(self, peer: str, parts: list[TextPart | ImagePart], rid: str, policy: str):
-        image_part = next((p for p in parts if isinstance(p, ImagePart)), None)
+        image_parts = [p for p in parts if isinstance(p, ImagePart)]
         text = "\n".join(p.text for p in parts if isinstance(p, TextPart))
         try:
             text_bytes = text.encode("utf-8")
@@ -225,26 +222,28 @@ class ModerationService:
             raise err from e
         del text
         options = {"request_id": rid, "policy": policy}
-        if image_part is None:  # text only: judged by its text signals alone (OPTIONS text_only)
-            image, options["text_only"] = b"", True
-        else:
+        images = []
+        if not image_parts:  # text only: judged by its text signals alone (OPTIONS text_only)
+            images, options["text_only"] = [b""], True
+        for part in image_parts:
             try:
-                image = await self.fetch(image_part.image_url.url)
+                images.append(await self.fetch(part.image_url.url))
             except OpenAIError as e:
                 e.inputs = {"text_sha256": sha256_hex(text_bytes)}
                 raise
-            image_part.image_url.url = ""  # the base64 text is not needed again: free it now
-        types = (["image"] if image_part is not None else []) + (["text"] if text_bytes else [])
-        inputs = self._inputs(image, text_bytes, options)
-        del image  # the request message holds the only copy from here
+            part.image_url.url = ""  # the base64 text is not needed again: free it now
+        types = (["image"] if image_parts else []) + (["text"] if text_bytes else [])
+        inputs = self._inputs(images, text_bytes, options)
+        del images  # the request message holds the only copy from here
         return await self._infer(peer, inputs), types
 
     @staticmethod
-    def _inputs(image: bytes, text: bytes, options: dict) -> list:
+    def _inputs(images: list[bytes], text: bytes, options: dict) -> list:
+        """One post: IMAGE [1, N] (its images), TEXT and OPTIONS [1, 1]."""
         inputs = []
-        for name, value in (("IMAGE", image), ("TEXT", text), ("OPTIONS", json.dumps(options).encode())):
-            t = grpcaio.InferInput(name, [1, 1], "BYTES")
-            t.set_data_from_numpy(np.array([[value]], dtype=np.object_))
+        for name, value in (("IMAGE", images), ("TEXT", [text]), ("OPTIONS", [json.dumps(options).encode()])):
+            t = grpcaio.InferInput(name, [1, len(value)], "BYTES")
+            t.set_data_from_numpy(np.array([value], dtype=np.object_))
             inputs.append(t)
         return inputs
 

@@ -46,11 +46,15 @@ def _io(name, dtype, dims, optional=False, ragged=False):
     return d
 
 
-POST_INPUTS = [_io("IMAGE", S, [1]), _io("TEXT", S, [1]), _io("OPTIONS", S, [1], optional=True)]
+# IMAGE [batch, N]: a post's images (N >= 1; a post of fewer images than others in its request pads its row with
+# empty elements; the policy's media.max_images bounds N per post). [batch, 1], one image per post, is what
+# single-image clients send: requests of one N batch together, as before.
+POST_IMAGES = [-1]
+POST_INPUTS = [_io("IMAGE", S, POST_IMAGES), _io("TEXT", S, [1]), _io("OPTIONS", S, [1], optional=True)]
 # The entry point and its first step take IMAGE and TEXT as optional, so a request that lacks one reaches
 # preprocess, which answers a coded `bad_request` and writes its audit row (Triton would reject it before any
 # model runs, unaudited). Names, types and dims stay those of POST_INPUTS: existing clients are unaffected.
-ENTRY_INPUTS = [_io("IMAGE", S, [1], optional=True), _io("TEXT", S, [1], optional=True),
+ENTRY_INPUTS = [_io("IMAGE", S, POST_IMAGES, optional=True), _io("TEXT", S, [1], optional=True),
                 _io("OPTIONS", S, [1], optional=True)]
 
 # Load shedding (dynamic batcher queue policy, timeout_action REJECT): (max_queue_size, queue timeout in s).
@@ -83,7 +87,8 @@ MODELS: dict[str, dict] = {
     # (perf/cost_bounds.py). Both fall back to the same last good lists: core/policy.py keeps them in the state dir.
     "read_text": dict(
         backend="python", max_batch_size=16, instances=2, queue_delay_us=0,
-        inputs=[_io("IMAGE", S, [1]), _io("TEXT", S, [1]), _io("REQUEST", S, [1])], outputs=[_io("REQUEST", S, [1])]),
+        inputs=[_io("IMAGE", S, POST_IMAGES), _io("TEXT", S, [1]), _io("REQUEST", S, [1])],
+        outputs=[_io("REQUEST", S, [1])]),
     # PaddleOCR PP-OCRv4 (trained, from the rapidocr-onnxruntime wheel), called by read_text (BLS) through the
     # package's own pre/post-processing (moderation/ocr/reader.py). Tensor names are the ONNX files' own.
     "ocr_detect": dict(
@@ -98,7 +103,8 @@ MODELS: dict[str, dict] = {
     "clip_gate": dict(
         backend="python", max_batch_size=16, instances=1, queue_delay_us=2000,
         # IMAGE and TEXT travel on to the vlm ensemble for escalated posts; the rest of the post is in REQUEST
-        inputs=[_io("IMAGE", S, [1]), _io("TEXT", S, [1]), _io("REQUEST", S, [1]), _io("IMAGE_EMBEDS", F32, [-1]),
+        inputs=[_io("IMAGE", S, POST_IMAGES), _io("TEXT", S, [1]), _io("REQUEST", S, [1]),
+                _io("IMAGE_EMBEDS", F32, [-1]),
                 _io("TEXT_EMBEDS", F32, [-1]), _io("NSFW_SCORES", F32, [2], optional=True)],
         outputs=[_io("GATE", S, [1])]),
     "postprocess": dict(

@@ -12,7 +12,7 @@ from ..repository.artifacts import read_artifact_record, signal_of
 from ..repository.served import served_clip_identity
 from .metrics import CountByName, Counter
 from .pb import pb
-from .triton_io import Stage, bytes_rows, parameters, rows, string_tensor, version_dir
+from .triton_io import Stage, bytes_rows, image_rows, parameters, rows, string_tensor, version_dir
 
 # The parameter `clients.admin purge-caches` reloads clip_gate with (moderation/ops/purge.py PURGE_PARAMETER).
 EPOCH_PARAMETER = "verdict_cache_epoch"
@@ -63,7 +63,7 @@ class ClipGateModel:
             records = [RequestRecord.from_json(r) for r in bytes_rows(request, "REQUEST")]
             if len(records) == 1:
                 meta = records[0].model_dump(include={"request_id", "image_sha256", "text_sha256"})
-            images, texts = bytes_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
+            images, texts = image_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
             img_emb, txt_emb = rows(request, "IMAGE_EMBEDS"), rows(request, "TEXT_EMBEDS")
             nsfw = rows(request, "NSFW_SCORES", optional=True)  # [B, 2] = (sfw, nsfw) from nsfw_image
             posts = [GatePost(rec, images[i], texts[i], img_emb[i], txt_emb[i],

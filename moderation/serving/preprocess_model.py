@@ -12,7 +12,7 @@ from ..gate.inputs import Preprocess, check_rows, first_post_meta
 from ..gate.router import failed_call
 from ..repository.artifacts import read_artifact_record
 from .pb import pb
-from .triton_io import Stage, bytes_rows, string_tensor, tensor, version_dir
+from .triton_io import Stage, bytes_rows, image_rows, string_tensor, tensor, version_dir
 
 
 class PreprocessModel:
@@ -30,7 +30,7 @@ class PreprocessModel:
         try:
             # IMAGE and TEXT are optional in the config so that a request lacking one is answered (and audited)
             # here with a coded error, under its request_id, rather than refused unaudited by Triton.
-            images, texts = bytes_rows(request, "IMAGE", optional=True), bytes_rows(request, "TEXT", optional=True)
+            images, texts = image_rows(request, "IMAGE", optional=True), bytes_rows(request, "TEXT", optional=True)
             options = bytes_rows(request, "OPTIONS", optional=True)
             try:
                 option_rows = check_rows(images, texts, options)

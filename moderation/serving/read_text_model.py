@@ -14,7 +14,7 @@ from ..gate.router import failed_call
 from ..ocr.reader import MODELS as OCR_MODELS
 from ..ocr.reader import ImageTextReader
 from .pb import pb
-from .triton_io import Stage, bytes_rows, string_tensor
+from .triton_io import Stage, bytes_rows, image_rows, string_tensor
 
 
 class ReadTextModel:
@@ -29,7 +29,7 @@ class ReadTextModel:
         t0, meta = time.perf_counter(), {}
         try:
             records = [RequestRecord.from_json(r) for r in bytes_rows(request, "REQUEST")]
-            posts = list(zip(bytes_rows(request, "IMAGE"), bytes_rows(request, "TEXT"), records, strict=True))
+            posts = list(zip(image_rows(request, "IMAGE"), bytes_rows(request, "TEXT"), records, strict=True))
             if len(posts) == 1:  # a request of one post fails with its post, as in preprocess
                 meta = _meta(records[0])
                 out = [self.read(*posts[0])]
@@ -39,7 +39,7 @@ class ReadTextModel:
         except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
             return self.stage.fail(e, meta, t0)
 
-    def _post(self, image: bytes, text: bytes, record: RequestRecord) -> RequestRecord:
+    def _post(self, image: list[bytes], text: bytes, record: RequestRecord) -> RequestRecord:
         try:
             return self.read(image, text, record)
         except Exception as e:  # noqa: BLE001 - a post whose text cannot be read costs only its own row

@@ -45,6 +45,16 @@ def bytes_rows(request, name: str, optional: bool = False) -> list[bytes | None]
     return [x if isinstance(x, bytes) else (x.encode() if isinstance(x, str) else x) for x in arr.reshape(-1)]
 
 
+def image_rows(request, name: str = "IMAGE", optional: bool = False) -> list[list[bytes]]:
+    """IMAGE [batch, N]: each post's elements (a post of fewer images pads with empty ones: core/post.py
+    post_images reads them)."""
+    arr = rows(request, name, optional)
+    if arr is None:
+        return []
+    return [[x if isinstance(x, bytes) else (x.encode() if isinstance(x, str) else bytes(x)) for x in row]
+            for row in arr.reshape(arr.shape[0], -1)]
+
+
 def string_tensor(name: str, values: list[str | bytes]):
     data = np.array([[v.encode("utf-8") if isinstance(v, str) else v] for v in values], dtype=np.object_)
     return pb().Tensor(name, data)

@@ -10,7 +10,7 @@ from ..core.post import parse_post
 from ..repository.artifacts import read_artifact_record
 from ..vlm.inputs import VlmInputs
 from .pb import pb
-from .triton_io import Stage, bytes_rows, string_tensor, tensor, version_dir
+from .triton_io import Stage, bytes_rows, image_rows, string_tensor, tensor, version_dir
 
 
 class VlmPreprocessModel:
@@ -26,12 +26,12 @@ class VlmPreprocessModel:
     def _one(self, request):
         t0, meta = time.perf_counter(), {}
         try:
-            images, texts = bytes_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
+            images, texts = image_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
             options = bytes_rows(request, "OPTIONS", optional=True) or [None] * len(images)
             image_texts = bytes_rows(request, "IMAGE_TEXT", optional=True) or [b""] * len(images)
             pixels, bodies, infos = [], [], []
             for image, text, opt, drawn in zip(images, texts, options, image_texts, strict=True):
-                meta = post_hashes(image, text)
+                meta = post_hashes(image[0] if image else None, text)
                 drawn = (drawn or b"").decode("utf-8", "replace")  # the image's words, read by preprocess
                 p, body, info = self.inputs(parse_post(image, text, opt, meta), drawn)
                 pixels.append(p), bodies.append(body), infos.append(info.to_json())

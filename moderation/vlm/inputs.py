@@ -38,6 +38,29 @@ class QwenPixels:
         return patches // (self.merge_size ** 2)
 
 
+# A post of several images reaches the VLM as one picture of its first SHEET_IMAGES images, in reading order (the
+# vision encoder's grid is fixed, so the post costs one image's 196 visual tokens whatever its image count).
+SHEET_IMAGES = 4
+SHEET_GUTTER = 8
+
+
+def contact_sheet(images: list[Image.Image], side: int = 448) -> Image.Image:
+    """Up to SHEET_IMAGES images on one white side x side picture: side by side for two, a 2 x 2 grid for three or
+    four, each scaled to fit its cell with its aspect kept."""
+    images = images[:SHEET_IMAGES]
+    if len(images) == 1:
+        return images[0]
+    cols, rows = 2, (1 if len(images) == 2 else 2)
+    cw, ch = (side - SHEET_GUTTER) // cols, (side - SHEET_GUTTER * (rows - 1)) // rows if rows > 1 else side
+    sheet = Image.new("RGB", (side, side), (255, 255, 255))
+    for k, im in enumerate(images):
+        cell = im.convert("RGB").copy()
+        cell.thumbnail((cw, ch), Image.BICUBIC)
+        x0, y0 = (k % cols) * (cw + SHEET_GUTTER), (k // cols) * (ch + SHEET_GUTTER)
+        sheet.paste(cell, (x0 + (cw - cell.width) // 2, y0 + (ch - cell.height) // 2))
+    return sheet
+
+
 class VlmInputs:
     """Qwen patches at the fixed resolution, the prompt body's token ids and the decoder's options."""
 
@@ -58,7 +81,8 @@ class VlmInputs:
     def __call__(self, post: Post, image_text: str = "") -> tuple[np.ndarray, np.ndarray, DecoderOptions]:
         """`image_text`: the words OCR read in the image (preprocess), capped at the policy's prompt_max_tokens."""
         self.prompts.check(post.policy)  # answer options are one token each, or the post fails with bad_policy
-        pixel_values, _ = self.pixels(post.image)
+        pixel_values, _ = self.pixels(contact_sheet([im.frames[0] for im in post.images]) if len(post.images) > 1
+                                      else post.image)
         caption, truncated = self._cap(post.caption, MAX_CAPTION_TOKENS)
         image_text, _ = self._cap(image_text, post.policy.ocr.prompt_max_tokens) if image_text else ("", False)
         body = np.asarray(self.prompts.body_ids(post.policy, post.lang, caption, image_text), dtype=np.int64)
