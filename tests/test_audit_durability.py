@@ -372,6 +372,65 @@ def test_postprocess_refuses_a_request_of_several_posts_whose_rows_cannot_be_wri
     assert ids == ["multi-0", "multi-1", "multi-2"]
 
 
+def test_finalize_writes_the_rows_spooled_while_the_log_was_unavailable(pb, tmp_path, monkeypatch):  # noqa: F811
+    """fail_open: rows a model spooled while its log could not take them are written when Triton unloads the model
+    (finalize), not lost with the stub process; its flusher thread stops. The flusher's timer is an hour here, so
+    only finalize can have written them."""
+    import threading
+
+    import numpy as np
+
+    from moderation.serving.postprocess_model import PostprocessModel
+    from moderation.testing.records import request_record
+
+    from .test_stages import D, _args, _decisions, _gate, _gate_request, _run
+
+    recs = [request_record(request_id=f"spooled-{i}", policy_name="allow_all") for i in range(3)]
+    gates = _decisions(pb, _run(_gate(pb), _gate_request(pb, recs)))
+    blocked = tmp_path / "audit-dir"
+    blocked.write_text("")  # a file where the log's directory should be: every write fails (ENOTDIR)
+    log = blocked / "spool-finalize.jsonl"
+    monkeypatch.setenv("MODERATION_AUDIT_LOG", str(log))
+    monkeypatch.setenv("MODERATION_AUDIT_ON_FAILURE", "fail_open")
+    monkeypatch.setenv("MODERATION_AUDIT_FLUSH_S", "3600")
+    post = PostprocessModel()
+    post.initialize(_args("postprocess"))
+
+    def flushers():
+        return [t for t in threading.enumerate() if t.name == f"audit-flusher-{log.name}"]
+
+    assert len(flushers()) == 1
+    for rec, gate in zip(recs, gates, strict=True):
+        resp = post.execute([pb.Request(REQUEST=np.array([[rec.to_json()]], dtype=np.object_),
+                                        GATE=np.array([[gate.to_json()]], dtype=np.object_),
+                                        IMAGE_EMBEDS=np.ones((1, D), np.float32),
+                                        TEXT_EMBEDS=np.zeros((1, D), np.float32))])[0]
+        assert not resp.has_error(), resp.error().message()  # served: fail_open
+    assert post.stage.audit.spooled == 3 and post.stage.audit.failures == 3
+    blocked.unlink()
+    blocked.mkdir()  # the log takes rows again; nothing writes them until the model is unloaded
+    assert not log.exists()
+    post.finalize()
+    assert [r["request_id"] for r in read_rows(log)] == ["spooled-0", "spooled-1", "spooled-2"]
+    assert post.stage.audit.spooled == 0 and flushers() == []
+
+
+def test_finalize_logs_the_rows_it_could_not_write(pb, tmp_path, monkeypatch):  # noqa: F811
+    from moderation.core.errors import BadImage
+    from moderation.serving.triton_io import Stage
+
+    (tmp_path / "audit-dir").write_text("")
+    monkeypatch.setenv("MODERATION_AUDIT_LOG", str(tmp_path / "audit-dir" / "audit.jsonl"))
+    monkeypatch.setenv("MODERATION_AUDIT_ON_FAILURE", "fail_open")
+    stage = Stage({"model_name": "preprocess", "model_version": "1"})
+    stage.fail(BadImage("the image is truncated"), {"request_id": "lost"})
+    pb.Logger.lines.clear()
+    stage.finalize()
+    assert stage.audit.spooled == 1
+    assert any("1 spooled audit rows could not be written at unload" in line and "ENOTDIR" in line
+               for _level, line in pb.Logger.lines), pb.Logger.lines
+
+
 # against a real server -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory, policy_dir):

@@ -110,6 +110,8 @@ class AuditLog:
         self._spool: deque[_Entry] = deque()
         self._drops: list = [0, None, None]  # dropped rows not yet announced: count, first_ts, last_ts
         self._first_ts: tuple[tuple[int, int], float | None] | None = None  # (dev, ino) -> its first row's ts
+        self._stop_flusher = threading.Event()
+        self._flusher: threading.Thread | None = None
         with contextlib.suppress(OSError):  # a directory that cannot be made fails the writes, per mode
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -144,16 +146,28 @@ class AuditLog:
 
     def start_flusher(self, interval_s: float = 5.0) -> threading.Thread:
         """A daemon thread that calls flush() every interval_s while rows are spooled (a process that writes rarely
-        still empties its spool once the disk takes rows again)."""
-        def loop():
-            while True:
-                time.sleep(interval_s)
+        still empties its spool once the disk takes rows again), until close()."""
+        stop = self._stop_flusher
+
+        def loop() -> None:
+            while not stop.wait(interval_s):
                 if self._spool or self._drops[0]:
                     self.flush()
 
         t = threading.Thread(target=loop, name=f"audit-flusher-{self.path.name}", daemon=True)
         t.start()
+        self._flusher = t
         return t
+
+    def close(self, timeout_s: float = 10.0) -> int:
+        """Stop the flusher thread (waiting up to timeout_s for a flush in progress) and write what the spool holds:
+        a model's finalize() or a process's exit, so spooled rows are not lost with the process. Never raises;
+        returns the rows still spooled (the log could not take them: they are lost when the process ends)."""
+        self._stop_flusher.set()
+        if self._flusher is not None and self._flusher is not threading.current_thread():
+            self._flusher.join(timeout_s)
+        self._flusher = None
+        return self.flush()
 
     @property
     def spooled(self) -> int:

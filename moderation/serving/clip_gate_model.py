@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from ..core.contracts import RequestRecord
 from ..core.policy import load_policy
@@ -12,7 +11,7 @@ from ..repository.artifacts import read_artifact_record, signal_of
 from ..repository.served import served_clip_identity
 from .metrics import CountByName, Counter
 from .pb import pb
-from .triton_io import Stage, bytes_rows, image_rows, parameters, rows, string_tensor, version_dir
+from .triton_io import Stage, StageModel, bytes_rows, image_rows, parameters, rows, string_tensor, version_dir
 
 # The parameter `clients.admin purge-caches` reloads clip_gate with (moderation/ops/purge.py PURGE_PARAMETER).
 EPOCH_PARAMETER = "verdict_cache_epoch"
@@ -34,7 +33,7 @@ class BlsExecutor:
         return pb().is_model_ready(model_name=model, model_version=version)
 
 
-class ClipGateModel:
+class ClipGateModel(StageModel):
     def initialize(self, args):
         self.stage = Stage(args)
         vdir = version_dir(args)
@@ -55,24 +54,20 @@ class ClipGateModel:
                 self.stage.logger.log_info(f"verdict cache: purged {n} shared entries (epoch {epoch})")
 
     async def execute(self, requests):
-        return await asyncio.gather(*(self._one(r) for r in requests))
+        return await asyncio.gather(*(self.stage.answer_async(r, self.respond) for r in requests))
 
-    async def _one(self, request):
-        t0, meta = time.perf_counter(), {}
-        try:
-            records = [RequestRecord.from_json(r) for r in bytes_rows(request, "REQUEST")]
-            if len(records) == 1:
-                meta = records[0].model_dump(include={"request_id", "image_sha256", "text_sha256"})
-            images, texts = image_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
-            img_emb, txt_emb = rows(request, "IMAGE_EMBEDS"), rows(request, "TEXT_EMBEDS")
-            nsfw = rows(request, "NSFW_SCORES", optional=True)  # [B, 2] = (sfw, nsfw) from nsfw_image
-            posts = [GatePost(rec, images[i], texts[i], img_emb[i], txt_emb[i],
-                              None if nsfw is None else float(nsfw[i][1])) for i, rec in enumerate(records)]
-            decisions = await self.router.decide(posts, started=t0)
-            self._report_lists({rec.policy_name for rec in records})
-            return pb().InferenceResponse([string_tensor("GATE", [d.to_json() for d in decisions])])
-        except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
-            return self.stage.fail(e, meta, t0)
+    async def respond(self, request, meta: dict, t0: float):
+        records = [RequestRecord.from_json(r) for r in bytes_rows(request, "REQUEST")]
+        if len(records) == 1:
+            meta.update(records[0].model_dump(include={"request_id", "image_sha256", "text_sha256"}))
+        images, texts = image_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
+        img_emb, txt_emb = rows(request, "IMAGE_EMBEDS"), rows(request, "TEXT_EMBEDS")
+        nsfw = rows(request, "NSFW_SCORES", optional=True)  # [B, 2] = (sfw, nsfw) from nsfw_image
+        posts = [GatePost(rec, images[i], texts[i], img_emb[i], txt_emb[i],
+                          None if nsfw is None else float(nsfw[i][1])) for i, rec in enumerate(records)]
+        decisions = await self.router.decide(posts, started=t0)
+        self._report_lists({rec.policy_name for rec in records})
+        return pb().InferenceResponse([string_tensor("GATE", [d.to_json() for d in decisions])])
 
     def _report_lists(self, policy_names: set[str]) -> None:
         """The lists state of the policies just used: the metric, and one log line when it changes."""

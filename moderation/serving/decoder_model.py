@@ -17,10 +17,10 @@ from ..repository.artifacts import read_artifact_record
 from ..vlm.decoder import DecoderRequest, VerdictDecoder
 from .metrics import Counter
 from .pb import pb
-from .triton_io import Stage, bytes_rows, parameters, rows, string_tensor, version_dir
+from .triton_io import Stage, StageModel, bytes_rows, parameters, rows, string_tensor, version_dir
 
 
-class DecoderModel:
+class DecoderModel(StageModel):
     def initialize(self, args):
         self.stage = Stage(args)
         self.batch_size = Counter("moderation_decoder_batch_size")

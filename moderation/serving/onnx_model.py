@@ -9,10 +9,10 @@ import numpy as np
 
 from ..repository.artifacts import read_artifact_record
 from .pb import pb
-from .triton_io import Stage, parameters, tensor, version_dir
+from .triton_io import Stage, StageModel, parameters, tensor, version_dir
 
 
-class OnnxRunner:
+class OnnxRunner(StageModel):
     def initialize(self, args):
         import onnxruntime as ort
 

@@ -3,7 +3,6 @@ row (core/result.py assembles both)."""
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 
@@ -11,53 +10,46 @@ from ..core.contracts import GateDecision, RequestRecord
 from ..core.result import finish_post
 from .metrics import Counter
 from .pb import pb
-from .triton_io import Stage, bytes_rows, rows, string_tensor, tensor
+from .triton_io import Stage, StageModel, bytes_rows, rows, string_tensor, tensor
 
 
-class PostprocessModel:
+class PostprocessModel(StageModel):
     def initialize(self, args):
         self.stage = Stage(args)
         self.finished = Counter("moderation_requests_total")
         self.actions = Counter("moderation_actions_total")
 
-    def execute(self, requests):
-        return [self._one(r) for r in requests]
-
-    def _one(self, request):
-        t0, meta = time.perf_counter(), {}
-        try:
-            records = [RequestRecord.from_json(r) for r in bytes_rows(request, "REQUEST")]
-            gates = [GateDecision.from_json(g) for g in bytes_rows(request, "GATE")]
-            img_emb, txt_emb = rows(request, "IMAGE_EMBEDS"), rows(request, "TEXT_EMBEDS")
-            results, verdicts, scores, embeds, audit_rows = [], [], [], [], []
-            for i, (rec, gate) in enumerate(zip(records, gates, strict=True)):
-                meta = {"request_id": rec.request_id, "image_sha256": rec.image_sha256,
-                        "text_sha256": rec.text_sha256, "policy": rec.policy_id}
-                done = finish_post(rec, gate, self.stage.version)
-                audit_rows.append(done.audit_row)
-                results.append(done.result)
-                verdicts.append([done.verdict])
-                scores.append(np.asarray(done.scores, np.float32))
-                embeds.append(np.concatenate([img_emb[i], txt_emb[i]]) if rec.return_embedding and done.verdict >= 0
-                              else np.zeros(0, np.float32))
-            # Every post's row, all or none, before any verdict leaves: in fail_closed mode a log that cannot take
-            # them raises AuditUnavailable and the whole request is answered [audit_unavailable] (Stage.fail).
-            self.stage.audit.write_many(audit_rows)
-            for result in results:
-                if result["action"] is None:
-                    self.finished.inc(route="error", violation="error")
-                    self.actions.inc(action="error", decided_by=result["error"]["code"])
-                else:
-                    self.finished.inc(route=result["route"], violation=str(result["violation"]).lower())
-                    self.actions.inc(action=result["action"], decided_by=result["decided_by"])
-            embeds, scores = _pad_rows(embeds), _pad_rows(scores)
-            return pb().InferenceResponse([
-                string_tensor("RESULT", [json.dumps(r, ensure_ascii=False) for r in results]),
-                tensor("VERDICT", np.array(verdicts, dtype=np.int32)),
-                tensor("SCORES", np.stack(scores).astype(np.float32)),
-                tensor("EMBEDDING", np.stack(embeds).astype(np.float32))])
-        except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
-            return self.stage.fail(e, meta, t0)
+    def respond(self, request, meta: dict, started: float):
+        records = [RequestRecord.from_json(r) for r in bytes_rows(request, "REQUEST")]
+        gates = [GateDecision.from_json(g) for g in bytes_rows(request, "GATE")]
+        img_emb, txt_emb = rows(request, "IMAGE_EMBEDS"), rows(request, "TEXT_EMBEDS")
+        results, verdicts, scores, embeds, audit_rows = [], [], [], [], []
+        for i, (rec, gate) in enumerate(zip(records, gates, strict=True)):
+            meta.update(request_id=rec.request_id, image_sha256=rec.image_sha256, text_sha256=rec.text_sha256,
+                        policy=rec.policy_id)
+            done = finish_post(rec, gate, self.stage.version)
+            audit_rows.append(done.audit_row)
+            results.append(done.result)
+            verdicts.append([done.verdict])
+            scores.append(np.asarray(done.scores, np.float32))
+            embeds.append(np.concatenate([img_emb[i], txt_emb[i]]) if rec.return_embedding and done.verdict >= 0
+                          else np.zeros(0, np.float32))
+        # Every post's row, all or none, before any verdict leaves: in fail_closed mode a log that cannot take
+        # them raises AuditUnavailable and the whole request is answered [audit_unavailable] (Stage.fail).
+        self.stage.audit.write_many(audit_rows)
+        for result in results:
+            if result["action"] is None:
+                self.finished.inc(route="error", violation="error")
+                self.actions.inc(action="error", decided_by=result["error"]["code"])
+            else:
+                self.finished.inc(route=result["route"], violation=str(result["violation"]).lower())
+                self.actions.inc(action=result["action"], decided_by=result["decided_by"])
+        embeds, scores = _pad_rows(embeds), _pad_rows(scores)
+        return pb().InferenceResponse([
+            string_tensor("RESULT", [json.dumps(r, ensure_ascii=False) for r in results]),
+            tensor("VERDICT", np.array(verdicts, dtype=np.int32)),
+            tensor("SCORES", np.stack(scores).astype(np.float32)),
+            tensor("EMBEDDING", np.stack(embeds).astype(np.float32))])
 
 
 def _pad_rows(rows: list[np.ndarray]) -> list[np.ndarray]:

@@ -12,41 +12,34 @@ from ..gate.inputs import Preprocess, check_rows, first_post_meta
 from ..gate.router import failed_call
 from ..repository.artifacts import read_artifact_record
 from .pb import pb
-from .triton_io import Stage, bytes_rows, image_rows, string_tensor, tensor, version_dir
+from .triton_io import Stage, StageModel, bytes_rows, image_rows, string_tensor, tensor, version_dir
 
 
-class PreprocessModel:
+class PreprocessModel(StageModel):
     def initialize(self, args):
         self.stage = Stage(args)
         vdir = version_dir(args)
         read_artifact_record(vdir)  # refuses to load when a file differs from its record
         self.preprocess = Preprocess(str(vdir / "clip"), self.stage.version, score_nsfw=_nsfw_bls)
 
-    def execute(self, requests):
-        return [self._one(r) for r in requests]
-
-    def _one(self, request):
-        t0, received, meta = time.perf_counter(), time.time(), {}
+    def respond(self, request, meta: dict, t0: float):
+        received = time.time()
+        # IMAGE and TEXT are optional in the config so that a request lacking one is answered (and audited)
+        # here with a coded error, under its request_id, rather than refused unaudited by Triton.
+        images, texts = image_rows(request, "IMAGE", optional=True), bytes_rows(request, "TEXT", optional=True)
+        options = bytes_rows(request, "OPTIONS", optional=True)
         try:
-            # IMAGE and TEXT are optional in the config so that a request lacking one is answered (and audited)
-            # here with a coded error, under its request_id, rather than refused unaudited by Triton.
-            images, texts = image_rows(request, "IMAGE", optional=True), bytes_rows(request, "TEXT", optional=True)
-            options = bytes_rows(request, "OPTIONS", optional=True)
-            try:
-                option_rows = check_rows(images, texts, options)
-            except BadRequest:
-                meta = first_post_meta(images, texts, options)  # the audit row of a request refused whole
-                raise
-            meta = {}
-            posts = self._posts(images, texts, option_rows, received, t0, meta)
-            return pb().InferenceResponse([
-                tensor("CLIP_PIXELS", np.stack([p.clip_pixels for p in posts])),
-                tensor("CLIP_INPUT_IDS", np.stack([p.clip_input_ids for p in posts])),
-                tensor("CLIP_ATTENTION_MASK", np.stack([p.clip_attention_mask for p in posts])),
-                string_tensor("REQUEST", [p.record.to_json() for p in posts]),
-                tensor("NSFW_PIXELS", np.stack([p.nsfw_pixels for p in posts]))])
-        except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
-            return self.stage.fail(e, meta, t0)
+            option_rows = check_rows(images, texts, options)
+        except BadRequest:
+            meta.update(first_post_meta(images, texts, options))  # the audit row of a request refused whole
+            raise
+        posts = self._posts(images, texts, option_rows, received, t0, meta)
+        return pb().InferenceResponse([
+            tensor("CLIP_PIXELS", np.stack([p.clip_pixels for p in posts])),
+            tensor("CLIP_INPUT_IDS", np.stack([p.clip_input_ids for p in posts])),
+            tensor("CLIP_ATTENTION_MASK", np.stack([p.clip_attention_mask for p in posts])),
+            string_tensor("REQUEST", [p.record.to_json() for p in posts]),
+            tensor("NSFW_PIXELS", np.stack([p.nsfw_pixels for p in posts]))])
 
     def _posts(self, images, texts, option_rows, received, t0, meta: dict):
         """One GateInputs per post. A request of one post fails with its post (raises); in a request of several,

@@ -3,8 +3,6 @@ BLS) and what depends on it, written into the post's RequestRecord (gate/inputs.
 beside the encoders. A post whose image cannot be read fails alone in a request of several posts."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from ..core.contracts import PostError, RequestRecord
@@ -14,30 +12,23 @@ from ..gate.router import failed_call
 from ..ocr.reader import MODELS as OCR_MODELS
 from ..ocr.reader import ImageTextReader
 from .pb import pb
-from .triton_io import Stage, bytes_rows, image_rows, string_tensor
+from .triton_io import Stage, StageModel, bytes_rows, image_rows, string_tensor
 
 
-class ReadTextModel:
+class ReadTextModel(StageModel):
     def initialize(self, args):
         self.stage = Stage(args)
         self.read = ReadImageText(ImageTextReader(_ocr_bls), self.stage.version)
 
-    def execute(self, requests):
-        return [self._one(r) for r in requests]
-
-    def _one(self, request):
-        t0, meta = time.perf_counter(), {}
-        try:
-            records = [RequestRecord.from_json(r) for r in bytes_rows(request, "REQUEST")]
-            posts = list(zip(image_rows(request, "IMAGE"), bytes_rows(request, "TEXT"), records, strict=True))
-            if len(posts) == 1:  # a request of one post fails with its post, as in preprocess
-                meta = _meta(records[0])
-                out = [self.read(*posts[0])]
-            else:
-                out = [self._post(*post) for post in posts]
-            return pb().InferenceResponse([string_tensor("REQUEST", [r.to_json() for r in out])])
-        except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
-            return self.stage.fail(e, meta, t0)
+    def respond(self, request, meta: dict, started: float):
+        records = [RequestRecord.from_json(r) for r in bytes_rows(request, "REQUEST")]
+        posts = list(zip(image_rows(request, "IMAGE"), bytes_rows(request, "TEXT"), records, strict=True))
+        if len(posts) == 1:  # a request of one post fails with its post, as in preprocess
+            meta.update(_meta(records[0]))
+            out = [self.read(*posts[0])]
+        else:
+            out = [self._post(*post) for post in posts]
+        return pb().InferenceResponse([string_tensor("REQUEST", [r.to_json() for r in out])])
 
     def _post(self, image: list[bytes], text: bytes, record: RequestRecord) -> RequestRecord:
         try:

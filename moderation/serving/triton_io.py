@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -97,9 +100,38 @@ class Stage:
 
         self.audit = AuditLog(on_count=count)
         if self.audit.mode == FAIL_OPEN:
-            self.audit.start_flusher()
+            self.audit.start_flusher(float(os.environ.get("MODERATION_AUDIT_FLUSH_S", "") or 5.0))
         self.logger = pb().Logger
         self.errors = Counter("moderation_errors_total")
+
+    def answer(self, requests: list, handle: Callable[[Any, dict, float], Any]) -> list:
+        """One response per request, in order: handle(request, meta, started) answers one request and fills meta
+        (request_id, hashes, policy: the keys of its error row) as it learns them; any failure becomes that
+        request's coded error and audit row, never its batch's."""
+        return [self.answer_one(r, handle) for r in requests]
+
+    def answer_one(self, request, handle: Callable[[Any, dict, float], Any]):
+        started, meta = time.perf_counter(), {}
+        try:
+            return handle(request, meta, started)
+        except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
+            return self.fail(e, meta, started)
+
+    async def answer_async(self, request, handle: Callable[[Any, dict, float], Awaitable[Any]]):
+        """answer_one for a coroutine handler (a model whose execute awaits BLS calls)."""
+        started, meta = time.perf_counter(), {}
+        try:
+            return await handle(request, meta, started)
+        except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
+            return self.fail(e, meta, started)
+
+    def finalize(self) -> None:
+        """The model is unloaded (a swap, an unload, the server's exit): stop the audit flusher and write the rows
+        spooled while the log could not take them (fail_open), which would otherwise go with the stub process."""
+        left = self.audit.close()
+        if left:
+            self.logger.log_error(f"{self.name}: {left} spooled audit rows could not be written at unload and are "
+                                  f"lost ({self.audit.last_error})")
 
     def fail(self, err: Exception, meta: dict | None = None, started: float | None = None):
         if not isinstance(err, ModerationError):
@@ -123,3 +155,20 @@ class Stage:
         """Log (server-side only, with the OS's reason) an audit write that refused a request."""
         self.logger.log_error(f"{self.name}: audit write failed ({self.audit.last_error}): request refused "
                               f"with [{err.code}]")
+
+
+class StageModel:
+    """Base of the python models: execute() answers each request on its own with respond(request, meta, started)
+    (Stage.answer); a model that batches its requests overrides execute. finalize(), which Triton calls when it
+    unloads the model, writes the audit rows still spooled and stops the flusher (Stage.finalize)."""
+
+    stage: Stage
+
+    def execute(self, requests):
+        return self.stage.answer(requests, self.respond)
+
+    def respond(self, request, meta: dict, started: float):
+        raise NotImplementedError(f"{type(self).__name__} answers its requests in execute")
+
+    def finalize(self):
+        self.stage.finalize()

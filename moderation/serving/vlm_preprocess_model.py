@@ -1,8 +1,6 @@
 """vlm_preprocess: Qwen3-VL patches at the fixed resolution, the prompt body's token ids and DecoderOptions."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from ..core.hashing import post_hashes
@@ -10,36 +8,30 @@ from ..core.post import parse_post
 from ..repository.artifacts import read_artifact_record
 from ..vlm.inputs import VlmInputs
 from .pb import pb
-from .triton_io import Stage, bytes_rows, image_rows, string_tensor, tensor, version_dir
+from .triton_io import Stage, StageModel, bytes_rows, image_rows, string_tensor, tensor, version_dir
 
 
-class VlmPreprocessModel:
+class VlmPreprocessModel(StageModel):
     def initialize(self, args):
         self.stage = Stage(args)
         vdir = version_dir(args)
         read_artifact_record(vdir)
         self.inputs = VlmInputs(str(vdir / "qwen"), self.stage.version)
 
-    def execute(self, requests):
-        return [self._one(r) for r in requests]
-
-    def _one(self, request):
-        t0, meta = time.perf_counter(), {}
-        try:
-            images, texts = image_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
-            options = bytes_rows(request, "OPTIONS", optional=True) or [None] * len(images)
-            image_texts = bytes_rows(request, "IMAGE_TEXT", optional=True) or [b""] * len(images)
-            pixels, bodies, infos = [], [], []
-            for image, text, opt, drawn in zip(images, texts, options, image_texts, strict=True):
-                meta = post_hashes(image[0] if image else None, text)
-                drawn = (drawn or b"").decode("utf-8", "replace")  # the image's words, read by preprocess
-                p, body, info = self.inputs(parse_post(image, text, opt, meta), drawn)
-                pixels.append(p), bodies.append(body), infos.append(info.to_json())
-            width = max(len(b) for b in bodies)
-            if any(len(b) != width for b in bodies):  # rows of one request share a length: pad with -1
-                bodies = [np.pad(b, (0, width - len(b)), constant_values=-1) for b in bodies]
-            return pb().InferenceResponse([tensor("PIXEL_VALUES", np.stack(pixels)),
-                                           tensor("BODY_IDS", np.stack(bodies)),
-                                           string_tensor("DECODER_OPTIONS", infos)])
-        except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
-            return self.stage.fail(e, meta, t0)
+    def respond(self, request, meta: dict, started: float):
+        images, texts = image_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
+        options = bytes_rows(request, "OPTIONS", optional=True) or [None] * len(images)
+        image_texts = bytes_rows(request, "IMAGE_TEXT", optional=True) or [b""] * len(images)
+        pixels, bodies, infos = [], [], []
+        for image, text, opt, drawn in zip(images, texts, options, image_texts, strict=True):
+            meta.clear()
+            meta.update(post_hashes(image[0] if image else None, text))
+            words = (drawn or b"").decode("utf-8", "replace")  # the image's words, read by preprocess
+            p, body, info = self.inputs(parse_post(image, text, opt, meta), words)
+            pixels.append(p), bodies.append(body), infos.append(info.to_json())
+        width = max(len(b) for b in bodies)
+        if any(len(b) != width for b in bodies):  # rows of one request share a length: pad with -1
+            bodies = [np.pad(b, (0, width - len(b)), constant_values=-1) for b in bodies]
+        return pb().InferenceResponse([tensor("PIXEL_VALUES", np.stack(pixels)),
+                                       tensor("BODY_IDS", np.stack(bodies)),
+                                       string_tensor("DECODER_OPTIONS", infos)])
