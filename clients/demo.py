@@ -13,7 +13,7 @@ from moderation.testing.samples import sample_posts
 from moderation.testing.server import running_server
 
 from .client import ModerationClient, ModerationFailed
-from .evidence import decided_text, hits_text
+from .evidence import decided_text, hits_text, route_text
 
 BANNER = """\
 NOTE: the embedded CLIP and Qwen3-VL are tiny and RANDOM-INITIALISED (untrained) versions of the real
@@ -23,7 +23,8 @@ TRAINED: nsfw_image (Yahoo open_nsfw) scores the `sexual` label for real (column
 below gate.nsfw_allow_below and blocks at gate.nsfw_block_at; docs/quality.md has its measured false positives).
 Actions: an untrained signal never allows or blocks a post. What only an untrained judge flagged goes to REVIEW
 (a person decides); what no trained signal flagged gets the policy's default (ALLOW, decided by policy_default);
-BLOCK needs trained evidence: here the operator's lists (image_list: the coins photo, terms: a spam phrase)."""
+BLOCK needs trained evidence: here the operator's lists (image_list: the coins photo, terms: a spam phrase).
+Route is the path a post took (gate, list, vlm, cache), never the decision; beside it the gate's own band."""
 
 
 def _width(s: str) -> int:
@@ -77,7 +78,7 @@ def run(url: str, key: str, policy: str = "default") -> str:
             r = client.moderate(render(meme), meme.caption, policy=policy)
             drawn = " / ".join(x["text"] for x in (r["image_text"] or {}).get("lines", [])) or "-"
             meme_rows.append([meme.name, drawn[:34] + ("…" if len(drawn) > 34 else ""), r["action"].upper(),
-                              decided_text(r), r["route"], hits_text(r), f"{r['latency_ms']['total']:.0f} ms"])
+                              decided_text(r), route_text(r), hits_text(r), f"{r['latency_ms']['total']:.0f} ms"])
         for post in sample_posts():
             caption = post.text if len(post.text) <= 28 else post.text[:27] + "…"
             try:
@@ -89,8 +90,8 @@ def run(url: str, key: str, policy: str = "default") -> str:
             signals = " ".join(f"{k}:{v}" for k, v in sorted(r["signals"].items()))
             trained = [k for k, src in r["gate"].get("sources", {}).items() if src == "nsfw_image"]
             nsfw = f"{r['gate']['scores'][trained[0]]:.4f}" if trained else "-"
-            rows.append([post.name, caption, r["action"].upper(), decided_text(r), r["route"], hits_text(r), top, nsfw,
-                         f"{r['latency_ms']['total']:.0f} ms", signals])
+            rows.append([post.name, caption, r["action"].upper(), decided_text(r), route_text(r), hits_text(r), top,
+                         nsfw, f"{r['latency_ms']['total']:.0f} ms", signals])
     return "\n".join([
         _table(rows, ["post", "caption", "action", "decided by (evidence)", "route", "list hits",
                       "top labels (source)", "nsfw", "latency", "signals"]),

@@ -30,9 +30,10 @@ for "caption"). For every policy label it prints:
   AUROC       ranking quality of RESULT.scores[label] (the score the post was finally judged by) and of the
               gate's own score RESULT.gate.scores[label] (e.g. the trained nsfw_image signal on `sexual`),
               independent of any threshold — use it to place the policy's thresholds
-and, per route (gate_allow / gate_block / vlm), the post-level violation metrics (truth: any label applies;
-predicted: RESULT.violation), and per kind of evidence that decided (image_list, terms, cache, model, policy:
-clients/evidence.py). Metrics are scikit-learn's; a metric with no positives (or, for AUROC, no
+and, per route (gate / list / vlm / cache: the path a post took) and per gate band (RESULT.gate.band: allow /
+block / escalate, what the gate's thresholds said whatever the route), the post-level violation metrics (truth:
+any label applies; predicted: RESULT.violation), and per kind of evidence that decided (image_list, terms, cache,
+model, policy: clients/evidence.py). Metrics are scikit-learn's; a metric with no positives (or, for AUROC, no
 negatives) is reported as null, not as 0 or 1. Exit code 0 when every post was moderated, 1 when any failed
 (failed posts are counted and left out of the metrics), 2 for a bad file.
 """
@@ -103,11 +104,19 @@ def evaluate(rows: list[tuple[list[str], dict]], label_keys: list[str]) -> dict:
 
     routes = sorted({r["route"] for _, r in rows})
     per_route = {route: post_level([(t, r) for t, r in rows if r["route"] == route]) for route in routes}
+    # a leak through the gate's allow band shows here, whether the post then stopped at the gate or not
+    bands = sorted({_band(r) for _, r in rows})
+    per_gate_band = {b: post_level([(t, r) for t, r in rows if _band(r) == b]) for b in bands}
     kinds = sorted({kind_of(r) for _, r in rows})
     per_evidence = {k: post_level([(t, r) for t, r in rows if kind_of(r) == k]) for k in kinds}
     signals = sorted({f"{k}:{v}" for _, r in rows for k, v in r.get("signals", {}).items()})
     return {"n": len(rows), "overall": post_level(rows) if rows else None, "per_label": per_label,
-            "per_route": per_route, "per_evidence": per_evidence, "signals": signals}
+            "per_route": per_route, "per_gate_band": per_gate_band, "per_evidence": per_evidence,
+            "signals": signals}
+
+
+def _band(result: dict) -> str:
+    return (result.get("gate") or {}).get("band") or "-"
 
 
 def asserts(result: dict, label: str) -> bool:
@@ -135,6 +144,10 @@ def render(report: dict) -> str:
     for route, m in list(report["per_route"].items()) + [("ALL", report["overall"])]:
         if m:
             lines.append(f"{route:<12}" + "".join(f"{_fmt(m[c]):>10}" for c in cols))
+    lines += ["", "per gate band (RESULT.gate.band: what the gate's thresholds said, whatever the route)",
+              f"{'gate band':<12}" + "".join(f"{c:>10}" for c in cols)]
+    for band, m in report.get("per_gate_band", {}).items():
+        lines.append(f"{band:<12}" + "".join(f"{_fmt(m[c]):>10}" for c in cols))
     lines += ["", "per evidence (what decided: image_list, terms, cache, model, policy)",
               f"{'evidence':<12}" + "".join(f"{c:>10}" for c in cols)]
     for kind, m in report.get("per_evidence", {}).items():
@@ -394,7 +407,7 @@ def main(argv=None) -> int:
     if args.json:
         outcomes = [{"line": p["line"], "labels": p["labels"],
                      **({"error": {"code": r.code, "message": r.message}} if isinstance(r, ModerationFailed) else
-                        {"route": r["route"], "violation": r["violation"], "action": r["action"],
+                        {"route": r["route"], "gate_band": _band(r), "violation": r["violation"], "action": r["action"],
                          "decided_by": r["decided_by"], "evidence": kind_of(r), "decided": decided_text(r),
                          "list_hits": r.get("list_hits") or [], "scores": r["scores"],
                          "predicted_labels": [x["name"] for x in r["labels"]],

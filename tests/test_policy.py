@@ -2,7 +2,7 @@ import pytest
 
 from moderation.core.errors import UnknownPolicy
 from moderation.core.policy import Policy, load_policy
-from moderation.gate.scoring import ALLOW, BLOCK, ESCALATE, decide
+from moderation.gate.scoring import ALLOW, BLOCK, ESCALATE, gate_band
 
 
 def test_default_policy_loads_with_zh_and_en():
@@ -26,18 +26,18 @@ def test_policy_validation_rejects_unknown_block_label():
         Policy.model_validate(data)
 
 
-def test_decide_uses_thresholds():
+def test_gate_band_uses_thresholds():
     p = load_policy()
     g = p.gate
     low = {k: g.allow_below / 2 for k in p.label_keys}
-    assert decide(p, low)[0] == ALLOW
+    assert gate_band(p, low)[0] == ALLOW
     mid = dict(low, violence=(g.allow_below + g.block_at) / 2)
-    assert decide(p, mid)[0] == ESCALATE
+    assert gate_band(p, mid)[0] == ESCALATE
     high = dict(low, violence=g.block_at)
-    assert decide(p, high)[0] == BLOCK
+    assert gate_band(p, high)[0] == BLOCK
     # a label the gate may not block on alone escalates instead
     only_sarcasm = dict(low, sarcasm=0.999)
-    assert decide(p, only_sarcasm)[0] == ESCALATE
+    assert gate_band(p, only_sarcasm)[0] == ESCALATE
 
 
 def test_light_clip_tokenizer_matches_transformers():

@@ -26,10 +26,15 @@ def _moderate(i: int, ts: float, route: str, action: str, decided_by: str, label
               decoder: str | None = None, score: float = 0.0) -> dict:
     versions = {"preprocess": "1", "clip_gate": "1", "postprocess": "1"}
     latency = {"preprocess": 5.0, "gate": 2.0, "total": total}
+    # "gate:allow": route gate with its band; gate_allow / gate_block: a row written before route named the path
+    route, _, band = route.partition(":")
+    if route in ("vlm", "cache", "list"):
+        band = "escalate" if route != "list" else "allow"
     if decoder:
         versions.update(vlm_preprocess="1", language_decoder=decoder)
         latency["vlm"] = total - 10
-    return {"ts": ts, "request_id": f"r{i}", "stage": "moderate", "route": route, "action": action,
+    return {"ts": ts, "request_id": f"r{i}", "stage": "moderate", "route": route,
+            **({"gate_band": band} if band else {}), "action": action,
             "decided_by": decided_by, "severity": {k: 1 for k in labels}, "violation": action == "block",
             "labels": [{"name": n, "score": 0.9, "source": "vlm" if decoder else "clip_gate"} for n in labels],
             "scores": {"scam": 0.1, **({"violation": score} if decoder else {})},
@@ -38,9 +43,9 @@ def _moderate(i: int, ts: float, route: str, action: str, decided_by: str, label
             **({"ab": {"arm": "b" if decoder == "2" else "a", "decoder_version": decoder}} if decoder else {})}
 
 
-# (ts offset, route, action, decided_by, labels, total ms, decoder, violation score)
+# (ts offset, route, action, decided_by, labels, total ms, decoder, violation score); two rows of the old routes
 POSTS = [(0, "gate_allow", "allow", "policy_default", [], 10.0, None, 0),
-         (60, "gate_allow", "review", "clip", ["scam"], 20.0, None, 0),
+         (60, "gate:allow", "review", "clip", ["scam"], 20.0, None, 0),
          (120, "gate_block", "block", "nsfw_image", ["sexual"], 30.0, None, 0),
          (180, "vlm", "block", "vlm", ["scam", "hate"], 40.0, "1", 0.95),
          (2100, "vlm", "allow", "vlm", [], 50.0, "1", 0.15),
@@ -73,7 +78,7 @@ def small_log(tmp_path):
          "bytes": 9000, "first_ts": BASE - 900, "last_ts": BASE - 800, "reason": "size"},
         {"ts": BASE + 370, "stage": "audit", "event": "spool_dropped", "dropped": 3, "first_ts": BASE, "last_ts": BASE},
         # a post whose latency field has the wrong type: counted, no latency
-        {**_moderate(99, BASE + 2500, "gate_allow", "allow", "policy_default", [], 0.0), "latency_ms": "fast"},
+        {**_moderate(99, BASE + 2500, "gate:allow", "allow", "policy_default", [], 0.0), "latency_ms": "fast"},
     ]
     for r in rows:
         a.write(r)
@@ -88,7 +93,9 @@ def test_known_answers_on_a_rotated_log(small_log):
     s = report.summarize_files([small_log], "hour")
     assert s["requests"] == 8 + 1 + 3  # posts, the wrong-typed post, three failures; not the operators' rows
     assert s["succeeded"] == 9 and s["failed"] == 3
-    assert s["routes"] == {"gate_allow": 3, "gate_block": 1, "vlm": 3, "cache": 1, "list": 1}
+    # old rows read as route gate with the band their route named
+    assert s["routes"] == {"gate": 4, "vlm": 3, "cache": 1, "list": 1}
+    assert s["gate_bands"] == {"allow": 4, "block": 1, "escalate": 4}
     assert s["actions"] == {"allow": 3, "review": 3, "block": 3}
     assert s["decided_by"] == {"policy_default": 2, "clip": 1, "nsfw_image": 1, "vlm": 4, "image_list": 1}
     assert s["action_by_decided_by"]["block"] == {"image_list": 1, "nsfw_image": 1, "vlm": 1}
@@ -106,7 +113,7 @@ def test_known_answers_on_a_rotated_log(small_log):
     assert s["latency_by_stage_ms"]["vlm"]["n"] == 4 and s["latency_by_stage_ms"]["vlm"]["p50"] == pytest.approx(45.0)
     assert s["latency_by_stage_ms"]["preprocess"]["n"] == 8
     # trends: hour 14:00 has the posts at +0 … +300 s, hour 15:00 the rest
-    assert s["trends"][H0] == {"route:gate_allow": 2, "route:gate_block": 1, "route:vlm": 1, "action:allow": 1,
+    assert s["trends"][H0] == {"route:gate": 3, "route:vlm": 1, "action:allow": 1,
                                "action:review": 1, "action:block": 2, "label:scam": 2, "label:sexual": 1,
                                "label:hate": 1}
     assert s["trends"][H1]["route:vlm"] == 2 and s["trends"][H1]["label:hate"] == 2
@@ -159,7 +166,7 @@ def test_cli_text_json_and_plot(small_log, tmp_path):
 
 def test_only_rotated_backups_and_empty_log(tmp_path):
     log = tmp_path / "audit.jsonl"
-    AuditLog(log).write(_moderate(0, BASE, "gate_allow", "allow", "policy_default", [], 12.0))
+    AuditLog(log).write(_moderate(0, BASE, "gate:allow", "allow", "policy_default", [], 12.0))
     log.rename(tmp_path / "audit.jsonl.1")  # rotated; the new file not written yet
     assert report.summarize_files([log])["succeeded"] == 1
     log.write_text("")
@@ -211,7 +218,8 @@ def test_report_counts_what_a_running_server_wrote(triton, audit_log):
 
     assert after["requests"] - before["requests"] == 4
     assert after["succeeded"] - before["succeeded"] == 3
-    assert delta("routes") == {"gate_allow": 2, "vlm": 1}
+    assert delta("routes") == {"gate": 2, "vlm": 1}
+    assert delta("gate_bands") == {"allow": 2, "escalate": 1}
     assert delta("errors") == {"bad_image": 1}
     assert sum(delta("actions").values()) == 3
     ab_after, ab_before = after["ab_by_decoder_version"], before["ab_by_decoder_version"]

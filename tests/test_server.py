@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from clients.client import ModerationFailed
 from moderation.core.policy import load_policy
 from moderation.core.result import validate_result
-from moderation.gate.scoring import decide
+from moderation.gate.scoring import gate_band
 from moderation.testing.samples import sample_posts
 
 from .conftest import ROOT, write_policy
@@ -29,14 +29,14 @@ def decoder_count(triton) -> int:
     return sum(int(m["inference_stats"]["success"].get("count", 0)) for m in stats["model_stats"])
 
 
-@pytest.mark.parametrize("policy,route", [("escalate_all", "vlm"), ("block_all", "gate_block"),
-                                          ("allow_all", "gate_allow")])
-def test_policy_thresholds_force_each_route(client, policy, route):
+@pytest.mark.parametrize("policy,route,band", [("escalate_all", "vlm", "escalate"), ("block_all", "gate", "block"),
+                                               ("allow_all", "gate", "allow")])
+def test_policy_thresholds_force_each_route(client, policy, route, band):
     post = POSTS[0]
     r = client.moderate(post.image_bytes(), post.text, policy=policy)
-    assert r["route"] == route
+    assert (r["route"], r["gate"]["band"]) == (route, band)
     assert r["policy"].startswith(policy + "@")
-    if route == "gate_block":  # the untrained CLIP would block: it cannot, so a person decides
+    if band == "block":  # the untrained CLIP would block: it cannot, so a person decides
         assert r["action"] == "review" and r["decided_by"] == "clip" and r["violation"] is False
     if route == "vlm":
         assert r["sentiment"] is not None and r["model_versions"]["language_decoder"] == "1"
@@ -46,7 +46,7 @@ def test_policy_thresholds_force_each_route(client, policy, route):
 
 def test_thresholds_between_observed_scores_split_posts_three_ways(client, policy_dir):
     """Take each post's gate scores, put the policy thresholds between them, and check that the server's
-    routes follow the policy (computed independently here with the same decide())."""
+    bands, and the routes they imply, follow the policy (computed independently here with the same gate_band())."""
     gates = [client.moderate(p.image_bytes(), p.text, policy="escalate_all")["gate"] for p in POSTS]
     observed = [g["scores"] for g in gates]
     base = load_policy("default")
@@ -56,10 +56,11 @@ def test_thresholds_between_observed_scores_split_posts_three_ways(client, polic
     assert allow_below < block_at
     write_policy(policy_dir, "split3", allow_below=allow_below, block_at=block_at)
     split = load_policy("split3", policy_dir)
-    expected = [decide(split, g["scores"], g.get("sources"))[0] for g in gates]
-    assert {"gate_allow", "gate_block", "vlm"} <= set(expected)
-    got = [client.moderate(p.image_bytes(), p.text, policy="split3")["route"] for p in POSTS]
-    assert got == expected
+    expected = [gate_band(split, g["scores"], g.get("sources"))[0] for g in gates]
+    assert {"allow", "block", "escalate"} <= set(expected)
+    got = [client.moderate(p.image_bytes(), p.text, policy="split3") for p in POSTS]
+    assert [r["gate"]["band"] for r in got] == expected
+    assert [r["route"] for r in got] == ["vlm" if b == "escalate" else "gate" for b in expected]
 
 
 def test_results_follow_schema_and_carry_versions_latency_and_honesty(client):

@@ -110,9 +110,10 @@ def test_gate_escalates_through_the_vlm_ensemble_and_settles_by_policy(pb):
     assert [c["model"] for c in pb.InferenceRequest.calls] == ["clip_text", "vlm"]  # concept bank, then escalation
     opts = json.loads(pb.InferenceRequest.calls[-1]["inputs"]["OPTIONS"][0, 0])
     assert opts == {"request_id": "r1", "describe": False, "lang": "en", "policy": "escalate_all"}
-    for policy, route in (("allow_all", "gate_allow"), ("block_all", "gate_block")):
+    assert d.band == "escalate" and d.escalated == "gate"
+    for policy, band in (("allow_all", "allow"), ("block_all", "block")):
         d = _decisions(pb, _run(gate, _gate_request(pb, [request_record(policy_name=policy)])))[0]
-        assert d.route == route and d.vlm is None
+        assert (d.route, d.band, d.escalated) == ("gate", band, None) and d.vlm is None
     assert [c["model"] for c in pb.InferenceRequest.calls].count("vlm") == 1  # the bank is encoded once
 
 

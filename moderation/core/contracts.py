@@ -16,10 +16,16 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import BadRequest, ModerationError
 
-# Routes of RESULT.route: settled by the gate, judged by the VLM, answered from a near-duplicate's verdict, or
-# settled by a custom block/allow list before any escalation.
-ALLOW, BLOCK, ESCALATE, CACHE, LIST = "gate_allow", "gate_block", "vlm", "cache", "list"
-Route = Literal["gate_allow", "gate_block", "vlm", "cache", "list"]
+# RESULT.route names the path a post took, never the decision (that is RESULT.action): settled at the gate
+# without the VLM, settled by a custom block/allow list, judged by the VLM, or answered from a near-duplicate's
+# stored VLM verdict. A text_only post or one of several images takes the same paths.
+GATE, LIST, VLM, CACHE = "gate", "list", "vlm", "cache"
+Route = Literal["gate", "list", "vlm", "cache"]
+# The gate's band (gate/scoring.py gate_band), kept as evidence in RESULT.gate.band: the router escalates on
+# ESCALATE; ALLOW and BLOCK are what the gate's thresholds said, which the action may not follow (an untrained
+# signal never allows or blocks).
+ALLOW, BLOCK, ESCALATE = "allow", "block", "escalate"
+Band = Literal["allow", "block", "escalate"]
 Signal = Literal["trained", "untrained", "uncalibrated"]  # uncalibrated: trained, but the policy's gate
 # thresholds were fitted for another CLIP (moderation/gate/calibration.py)
 
@@ -141,6 +147,7 @@ class GateDecision(Contract):
     """clip_gate's decision for one post, with the VLM's verdict when it escalated; a failed post has only
     `error` (and route None)."""
     route: Route | None
+    band: Band | None = None             # the gate's own band for this post, whatever route it then took
     reason: str
     scores: dict[str, float]
     consistency: float | None

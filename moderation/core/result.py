@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jsonschema
 
-from .contracts import CACHE, ESCALATE, GateDecision, PostError, RequestRecord
+from .contracts import CACHE, VLM, GateDecision, PostError, RequestRecord
 from .decision import Decision, decide
 from .hashing import sha256_hex
 from .policy import Policy, load_policy
@@ -36,7 +36,7 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
     (`decision`: the action already chosen for this post, else chosen here)."""
     route, gate_scores, vlm = gate.route, gate.scores, gate.vlm
     decision = decision or decide(policy, gate, record.list_hits, record.image_text_truncated)
-    if route in (ESCALATE, CACHE) and vlm:  # CACHE: an earlier VLM verdict of a near-duplicate post
+    if route in (VLM, CACHE) and vlm:  # CACHE: an earlier VLM verdict of a near-duplicate post
         threshold, source = policy.decoder.label_threshold, "vlm"
         sent = max(vlm.sentiment, key=vlm.sentiment.get)
         sentiment = {"label": sent, "score": vlm.sentiment[sent]}
@@ -56,7 +56,7 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
     labels = sorted(({"name": k, "score": v, "source": sources.get(k, source)} for k, v in scores.items()
                      if k in policy.label_keys and v >= own.get(k, threshold)), key=lambda x: -x["score"])
     signals = dict(gate.signals)
-    if route in (ESCALATE, CACHE):
+    if route in (VLM, CACHE):
         signals["vlm"] = "untrained" if vlm and vlm.untrained else "trained"
     return {
         "request_id": record.request_id,
@@ -70,7 +70,8 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
         "description": description,
         "route": route,
         "scores": {k: float(v) for k, v in scores.items()},
-        "gate": {"scores": gate_scores, "consistency": gate.consistency, "reason": gate.reason,
+        # band: what the gate's thresholds said (allow / block / escalate), evidence beside the action
+        "gate": {"band": gate.band, "scores": gate_scores, "consistency": gate.consistency, "reason": gate.reason,
                  "sources": gate.sources},
         "model_versions": versions,
         "latency_ms": {k: round(float(v), 3) for k, v in latency_ms.items()},
@@ -155,7 +156,8 @@ def finish_post(record: RequestRecord, gate: GateDecision, postprocess_version: 
     decision = decide(policy, gate, record.list_hits, record.image_text_truncated)
     result = validate_result(build_result(policy, record, gate, versions, latency, decision))
     row = {"request_id": result["request_id"], "stage": "moderate", "route": result["route"],
-           "action": result["action"], "decided_by": result["decided_by"], "severity": result["severity"],
+           "gate_band": gate.band, "action": result["action"], "decided_by": result["decided_by"],
+           "severity": result["severity"],
            "violation": result["violation"], "labels": result["labels"], "scores": result["scores"],
            # every (signal, label, score, trained) the action was chosen from: clients.evaluate recalibrates on it
            "evidence": [[e.signal, e.label, round(e.score, 6), e.trained] for e in decision.evidence],

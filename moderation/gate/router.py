@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..core.contracts import CACHE, ESCALATE, LIST, GateDecision, PostError, RequestRecord, VlmVerdict
+from ..core.contracts import CACHE, ESCALATE, GATE, LIST, VLM, GateDecision, PostError, RequestRecord, VlmVerdict
 from ..core.errors import ModerationError, classify_failure
 from ..core.hashing import unit_interval
 from ..core.policy import ClipIdentity, Policy, load_policy
@@ -79,6 +79,17 @@ def _no_count(name: str, **labels: str) -> None:
     return None
 
 
+def settling_list_hit(rec: RequestRecord) -> dict | None:
+    """The custom-list hit that settles a post before any escalation, as core/decision.py chooses the action: a
+    block-list hit, else an allow-list hit unless OCR read the image's text only in part (then no allow list
+    allows it, so the post takes the gate's path)."""
+    hits = rec.list_hits
+    block = next((h for h in hits if h["list"] == "block"), None)
+    if block is not None or rec.image_text_truncated:
+        return block
+    return next((h for h in hits if h["list"] == "allow"), None)
+
+
 class GateRouter:
     def __init__(self, executor: Executor, clip_tokens: ClipTokens, version: str, signals: dict[str, str],
                  count: Callable[..., None] = _no_count, warn: Callable[[str], None] = print,
@@ -138,22 +149,23 @@ class GateRouter:
             signals = {"clip": self._clip_signal(policy)}
             for source in trained:  # an artifact record (or the text classifier's own module) says trained
                 signals[source] = self.signals.get(source, "untrained")
-            d = GateDecision(**judged, signals=signals, gate_version=self.version, gate_started=time.time(),
-                             gate_ms=(time.perf_counter() - t0) * 1e3,
+            d = GateDecision(**judged, route=GATE, signals=signals, gate_version=self.version,
+                             gate_started=time.time(), gate_ms=(time.perf_counter() - t0) * 1e3,
                              signal_media={"nsfw_image": nsfw_from} if nsfw_from and "nsfw_image" in trained else {})
             decisions.append(d)
-            settled = next((h for h in rec.list_hits if h["list"] in ("block", "allow")), None)
+            settled = settling_list_hit(rec)
             if settled is not None and not rec.escalate:  # an operator's list decides, whatever the gate's band
                 d.route, d.escalated = LIST, None
                 d.reason = f"{settled['kind']} on the {settled['list']} list (entry {settled['id']}); {d.reason}"
                 continue
-            if rec.escalate and d.route != ESCALATE:  # reported posts, appeals, spot checks
-                d.route, d.reason = ESCALATE, f"escalation forced by OPTIONS (the gate said {d.route}: {d.reason})"
+            if rec.escalate and d.band != ESCALATE:  # reported posts, appeals, spot checks
+                d.reason = f"escalation forced by OPTIONS (the gate's band was {d.band}: {d.reason})"
                 d.escalated = "forced"
-            elif d.route == ESCALATE:
+            elif d.band == ESCALATE:
                 d.escalated = "gate"
-            if d.route != ESCALATE:
+            if d.escalated is None:  # the gate's band settles the post (its action is chosen in postprocess)
                 continue
+            d.route = VLM
             arm = ab_arm(policy, rec.image_sha256, rec.text_sha256)
             probe = self.verdicts.probe(policy, rec, post.image_emb, post.text_emb, arm)
             hit = self.verdicts.lookup(probe) if probe else None

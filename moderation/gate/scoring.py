@@ -1,5 +1,7 @@
 """The CLIP gate: concept-bank similarities (as in Stable Diffusion's safety checker) plus image-caption
-consistency, turned into per-label scores and an allow / block / escalate decision by the policy."""
+consistency, turned into per-label scores (gate_scores) and the gate's band, allow / block / escalate, by the
+policy's thresholds (gate_band). The band routes a post (escalate: to the VLM); the action is chosen elsewhere
+(core/decision.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -92,9 +94,9 @@ def thresholds(policy: Policy, label: str, sources: dict[str, str] | None = None
     return g.allow_below, g.block_at
 
 
-def decide(policy: Policy, scores: dict[str, float], sources: dict[str, str] | None = None) -> tuple[str, str]:
-    """Block when a blockable label reaches its block threshold, allow when every label is below its allow
-    threshold, escalate otherwise. Labels in `sources` use that signal's thresholds (see thresholds())."""
+def gate_band(policy: Policy, scores: dict[str, float], sources: dict[str, str] | None = None) -> tuple[str, str]:
+    """(band, reason): block when a blockable label reaches its block threshold, allow when every label is below
+    its allow threshold, escalate otherwise. Labels in `sources` use that signal's thresholds (see thresholds())."""
     g = policy.gate
     th = {k: thresholds(policy, k, sources) for k in scores}
     blocking = {k: v for k, v in scores.items() if k in g.block_labels and v >= th[k][1]}
@@ -114,10 +116,10 @@ def decide(policy: Policy, scores: dict[str, float], sources: dict[str, str] | N
 
 def judge(policy: Policy, bank: ConceptBank, image_emb, text_emb, has_caption: bool,
           trained: dict[str, float] | None = None) -> dict:
-    """The gate's decision fields for one post: route, reason, scores, consistency, and the labels a trained
-    signal scored (sources) with that signal's allow thresholds. `trained`: {signal: score}."""
+    """The gate's fields for one post: band, reason, scores, consistency, and the labels a trained signal scored
+    (sources) with that signal's allow thresholds. `trained`: {signal: score}."""
     scores, consistency = gate_scores(policy, bank, image_emb, text_emb if has_caption else None, trained)
     sources = score_sources(policy, trained)
-    route, reason = decide(policy, scores, sources)
-    return {"route": route, "reason": reason, "scores": scores, "consistency": consistency, "sources": sources,
+    band, reason = gate_band(policy, scores, sources)
+    return {"band": band, "reason": reason, "scores": scores, "consistency": consistency, "sources": sources,
             "thresholds": {k: thresholds(policy, k, sources)[0] for k in sources}}

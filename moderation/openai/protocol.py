@@ -40,7 +40,7 @@ class ModerationResult(BaseModel):
     categories: dict[str, bool]
     category_scores: dict[str, float]
     category_applied_input_types: dict[str, list[Literal["text", "image"]]]
-    moderation: dict  # EXTENSION_KEY: action, decided_by, route, request_id, image_text, untrained, ...
+    moderation: dict  # EXTENSION_KEY: action, decided_by, route, gate_band, request_id, image_text, untrained, ...
 
 
 class ModerationResponse(BaseModel):

@@ -127,7 +127,8 @@ def openai_result(policy: Policy, result: dict, input_types: list[str]) -> dict:
             "category_applied_input_types": applied,
             EXTENSION_KEY: {"request_id": result["request_id"], "action": result["action"],
                             "decided_by": result["decided_by"], "reason": (result.get("decision") or {}).get("reason"),
-                            "route": result["route"], "severity": severity, "policy": result.get("policy"),
+                            "route": result["route"], "gate_band": (result.get("gate") or {}).get("band"),
+                            "severity": severity, "policy": result.get("policy"),
                             "image_text": result.get("image_text"), "list_hits": result.get("list_hits"),
                             "media": result.get("media"), "untrained": result.get("untrained"),
                             "unmapped_categories": [c for c in OPENAI_CATEGORIES if c not in mapping]}}

@@ -9,7 +9,9 @@ from .pb import pb
 _FAMILIES: dict[str, object] = {}
 
 SPECS = {
-    "moderation_requests_total": ("COUNTER", "Posts finished by postprocess, by route and verdict"),
+    "moderation_requests_total": ("COUNTER", "Posts finished by postprocess, by route (the path: gate, list, vlm, "
+                                  "cache), the gate's band (allow, block, escalate) and verdict; error for a failed "
+                                  "post"),
     "moderation_actions_total": ("COUNTER", "Posts answered, by action (allow/review/block, or error) and the "
                                  "signal that decided it (decided_by; the error code for a failed post)"),
     "moderation_escalations_total": ("COUNTER", "Posts the gate sent to the VLM, by decoder arm"),

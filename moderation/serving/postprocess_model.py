@@ -39,10 +39,11 @@ class PostprocessModel(StageModel):
         self.stage.audit.write_many(audit_rows)
         for result in results:
             if result["action"] is None:
-                self.finished.inc(route="error", violation="error")
+                self.finished.inc(route="error", gate_band="error", violation="error")
                 self.actions.inc(action="error", decided_by=result["error"]["code"])
             else:
-                self.finished.inc(route=result["route"], violation=str(result["violation"]).lower())
+                self.finished.inc(route=result["route"], gate_band=result["gate"]["band"],
+                                  violation=str(result["violation"]).lower())
                 self.actions.inc(action=result["action"], decided_by=result["decided_by"])
         embeds, scores = _pad_rows(embeds), _pad_rows(scores)
         return pb().InferenceResponse([

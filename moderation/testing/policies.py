@@ -6,18 +6,24 @@ from pathlib import Path
 
 import yaml
 
-from ..core.policy import PACKAGE_POLICY_DIR
+from ..core.policy import PACKAGE_POLICY_DIR, Decisions
 
 
 def derive_policy(directory: Path, name: str, base: str = "default", gate: dict | None = None,
-                  cache: dict | None = None, decoder: dict | None = None) -> Path:
-    """Write `<directory>/<name>.yaml`: the shipped `base` policy under a new name with some gate and cache
-    settings changed (tests and benchmarks force routes through thresholds this way, never per post)."""
+                  cache: dict | None = None, decoder: dict | None = None, bands: dict | None = None) -> Path:
+    """Write `<directory>/<name>.yaml`: the shipped `base` policy under a new name with some gate, cache, decoder
+    settings and action bands (`bands`: {signal: {"review": r, "block": b}}, over the policy's own) changed
+    (tests and benchmarks force routes through thresholds this way, never per post)."""
     data = yaml.safe_load((PACKAGE_POLICY_DIR / f"{base}.yaml").read_text(encoding="utf-8"))
     data["name"] = name
     data["gate"].update(gate or {})
     data.setdefault("cache", {}).update(cache or {})
     data.setdefault("decoder", {}).update(decoder or {})
+    if bands:
+        decisions = data.setdefault("decisions", {})
+        # the bands not named keep their values (a policy without `bands` has the defaults)
+        own = decisions.get("bands") or Decisions().model_dump()["bands"]
+        decisions["bands"] = {**own, **bands}
     path = Path(directory) / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return path

@@ -26,6 +26,8 @@ def request_record(**fields) -> RequestRecord:
 
 
 def gate_decision(**fields) -> GateDecision:
+    """A GateDecision; without `band`, the one its route implies (escalate for vlm / cache, else allow)."""
     values = {"reason": "", "consistency": None, "signals": {"clip": "untrained"}, "gate_version": "1",
-              "gate_started": time.time(), "gate_ms": 1.0}
+              "gate_started": time.time(), "gate_ms": 1.0,
+              "band": "escalate" if fields.get("route") in ("vlm", "cache") else "allow"}
     return GateDecision(**{**values, **fields})

@@ -30,7 +30,7 @@ def bench_a(srv, posts: UniquePosts, runs: int, n_gate: int, n_vlm: int) -> dict
                 t0 = time.perf_counter()
                 res = pipe.moderate(im, tx, options(policy))
                 p.append((time.perf_counter() - t0) * 1e3)
-                assert res["route"] == ("gate_allow" if policy == "allow_all" else "vlm"), res["route"]
+                assert res["route"] == ("gate" if policy == "allow_all" else "vlm"), res["route"]
             tri += t
             inp += p
             per_run.append({"triton_p50": pct(t, 50), "inprocess_p50": pct(p, 50),
