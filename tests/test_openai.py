@@ -77,6 +77,7 @@ def test_a_post_as_text_and_image_parts_is_moderated_and_audited(front):
     ext = res["moderation"]
     assert ext["action"] in ("allow", "review", "block") and res["flagged"] == (ext["action"] != "allow")
     assert ext["untrained"] is True and ext["request_id"] == r.id
+    assert ext["route"] in ("gate", "list", "vlm", "cache") and ext["gate_band"] in ("allow", "block", "escalate")
     assert res["category_applied_input_types"]["violence"] == ["image", "text"]
     assert res["category_applied_input_types"]["sexual/minors"] == []  # unmapped in the default policy
     assert "sexual/minors" in ext["unmapped_categories"]
