@@ -93,13 +93,14 @@ def test_every_sample_post_has_a_route_that_does_not_contradict_its_action(clien
     assert not {k: v for k, v in problems.items() if v}, problems
     seen = {(r["route"], r["gate"]["band"], r["action"]) for _, _, r in judged}
     assert {route for route, _, _ in seen} == set(ROUTES), seen
-    # the shipped default's hidden posts: settled at the gate in its block band, sent to a person, not blocked
-    assert ("gate", "block", "review") in seen and ("gate", "allow", "allow") in seen, seen
+    # the case: settled at the gate in the untrained CLIP's block band, sent to a person, not blocked
+    assert ("gate", "block", "review") in seen, seen
+    assert any(route == "gate" and band == "allow" for route, band, _ in seen), seen
     assert {"block", "allow"} <= {action for route, _, action in seen if route == "list"}, seen
     by = {(pol, name): r for pol, name, r in judged}
     forced = by[(f"{listed_policy}+escalate", "coins_scam_zh")]  # the block list still decides a forced escalation
-    assert (forced["route"], forced["escalated"], forced["action"], forced["decided_by"]) == (
-        "vlm", "forced", "block", "image_list")
+    assert (forced["route"], forced["action"], forced["decided_by"]) == ("vlm", "block", "image_list")
+    assert forced["escalated"] == ("gate" if forced["gate"]["band"] == "escalate" else "forced")
 
 
 def _nsfw_band(policy_dir, name: str, review: float, block: float) -> str:
