@@ -91,7 +91,7 @@ class AuditLog:
                  max_age_s: float | None = None, mode: str | None = None, spool_rows: int | None = None,
                  on_count: Callable[[str, int], None] | None = None, margin_bytes: int = DEFAULT_MARGIN_BYTES):
         self.path = Path(path or audit_path())
-        self.max_bytes = int(max_bytes or os.environ.get("MODERATION_AUDIT_MAX_BYTES", DEFAULT_MAX_BYTES))
+        self.max_bytes = int(max_bytes or os.environ.get("MODERATION_AUDIT_MAX_BYTES", "") or DEFAULT_MAX_BYTES)
         self.backups = int(backups if backups is not None
                            else os.environ.get("MODERATION_AUDIT_BACKUPS", DEFAULT_BACKUPS))
         self.max_age_s = float(max_age_s if max_age_s is not None
@@ -209,7 +209,7 @@ class AuditLog:
             self.failures += 1
             self._count(FAILURES_METRIC, 1)
             ok = False
-        if combined is not None:
+        if combined is not None and replaced is not None:  # set together
             if self._spool and self._spool[0] is combined:  # not written: made again, with the counts then
                 self._spool.popleft()
                 if replaced.rows:
@@ -415,7 +415,8 @@ def _line_ts(line: bytes) -> float | None:
 def summarize_file(path: Path) -> dict:
     """rows (non-blank lines), bytes, and the ts of its first and last rows that parse, of one file, read line by
     line."""
-    rows, size, first_ts, last = 0, 0, None, deque(maxlen=2)  # a torn last line: the one before has the ts
+    rows, size, first_ts = 0, 0, None
+    last: deque[bytes] = deque(maxlen=2)  # a torn last line: the one before has the ts
     with open(path, "rb") as f:
         for line in f:
             size += len(line)

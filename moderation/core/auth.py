@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 ADMIN_HEADER = "admin-key"
@@ -48,7 +49,7 @@ def admin_key() -> str:
     return key or ""
 
 
-def without_admin_key(env: dict[str, str]) -> dict[str, str]:
+def without_admin_key(env: Mapping[str, str]) -> dict[str, str]:
     """`env` for a process that does not check the key (Triton's stubs parse untrusted images; the OpenAI front end
     faces callers): none of ADMIN_KEY_ENV."""
     return {k: v for k, v in env.items() if k not in ADMIN_KEY_ENV}

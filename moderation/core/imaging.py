@@ -107,7 +107,8 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: i
             im.load()
             rgb = _to_rgb(ImageOps.exif_transpose(_reduced(im, decode_side)))
             count = int(getattr(im, "n_frames", 1) or 1)
-            frames, indices = (rgb,), (0,)
+            frames: tuple[Image.Image, ...] = (rgb,)
+            indices: tuple[int, ...] = (0,)
             if max_frames > 1 and count > 1:
                 if count * w * h > ANIMATION_PIXELS:
                     raise ImageTooLarge(
@@ -136,7 +137,7 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: i
 
 
 def _grey_thumbnail(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("L").resize((LOCAL_SIDE, LOCAL_SIDE), Image.BOX), dtype=np.float32)
+    return np.asarray(image.convert("L").resize((LOCAL_SIDE, LOCAL_SIDE), Image.Resampling.BOX), dtype=np.float32)
 
 
 def frame_change(a: np.ndarray, b: np.ndarray) -> float:
@@ -242,7 +243,7 @@ FINGERPRINT_SIDE = 8
 def fingerprint(image: Image.Image) -> np.ndarray:
     """8x8 RGB thumbnail, mean-removed and unit length (192 floats): the verdict cache's cheap second check
     against false CLIP matches (gate/cache.py)."""
-    thumb = image.convert("RGB").resize((FINGERPRINT_SIDE, FINGERPRINT_SIDE), Image.BILINEAR)
+    thumb = image.convert("RGB").resize((FINGERPRINT_SIDE, FINGERPRINT_SIDE), Image.Resampling.BILINEAR)
     x = np.asarray(thumb, dtype=np.float32).reshape(-1)
     return l2_normalize(x - x.mean())
 
@@ -258,7 +259,7 @@ LOCAL_BLUR_SIGMA = 1.0
 
 def local_thumbnail(image: Image.Image) -> bytes:
     """64x64 RGB thumbnail (box filter), uint8, row-major: 12,288 bytes."""
-    thumb = image.convert("RGB").resize((LOCAL_SIDE, LOCAL_SIDE), Image.BOX)
+    thumb = image.convert("RGB").resize((LOCAL_SIDE, LOCAL_SIDE), Image.Resampling.BOX)
     return np.asarray(thumb, dtype=np.uint8).tobytes()
 
 
@@ -280,7 +281,9 @@ def local_difference(stored: bytes, query: bytes) -> float:
     warp = np.eye(2, 3, dtype=np.float32)
     criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-4)
     try:
-        _, warp = cv2.findTransformECC(b.mean(axis=2), a.mean(axis=2), warp, cv2.MOTION_AFFINE, criteria, None, 1)
+        # opencv's stubs type inputMask without None, which the function takes (no mask)
+        _, warp = cv2.findTransformECC(b.mean(axis=2), a.mean(axis=2), warp, cv2.MOTION_AFFINE, criteria,  # type: ignore[call-overload]
+                                       None, 1)
     except cv2.error:  # no convergence (flat or unrelated images): compare unaligned
         warp = np.eye(2, 3, dtype=np.float32)
     aligned = cv2.warpAffine(a, warp, (LOCAL_SIDE, LOCAL_SIDE), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .errors import BadPolicy, UnknownPolicy
 from .hashing import sha256_hex
 from .state import read_state, state_dir, write_state
+from .text import Lang
 
 PACKAGE_POLICY_DIR = Path(__file__).parent / "policies"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -234,7 +235,7 @@ class Policy(_Strict):
     media: MediaSettings = MediaSettings()
     openai: OpenAICompat = OpenAICompat()
     sentiment: list[SentimentOption]
-    prompts: dict[Literal["en", "zh"], Prompt]
+    prompts: dict[Lang, Prompt]
     digest: str = ""
     lists: PolicyLists = PolicyLists()
     # why the lists file on disk is not the one in force (it failed to parse: the last good lists are), or None

@@ -10,7 +10,7 @@ from .hashing import post_hashes, sha256_hex
 from .imaging import decode_image
 from .options import Options, parse_options
 from .policy import Policy, load_policy
-from .text import decode_caption_as_sent, detect_lang, normalize_caption
+from .text import Lang, decode_caption_as_sent, detect_lang, normalize_caption
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Post:
     image_sha256: str
     text_sha256: str
     caption: str         # normalised: what the models read
-    lang: str
+    lang: Lang
     image: Image.Image  # the first image: RGB, EXIF orientation applied, first frame
     image_format: str
     image_size: tuple[int, int]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Literal
 
 from .errors import BadText, ModerationError, TextTooLong
 from .hashing import sha256_hex
@@ -69,7 +70,10 @@ def image_words(lines: list[dict] | None) -> str:
     return "\n".join(keep)
 
 
-def detect_lang(text: str) -> str:
+Lang = Literal["en", "zh"]  # the prompt languages (a policy words its prompts in each)
+
+
+def detect_lang(text: str) -> Lang:
     """'zh' when the caption is mostly Chinese, else 'en' (the prompt language)."""
     if not text:
         return "en"

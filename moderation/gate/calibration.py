@@ -150,9 +150,9 @@ def fit_gate(policy: Policy, posts: list[LabelledCosines], served: ClipIdentity,
     update = {"calibrated_for": served, "concept_center": round(center, 6), "concept_scale": round(scale, 4)}
     notes = []
     if "mismatch" in labels:
-        with_caption = [p for p in posts if p.consistency is not None]
-        mpos = [-p.consistency for p in with_caption if "mismatch" in p.labels]  # low consistency = mismatch
-        mneg = [-p.consistency for p in with_caption if "mismatch" not in p.labels]
+        with_caption = [(p, p.consistency) for p in posts if p.consistency is not None]
+        mpos = [-c for p, c in with_caption if "mismatch" in p.labels]  # low consistency = mismatch
+        mneg = [-c for p, c in with_caption if "mismatch" not in p.labels]
         try:
             c, s = _centre_and_scale(mpos, mneg, "image-caption consistency")
             update |= {"consistency_center": round(-c, 6), "consistency_scale": round(s, 4)}

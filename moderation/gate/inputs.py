@@ -53,7 +53,7 @@ def pad_to_aspect(image: Image.Image, max_aspect: float = MAX_ASPECT, long_side:
         return image
     if max(w, h) > long_side:  # shrink first: the padded canvas stays small (CLIP would shrink it anyway)
         s = long_side / max(w, h)
-        image = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+        image = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC)
         w, h = image.size
     nw, nh = max(w, int(np.ceil(h / max_aspect))), max(h, int(np.ceil(w / max_aspect)))
     canvas = Image.new("RGB", (nw, nh), (255, 255, 255))
@@ -227,7 +227,9 @@ class ReadImageText:
         items = judged_items(decode_post_images(post_images(image), policy))
         reads, truncated = self.reader.read_frames([((i, f), frame) for i, f, frame in items],
                                                    ReadBudget.of(policy.ocr))
-        lines, seen, per_item = [], set(), []
+        lines: list[dict] = []
+        seen: set[tuple[str, int | None]] = set()
+        per_item = []
         for (i, f), read in reads:
             where = {k: v for k, v in (("image", i), ("frame", f)) if v is not None}
             item_lines = [line.to_dict() | where for line in read.lines]
@@ -264,7 +266,7 @@ def check_rows(images: list, texts: list, options: list) -> list:
 def first_post_meta(images: list, texts: list, options: list) -> dict:
     """The audit row's hashes and request id for a request refused as a whole (its first post's)."""
     first = post_images(images[0]) if images else []
-    meta = post_hashes(first[0] if first else None, texts[0] if texts else None)
+    meta: dict[str, str | None] = {**post_hashes(first[0] if first else None, texts[0] if texts else None)}
     with contextlib.suppress(ModerationError):
         meta["request_id"] = parse_options(options[0]).request_id if options else None
     return meta

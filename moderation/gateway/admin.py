@@ -100,6 +100,7 @@ class AdminService:
                     raise Failed("unauthorized", UNAUTHORIZED)
                 if bad is not None:
                     raise Failed(bad.code, bad.message)
+                assert request is not None  # decode returned it, or set bad
                 result = await apply(request, {"via": "gateway", "peer": peer})
             except (Failed, ModerationError) as e:
                 failed = e if isinstance(e, Failed) else Failed(e.code, e.message)

@@ -141,7 +141,8 @@ class _Ticket:
     """One admitted call: `async with ticket:` waits for a running slot, and releases everything on exit."""
 
     def __init__(self, admission: Admission, state: _Client, size: int):
-        self.admission, self.state, self.size = admission, state, size
+        self.admission, self.state = admission, state
+        self.size: int | None = size  # None once released
         self._slot = False
 
     async def __aenter__(self) -> _Ticket:

@@ -74,6 +74,8 @@ class Readiness:
         return self.ready
 
     async def _probe_lists(self) -> None:
+        if not self.triton_metrics:
+            return
         try:
             stale = await asyncio.to_thread(stale_lists, self.triton_metrics)
         except OSError:  # Triton's metrics not answering: the last status stands

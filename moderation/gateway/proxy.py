@@ -145,6 +145,11 @@ class AuditGateway:
         if self.channel:
             await self.channel.close()
 
+    def _channel(self) -> aio.Channel:
+        if self.channel is None:
+            raise RuntimeError("the gateway is not started")
+        return self.channel
+
     def _upstream_metadata(self, context) -> tuple[tuple[str, str | bytes], ...]:
         """The caller's metadata for an inference Triton will run: its own copy of the key header never passes."""
         md = tuple((k, v) for k, v in _metadata(context) if k != GRPC_ADMIN_HEADER)
@@ -188,7 +193,7 @@ class AuditGateway:
     def infer(self):
         """ModelInfer, served as a stream handler so that a call whose message gRPC refused (over the size limit)
         still reaches here and is audited: the handler starts on the call's headers, the message never arrives."""
-        call = self.channel.unary_unary(INFER)  # no (de)serialisers: bytes in, bytes out
+        call = self._channel().unary_unary(INFER)  # no (de)serialisers: bytes in, bytes out
 
         async def handler(requests, context):
             started = time.perf_counter()
@@ -211,6 +216,7 @@ class AuditGateway:
                 text = await self._refuse(raw, req, code, message, started)
                 self._observe("ModelInfer", _REFUSAL_STATUS[code], started)
                 await context.abort(_REFUSAL_STATUS[code], text)
+            assert ticket is not None  # admitted: every other path aborted above
             async with ticket:
                 try:
                     response = await call(raw, metadata=self._upstream_metadata(context),
@@ -225,7 +231,7 @@ class AuditGateway:
         return grpc.stream_stream_rpc_method_handler(handler)
 
     def unary(self, method: str):
-        call = self.channel.unary_unary(method)
+        call = self._channel().unary_unary(method)
         name = method.rsplit("/", 1)[1]
         # Reading the config and statistics of the public models and of the models their ensembles compose is open
         # on this port (perf_analyzer reads both, the composing models' to break an ensemble down; they are not
@@ -250,7 +256,7 @@ class AuditGateway:
                 await context.abort(e.code(), e.details() or "")
             if all_stats:  # every model's statistics asked for without a key: those this port opens, only
                 stats = service_pb2.ModelStatisticsResponse.FromString(response)
-                keep = [m for m in stats.model_stats if m.name in self._readable]
+                keep = [m for m in stats.model_stats if m.name in (self._readable or ())]
                 del stats.model_stats[:]
                 stats.model_stats.extend(keep)
                 response = stats.SerializeToString()
@@ -274,7 +280,7 @@ class AuditGateway:
 
     async def _composed(self, names: tuple[str, ...]) -> set[str]:
         """The public models and, recursively, the models their ensemble steps name (read with the key)."""
-        call = self.channel.unary_unary(f"/{SERVICE}/ModelConfig")
+        call = self._channel().unary_unary(f"/{SERVICE}/ModelConfig")
         seen, todo = set(), list(names)
         while todo:
             name = todo.pop()
@@ -293,7 +299,7 @@ class AuditGateway:
     def stream(self):
         """ModelStreamInfer: every message is checked as ModelInfer's is; a refused one is answered in-band (as
         Triton answers its own errors on a stream) and audited, and the stream goes on."""
-        call = self.channel.stream_stream(STREAM_INFER)
+        call = self._channel().stream_stream(STREAM_INFER)
 
         async def handler(requests, context):
             started = time.perf_counter()
@@ -317,6 +323,7 @@ class AuditGateway:
                                 model_name=req.model_name if req else "", id=req.id if req else "")
                         ).SerializeToString())
                         continue
+                    assert req is not None  # refusal() refuses a body that is not a request
                     pending.setdefault(req.id, []).append((raw, t0))
                     yield raw
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from typing import Any
 
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import deserialize_bytes_tensor
@@ -76,7 +77,7 @@ def request_summary(raw: bytes, req: service_pb2.ModelInferRequest | None = None
     req = req if req is not None else parse_request(raw)
     if req is None:
         return {"model": None, "request_sha256": sha256_hex(raw), "bytes": len(raw), "parse_error": "not a request"}
-    row: dict = {"model": cap(req.model_name), "model_version": cap(req.model_version),
+    row: dict[str, Any] = {"model": cap(req.model_name), "model_version": cap(req.model_version),
                  "triton_request_id": cap(req.id), "inputs": []}
     for i, t in enumerate(req.inputs[:MAX_SUMMARISED_INPUTS]):
         raw_t = req.raw_input_contents[i] if i < len(req.raw_input_contents) else b""
@@ -84,7 +85,8 @@ def request_summary(raw: bytes, req: service_pb2.ModelInferRequest | None = None
         if elements is None and not raw_t and t.datatype == "BYTES":
             elements = list(t.contents.bytes_contents)
         data = raw_t or t.contents.SerializeToString()
-        entry = {"name": cap(t.name), "datatype": cap(t.datatype, 16), "shape": list(t.shape[:8]), "bytes": len(data)}
+        entry: dict[str, Any] = {"name": cap(t.name), "datatype": cap(t.datatype, 16), "shape": list(t.shape[:8]),
+                                 "bytes": len(data)}
         entry |= _element_hashes(elements) if elements is not None else {"sha256": sha256_hex(data)}
         row["inputs"].append(entry)
         if elements is not None and len(elements) >= 1:

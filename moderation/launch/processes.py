@@ -42,6 +42,10 @@ class ServerProcess:
             self.proc = subprocess.Popen(self.command(), env=env, start_new_session=True, pass_fds=pass_fds)
         return self
 
+    def exit_code(self) -> int | None:
+        """Its exit status once it has ended; None while it runs (or before start())."""
+        return self.proc.poll() if self.proc else None
+
     def wait_ready(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

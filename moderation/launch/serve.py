@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..ops.admin import STATE_FILE, RepositoryAdmin
@@ -25,7 +26,7 @@ def apply_live_versions(config: ServerConfig) -> list[dict]:
     return RepositoryAdmin(config.triton_grpc_url, config.key, config.repository).apply_state()
 
 
-def gpu_memory_plan(cfg: ServerConfig, environ: dict[str, str] | None = None) -> str | None:
+def gpu_memory_plan(cfg: ServerConfig, environ: Mapping[str, str] | None = None) -> str | None:
     """The memory plan of the models this server loads when MODERATION_GPU_MEMORY is set (None when it is not);
     raises PlanDoesNotFit, with the numbers, when they cannot fit the GPU."""
     from ..preflight import check_at_start
@@ -91,12 +92,12 @@ def main() -> int:
     # Either process ending ends the service: a Triton without its gateway would be unreachable, and a gateway
     # without Triton would answer UNAVAILABLE forever; the orchestrator restarts the pair.
     fronts = [p for p in (gateway, openai) if p]
-    while server.proc.poll() is None and all(p.proc.poll() is None for p in fronts):
+    while server.exit_code() is None and all(p.exit_code() is None for p in fronts):
         time.sleep(0.5)
-    died = [p for p in fronts if p.proc.poll() is not None and not stopping]
+    died = [p for p in fronts if p.exit_code() is not None and not stopping]
     gateway_died = bool(died)
     for p in died:
-        print(f"error: {p.name} exited with code {p.proc.returncode}; stopping the service", file=sys.stderr)
+        print(f"error: {p.name} exited with code {p.exit_code()}; stopping the service", file=sys.stderr)
     if watchdog:
         watchdog.halt()
     for p in (openai, gateway):

@@ -14,9 +14,12 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
+
+K = TypeVar("K", bound=Hashable)  # what a caller keys its frames by (read_frames)
 
 DET_SIDE = 480   # chosen by measurement: docs/performance.md (OCR)
 MAX_LINES = 32   # lines kept per image, in reading order
@@ -74,8 +77,8 @@ def rec_area(box: np.ndarray) -> float:
     """A detected box's cost to the recogniser in line squares: the recogniser reads it scaled to a REC_HEIGHT-px
     line, so REC_HEIGHT x REC_HEIGHT squares, as many as its long side / short side (crops taller than wide are
     turned on their side first, as the package does)."""
-    w = max(np.linalg.norm(box[0] - box[1]), np.linalg.norm(box[2] - box[3]))
-    h = max(np.linalg.norm(box[0] - box[3]), np.linalg.norm(box[1] - box[2]))
+    w = max(float(np.linalg.norm(box[0] - box[1])), float(np.linalg.norm(box[2] - box[3])))
+    h = max(float(np.linalg.norm(box[0] - box[3])), float(np.linalg.norm(box[1] - box[2])))
     return float(max(w, h) / max(1.0, min(w, h)))
 
 
@@ -165,8 +168,8 @@ class ImageTextReader:
             lines.append(TextLine(str(text), float(score), corners))
         return ImageText(lines, len(read) < len(boxes), len(boxes), len(read))
 
-    def read_frames(self, frames: list[tuple[Hashable, Image.Image]],
-                    budget: ReadBudget = ReadBudget()) -> tuple[list[tuple[Hashable, ImageText]], bool]:
+    def read_frames(self, frames: list[tuple[K, Image.Image]],
+                    budget: ReadBudget = ReadBudget()) -> tuple[list[tuple[K, ImageText]], bool]:
         """Each (key, frame) of a post's images read within `budget` of its own: a post costs at most its judged
         images and frames (policy media) x one image's read. Returns (key, its text) per frame, and whether the
         budget left detected text unread in any of them."""

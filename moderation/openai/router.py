@@ -29,9 +29,6 @@ from .serving import ModerationService
 __all__ = ["MAX_BODY_BYTES", "build_app"]
 
 SERVICE_KEY = web.AppKey("service", ModerationService)
-FRONT_KEY = web.AppKey("front", object)
-
-
 class FrontEnd:
     """The front end's shared state: its bounds, what is in flight, its audit log."""
 
@@ -52,6 +49,9 @@ class FrontEnd:
         task = asyncio.create_task(memory.trim_periodically(lambda: self.in_flight.requests == 0))
         yield
         task.cancel()
+
+
+FRONT_KEY = web.AppKey("front", FrontEnd)
 
 
 def _error(err: OpenAIError, rid: str, close: bool) -> web.Response:

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -195,23 +196,24 @@ class ModerationService:
                                        return_exceptions=True)
         if len(posts) == 1 and isinstance(results[0], BaseException):
             raise results[0]
-        rows = []
+        rows, answers = [], []
         for i, r in enumerate(results):
             if isinstance(r, BaseException):
                 if not isinstance(r, OpenAIError):
                     r = OpenAIError(500, f"internal error ({type(r).__name__})", "internal", "server_error")
-                    results[i] = r
                 if not r.audited and audit is not None:
                     rows.append(audit({"request_id": rids[i], "stage": "openai", "http_status": r.status,
                                        "error": {"code": r.code, "message": r.message[:512]}, **r.inputs}))
+                answers.append(failed_result(r))
+            else:
+                answers.append(openai_result(policy, *r))
         if rows:
             await asyncio.gather(*rows)
-        body = ModerationResponse(id=rid, model=request.model,
-                                  results=[failed_result(r) if isinstance(r, OpenAIError) else
-                                           openai_result(policy, *r) for r in results])
+        body = ModerationResponse(id=rid, model=request.model, results=answers)
         return body.model_dump()
 
-    async def _post(self, peer: str, parts: list[TextPart | ImagePart], rid: str, policy: str):
+    async def _post(self, peer: str, parts: list[TextPart | ImagePart], rid: str,
+                    policy: str) -> tuple[dict, list[str]]:
         image_parts = [p for p in parts if isinstance(p, ImagePart)]
         text = "\n".join(p.text for p in parts if isinstance(p, TextPart))
         try:
@@ -222,7 +224,7 @@ class ModerationService:
             err.inputs = {"text_sha256": sha256_hex(text.encode("utf-8", "surrogatepass"))}
             raise err from e
         del text
-        options = {"request_id": rid, "policy": policy}
+        options: dict[str, Any] = {"request_id": rid, "policy": policy}
         images = []
         if not image_parts:  # text only: judged by its text signals alone (OPTIONS text_only)
             images, options["text_only"] = [b""], True

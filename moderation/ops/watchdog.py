@@ -38,7 +38,7 @@ class Stub:
 def stubs(server_pid: int) -> dict[int, Stub]:
     """Live (non-zombie) stub processes of one tritonserver, by pid. argv: stub, <repo>/<model>/<v>/model.py,
     shm region, sizes, parent pid, backend dir, ipc size, <instance name>, <runtime>."""
-    out = {}
+    out: dict[int, Stub] = {}
     try:
         children = psutil.Process(server_pid).children(recursive=True)
     except psutil.NoSuchProcess:

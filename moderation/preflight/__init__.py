@@ -33,6 +33,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -324,7 +325,8 @@ def plan(qwen: dict, clip: dict, gpu_memory: int, target: str = "production", mo
 
     target = "production" if target == "gpu" else target
     models = tuple(models or default_models(target))
-    needs, processes, trt_workspace = [], {}, 0
+    needs, trt_workspace = [], 0
+    processes: dict[str, int] = {}
     for name in models:
         cfg = read_model_config(repository / name / "config.pbtxt") if repository else \
             model_config(name, target, onnx_accelerator)
@@ -378,7 +380,7 @@ def repository_checkpoints(repository: Path) -> tuple[Path, Path]:
     return qwen, Path(record["source"])
 
 
-def check_at_start(env: dict[str, str], repository: str | Path, models: tuple[str, ...], target: str) -> \
+def check_at_start(env: Mapping[str, str], repository: str | Path, models: tuple[str, ...], target: str) -> \
         MemoryPlan | None:
     """The plan of what a server is about to load, when MODERATION_GPU_MEMORY names the GPU's usable memory (None when
     unset). MODERATION_QWEN_CONFIG / MODERATION_CLIP_CONFIG point at the checkpoints' configs (default: the
@@ -388,13 +390,17 @@ def check_at_start(env: dict[str, str], repository: str | Path, models: tuple[st
     if not budget:
         return None
     repo = None if "://" in str(repository) else Path(repository)
-    qwen_dir, clip_dir = env.get("MODERATION_QWEN_CONFIG"), env.get("MODERATION_CLIP_CONFIG")
-    if not (qwen_dir and clip_dir):
+    qwen_env, clip_env = env.get("MODERATION_QWEN_CONFIG"), env.get("MODERATION_CLIP_CONFIG")
+    qwen_dir: str | Path
+    clip_dir: str | Path
+    if qwen_env and clip_env:
+        qwen_dir, clip_dir = qwen_env, clip_env
+    else:
         if repo is None:
             raise ValueError("MODERATION_GPU_MEMORY is set and the repository is remote: set MODERATION_QWEN_CONFIG "
                              "and MODERATION_CLIP_CONFIG to the checkpoints' config.json")
         default_qwen, default_clip = repository_checkpoints(repo)
-        qwen_dir, clip_dir = qwen_dir or default_qwen, clip_dir or default_clip
+        qwen_dir, clip_dir = qwen_env or default_qwen, clip_env or default_clip
     has_configs = repo is not None and all((repo / m / "config.pbtxt").exists() for m in models)
     result = plan(read_config(qwen_dir), read_config(clip_dir), parse_bytes(budget), target, models,
                   repo if has_configs else None)

@@ -42,7 +42,7 @@ def served_clip_identity(repository: Path) -> ClipIdentity | None:
 def served_version_dirs(repository: Path, models: tuple[str, ...]) -> dict[str, Path]:
     """{model: its served version directory}; ValueError naming the models with no exported version."""
     dirs = {m: served_version(Path(repository) / m) for m in models}
-    missing = [m for m, d in dirs.items() if d is None]
-    if missing:
-        raise ValueError(f"{repository} has no exported version of {', '.join(missing)}")
-    return dirs
+    found = {m: d for m, d in dirs.items() if d is not None}
+    if len(found) < len(dirs):
+        raise ValueError(f"{repository} has no exported version of {', '.join(m for m in dirs if m not in found)}")
+    return found

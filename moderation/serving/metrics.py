@@ -77,4 +77,4 @@ class CountByName:
         counter = self._counters.get(name)
         if counter is None:
             counter = self._counters[name] = Counter(name)
-        counter.inc(**labels)
+        counter.inc(1.0, **labels)

@@ -39,7 +39,8 @@ class OnnxRunner(StageModel):
 
     def execute(self, requests):
         u = pb()
-        arrays, sizes, ok = {n: [] for n in self.inputs}, [], []
+        arrays: dict[str, list[np.ndarray]] = {n: [] for n in self.inputs}
+        sizes, ok = [], []
         responses = [None] * len(requests)
         for i, request in enumerate(requests):
             try:

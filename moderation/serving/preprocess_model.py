@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from ..core.errors import BadRequest
-from ..gate.inputs import Preprocess, check_rows, first_post_meta
+from ..gate.inputs import GateInputs, Preprocess, check_rows, first_post_meta
 from ..gate.router import failed_call
 from ..repository.artifacts import read_artifact_record
 from .pb import pb
@@ -46,7 +46,8 @@ class PreprocessModel(StageModel):
         a bad post becomes a row with its error and the others are judged (postprocess writes each row)."""
         if len(images) == 1:
             return [self.preprocess(images[0], texts[0], option_rows[0], received, t0, meta)]
-        posts, failed = [], []
+        posts: list[GateInputs | None] = []
+        failed = []
         for image, text, opt in zip(images, texts, option_rows, strict=True):
             post_meta: dict = {}
             try:
@@ -55,8 +56,8 @@ class PreprocessModel(StageModel):
                 posts.append(None)
                 failed.append((len(posts) - 1, e, post_meta))
         like = next((p for p in posts if p is not None), None)
-        for i, e, post_meta in failed:
-            posts[i] = self.preprocess.failed(e, post_meta, received, t0, like)
+        for i, err, post_meta in failed:
+            posts[i] = self.preprocess.failed(err, post_meta, received, t0, like)
         return posts
 
 

@@ -5,9 +5,9 @@ import json
 import os
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -31,6 +31,10 @@ def parameters(args: dict) -> dict[str, str]:
     return {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
 
 
+@overload
+def rows(request, name: str, optional: Literal[False] = False) -> np.ndarray: ...
+@overload
+def rows(request, name: str, optional: bool) -> np.ndarray | None: ...
 def rows(request, name: str, optional: bool = False) -> np.ndarray | None:
     """The input as a numpy array (batch dimension first), or None for an absent optional input."""
     t = pb().get_input_tensor_by_name(request, name)
@@ -41,11 +45,12 @@ def rows(request, name: str, optional: bool = False) -> np.ndarray | None:
     return t.as_numpy()
 
 
-def bytes_rows(request, name: str, optional: bool = False) -> list[bytes | None]:
+def bytes_rows(request, name: str, optional: bool = False) -> list[bytes]:
+    """A BYTES input's elements, flattened ([] for an absent optional input)."""
     arr = rows(request, name, optional)
     if arr is None:
         return []
-    return [x if isinstance(x, bytes) else (x.encode() if isinstance(x, str) else x) for x in arr.reshape(-1)]
+    return [x if isinstance(x, bytes) else (x.encode() if isinstance(x, str) else bytes(x)) for x in arr.reshape(-1)]
 
 
 def image_rows(request, name: str = "IMAGE", optional: bool = False) -> list[list[bytes]]:
@@ -58,7 +63,7 @@ def image_rows(request, name: str = "IMAGE", optional: bool = False) -> list[lis
             for row in arr.reshape(arr.shape[0], -1)]
 
 
-def string_tensor(name: str, values: list[str | bytes]):
+def string_tensor(name: str, values: Sequence[str | bytes]):
     data = np.array([[v.encode("utf-8") if isinstance(v, str) else v] for v in values], dtype=np.object_)
     return pb().Tensor(name, data)
 
@@ -111,7 +116,7 @@ class Stage:
         return [self.answer_one(r, handle) for r in requests]
 
     def answer_one(self, request, handle: Callable[[Any, dict, float], Any]):
-        started, meta = time.perf_counter(), {}
+        started, meta = time.perf_counter(), dict[str, Any]()
         try:
             return handle(request, meta, started)
         except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only
@@ -119,7 +124,7 @@ class Stage:
 
     async def answer_async(self, request, handle: Callable[[Any, dict, float], Awaitable[Any]]):
         """answer_one for a coroutine handler (a model whose execute awaits BLS calls)."""
-        started, meta = time.perf_counter(), {}
+        started, meta = time.perf_counter(), dict[str, Any]()
         try:
             return await handle(request, meta, started)
         except Exception as e:  # noqa: BLE001 - every failure becomes a coded error for this request only

@@ -1,6 +1,8 @@
 """vlm_preprocess: Qwen3-VL patches at the fixed resolution, the prompt body's token ids and DecoderOptions."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from ..core.hashing import post_hashes
@@ -20,7 +22,7 @@ class VlmPreprocessModel(StageModel):
 
     def respond(self, request, meta: dict, started: float):
         images, texts = image_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
-        options = bytes_rows(request, "OPTIONS", optional=True) or [None] * len(images)
+        options: Sequence[bytes | None] = bytes_rows(request, "OPTIONS", optional=True) or [None] * len(images)
         image_texts = bytes_rows(request, "IMAGE_TEXT", optional=True) or [b""] * len(images)
         pixels, bodies, infos = [], [], []
         for image, text, opt, drawn in zip(images, texts, options, image_texts, strict=True):
@@ -28,7 +30,9 @@ class VlmPreprocessModel(StageModel):
             meta.update(post_hashes(image[0] if image else None, text))
             words = (drawn or b"").decode("utf-8", "replace")  # the image's words, read by preprocess
             p, body, info = self.inputs(parse_post(image, text, opt, meta), words)
-            pixels.append(p), bodies.append(body), infos.append(info.to_json())
+            pixels.append(p)
+            bodies.append(body)
+            infos.append(info.to_json())
         width = max(len(b) for b in bodies)
         if any(len(b) != width for b in bodies):  # rows of one request share a length: pad with -1
             bodies = [np.pad(b, (0, width - len(b)), constant_values=-1) for b in bodies]

@@ -21,7 +21,8 @@ def dense_text_png(words: int = 555, side: int = 480, seed: int = 0, px: int = 1
     rng = random.Random(seed)
     im = Image.new("L", (side, side), 255)
     draw = ImageDraw.Draw(im)
-    x, y, n = 4, 4, 0
+    x: float = 4
+    y, n = 4, 0
     while n < words and y + px < side:
         word = rng.choice(WORDS)
         width = draw.textlength(word, font=font)
@@ -54,7 +55,7 @@ def unseen_copy(data: bytes, i: int, fmt: str | None = None) -> bytes:
     and ocr_recognize's cache would answer it)."""
     import numpy as np
 
-    im = Image.open(io.BytesIO(data))
+    im: Image.Image = Image.open(io.BytesIO(data))
     fmt = fmt or im.format
     arr = np.array(im.convert("L" if im.mode == "L" else "RGB"), dtype=np.int16)
     rng = np.random.default_rng(i)
@@ -68,7 +69,7 @@ def unseen_copy(data: bytes, i: int, fmt: str | None = None) -> bytes:
 def stamped_copy(data: bytes, i: int, fmt: str | None = None) -> bytes:
     """The image re-encoded with a 64 x 64 patch of a colour from `i` at its centre: a large image no response
     cache has seen (the patch survives the encoders' downscaling, where one pixel of a 6324-px image would not)."""
-    im = Image.open(io.BytesIO(data))
+    im: Image.Image = Image.open(io.BytesIO(data))
     fmt = fmt or im.format
     im = im.convert("RGB")
     w, h = im.size

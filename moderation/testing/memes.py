@@ -32,7 +32,7 @@ def render(meme: Meme, size: tuple[int, int] = (640, 480), quality: int = 92) ->
     """The meme as JPEG bytes."""
     if not FONT.exists():
         raise FileNotFoundError(f"{FONT} is missing: `apt-get install fonts-wqy-microhei` (make setup does)")
-    im = Image.open(image_paths()[meme.photo]).convert("RGB").resize(size, Image.BICUBIC)
+    im = Image.open(image_paths()[meme.photo]).convert("RGB").resize(size, Image.Resampling.BICUBIC)
     draw = ImageDraw.Draw(im)
     for text, at_top in ((meme.top, True), (meme.bottom, False)):
         if not text:

@@ -11,13 +11,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..core.contracts import VlmVerdict
 from ..core.policy import Policy
+from ..core.text import Lang
 from .prompts import PromptBuilder, Question
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import DynamicCache
 
 
 @dataclass
@@ -26,7 +31,7 @@ class DecoderRequest:
     visual_tokens: np.ndarray      # float32 [N, H]
     deepstack: np.ndarray          # float32 [n_layers, N, H]
     policy: Policy
-    lang: str = "en"
+    lang: Lang = "en"
     describe: bool = False
 
 
@@ -62,7 +67,7 @@ class PrefilledGroup:
     """A group's KV after its body prefill: cache [B, P + L] (prefix + right-padded bodies), mask [B, P + L] of the
     valid tokens, next_pos [B] (the rope position after each body)."""
     builder: PromptBuilder
-    cache: object
+    cache: DynamicCache
     mask: torch.Tensor
     next_pos: torch.Tensor
     prefix_ms: float
@@ -80,7 +85,10 @@ class QuestionBlock:
     last [Q] (where each question's next-token logits are read)."""
 
     def __init__(self, questions: list[Question]):
-        ids, owner, offsets, last = [], [], [], []
+        ids: list[int] = []
+        owner: list[int] = []
+        offsets: list[int] = []
+        last: list[int] = []
         for j, q in enumerate(questions):
             ids += q.ids
             owner += [j] * len(q.ids)
@@ -159,7 +167,7 @@ class VerdictDecoder:
                 self.tokenizer, num_visual_tokens, plain=shared.plain if shared else None)
         return builder
 
-    def _prefix(self, builder: PromptBuilder, policy: Policy, lang: str):
+    def _prefix(self, builder: PromptBuilder, policy: Policy, lang: Lang):
         key = (policy.id, policy.digest, lang)
         hit = self._prefix_kv.get(key) if self.reuse_prefix else None
         if hit is not None:
@@ -254,8 +262,10 @@ class VerdictDecoder:
             next_pos[b] = p.max() + 1
         vis = torch.from_numpy(np.stack([r.visual_tokens for r in reqs])).to(dev, self.dtype)
         ds = torch.from_numpy(np.stack([r.deepstack for r in reqs])).to(dev, self.dtype)
+        # Qwen3-VL reads one tensor per image here (transformers annotates a single Tensor)
         mm = BaseModelOutputWithDeepstackFeatures(
-            pooler_output=tuple(vis), deepstack_features=[tuple(ds[:, j]) for j in range(ds.shape[1])])
+            pooler_output=tuple(vis),  # type: ignore[arg-type]
+            deepstack_features=[tuple(ds[:, j]) for j in range(ds.shape[1])])  # type: ignore[misc]
         shared = [(k.expand(B, -1, -1, -1).contiguous(), v.expand(B, -1, -1, -1).contiguous()) for k, v in prefix_kv]
         cache = DynamicCache(ddp_cache_data=shared, config=self.config)
         mask = torch.cat([torch.ones((B, P), dtype=torch.long), body_mask], dim=1).to(dev)
@@ -297,7 +307,7 @@ class VerdictDecoder:
         m = mask[sel]
         start = next_pos[rows].to(dev)
         ids = torch.tensor([builder.describe_ids(policy, lang)] * len(rows), device=dev)
-        generated = [[] for _ in rows]
+        generated: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
         for _ in range(policy.decoder.describe_max_tokens):
             n = ids.shape[1]
@@ -318,7 +328,9 @@ class VerdictDecoder:
                 break
             ids = nxt[:, None]
         for i, b in enumerate(rows):
-            out[b] = self.tokenizer.decode(generated[i], skip_special_tokens=True).strip()
+            # one sequence decodes to one str (transformers annotates str | list[str])
+            text: str = self.tokenizer.decode(generated[i], skip_special_tokens=True)  # type: ignore[assignment]
+            out[b] = text.strip()
             counts[b] = len(generated[i])
         return out, counts
 

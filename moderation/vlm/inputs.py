@@ -28,7 +28,7 @@ class QwenPixels:
         self.merge_size = base.merge_size
 
     def __call__(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        image = image.resize((self.side, self.side), Image.BICUBIC)
+        image = image.resize((self.side, self.side), Image.Resampling.BICUBIC)
         out = self.processor(images=[image], return_tensors="np")
         return out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
 
@@ -55,7 +55,7 @@ def contact_sheet(images: list[Image.Image], side: int = 448) -> Image.Image:
     sheet = Image.new("RGB", (side, side), (255, 255, 255))
     for k, im in enumerate(images):
         cell = im.convert("RGB").copy()
-        cell.thumbnail((cw, ch), Image.BICUBIC)
+        cell.thumbnail((cw, ch), Image.Resampling.BICUBIC)
         x0, y0 = (k % cols) * (cw + SHEET_GUTTER), (k // cols) * (ch + SHEET_GUTTER)
         sheet.paste(cell, (x0 + (cw - cell.width) // 2, y0 + (ch - cell.height) // 2))
     return sheet
@@ -76,7 +76,10 @@ class VlmInputs:
         """`text` cut to its first `max_tokens` plain-text tokens (the ids go back to characters: the body is
         tokenized in one piece with the prompt's wording around it)."""
         ids = self.prompts.text_ids(text)
-        return (self.tokenizer.decode(ids[:max_tokens]), True) if len(ids) > max_tokens else (text, False)
+        if len(ids) <= max_tokens:
+            return text, False
+        # one sequence decodes to one str (transformers annotates str | list[str])
+        return self.tokenizer.decode(ids[:max_tokens]), True  # type: ignore[return-value]
 
     def __call__(self, post: Post, image_text: str = "") -> tuple[np.ndarray, np.ndarray, DecoderOptions]:
         """`image_text`: the words OCR read in the image (preprocess), capped at the policy's prompt_max_tokens."""

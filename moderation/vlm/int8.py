@@ -24,6 +24,8 @@ DEQUANT_BLOCK_ELEMENTS = 1 << 24
 
 
 class Int8WeightOnlyLinear(nn.Module):
+    qweight: torch.Tensor  # buffers (register_buffer), typed for their readers
+    scale: torch.Tensor
     """y = x @ (q * scale)^T + b with q int8 [out, in] and a per-output-channel scale (symmetric)."""
 
     def __init__(self, linear: nn.Linear):
@@ -76,7 +78,7 @@ def resolve_scheme(scheme: str | None, device: torch.device) -> str:
     return scheme
 
 
-def quantize_decoder(model: nn.Module, scheme: str, device: torch.device) -> tuple[nn.Module, str, int]:
+def quantize_decoder(model: nn.Module, scheme: str | None, device: torch.device) -> tuple[nn.Module, str, int]:
     """Quantize every nn.Linear of `model` (the language model and lm_head: the vision tower is dropped before).
     Returns (model, resolved scheme, number of Linear layers quantized)."""
     scheme = resolve_scheme(scheme, device)

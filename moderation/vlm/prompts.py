@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 
 from ..core.errors import BadPolicy, BadRequest
-from ..core.policy import Policy
+from ..core.policy import Lang, Policy
 
 IMAGE_PAD = "<|image_pad|>"
 QWEN_GENERATION_PROMPT = "<|im_start|>assistant\n"
@@ -93,13 +93,13 @@ class PromptBuilder:
     def text_ids(self, text: str) -> list[int]:
         return self.plain.encode(text)
 
-    def prefix_ids(self, policy: Policy, lang: str) -> list[int]:
+    def prefix_ids(self, policy: Policy, lang: Lang) -> list[int]:
         p = policy.prompts[lang]
         system = p.system.format(labels=", ".join(policy.label_names(lang)))
         return (self._control("<|im_start|>system\n") + self.text_ids(system)
                 + self._control("<|im_end|>\n<|im_start|>user\n"))
 
-    def body_ids(self, policy: Policy, lang: str, caption: str, image_text: str = "") -> list[int]:
+    def body_ids(self, policy: Policy, lang: Lang, caption: str, image_text: str = "") -> list[int]:
         p = policy.prompts[lang]
         vision = "<|vision_start|>" + IMAGE_PAD * self.num_visual_tokens + "<|vision_end|>"
         caption_line = p.caption.format(caption=caption) if caption else ""
@@ -107,7 +107,7 @@ class PromptBuilder:
         return (self._control(vision) + self.text_ids(caption_line + text_line)
                 + self._control("<|im_end|>\n" + self.generation_prompt))
 
-    def describe_ids(self, policy: Policy, lang: str) -> list[int]:
+    def describe_ids(self, policy: Policy, lang: Lang) -> list[int]:
         return self.text_ids(policy.prompts[lang].describe)
 
     def check(self, policy: Policy) -> None:
@@ -115,12 +115,12 @@ class PromptBuilder:
         for lang in policy.prompts:
             self.questions(policy, lang)
 
-    def questions(self, policy: Policy, lang: str) -> list[Question]:
+    def questions(self, policy: Policy, lang: Lang) -> list[Question]:
         key = (f"{policy.id}#{policy.digest}", lang)
         if key not in self._questions:
             p = policy.prompts[lang]
             yes_no = (("yes", "no"), (p.yes, p.no))
-            specs = [("violation", p.violation, *yes_no)]
+            specs: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [("violation", p.violation, *yes_no)]
             specs += [(lab.key, p.label.format(name=getattr(lab, lang)), *yes_no) for lab in policy.labels]
             specs.append(("sentiment", p.sentiment, tuple(s.key for s in policy.sentiment),
                           tuple(getattr(s, lang) for s in policy.sentiment)))
