@@ -10,7 +10,7 @@ Each is written with to_json() and read with from_json(), which validates it (un
 a `bad_request`: only a caller that bypassed the ensemble can send a malformed one)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -19,12 +19,17 @@ from .errors import BadRequest, ModerationError
 # RESULT.route names the path a post took, never the decision (that is RESULT.action): settled at the gate
 # without the VLM, settled by a custom block/allow list, judged by the VLM, or answered from a near-duplicate's
 # stored VLM verdict. A text_only post or one of several images takes the same paths.
-GATE, LIST, VLM, CACHE = "gate", "list", "vlm", "cache"
+GATE: Final = "gate"  # Final: each name has its Literal type (a Route / a Band)
+LIST: Final = "list"
+VLM: Final = "vlm"
+CACHE: Final = "cache"
 Route = Literal["gate", "list", "vlm", "cache"]
 # The gate's band (gate/scoring.py gate_band), kept as evidence in RESULT.gate.band: the router escalates on
 # ESCALATE; ALLOW and BLOCK are what the gate's thresholds said, which the action may not follow (an untrained
 # signal never allows or blocks).
-ALLOW, BLOCK, ESCALATE = "allow", "block", "escalate"
+ALLOW: Final = "allow"
+BLOCK: Final = "block"
+ESCALATE: Final = "escalate"
 Band = Literal["allow", "block", "escalate"]
 Signal = Literal["trained", "untrained", "uncalibrated"]  # uncalibrated: trained, but the policy's gate
 # thresholds were fitted for another CLIP (moderation/gate/calibration.py)

@@ -7,6 +7,7 @@ import functools
 import json
 import time
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 
 import jsonschema
@@ -38,7 +39,7 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
     decision = decision or decide(policy, gate, record.list_hits, record.image_text_truncated)
     if route in (VLM, CACHE) and vlm:  # CACHE: an earlier VLM verdict of a near-duplicate post
         threshold, source = policy.decoder.label_threshold, "vlm"
-        sent = max(vlm.sentiment, key=vlm.sentiment.get)
+        sent = max(vlm.sentiment, key=vlm.sentiment.__getitem__)
         sentiment = {"label": sent, "score": vlm.sentiment[sent]}
         description = vlm.description
         scores = {**vlm.labels, "violation": vlm.violation}
@@ -54,7 +55,8 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
         if source == "vlm":
             scores = {**scores, **{k: gate_scores[k] for k in sources if k in gate_scores}}
     labels = sorted(({"name": k, "score": v, "source": sources.get(k, source)} for k, v in scores.items()
-                     if k in policy.label_keys and v >= own.get(k, threshold)), key=lambda x: -x["score"])
+                     if k in policy.label_keys and v >= own.get(k, threshold)),
+                    key=itemgetter("score"), reverse=True)
     signals = dict(gate.signals)
     if route in (VLM, CACHE):
         signals["vlm"] = "untrained" if vlm and vlm.untrained else "trained"

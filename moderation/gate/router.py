@@ -99,7 +99,8 @@ class GateRouter:
         served CLIP (calibration.served_clip_identity), which a policy's gate.calibrated_for must name for a
         trained CLIP to count as trained under it."""
         self.executor, self.clip_tokens, self.version = executor, clip_tokens, version
-        self.clip_identity, self._uncalibrated_told = clip_identity, set()
+        self.clip_identity = clip_identity
+        self._uncalibrated_told: set[str] = set()
         self.signals, self.count, self.warn = {**TEXT_SIGNALS, **signals}, count, warn
         self.banks: dict[str, ConceptBank] = {}
         # near-duplicate verdict cache (policy `cache`); verdicts of swapped-out model versions are not served

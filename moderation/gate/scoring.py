@@ -67,8 +67,8 @@ def gate_scores(policy: Policy, bank: ConceptBank, image_emb: np.ndarray, text_e
         consistency = float(l2_normalize(text_emb) @ img)
         if "mismatch" in scores:
             scores["mismatch"] = _sigmoid(g.consistency_scale * (g.consistency_center - consistency))
-    for label, source in score_sources(policy, trained).items():
-        scores[label] = float(trained[source])
+    for label, source in score_sources(policy, trained).items():  # none without trained signals
+        scores[label] = float((trained or {})[source])
     return scores, consistency
 
 
@@ -101,14 +101,14 @@ def gate_band(policy: Policy, scores: dict[str, float], sources: dict[str, str] 
     th = {k: thresholds(policy, k, sources) for k in scores}
     blocking = {k: v for k, v in scores.items() if k in g.block_labels and v >= th[k][1]}
     if blocking:
-        top = max(blocking, key=blocking.get)
+        top = max(blocking, key=blocking.__getitem__)
         via = f" ({sources[top]})" if sources and top in sources else ""
         return BLOCK, f"{top} score {blocking[top]:.3f}{via} >= block_at {th[top][1]}"
     ambiguous = {k: v for k, v in scores.items() if v >= th[k][0]}
     if not ambiguous:
         trained = "".join(f", {lab} from {src} below {th[lab][0]}" for lab, src in (sources or {}).items())
         return ALLOW, f"every label score below its allow threshold (allow_below {g.allow_below}{trained})"
-    top = max(ambiguous, key=ambiguous.get)
+    top = max(ambiguous, key=ambiguous.__getitem__)
     via = f" ({sources[top]})" if sources and top in sources else ""
     return ESCALATE, (f"{top} score {scores[top]:.3f}{via} is ambiguous "
                       f"(between {th[top][0]} and {th[top][1]})")

@@ -26,10 +26,11 @@ def route_contradictions(result: dict) -> list[str]:
         return []
     route, action, by = result.get("route"), result["action"], result.get("decided_by")
     band = (result.get("gate") or {}).get("band")
-    escalated, hit = result.get("escalated"), (result.get("decision") or {}).get("list_hit")
+    escalated = result.get("escalated")
+    hit: dict = (result.get("decision") or {}).get("list_hit") or {}
     vlm_ran = result.get("sentiment") is not None or "language_decoder" in result.get("model_versions", {})
     trained_gate_signal = by != "vlm" and (result.get("signals") or {}).get(by) == "trained"
-    settled_by_list = by in LIST_DECIDERS and hit is not None and hit.get("list") in ("block", "allow")
+    settled_by_list = by in LIST_DECIDERS and hit.get("list") in ("block", "allow")
     out = []
     if route not in ROUTES:
         out.append(f"route {route!r} is not one of {ROUTES}")
