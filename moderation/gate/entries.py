@@ -2,7 +2,9 @@
 hit, and the one match rule that decides for both."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -61,32 +63,36 @@ def match(entries: list[tuple[object, Entry]], settings, image, text, caption, f
     for (i, e), s in zip(entries, sims, strict=True):
         if s < settings.image_threshold:
             continue
-        ts = None
-        if settings.text_threshold is None:
-            if e.caption != caption:
-                continue
-        else:
-            if text is None or e.text is None:
-                continue
-            ts = float(e.text @ text)
-            if ts < settings.text_threshold:
-                continue
-        fs = None
-        if settings.fingerprint_threshold is not None:
-            if fp is None or e.fingerprint is None:
-                continue
-            fs = float(e.fingerprint @ fp)
-            if fs < settings.fingerprint_threshold:
-                continue
-        ld = None
-        if settings.local_threshold is not None:
-            if local is None or e.local is None:
-                continue
-            ld = local_difference(e.local, local)
-            if ld > settings.local_threshold:
-                continue
+        if settings.text_threshold is None and e.caption != caption:  # no text threshold: the same caption
+            continue
+        ok, ts = _check(settings.text_threshold, e.text, text, _cosine)
+        if not ok:
+            continue
+        ok, fs = _check(settings.fingerprint_threshold, e.fingerprint, fp, _cosine)
+        if not ok:
+            continue
+        ok, ld = _check(settings.local_threshold, e.local, local, local_difference, at_most=True)
+        if not ok:
+            continue
         out.append((i, float(s), ts, fs, ld))
     return sorted(out, key=lambda m: -m[1])
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b)
+
+
+def _check(threshold: float | None, stored, query, measure: Callable[[Any, Any], float],
+           at_most: bool = False) -> tuple[bool, float | None]:
+    """(passes, value) of one of match's optional checks: off (no threshold) passes without a value; an entry or a
+    post without the vector fails; else measure(stored, query) is at least the threshold (a cosine) or, at_most, at
+    most it (a difference)."""
+    if threshold is None:
+        return True, None
+    if stored is None or query is None:
+        return False, None
+    value = float(measure(stored, query))
+    return (value <= threshold if at_most else value >= threshold), value
 
 
 def unit_inputs(image_emb, text_emb, fp):
