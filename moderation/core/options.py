@@ -21,8 +21,8 @@ class Options(BaseModel):
     describe: bool = False
     lang: Literal["auto", "en", "zh"] = "auto"
     return_embedding: bool = False
-    # Privacy: clear caches after processing. The verdict cache stores nothing from this post and evicts every
-    # stored verdict the post matches (moderation/gate/cache.py).
+    # Privacy, the verdict cache only: it stores nothing from this post and evicts every stored verdict the post
+    # matches (moderation/gate/cache.py). Triton's response cache of encoder outputs cannot be cleared (docs/caches.md).
     forget: bool = False
     # Send the post to the VLM whatever the gate decided (reported posts, appeals, spot checks); audited.
     escalate: bool = False
