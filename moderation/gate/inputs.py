@@ -131,17 +131,18 @@ class Preprocess:
 
     def __init__(self, clip_dir: str, version: str,
                  score_nsfw: Callable[[np.ndarray], np.ndarray] | None = None):
-        """`score_nsfw`: open_nsfw's P(nsfw) for a batch of NsfwPixels, for the frames of an animation after its
-        first (the first frame's NSFW_PIXELS go through the ensemble's nsfw_image step); None: not scored."""
+        """`score_nsfw`: open_nsfw's P(nsfw) for a batch of NsfwPixels, for every image and frame of a post after
+        its first (the first's NSFW_PIXELS go through the ensemble's nsfw_image step); None: those are not scored."""
         self.pixels = ClipPixels(clip_dir)
         self.tokens = ClipTokens(clip_dir)
         self.nsfw = NsfwPixels()  # open_nsfw's reference preprocessing for the nsfw_image model
         self.score_nsfw = score_nsfw
         self.version = version
 
-    def __call__(self, image: bytes, text: bytes, options: bytes | None, received_at: float,
+    def __call__(self, image: bytes | list[bytes], text: bytes, options: bytes | None, received_at: float,
                  started: float, failure_meta: dict | None = None) -> GateInputs:
-        """`failure_meta` (when given) is filled as the post is read, for the audit row of a post that fails."""
+        """`image`: the post's image, or its images (IMAGE's row). `failure_meta` (when given) is filled as the post
+        is read, for the audit row of a post that fails."""
         meta = failure_meta if failure_meta is not None else {}
         images = post_images(image)
         hashes = post_hashes(images[0] if images else None, text)
@@ -234,7 +235,7 @@ class ReadImageText:
             where = {k: v for k, v in (("image", i), ("frame", f)) if v is not None}
             item_lines = [line.to_dict() | where for line in read.lines]
             per_item.append((i, f, image_words(item_lines)))
-            for line in item_lines:  # a caption shown across frames is reported once, from its first frame
+            for line in item_lines:  # a caption shown across an image's frames is reported once, from its first
                 if (line["text"], i) not in seen and len(lines) < MAX_LINES:
                     seen.add((line["text"], i))
                     lines.append(line)
