@@ -57,5 +57,5 @@ def sample_posts() -> list[SamplePost]:
         SamplePost("flower_threat", p["flower"], "this is what happens to people like you",
                    "mismatch: flower with a threat"),
         SamplePost("astronaut_mix", p["astronaut"], "Houston 我们有麻烦了 😱🔥", "mixed zh/en/emoji"),
-        SamplePost("horse_gif_zh", p["gif"], "今天好开心，哈哈哈", "animated GIF, first frame"),
+        SamplePost("horse_gif_zh", p["gif"], "今天好开心，哈哈哈", "animated GIF, read frame by frame"),
     ]
