@@ -117,7 +117,7 @@ def test_editing_the_nsfw_band_moves_route_and_action_together(client, policy_di
     first = client.moderate(p.image_bytes(), p.text, policy="allow_all")
     assert first["gate"]["sources"].get("sexual") == "nsfw_image"
     s = first["gate"]["scores"]["sexual"]  # the served P(nsfw) of this photo
-    assert 0.05 < s < 0.95, s
+    assert 0.001 < s < 0.95, s  # room for bands on both sides of it
 
     def judge(review: float, block: float) -> dict:
         name = _nsfw_band(policy_dir, f"nsfw_band_{review:.4f}_{block:.4f}", review, block)
