@@ -441,8 +441,10 @@ def server(request, tmp_path_factory, policy_dir):
     root = tmp_path_factory.mktemp(f"audit-{mode}")
     with mounted_tmpfs(root / "fs", size="512k") as fs:
         audit = fs.root / "audit.jsonl"
+        # fail_open's timer flushes once an hour here: rows reach the file only with the next row a model writes, or
+        # when Triton unloads the model (finalize)
         env = {"MODERATION_POLICY_DIR": str(policy_dir), "MODERATION_AUDIT_LOG": str(audit),
-               "MODERATION_AUDIT_ON_FAILURE": mode}
+               "MODERATION_AUDIT_ON_FAILURE": mode, "MODERATION_AUDIT_FLUSH_S": "3600"}
         try:
             with running_server(repository=REPO, env=env, log_path=root / "triton.log", key=ADMIN_KEY) as srv:
                 srv.audit, srv.fs = audit, fs
@@ -513,10 +515,38 @@ def test_server_fail_open_serves_counts_and_writes_the_outage_rows_later(server)
     finally:
         server.fs.free()
     _moderate(server, f"open-{tag}-after")
-    # the next row flushes the spool; another instance's spool flushes by its 5 s timer (120 s: a hang guard)
+    # the next row flushes the spool of the instance that writes it (postprocess has one; 120 s: a hang guard)
     hang_guard = time.monotonic() + 120
     while time.monotonic() < hang_guard and not set(outage + [f"open-{tag}-after"]) <= set(_ids(server)):
         time.sleep(0.5)
     ids = _ids(server)
     assert set(outage + [f"open-{tag}-after"]) <= set(ids), ids[-10:]
+    assert all(ids.count(rid) == 1 for rid in outage)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["fail_open"], indirect=True)
+def test_server_unload_writes_the_spooled_rows(server):
+    """Rows postprocess spooled while the log was full are written when the model is unloaded through the admin API
+    (finalize), with no later request to carry them and the flush timer an hour away. Last in this module: it
+    leaves postprocess unloaded."""
+    tag = uuid.uuid4().hex[:8]
+    _moderate(server, f"unload-{tag}-0")
+    server.fs.fill()
+    server.fs.exhaust(server.audit)
+    outage = [f"unload-{tag}-out{i}" for i in range(3)]
+    try:
+        for rid in outage:
+            assert _moderate(server, rid)["request_id"] == rid
+        assert not set(outage) & set(_ids(server))
+    finally:
+        server.fs.free()
+    assert not set(outage) & set(_ids(server))  # nothing written them yet: they wait in postprocess's spool
+    server.direct_client().unload_model("postprocess")
+    hang_guard = time.monotonic() + 120  # the unload returns before the stub has finalized
+    while time.monotonic() < hang_guard and not set(outage) <= set(_ids(server)):
+        time.sleep(0.5)
+    ids = _ids(server)
+    assert set(outage) <= set(ids), ids[-10:]
     assert all(ids.count(rid) == 1 for rid in outage)

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -216,3 +217,90 @@ def test_make_serve_supervises_the_pair(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_sigterm_drains_the_calls_in_flight_and_refuses_new_ones(triton, audit_log):
+    """SIGTERM with calls in flight: they are answered and audited, a call after it is refused, the gateway exits 0.
+    The calls are held in flight by stopping Triton (SIGSTOP) until the gateway has stopped taking calls, so the
+    order is fixed without timing: admitted, SIGTERM, refused, Triton resumed, answered, exit."""
+    from .conftest import ADMIN_KEY
+
+    n = 4
+    port, metrics_port = free_port(), free_port()
+    env = {**os.environ, "MODERATION_AUDIT_LOG": str(audit_log), "MODERATION_ADMIN_KEY": ADMIN_KEY,
+           "MODERATION_GATEWAY_PER_CLIENT": str(n)}  # all n admitted at once, none waiting in the client queue
+    gw = subprocess.Popen([sys.executable, "-m", "moderation.gateway", "--listen", f"127.0.0.1:{port}",
+                           "--upstream", triton.triton_grpc_url, "--metrics", f"127.0.0.1:{metrics_port}",
+                           "--triton-metrics", ""], env=env)
+    url, triton_pid, stopped = f"127.0.0.1:{port}", triton.process.proc.pid, False
+    tag = uuid.uuid4().hex[:8]
+    rids = [f"drain-{tag}-{i}" for i in range(n)]
+    answers: queue.Queue = queue.Queue()
+    refused = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED")  # a stopping gRPC server cancels or rejects
+
+    def call(rid: str) -> None:
+        inputs, outputs = _good(rid)
+        try:
+            r = grpcclient.InferenceServerClient(url).infer("moderate", inputs, outputs=outputs, client_timeout=180)
+            answers.put((rid, json.loads(r.as_numpy("RESULT").reshape(-1)[0])))
+        except InferenceServerException as e:
+            answers.put((rid, e))
+
+    def in_flight() -> float:
+        return _scrape(f"http://127.0.0.1:{metrics_port}/metrics").get(
+            'moderation_gateway_in_flight{what="calls"}', 0.0)
+
+    try:
+        c = grpcclient.InferenceServerClient(url)
+        hang_guard = time.monotonic() + 120  # the gateway starting
+        while True:
+            try:
+                if c.is_server_ready(client_timeout=5) and in_flight() == 0:
+                    break
+            except (InferenceServerException, OSError):
+                pass
+            assert gw.poll() is None and time.monotonic() < hang_guard, "the gateway did not come up"
+            time.sleep(0.2)
+        os.kill(triton_pid, signal.SIGSTOP)
+        stopped = True
+        threads = [threading.Thread(target=call, args=(rid,), daemon=True) for rid in rids]
+        for t in threads:
+            t.start()
+        hang_guard = time.monotonic() + 120
+        while in_flight() < n:  # every call admitted and forwarded, none can be answered
+            assert time.monotonic() < hang_guard and answers.empty(), "the calls were not all admitted"
+            time.sleep(0.1)
+        gw.send_signal(signal.SIGTERM)
+        hang_guard = time.monotonic() + 120
+        while True:  # a call the gateway answers itself: refused with its own code until it stops taking calls
+            try:
+                c.infer("no_such_model", _wrong_dtype(), client_timeout=10)
+            except InferenceServerException as e:
+                if e.status() in refused:
+                    break
+                assert e.status() == "StatusCode.NOT_FOUND", (e.status(), e.message())
+            assert time.monotonic() < hang_guard, "the gateway kept taking new calls after SIGTERM"
+            time.sleep(0.1)
+        late = f"drain-{tag}-late"
+        inputs, outputs = _good(late)
+        with pytest.raises(InferenceServerException) as info:
+            c.infer("moderate", inputs, outputs=outputs, client_timeout=30)
+        assert info.value.status() in refused, (info.value.status(), info.value.message())
+        assert answers.empty() and gw.poll() is None  # the calls in flight are still waiting, the gateway with them
+        os.kill(triton_pid, signal.SIGCONT)
+        stopped = False
+        got = dict(answers.get(timeout=180) for _ in rids)
+        for rid in rids:
+            assert isinstance(got[rid], dict), (rid, got[rid])
+            assert got[rid]["request_id"] == rid and got[rid]["action"] is not None, got[rid]
+        assert gw.wait(180) == 0
+        for rid in rids:
+            rows = _rows(audit_log, rid)
+            assert [r["stage"] for r in rows] == ["moderate"], rows  # the model's row of the answered call
+        assert _rows(audit_log, late) == []  # refused at the door: it reached nothing that writes a row
+    finally:
+        if stopped:
+            os.kill(triton_pid, signal.SIGCONT)
+        if gw.poll() is None:
+            gw.kill()
+            gw.wait()
