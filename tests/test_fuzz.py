@@ -91,10 +91,11 @@ def rss_baseline():
 def test_the_peak_rss_measure_sees_growth_below_an_earlier_peak():
     """The memory bound can fail: after a reset, 64 MiB touched counts as growth although the process peaked higher
     before (runs before the properties, and before their baseline is taken)."""
-    earlier = bytearray(256 * 2**20)  # bytearray zero-fills: every page is touched
+    # filled with 1s, so every page is written (zeroed memory from calloc may never be touched)
+    earlier = b"\x01" * (256 * 2**20)
     del earlier
     start = _reset_peak_rss()
-    block = bytearray(64 * 2**20)
+    block = b"\x01" * (64 * 2**20)
     grown = _rss_mb("VmHWM") - start
     del block
     assert grown >= 60, grown
