@@ -115,3 +115,10 @@ def classify_failure(text: str, status: str = "") -> tuple[str, str]:
 def coded_by_model(text: str) -> bool:
     """True when one of our models failed the request, so it wrote the audit row (see _MODEL_FAILURE)."""
     return _model_code(text.strip()) is not None
+
+
+def failed_call(model: str, error_text: str) -> ModerationError:
+    """A failed call to another model as this request's error: the callee's code when it named one, else
+    `model_unavailable` (the callee is down, overloaded or broken, not the request)."""
+    code, message = classify_failure(error_text)
+    return ModerationError(f"{model}: {message}", code=code if code != "internal" else "model_unavailable")

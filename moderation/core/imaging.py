@@ -41,10 +41,10 @@ warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 # Animated GIF, WebP and APNG: at most FRAME_SCAN frames are looked at (every frame of a short animation, evenly
-# spaced ones of a longer one); of those, a frame
-# is kept when some 8x8 tile of its 64x64 grey thumbnail moved by FRAME_CHANGE grey levels (of 255) on average
-# against the last frame kept (a caption drawn into one frame moves its tiles by tens of levels; GIF dithering noise
-# by under one); the kept frames are then thinned evenly to the caller's max_frames, the first always kept.
+# spaced ones of a longer one); of those, a frame is kept when some 8x8 tile of its 64x64 grey thumbnail moved by
+# FRAME_CHANGE grey levels (of 255) on average against the last frame kept (a caption drawn into one frame moves its
+# tiles by tens of levels; GIF dithering noise by under one); the kept frames are then thinned evenly to the caller's
+# max_frames, the first always kept.
 # Reaching frame n decodes every frame before it (GIF disposal, WebP and APNG blending), so an animation read frame by
 # frame costs its frame count x its size: above ANIMATION_PIXELS (~1 s of decoding on one core) it is refused.
 FRAME_SCAN = 64
@@ -156,10 +156,10 @@ def sample_frames(im: Image.Image, first: Image.Image, count: int, max_frames: i
     for n in candidates:
         im.seek(n)
         im.load()
-        thumb_src = _to_rgb(_reduced(im, decode_side))
-        thumb = _grey_thumbnail(thumb_src)
+        frame = _to_rgb(_reduced(im, decode_side))
+        thumb = _grey_thumbnail(frame)
         if frame_change(thumb, last) >= FRAME_CHANGE:
-            kept.append(thumb_src)
+            kept.append(frame)
             indices.append(n)
             last = thumb
     if len(kept) > max_frames:  # thin evenly, keeping frame 0

@@ -39,13 +39,19 @@ def image_hits(policy: Policy, pdq: str | None) -> list[ListHit]:
     return hits
 
 
+def evidence_place(image: int | None, frame: int | None) -> dict[str, int]:
+    """Where in a post a piece of evidence came from: its `image` and `frame`, each only where it applies (None: a
+    post of one image, a still image; core/post.py judged_items)."""
+    return {k: v for k, v in (("image", image), ("frame", frame)) if v is not None}
+
+
 def media_hits(hits_per_item: list[tuple[int | None, int | None, list[ListHit]]]) -> list[ListHit]:
     """The hits of every image and frame of a post as one list: each entry once, from the item it matched first
     (by the smallest distance for an image entry), with that `image` and `frame` in its detail where not None (a
     post of one image names no image, a still names no frame)."""
     best: dict[tuple[str, str], ListHit] = {}
     for image, frame, hits in hits_per_item:
-        where = {k: v for k, v in (("image", image), ("frame", frame)) if v is not None}
+        where = evidence_place(image, frame)
         for h in hits:
             if where:
                 h = ListHit(h.kind, h.list, h.id, h.label, h.field, {**h.detail, **where})

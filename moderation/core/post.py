@@ -1,7 +1,7 @@
 """One post as a client sent it, validated: OPTIONS, policy, caption, decoded image, content hashes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
@@ -16,12 +16,16 @@ from .text import Lang, decode_caption_as_sent, detect_lang, normalize_caption
 @dataclass(frozen=True)
 class PostImage:
     """One image of a post as decoded: its judged frames (the first is the image itself)."""
-    sha256: str
+    data: bytes = field(repr=False, compare=False)  # as sent: hashed only when RESULT names the image (media)
     format: str
     size: tuple[int, int]           # as the header declares it
     frame_count: int                # frames in the file (1: a still image)
     frames: tuple[Image.Image, ...]
     frame_indices: tuple[int, ...]
+
+    @property
+    def sha256(self) -> str:
+        return sha256_hex(self.data)
 
     def media(self) -> dict:
         """What RESULT and the audit row say of it: hashes and counts, never pixels."""
@@ -74,10 +78,11 @@ def post_images(image: bytes | list[bytes] | tuple[bytes, ...] | None) -> list[b
 
 
 def parse_post(image: bytes | list[bytes], text: bytes, options: Options | bytes | None,
-               hashes: dict | None = None) -> Post:
+               hashes: dict | None = None, read_frames: bool = True) -> Post:
     """Validate everything a client sent (OPTIONS raw, or already parsed); raises ModerationError with a code
     that names the problem. `image`: one image's bytes or a post's images. `hashes`: the post's post_hashes()
-    when the caller already computed them (of its first image)."""
+    when the caller already computed them (of its first image). `read_frames`: sample each animation's frames
+    (policy media.max_frames); False decodes each image's first frame only (what the VLM's picture shows)."""
     if not isinstance(options, Options):
         options = parse_options(options)
     policy = load_policy(options.policy)
@@ -96,25 +101,24 @@ def parse_post(image: bytes | list[bytes], text: bytes, options: Options | bytes
     if len(images) > policy.media.max_images:
         raise TooManyImages(f"the post carries {len(images)} images; policy {policy.name!r} reads at most "
                             f"{policy.media.max_images} per post (media.max_images)")
-    decoded = decode_post_images(images, policy)
+    decoded = decode_post_images(images, policy, read_frames)
     first = decoded[0]
     return Post(options, policy, hashes["image_sha256"], hashes["text_sha256"], caption, lang, first.frames[0],
                 first.format, first.size, as_sent, images=tuple(decoded))
 
 
-def decode_post_images(images: list[bytes], policy: Policy) -> tuple[PostImage, ...]:
-    """Each image decoded with its judged frames (policy media); a bad one raises its code, naming the image when
-    the post has several."""
+def decode_post_images(images: list[bytes], policy: Policy, read_frames: bool = True) -> tuple[PostImage, ...]:
+    """Each image decoded with its judged frames (policy media; the first frame only without `read_frames`); a bad
+    one raises its code, naming the image when the post has several."""
     decoded = []
     for i, data in enumerate(images):
         try:
-            d = decode_image(data, max_frames=policy.media.max_frames)
+            d = decode_image(data, max_frames=policy.media.max_frames if read_frames else 1)
         except ModerationError as e:
             if len(images) == 1:
                 raise
             raise type(e)(f"image {i}: {e.message}") from None
-        decoded.append(PostImage(sha256_hex(data), d.format, d.original_size, d.frame_count, d.frames or (d.image,),
-                                 d.frame_indices))
+        decoded.append(PostImage(data, d.format, d.original_size, d.frame_count, d.frames, d.frame_indices))
     return tuple(decoded)
 
 

@@ -18,7 +18,7 @@ from ..core.contracts import PostError, RequestRecord
 from ..core.errors import BadRequest, ModerationError
 from ..core.hashing import post_hashes
 from ..core.imaging import fingerprint, local_thumbnail, pdq_hash
-from ..core.lists import image_hits, media_hits, term_hits
+from ..core.lists import evidence_place, image_hits, media_hits, term_hits
 from ..core.options import parse_options
 from ..core.policy import load_policy
 from ..core.post import decode_post_images, judged_items, parse_post, post_images
@@ -151,7 +151,7 @@ class Preprocess:
         meta["request_id"] = parsed.request_id
         post = parse_post(images, text, parsed, hashes)
         ids, mask, truncated = self.tokens.encode([post.caption])
-        policy, cache = post.policy, post.policy.cache
+        policy, cache, media = post.policy, post.policy.cache, post.media
         pdq, hits = None, []
         if policy.lists.images and post.has_image:  # every image and judged frame against the image list
             pdqs = [(i, f, pdq_hash(frame)[0]) for i, f, frame in post.judged_frames]
@@ -163,13 +163,13 @@ class Preprocess:
             describe=parsed.describe, return_embedding=parsed.return_embedding, forget=parsed.forget,
             image_format=post.image_format, image_size=post.image_size, has_caption=bool(post.caption),
             has_image=post.has_image,
-            caption_key=verdict_cache_key(post.caption, "", post.media), caption_truncated=truncated[0],
+            caption_key=verdict_cache_key(post.caption, "", media), caption_truncated=truncated[0],
             fingerprint=fingerprint(post.image).tolist()
             if cache.enabled and cache.fingerprint_threshold is not None and post.has_image else None,
             local_thumbnail=base64.b64encode(local_thumbnail(post.image)).decode("ascii")
             if cache.enabled and cache.local_threshold is not None and post.has_image else None,
             escalate=parsed.escalate, pdq=pdq, list_hits=[h.to_dict() for h in hits],
-            media=post.media, more_nsfw=self._more_nsfw(post),
+            media=media, more_nsfw=self._more_nsfw(post),
             read_text=bool(policy.ocr.enabled and parsed.ocr and post.has_image),
             text_scores=text_scores(post.caption, ""),
             received_at=received_at, preprocessed_at=time.time(),
@@ -232,8 +232,7 @@ class ReadImageText:
         seen: set[tuple[str, int | None]] = set()
         per_item = []
         for (i, f), read in reads:
-            where = {k: v for k, v in (("image", i), ("frame", f)) if v is not None}
-            item_lines = [line.to_dict() | where for line in read.lines]
+            item_lines = [line.to_dict() | evidence_place(i, f) for line in read.lines]
             per_item.append((i, f, image_words(item_lines)))
             for line in item_lines:  # a caption shown across an image's frames is reported once, from its first
                 if (line["text"], i) not in seen and len(lines) < MAX_LINES:

@@ -17,8 +17,9 @@ from typing import Protocol
 import numpy as np
 
 from ..core.contracts import CACHE, ESCALATE, GATE, LIST, VLM, GateDecision, PostError, RequestRecord, VlmVerdict
-from ..core.errors import ModerationError, classify_failure
+from ..core.errors import ModerationError
 from ..core.hashing import unit_interval
+from ..core.lists import evidence_place
 from ..core.policy import ClipIdentity, Policy, load_policy
 from ..core.text import image_words
 from .cache import GateCache
@@ -37,13 +38,6 @@ class Executor(Protocol):
         """Run `model` (raise ModerationError, e.g. from failed_call(), when it fails)."""
 
     def is_ready(self, model: str, version: str) -> bool: ...
-
-
-def failed_call(model: str, error_text: str) -> ModerationError:
-    """A failed call to another model as this request's error: the callee's code when it named one, else
-    `model_unavailable` (the callee is down, overloaded or broken, not the request)."""
-    code, message = classify_failure(error_text)
-    return ModerationError(f"{model}: {message}", code=code if code != "internal" else "model_unavailable")
 
 
 def ab_arm(policy: Policy, image_sha256: str, text_sha256: str) -> str | None:
@@ -71,7 +65,7 @@ class GatePost:
         best, where = self.nsfw_score, {}
         for i, f, p in self.record.more_nsfw:
             if best is None or p > best:
-                best, where = p, {k: v for k, v in (("image", i), ("frame", f)) if v is not None}
+                best, where = p, evidence_place(i, f)
         return best, where
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 import asyncio
 
 from ..core.contracts import RequestRecord
+from ..core.errors import failed_call
 from ..core.policy import load_policy
 from ..gate.inputs import ClipTokens
-from ..gate.router import GatePost, GateRouter, failed_call
+from ..gate.router import GatePost, GateRouter
 from ..repository.artifacts import read_artifact_record, signal_of
 from ..repository.served import served_clip_identity
 from .metrics import CountByName, Counter

@@ -9,10 +9,9 @@ import numpy as np
 
 from ..core.errors import BadRequest
 from ..gate.inputs import GateInputs, Preprocess, check_rows, first_post_meta
-from ..gate.router import failed_call
 from ..repository.artifacts import read_artifact_record
 from .pb import pb
-from .triton_io import Stage, StageModel, bytes_rows, image_rows, string_tensor, tensor, version_dir
+from .triton_io import Stage, StageModel, bytes_rows, image_rows, infer_blocking, string_tensor, tensor, version_dir
 
 
 class PreprocessModel(StageModel):
@@ -66,13 +65,7 @@ NSFW_INPUT, NSFW_OUTPUT, NSFW_BATCH = "input:0", "outputs", 16
 
 
 def _nsfw_bls(pixels: np.ndarray) -> np.ndarray:
-    """open_nsfw's P(nsfw) per row of NHWC pixels, by BLS to nsfw_image (the frames of an animation after its first;
-    a blocking call inside this model's execute)."""
-    u, out = pb(), []
-    for start in range(0, len(pixels), NSFW_BATCH):
-        resp = u.InferenceRequest(model_name="nsfw_image", requested_output_names=[NSFW_OUTPUT], inputs=[
-            u.Tensor(NSFW_INPUT, np.ascontiguousarray(pixels[start:start + NSFW_BATCH], dtype=np.float32))]).exec()
-        if resp.has_error():
-            raise failed_call("nsfw_image", resp.error().message())
-        out.append(u.get_output_tensor_by_name(resp, NSFW_OUTPUT).as_numpy()[:, 1])
-    return np.concatenate(out)
+    """open_nsfw's P(nsfw) per row of NHWC pixels, by BLS to nsfw_image (every image and frame of a post after its
+    first), at most its max_batch_size rows a call."""
+    return np.concatenate([infer_blocking("nsfw_image", NSFW_INPUT, pixels[start:start + NSFW_BATCH], NSFW_OUTPUT)[:, 1]
+                           for start in range(0, len(pixels), NSFW_BATCH)])

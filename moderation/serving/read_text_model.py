@@ -8,11 +8,10 @@ import numpy as np
 from ..core.contracts import PostError, RequestRecord
 from ..core.errors import ModerationError
 from ..gate.inputs import ReadImageText
-from ..gate.router import failed_call
 from ..ocr.reader import MODELS as OCR_MODELS
 from ..ocr.reader import ImageTextReader
 from .pb import pb
-from .triton_io import Stage, StageModel, bytes_rows, image_rows, string_tensor
+from .triton_io import Stage, StageModel, bytes_rows, image_rows, infer_blocking, string_tensor
 
 
 class ReadTextModel(StageModel):
@@ -45,11 +44,6 @@ def _meta(record: RequestRecord) -> dict:
 
 
 def _ocr_bls(model: str, x: np.ndarray) -> np.ndarray:
-    """One OCR model call by BLS (the reader runs inside this model's own execute, so a blocking call)."""
-    u = pb()
+    """One OCR model call by BLS (the reader runs inside this model's own execute)."""
     name_in, name_out = OCR_MODELS[model]
-    resp = u.InferenceRequest(model_name=model, requested_output_names=[name_out],
-                              inputs=[u.Tensor(name_in, np.ascontiguousarray(x, dtype=np.float32))]).exec()
-    if resp.has_error():
-        raise failed_call(model, resp.error().message())
-    return u.get_output_tensor_by_name(resp, name_out).as_numpy()
+    return infer_blocking(model, name_in, x, name_out)

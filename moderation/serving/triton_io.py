@@ -13,7 +13,7 @@ import numpy as np
 
 from ..core.audit import FAIL_OPEN, AuditLog
 from ..core.contracts import PostError
-from ..core.errors import AuditUnavailable, BadRequest, ModerationError
+from ..core.errors import AuditUnavailable, BadRequest, ModerationError, failed_call
 from .metrics import Counter
 from .pb import pb
 
@@ -45,12 +45,16 @@ def rows(request, name: str, optional: bool = False) -> np.ndarray | None:
     return t.as_numpy()
 
 
+def _as_bytes(x) -> bytes:
+    return x if isinstance(x, bytes) else (x.encode() if isinstance(x, str) else bytes(x))
+
+
 def bytes_rows(request, name: str, optional: bool = False) -> list[bytes]:
     """A BYTES input's elements, flattened ([] for an absent optional input)."""
     arr = rows(request, name, optional)
     if arr is None:
         return []
-    return [x if isinstance(x, bytes) else (x.encode() if isinstance(x, str) else bytes(x)) for x in arr.reshape(-1)]
+    return [_as_bytes(x) for x in arr.reshape(-1)]
 
 
 def image_rows(request, name: str = "IMAGE", optional: bool = False) -> list[list[bytes]]:
@@ -59,8 +63,18 @@ def image_rows(request, name: str = "IMAGE", optional: bool = False) -> list[lis
     arr = rows(request, name, optional)
     if arr is None:
         return []
-    return [[x if isinstance(x, bytes) else (x.encode() if isinstance(x, str) else bytes(x)) for x in row]
-            for row in arr.reshape(arr.shape[0], -1)]
+    return [[_as_bytes(x) for x in row] for row in arr.reshape(arr.shape[0], -1)]
+
+
+def infer_blocking(model: str, name_in: str, x: np.ndarray, name_out: str) -> np.ndarray:
+    """One float32 input to `model` by BLS, its one output back: a blocking call, made from inside a model's own
+    execute (read_text's OCR models, preprocess's open_nsfw on further images). A failed call raises its code."""
+    u = pb()
+    resp = u.InferenceRequest(model_name=model, requested_output_names=[name_out],
+                              inputs=[u.Tensor(name_in, np.ascontiguousarray(x, dtype=np.float32))]).exec()
+    if resp.has_error():
+        raise failed_call(model, resp.error().message())
+    return u.get_output_tensor_by_name(resp, name_out).as_numpy()
 
 
 def string_tensor(name: str, values: Sequence[str | bytes]):

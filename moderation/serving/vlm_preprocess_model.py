@@ -29,7 +29,8 @@ class VlmPreprocessModel(StageModel):
             meta.clear()
             meta.update(post_hashes(image[0] if image else None, text))
             words = (drawn or b"").decode("utf-8", "replace")  # the image's words, read by preprocess
-            p, body, info = self.inputs(parse_post(image, text, opt, meta), words)
+            # the VLM's picture shows each image's first frame: no animation is sampled here
+            p, body, info = self.inputs(parse_post(image, text, opt, meta, read_frames=False), words)
             pixels.append(p)
             bodies.append(body)
             infos.append(info.to_json())
