@@ -64,10 +64,11 @@ def tmpfs(size: str = "8m"):
 def fill(directory: Path) -> Path:
     """Fill the filesystem until a write fails with ENOSPC; the filler file is returned (delete it to free)."""
     filler = directory / "filler"
-    with open(filler, "wb") as f, contextlib.suppress(OSError):
+    # unbuffered, inside the suppress: a buffered file's close would flush the bytes the failing write left in its
+    # buffer and raise ENOSPC again, outside the suppress (how full the disk was decided whether it did)
+    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as f:
         while True:
             f.write(b"\0" * 65536)
-            f.flush()
     return filler
 
 
