@@ -13,6 +13,8 @@ $MODERATION_ADMIN_KEY or the file named by $MODERATION_ADMIN_KEY_FILE).
     .venv/bin/python -m clients.admin --url 127.0.0.1:8001 lists add-term --policy default --list review \
         --term "click the link in bio" [--label scam]
     .venv/bin/python -m clients.admin --url 127.0.0.1:8001 lists remove-image --policy default --id img-…
+    .venv/bin/python -m clients.admin --url 127.0.0.1:8001 lists export --policy default > default.lists.json
+    .venv/bin/python -m clients.admin --url 127.0.0.1:8001 lists import --policy default default.lists.json
     .venv/bin/python -m clients.admin --url 127.0.0.1:8001 feedback REQUEST_ID --verdict violation [--label L]
     .venv/bin/python -m clients.admin client-token --id shop-a     # a signed client id for fair shares
 
@@ -105,6 +107,12 @@ class ServiceAdmin:
     def remove(self, policy: str, kind: str, entry_id: str) -> dict:
         return self.lists(f"remove-{kind}", policy, id=entry_id)
 
+    def export(self, policy: str) -> dict:
+        return self.lists("export", policy)
+
+    def import_lists(self, policy: str, document: dict) -> dict:
+        return self.lists("import", policy, lists=document)
+
     def feedback(self, request_id: str, verdict: str, label: str | None = None, reviewer: str | None = None) -> dict:
         return self.call(admin_rpc.FEEDBACK, {"request_id": request_id, "verdict": verdict,
                                               **({"label": label} if label else {}),
@@ -121,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status")
     sub.add_parser("purge-caches", help="empty the near-duplicate verdict caches (reloads clip_gate, no request fails)")
     lists = sub.add_parser("lists", help="custom block / allow / review lists of images and terms, live")
-    lists.add_argument("action", choices=["show", "add-image", "remove-image", "add-term", "remove-term"])
+    lists.add_argument("action", choices=["show", "add-image", "remove-image", "add-term", "remove-term", "export",
+                                          "import"])
     lists.add_argument("--policy", default="default")
     lists.add_argument("--list", dest="list_name", choices=["block", "allow", "review"], default=None)
     lists.add_argument("--image", type=Path, help="add-image: the image file")
@@ -129,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     lists.add_argument("--label", default=None, help="the policy label a hit is reported under")
     lists.add_argument("--note", default="")
     lists.add_argument("--id", dest="entry_id", help="remove-*: the entry id (see `lists show`)")
+    lists.add_argument("file", nargs="?", type=Path, help="import: a document `lists export` wrote (replaces them)")
     token = sub.add_parser("client-token", help="the signed `moderation-client` value of a client id (the gateway's "
                            "fair shares trust it where MODERATION_GATEWAY_CLIENT_KEY_FILE is set)")
     token.add_argument("--id", dest="client_id", required=True)
@@ -162,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "lists":
             with ServiceAdmin(args.url, key) as service:
                 out = _lists(args, service)
+            if args.action == "export":  # a document for review and backup: one entry a line
+                print(json.dumps(out, ensure_ascii=False, indent=1))
+                return 0
         elif args.cmd == "feedback":
             with ServiceAdmin(args.url, key) as service:
                 out = service.feedback(args.request_id, args.verdict, args.label, args.reviewer)
@@ -199,6 +212,20 @@ def main(argv: list[str] | None = None) -> int:
 def _lists(args, lists: ServiceAdmin) -> dict:
     if args.action == "show":
         return lists.show(args.policy)
+    if args.action == "export":
+        return lists.export(args.policy)
+    if args.action == "import":
+        if not args.file:
+            raise AdminError("import needs the FILE `lists export` wrote")
+        try:
+            document = json.loads(args.file.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise AdminError(f"cannot read {args.file}: {e.strerror}") from None
+        except ValueError as e:
+            raise AdminError(f"{args.file} is not JSON: {e}") from None
+        if not isinstance(document, dict):
+            raise AdminError(f"{args.file} is not a lists document (a JSON object)")
+        return lists.import_lists(args.policy, document)
     if args.action.startswith("add-") and not args.list_name:
         raise AdminError(f"{args.action} needs --list block|allow|review")
     if args.action == "add-image":

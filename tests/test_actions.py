@@ -166,7 +166,9 @@ def test_operator_actions_go_through_the_service_from_another_directory(triton, 
     assert image.returncode == 0, image.stderr
     entry = json.loads(image.stdout)
     assert entry["id"].startswith("img-") and len(entry["pdq"]) > 1  # the server hashed the image and its crops
-    assert (policy_dir / "remote.lists.json").exists()  # where the server reads its lists, not where the CLI ran
+    # where the server keeps its lists (its state directory), not where the CLI ran and never beside the policy
+    assert _server_lists_file(triton, policy_dir, "remote").exists()
+    assert not (policy_dir / "remote.lists.json").exists()
     r = client.moderate(hubble.image_bytes(), hubble.text, policy="remote")
     assert r["action"] == "block" and r["decided_by"] == "terms" and r["policy"].endswith("+lists.2"), r["decision"]
     r = client.moderate(rocket.read_bytes(), "Launch day!", policy="remote")
@@ -298,7 +300,7 @@ def test_a_corrupt_lists_file_leaves_the_last_good_lists_in_force(triton, client
     hubble = next(p for p in POSTS if p.name == "hubble_scam")
     r = client.moderate(hubble.image_bytes(), hubble.text, policy="lists_lkg")
     assert r["action"] == "block" and r["decided_by"] == "terms" and _lists_stale(triton, "lists_lkg") == 0.0
-    lists = policy_dir / "lists_lkg.lists.json"
+    lists = _server_lists_file(triton, policy_dir, "lists_lkg")
     good = lists.read_bytes()
     for broken in (good[: len(good) // 2], b'{"revision": "not a number"}'):  # cut short; parses, wrong schema
         lists.write_bytes(broken)
@@ -311,6 +313,21 @@ def test_a_corrupt_lists_file_leaves_the_last_good_lists_in_force(triton, client
     r = client.moderate(hubble.image_bytes(), hubble.text, policy="lists_lkg")
     assert r["policy"].endswith("+lists.2") and _lists_stale(triton, "lists_lkg") == 0.0
     assert _lists_health(triton, serving=True)
+
+
+def _server_lists_file(triton, policy_dir: Path, policy: str) -> Path:
+    """The file a server without Redis keeps a policy's lists in: under its state directory."""
+    from moderation.core.list_store import FileListStore
+
+    saved = os.environ.get("MODERATION_STATE_DIR")
+    os.environ["MODERATION_STATE_DIR"] = triton.config.env()["MODERATION_STATE_DIR"]
+    try:
+        return FileListStore(policy_dir).path(policy)
+    finally:
+        if saved is None:
+            os.environ.pop("MODERATION_STATE_DIR")
+        else:
+            os.environ["MODERATION_STATE_DIR"] = saved
 
 
 def _lists_health(triton, serving: bool) -> bool:

@@ -77,8 +77,7 @@ def _new_process():
     """What a second model instance (or a restarted server) holds: no lists read yet, no policy cached."""
     from moderation.core import policy
 
-    policy._LAST_GOOD_LISTS.clear()
-    policy._load_cached.cache_clear()
+    policy.forget_loaded()
 
 
 @pytest.fixture
@@ -141,15 +140,14 @@ def test_the_state_copy_is_never_read_while_the_lists_file_is_fine(lists_policy)
 def test_a_process_with_an_older_copy_of_its_own_takes_the_newer_state_copy(lists_policy):
     lists_policy.write_text(_lists_json(1, "old term"), encoding="utf-8")
     assert load_policy("lkg", lists_policy.parent).lists.revision == 1  # this process read revision 1
-    from moderation.core import policy
+    from moderation.core import list_store, policy
 
-    mine = dict(policy._LAST_GOOD_LISTS)
+    mine = dict(list_store._LAST_GOOD_LISTS)
     _new_process()  # another instance reads revision 2 and keeps it in the state directory
     lists_policy.write_text(_lists_json(2, "new term"), encoding="utf-8")
     assert load_policy("lkg", lists_policy.parent).lists.revision == 2
-    policy._LAST_GOOD_LISTS.clear()
-    policy._LAST_GOOD_LISTS.update(mine)  # back to the first instance, which saw only revision 1
-    policy._load_cached.cache_clear()
+    policy.forget_loaded()
+    list_store._LAST_GOOD_LISTS.update(mine)  # back to the first instance, which saw only revision 1
     lists_policy.write_text("{", encoding="utf-8")
     pol = load_policy("lkg", lists_policy.parent)
     assert pol.lists.revision == 2 and pol.lists.terms[0].term == "new term"  # every instance agrees

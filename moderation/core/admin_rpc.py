@@ -24,7 +24,7 @@ LISTS = f"/{SERVICE}/Lists"
 FEEDBACK = f"/{SERVICE}/Feedback"
 METHODS = (LISTS, FEEDBACK)
 
-LIST_ACTIONS = ("show", "add-image", "remove-image", "add-term", "remove-term")
+LIST_ACTIONS = ("show", "add-image", "remove-image", "add-term", "remove-term", "export", "import")
 LIST_KINDS = ("block", "allow", "review")
 VERDICTS = ("violation", "ok")
 # One image at the preprocess limit, base64 (4/3), plus the rest of the request.
@@ -101,8 +101,9 @@ def feedback_row(request: dict) -> dict:
 
 def lists_request(request: dict) -> dict:
     """A lists call, checked for shape (the policy's own rules are checked where the lists are edited):
-    `{"action", "policy", "list"?, "image_b64"?, "term"?, "label"?, "note"?, "id"?}`. BadRequest when it is wrong."""
-    unknown = set(request) - {"action", "policy", "list", "image_b64", "term", "label", "note", "id"}
+    `{"action", "policy", "list"?, "image_b64"?, "term"?, "label"?, "note"?, "id"?, "lists"?}` (`lists`: import's
+    document, as export returned it). BadRequest when it is wrong."""
+    unknown = set(request) - {"action", "policy", "list", "image_b64", "term", "label", "note", "id", "lists"}
     if unknown:
         raise BadRequest(f"unknown lists fields: {sorted(unknown)}")
     action = request.get("action")
@@ -128,4 +129,10 @@ def lists_request(request: dict) -> dict:
         out["term"] = _text(request, "term", required=True)
     elif action.startswith("remove-"):
         out["id"] = _text(request, "id", required=True, plain=True)
+    elif action == "import":
+        document = request.get("lists")
+        if not isinstance(document, dict) or not isinstance(document.get("images", []), list) \
+                or not isinstance(document.get("terms", []), list):
+            raise BadRequest("import needs the lists document (an object with images and terms, as export wrote it)")
+        out["lists"] = document
     return out

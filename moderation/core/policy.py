@@ -5,7 +5,6 @@ ones shipped in this package). A request picks one with OPTIONS {"policy": name}
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 from pathlib import Path
@@ -14,10 +13,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import BadPolicy, UnknownPolicy
+from .errors import UnknownPolicy
 from .hashing import sha256_hex
-from .state import read_state, state_dir, write_state
+from .list_store import ImageEntry, ListEntry, PolicyLists, TermEntry, list_store, lists_path, lists_state_path
+from .list_store import forget_loaded as forget_loaded_lists
 from .text import Lang
+
+__all__ = ["ImageEntry", "ListEntry", "PolicyLists", "TermEntry", "lists_path", "lists_state_path"]
 
 PACKAGE_POLICY_DIR = Path(__file__).parent / "policies"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -139,30 +141,6 @@ class Decisions(_Strict):
     labels: dict[str, LabelDecision] = {}
 
 
-class ListEntry(_Strict):
-    id: str
-    list: Literal["block", "allow", "review"]
-    label: str | None = None   # the policy label a block/review hit is reported under
-    note: str = ""
-    added: float = 0.0
-
-
-class ImageEntry(ListEntry):
-    pdq: list[str]             # PDQ hashes (hex) of the image and of crops of it (core/image_match.py)
-    quality: int = 0
-
-
-class TermEntry(ListEntry):
-    term: str
-
-
-class PolicyLists(_Strict):
-    """Custom lists of a policy (`<name>.lists.json` beside its YAML), edited live with `clients.admin lists`."""
-    revision: int = 0
-    images: list[ImageEntry] = []
-    terms: list[TermEntry] = []
-
-
 class OcrSettings(_Strict):
     """Reading the text drawn in images (moderation/ocr/reader.py); OPTIONS {"ocr": false} skips it per post."""
     enabled: bool = True
@@ -238,7 +216,8 @@ class Policy(_Strict):
     prompts: dict[Lang, Prompt]
     digest: str = ""
     lists: PolicyLists = PolicyLists()
-    # why the lists file on disk is not the one in force (it failed to parse: the last good lists are), or None
+    # why the lists in force are not the store's latest (a lists file fails to parse, Redis cannot be reached: the
+    # last good lists are in force), or None
     lists_fault: str | None = None
 
     @field_validator("labels")
@@ -297,70 +276,45 @@ def policy_dir() -> Path:
     return Path(os.environ.get("MODERATION_POLICY_DIR") or PACKAGE_POLICY_DIR)
 
 
-def lists_path(policy_yaml: Path) -> Path:
-    return Path(policy_yaml).with_suffix(".lists.json")
-
-
 def load_policy(name: str = "default", directory: Path | None = None) -> Policy:
-    """The policy file `<name>.yaml` with its lists; re-read when either file changes."""
+    """The policy file `<name>.yaml` (re-read when it changes) with its lists in force (core/list_store.py: Redis or
+    the state directory, checked for a new revision at most every LISTS_POLL_S)."""
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise UnknownPolicy(f"policy name {name!r} is not a valid name")
     path = Path(directory or policy_dir()) / f"{name}.yaml"
     if not path.is_file():
         raise UnknownPolicy(f"unknown policy {name!r}: no {path.name} in the policy directory")
-    lists = lists_path(path)
-    return _load_cached(str(path), path.stat().st_mtime_ns, lists.stat().st_mtime_ns if lists.exists() else 0)
-
-
-# lists file -> the last lists read from it that parsed and validated: a file cut short by a crash or a bad edit
-# leaves these in force instead of failing every post of the policy
-_LAST_GOOD_LISTS: dict[str, PolicyLists] = {}
-
-
-def lists_state_path(path: Path) -> Path:
-    """Where every process of a server keeps the last good copy of a lists file: a process (a second model instance,
-    a restarted server) that never read a good copy itself falls back to it. Named by policy and by the file's path,
-    so policy directories of several servers sharing one state directory do not mix."""
-    path = Path(path).resolve()
-    policy = path.name.removesuffix(".lists.json")
-    return state_dir() / "lists" / f"{policy}-{sha256_hex(str(path).encode())[:16]}.json"
-
-
-def _state_copy(path: Path) -> PolicyLists | None:
-    raw = read_state(lists_state_path(path))
-    if raw is None:
-        return None
-    try:
-        return PolicyLists.model_validate(json.loads(raw))
-    except ValueError:  # a damaged state copy is no copy
-        return None
-
-
-def _read_lists(path: Path) -> tuple[PolicyLists, str | None]:
-    """The policy's lists and, when the file failed to parse, why (the last good lists are returned then)."""
-    if not path.exists():
-        return PolicyLists(), None
-    try:
-        text = path.read_text(encoding="utf-8")
-        lists = PolicyLists.model_validate(json.loads(text))
-    except (OSError, ValueError) as e:  # JSONDecodeError and pydantic's ValidationError are ValueErrors
-        reason = f"{path.name} cannot be read: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-        # The state copy is the newest good one any process read; this process's own copy wins only when it is
-        # newer (the state copy could not be written).
-        mine, shared = _LAST_GOOD_LISTS.get(str(path)), _state_copy(path)
-        good = shared if shared is not None and (mine is None or shared.revision >= mine.revision) else mine
-        if good is None:
-            raise BadPolicy(f"policy {path.name.split('.')[0]!r}: {reason}, and no earlier copy was loaded") from None
-        return good, f"{reason}; revision {good.revision} stays in force"
-    _LAST_GOOD_LISTS[str(path)] = lists
-    write_state(lists_state_path(path), text.encode("utf-8"))
-    return lists, None
+    lists, fault = list_store(path.parent).current(name)
+    return _with_lists(_load_yaml(str(path), path.stat().st_mtime_ns), lists, fault)
 
 
 @functools.lru_cache(maxsize=32)
-def _load_cached(path: str, _mtime: int, _lists_mtime: int) -> Policy:
+def _load_yaml(path: str, _mtime: int) -> Policy:
     raw = Path(path).read_bytes()
     data = yaml.safe_load(raw)
     data["digest"] = sha256_hex(raw)[:16]  # of the YAML: caches keyed on it survive list edits
-    lists, fault = _read_lists(lists_path(Path(path)))
-    return Policy.model_validate({**data, "lists": lists, "lists_fault": fault})
+    return Policy.model_validate(data)
+
+
+# (policy, lists, fault) -> the policy with those lists: one object per combination, so caches keyed on the lists'
+# identity (core/image_match.py index_for) keep hitting; the entries hold their objects, so no id is reused
+_WITH_LISTS: dict[tuple[int, int, str | None], tuple[Policy, PolicyLists, Policy]] = {}
+
+
+def _with_lists(base: Policy, lists: PolicyLists, fault: str | None) -> Policy:
+    key = (id(base), id(lists), fault)
+    hit = _WITH_LISTS.get(key)
+    if hit is not None and hit[0] is base and hit[1] is lists:
+        return hit[2]
+    policy = base.model_copy(update={"lists": lists, "lists_fault": fault})
+    if len(_WITH_LISTS) >= 64:
+        _WITH_LISTS.clear()
+    _WITH_LISTS[key] = (base, lists, policy)
+    return policy
+
+
+def forget_loaded() -> None:
+    """What a new process holds: no policy or lists read yet."""
+    _load_yaml.cache_clear()
+    _WITH_LISTS.clear()
+    forget_loaded_lists()

@@ -44,8 +44,6 @@ import json
 import os
 import secrets
 import struct
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,6 +51,7 @@ import numpy as np
 
 from ..core.hashing import sha256_hex
 from ..core.imaging import FINGERPRINT_SIDE, LOCAL_SIDE
+from ..core.redis_link import CircuitBreaker, redis_client, redis_errors
 from .entries import Entry, Hit, match, stored_verdict, unit_inputs
 
 SCHEMA = 2
@@ -62,7 +61,6 @@ LOCAL_BYTES = LOCAL_SIDE * LOCAL_SIDE * 3
 SOURCE_ROUTES = ("vlm",)
 _PROCESS_KEY = secrets.token_bytes(32)  # without a configured key: entries this process wrote verify, others' do not
 DEFAULT_PREFIX = "moderation:verdicts"
-DEFAULT_TIMEOUT_MS = 250.0
 _DOWN = object()
 
 _DROP_FN = """
@@ -174,49 +172,6 @@ def _no_count(name: str, **labels: str) -> None:
     return None
 
 
-class CircuitBreaker:
-    """Closed: every call goes to Redis. One failure opens it for `cooldown_s` (doubling up to `max_cooldown_s`
-    while trials keep failing): calls are refused without touching the network. After the cool-down one trial
-    call goes through; its success closes the breaker."""
-
-    def __init__(self, cooldown_s: float = 0.5, max_cooldown_s: float = 5.0, clock=time.monotonic):
-        self.base, self.max, self.clock = cooldown_s, max_cooldown_s, clock
-        self._lock = threading.Lock()
-        self._until: float | None = None
-        self._cooldown = cooldown_s
-        self.opened = 0
-
-    @property
-    def is_open(self) -> bool:
-        return self._until is not None
-
-    def allow(self) -> bool:
-        with self._lock:
-            if self._until is None:
-                return True
-            now = self.clock()
-            if now < self._until:
-                return False
-            self._until = now + self._cooldown  # this call is the trial; others wait for its outcome
-            return True
-
-    def success(self) -> bool:
-        """True when this closed an open breaker."""
-        with self._lock:
-            was = self._until is not None
-            self._until, self._cooldown = None, self.base
-            return was
-
-    def failure(self) -> bool:
-        """True when this opened a closed breaker."""
-        with self._lock:
-            was_closed = self._until is None
-            self._cooldown = self.base if was_closed else min(self.max, self._cooldown * 2)
-            self._until = self.clock() + self._cooldown
-            self.opened += was_closed
-            return was_closed
-
-
 def _partition_id(key: tuple) -> str:
     return sha256_hex(json.dumps(list(key), ensure_ascii=False).encode())[:20]
 
@@ -268,11 +223,9 @@ class RedisVerdictCache:
     def __init__(self, client, prefix: str = DEFAULT_PREFIX, count: Callable[..., None] = _no_count,
                  warn: Callable[[str], None] = print, breaker: CircuitBreaker | None = None,
                  mac_key: bytes | None = None):
-        import redis
-
         self.redis, self.prefix, self.count, self.warn = client, prefix, count, warn
         self.mac_key = mac_key or cache_mac_key(os.environ, warn)
-        self.errors = (redis.RedisError, OSError)
+        self.errors = redis_errors()
         self.breaker = breaker or CircuitBreaker()
         self.root = f"{prefix}:v{SCHEMA}"
         self._gen, self._seq, self._tick, self._epoch = (f"{self.root}:{k}" for k in ("gen", "seq", "tick", "epoch"))
@@ -286,20 +239,9 @@ class RedisVerdictCache:
 
     @classmethod
     def from_env(cls, url: str, env, count=_no_count, warn=print) -> RedisVerdictCache:
-        """A client for `url` (redis://host:port/db) with MODERATION_REDIS_TIMEOUT_MS socket and connect timeouts
-        (default 250) and no retries (the breaker decides), keys under MODERATION_REDIS_PREFIX; the password, when
-        Redis wants one, from the file MODERATION_REDIS_PASSWORD_FILE names (a mounted secret, never the URL)."""
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        timeout = float(env.get("MODERATION_REDIS_TIMEOUT_MS", DEFAULT_TIMEOUT_MS)) / 1e3
-        extra = {}
-        if env.get("MODERATION_REDIS_PASSWORD_FILE"):
-            extra["password"] = Path(env["MODERATION_REDIS_PASSWORD_FILE"]).read_text().strip()
-        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                      retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
-                                      decode_responses=False, client_name="moderation-clip-gate", **extra)
+        """A client for `url` (core/redis_link.py: MODERATION_REDIS_TIMEOUT_MS, no retries, the password file), keys
+        under MODERATION_REDIS_PREFIX."""
+        client = redis_client(url, env, "moderation-clip-gate")
         return cls(client, env.get("MODERATION_REDIS_PREFIX", DEFAULT_PREFIX), count=count, warn=warn,
                    mac_key=cache_mac_key(env, warn))
 

@@ -9,10 +9,10 @@ Then:
 - Lists: the edit runs in a child process, `python -m moderation.ops.lists`, with the request on stdin and without
   the admin key in its environment. The child has what an edit needs (the policy code, image decoding and PDQ
   hashing); the gateway process keeps none of the model stack, and an image that crashes a decoder takes down
-  only that child. It edits the lists in the server's policy directory (MODERATION_POLICY_DIR, as the models read
-  it; they re-read a lists file when it changes) under the lists' lock and writes the audit row (ok or refused, with
-  its code) into the same audit log. A gateway installed without that code (the sidecar image) answers
-  `[unavailable]`.
+  only that child. It edits the lists where the models read them (core/list_store.py: Redis shared by every replica
+  when MODERATION_REDIS_URL is set, else the state directory; they see an edit within LISTS_POLL_S) under the
+  lists' lock and writes the audit row (ok or refused, with its code) into the same audit log. A gateway installed
+  without that code (the sidecar image) answers `[unavailable]`.
 Every failure is a coded gRPC error (`[code] message`, docs/errors.md) and an audit row; no traceback reaches the
 caller (the child's goes to this process's log)."""
 

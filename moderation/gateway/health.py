@@ -6,10 +6,11 @@ loaded) and, in the fail_closed audit mode, the audit log can take rows. The ove
 service's name and each public model report the same status. On shutdown every status turns NOT_SERVING before
 the gateway stops taking calls, so probes drop the endpoint first.
 
-A detail beside readiness: the service `moderation.lists` is NOT_SERVING while some policy's lists file fails to
-parse and its last good lists are in force (Triton's `moderation_lists_stale` gauge, read from its metrics each
-probe). The overall status stays SERVING then, on purpose: the last good lists are a correct state to serve
-(`grpc_health_probe -service=moderation.lists` tells an operator; the gateway logs which policies)."""
+A detail beside readiness: the service `moderation.lists` is NOT_SERVING while some policy's last good lists are in
+force because its newest cannot be read (the lists store, Redis, unreachable or emptied; a lists file that fails to
+parse: Triton's `moderation_lists_stale` gauge, read from its metrics each probe). The overall status stays SERVING
+then, on purpose: the last good lists are a correct state to serve (`grpc_health_probe -service=moderation.lists`
+tells an operator; the gateway logs which policies)."""
 from __future__ import annotations
 
 import asyncio
@@ -81,8 +82,8 @@ class Readiness:
         except OSError:  # Triton's metrics not answering: the last status stands
             return
         if stale != self.stale_lists:
-            print(f"gateway: lists of {stale} fail to parse; their last good lists are in force" if stale
-                  else "gateway: every policy's lists file is in force", flush=True)
+            print(f"gateway: the newest lists of {stale} cannot be read; their last good lists are in force (Triton's "
+                  "log says why)" if stale else "gateway: every policy's newest lists are in force", flush=True)
         self.stale_lists = stale
         await self.servicer.set(LISTS_SERVICE, NOT_SERVING if stale else SERVING)
 

@@ -1,16 +1,17 @@
 """Edit a policy's custom lists live: images by PDQ hash, terms. Operators edit through the service
 (`clients.admin lists ...` calls the gateway's admin service, which checks the admin key and runs `python -m
 moderation.ops.lists` with the request on stdin: `serve()`), so the edit lands where the server keeps its lists, never
-on the machine the command runs on. The lists live in `<policy dir>/<name>.lists.json` beside the policy; the models
-re-read it when it changes (no restart), and every result names the lists' revision in its policy id
-(`default@2026.12.1+lists.3`). An edit holds an exclusive lock, writes the file atomically and an audit row into
-the service's audit log (entry ids and hashes, never the image; a term's sha256, not the term); a refused edit is an
-audit row too, with its code."""
+on the machine the command runs on. The lists live in the list store (core/list_store.py: Redis shared by every
+replica when MODERATION_REDIS_URL is set, else the state directory; never the package); the models see an edit within
+LISTS_POLL_S (no restart), and every result names the lists' revision in its policy id (`default@2026.12.1+lists.3`).
+An edit holds the store's lock, writes an audit row into the service's audit log (entry ids and hashes, never the
+image; a term's sha256, not the term), then the lists (in Redis with the same row in the policy's edit history); a
+refused edit is an audit row too, with its code. `export` returns the lists in force as one document, `import`
+replaces them with a document's entries, checked as adds are."""
 from __future__ import annotations
 
-import fcntl
 import json
-import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -18,17 +19,20 @@ from pathlib import Path
 
 from ..core.admin_rpc import LIST_KINDS, decode, lists_request
 from ..core.audit import AuditLog
-from ..core.errors import AuditUnavailable, BadPolicy, ModerationError
+from ..core.errors import AuditUnavailable, ModerationError
 from ..core.hashing import sha256_hex
 from ..core.image_match import entry_hashes
 from ..core.imaging import decode_image
-from ..core.policy import ImageEntry, PolicyLists, TermEntry, lists_path, load_policy, policy_dir
+from ..core.list_store import list_store
+from ..core.policy import ImageEntry, PolicyLists, TermEntry, load_policy, policy_dir
 from ..core.text import fold_caption
 from .admin import AdminError
 
 KINDS = LIST_KINDS
 MIN_PDQ_QUALITY = 50  # below it PDQ's own guidance says the hash carries too little of the image
 MIN_SIDE = 32  # a thumbnail-sized image (e.g. 14x25) hashes to noise: re-encoded copies land 50+ bits away
+IMAGE_ID = re.compile(r"^img-[0-9a-f]{12}$")
+PDQ_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ListError(AdminError):
@@ -46,10 +50,13 @@ class ListAdmin:
 
     def show(self, policy: str) -> dict:
         with self._audited(policy, "show", {}):
-            lists = load_policy(policy, self.directory).lists.model_dump()
+            load_policy(policy, self.directory)  # the policy must exist and load
+            in_force, fault = list_store(self.directory).current(policy, fresh=True)
+        lists = in_force.model_dump()
         self.audit.write({"stage": "admin", "action": "lists.show", "policy": policy, "ok": True,
                           "revision": lists["revision"], **self.context})
-        return lists
+        # where they live, and why the lists in force are not the store's latest (None when they are)
+        return {**lists, "store": list_store(self.directory).kind, "fault": fault}
 
     @contextmanager
     def _audited(self, policy: str, action: str, fields: dict):
@@ -69,25 +76,13 @@ class ListAdmin:
     def _edit(self, policy: str, action: str, **fields):
         with self._audited(policy, action, fields):
             pol = load_policy(policy, self.directory)  # the policy must exist and load
-            path = lists_path(self.directory / f"{policy}.yaml")
-            with open(path.with_suffix(".lock"), "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                raw = path.read_text(encoding="utf-8") if path.exists() else "{}"
-                try:
-                    lists = PolicyLists.model_validate_json(raw)
-                except ValueError as e:  # cut short or of the wrong shape: never edited into an empty list
-                    raise BadPolicy(f"the lists file of policy {policy!r} does not parse ({type(e).__name__}); restore "
-                                    "it before editing (the models keep its last good copy meanwhile)") from None
-                data = lists.model_dump()
+            with list_store(self.directory).editing(policy) as edit:
+                data = edit.base.model_dump()
                 yield pol, data
-                data["revision"] = lists.revision + 1
+                data["revision"] = edit.base.revision + 1
                 new = PolicyLists.model_validate(data)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(new.model_dump(), ensure_ascii=False, indent=1), encoding="utf-8")
-                # the row first: an edit the audit log cannot record is not applied (fail_closed raises here)
-                self.audit.write({"stage": "admin", "action": f"lists.{action}", "policy": policy, "ok": True,
-                                  "revision": new.revision, **fields, **self.context})
-                os.replace(tmp, path)
+                edit.commit(new, {"stage": "admin", "action": f"lists.{action}", "policy": policy, "ok": True,
+                                  "revision": new.revision, **fields, **self.context}, self.audit.write)
 
     def add_image(self, policy: str, list_name: str, image: bytes, label: str | None = None, note: str = "") -> dict:
         digest = sha256_hex(image)
@@ -123,6 +118,50 @@ class ListAdmin:
             data["terms"].append(entry.model_dump())
         return entry.model_dump()
 
+    def export(self, policy: str) -> dict:
+        """The lists in force as one reviewable document (`lists import` takes it back)."""
+        with self._audited(policy, "export", {}):
+            load_policy(policy, self.directory)
+            lists = list_store(self.directory).current(policy, fresh=True)[0].model_dump()
+        self.audit.write({"stage": "admin", "action": "lists.export", "policy": policy, "ok": True,
+                          "revision": lists["revision"], "images": len(lists["images"]), "terms": len(lists["terms"]),
+                          **self.context})
+        return {"policy": policy, "exported": time.time(), **lists}
+
+    def import_lists(self, policy: str, document: dict) -> dict:
+        """Replace the policy's lists with an exported document's entries, each checked by the rules an add
+        follows; the revision moves on from the store's (the document's own is only for the reader)."""
+        raw = json.dumps(document, ensure_ascii=False, sort_keys=True).encode()
+        fields: dict = {"document_sha256": sha256_hex(raw)}
+        with self._audited(policy, "import", fields):
+            images, terms = self._imported(load_policy(policy, self.directory), document)
+        fields.update(images=len(images), terms=len(terms))
+        with self._edit(policy, "import", **fields) as (_, data):
+            data["images"] = [e.model_dump() for e in images]
+            data["terms"] = [e.model_dump() for e in terms]
+        return {"policy": policy, "revision": data["revision"], "images": len(images), "terms": len(terms)}
+
+    def _imported(self, pol, document: dict) -> tuple[list[ImageEntry], list[TermEntry]]:
+        try:
+            parsed = PolicyLists.model_validate({k: v for k, v in document.items() if k in ("images", "terms")})
+        except ValueError as e:
+            raise ListError(f"the lists document does not parse: {str(e).splitlines()[0][:200]}") from None
+        for image in parsed.images:
+            self._check(pol, image.list, image.label)
+            _check_image_entry(image)
+        terms = []
+        for term in parsed.terms:
+            self._check(pol, term.list, term.label)
+            folded = fold_caption(term.term)
+            if not folded:
+                raise ListError(f"term entry {term.id!r} is empty once normalised")
+            terms.append(term.model_copy(update={"id": "term-" + sha256_hex(folded.encode())[:12]}))
+        for kind, entries in (("image", parsed.images), ("term", terms)):
+            ids = [e.id for e in entries]
+            if len(set(ids)) != len(ids):
+                raise ListError(f"the document holds {kind} entries with the same id (or the same folded term)")
+        return list(parsed.images), terms
+
     def remove(self, policy: str, kind: str, entry_id: str) -> dict:
         key = "images" if kind == "image" else "terms"
         with self._edit(policy, f"remove-{kind}", id=entry_id) as (_, data):
@@ -140,6 +179,17 @@ class ListAdmin:
             raise ListError(f"label {label!r} is not a label of policy {policy.name!r}: {policy.label_keys}")
 
 
+def _check_image_entry(entry: ImageEntry) -> None:
+    """An imported image entry holds hashes, not the image: what add-image checks that can still be checked."""
+    if not IMAGE_ID.match(entry.id):
+        raise ListError(f"image entry id {entry.id[:64]!r} is not img- and 12 hex digits (the sha256 of its image)")
+    if not entry.pdq or not all(PDQ_HEX.match(h) for h in entry.pdq):
+        raise ListError(f"image entry {entry.id!r} needs its PDQ hashes, 64 hex digits each")
+    if entry.quality < MIN_PDQ_QUALITY:
+        raise ListError(f"image entry {entry.id!r} has PDQ quality {entry.quality} < {MIN_PDQ_QUALITY}: too little "
+                        "detail for a perceptual hash")
+
+
 def serve(request: dict, context: dict | None = None, lists: ListAdmin | None = None) -> dict:
     """One lists call of the gateway's admin service (core/admin_rpc.py shape), applied to the server's lists."""
     req = lists_request(request)
@@ -151,6 +201,10 @@ def serve(request: dict, context: dict | None = None, lists: ListAdmin | None = 
         return lists.add_image(policy, req["list"], req["image"], req["label"], req["note"])
     if action == "add-term":
         return lists.add_term(policy, req["list"], req["term"], req["label"], req["note"])
+    if action == "export":
+        return lists.export(policy)
+    if action == "import":
+        return lists.import_lists(policy, req["lists"])
     return lists.remove(policy, action.split("-", 1)[1], req["id"])
 
 

@@ -12,7 +12,7 @@ from ..repository.artifacts import read_artifact_record, signal_of
 from ..repository.served import served_clip_identity
 from .metrics import CountByName, Counter
 from .pb import pb
-from .triton_io import Stage, StageModel, bytes_rows, image_rows, parameters, rows, string_tensor, version_dir
+from .triton_io import Stage, StageModel, bytes_rows, parameters, rows, string_tensor, version_dir
 
 # The parameter `clients.admin purge-caches` reloads clip_gate with (moderation/ops/purge.py PURGE_PARAMETER).
 EPOCH_PARAMETER = "verdict_cache_epoch"
@@ -42,6 +42,7 @@ class ClipGateModel(StageModel):
         signals = {"clip": "untrained" if record.get("untrained") else "trained",
                    "nsfw_image": signal_of(vdir.parent.parent / "nsfw_image")}
         self.lists_stale = Counter("moderation_lists_stale")
+        self.lists_revision = Counter("moderation_lists_revision")
         self._lists_faults: dict[str, str | None] = {}
         identity = served_clip_identity(vdir.parent.parent)  # the policies' gate.calibrated_for must name it
         self.stage.logger.log_info(f"clip_gate: CLIP {signals['clip']}, served encoders "
@@ -61,10 +62,10 @@ class ClipGateModel(StageModel):
         records = [RequestRecord.from_json(r) for r in bytes_rows(request, "REQUEST")]
         if len(records) == 1:
             meta.update(records[0].model_dump(include={"request_id", "image_sha256", "text_sha256"}))
-        images, texts = image_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
+        frames, texts = bytes_rows(request, "FRAMES"), bytes_rows(request, "TEXT")
         img_emb, txt_emb = rows(request, "IMAGE_EMBEDS"), rows(request, "TEXT_EMBEDS")
         nsfw = rows(request, "NSFW_SCORES", optional=True)  # [B, 2] = (sfw, nsfw) from nsfw_image
-        posts = [GatePost(rec, images[i], texts[i], img_emb[i], txt_emb[i],
+        posts = [GatePost(rec, frames[i], texts[i], img_emb[i], txt_emb[i],
                           None if nsfw is None else float(nsfw[i][1])) for i, rec in enumerate(records)]
         decisions = await self.router.decide(posts, started=t0)
         self._report_lists({rec.policy_name for rec in records})
@@ -73,8 +74,10 @@ class ClipGateModel(StageModel):
     def _report_lists(self, policy_names: set[str]) -> None:
         """The lists state of the policies just used: the metric, and one log line when it changes."""
         for name in policy_names:
-            fault = load_policy(name).lists_fault
+            policy = load_policy(name)
+            fault = policy.lists_fault
             self.lists_stale.set(1.0 if fault else 0.0, policy=name)
+            self.lists_revision.set(float(policy.lists.revision), policy=name)
             if self._lists_faults.get(name) != fault:
                 self._lists_faults[name] = fault
                 log = self.stage.logger.log_warn if fault else self.stage.logger.log_info

@@ -24,8 +24,11 @@ SPECS = {
                                         "reason mac (not signed with this service's key) or schema (malformed)"),
     "moderation_decoder_fallback_total": ("COUNTER", "Escalations sent to the INT8 fallback decoder"),
     "moderation_decoder_batch_size": ("GAUGE", "Posts in the language decoder's last batch"),
-    "moderation_lists_stale": ("GAUGE", "1 while a policy's lists file fails to parse and the last good lists stay in "
-                               "force (alert on it), 0 when the file in force is the one on disk; by policy"),
+    "moderation_lists_stale": ("GAUGE", "1 while a policy's last good lists stay in force because the newest cannot be "
+                               "read (the lists store, Redis, unreachable or emptied; a lists file that fails to "
+                               "parse): alert on it; 0 when the lists in force are the store's; by policy"),
+    "moderation_lists_revision": ("GAUGE", "The revision of the lists in force, by policy (every replica should "
+                                  "agree within the lists' poll interval)"),
     "moderation_audit_failures_total": ("COUNTER", "Audit writes that failed (disk full, I/O error, read-only), "
                                         "by stage"),
     "moderation_audit_spool_dropped_total": ("COUNTER", "Audit rows dropped from the fail_open spool when it was full, "
