@@ -72,3 +72,14 @@ def test_full_manifest_includes_verified_artifact_records():
     m = full_manifest(REPO)
     rec = m["models"]["language_decoder"]["versions"]["1"]["artifact"]
     assert rec["source"] and rec["files"] and "untrained" in rec
+
+
+def test_only_preprocess_decodes_an_upload():
+    """IMAGE (the bytes as sent) goes to preprocess alone; the stages after it read its decoded FRAMES."""
+    from moderation.repository.render import MODELS
+
+    takes_image = sorted(n for n, m in MODELS.items() if any(i["name"] == "IMAGE" for i in m["inputs"]))
+    assert takes_image == ["moderate", "preprocess"]
+    assert any(o["name"] == "FRAMES" for o in MODELS["preprocess"]["outputs"])
+    for name in ("read_text", "clip_gate", "vlm_preprocess", "vlm"):
+        assert any(i["name"] == "FRAMES" for i in MODELS[name]["inputs"]), name

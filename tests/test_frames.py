@@ -99,6 +99,35 @@ def test_an_animation_too_long_to_read_is_refused_with_a_code_and_its_first_fram
     assert decode_image(data, max_frames=1).frame_count == n
 
 
+def test_a_frame_is_read_and_scored_where_it_changed():
+    """Decode once, read what changed: the bands of a later frame hold its changed rows (the moving dot's, the
+    caption's), open_nsfw scores a frame only when its change covers NSFW_CHANGE of the picture (the dot does not,
+    the caption does), and the caption drawn in frame 3 is read from its band with boxes in the frame's pixels."""
+    from moderation.core.imaging import CHANGE_CELL, NSFW_CHANGE, change_mask, changed_bands
+    from moderation.core.policy import load_policy
+    from moderation.core.post import decode_post_images
+    from moderation.gate.inputs import nsfw_scored_frames
+    from moderation.ocr.reader import ImageTextReader
+
+    images = decode_post_images([_text_in_frame(3)], load_policy())
+    frames = images[0].frames
+    assert images[0].frame_indices == (0, 1, 2, 3, 4, 5)
+    assert changed_bands(change_mask(frames[0], frames[0]), 480) == ()
+    dot = changed_bands(change_mask(frames[0], frames[1]), 480)
+    assert len(dot) == 1 and dot[0][0] <= 20 and 36 <= dot[0][1] <= 36 + 4 * CHANGE_CELL
+    caption = changed_bands(change_mask(frames[2], frames[3]), 480)
+    assert [b for b in caption if b[0] <= 360 and b[1] >= 440], caption
+    assert float(change_mask(frames[0], frames[1]).mean()) < NSFW_CHANGE <= float(change_mask(frames[2],
+                                                                                              frames[3]).mean())
+    assert nsfw_scored_frames(images) == [(0, 0), (0, 3), (0, 4)]  # the caption comes in frame 3, goes in 4
+    reader = ImageTextReader()
+    read = reader.read_changed(frames[2], frames[3])
+    assert "".join(line.text for line in read.lines).replace(" ", "").startswith(TERM), read.lines
+    assert all(360 - CHANGE_CELL <= y <= 440 + CHANGE_CELL for line in read.lines for _, y in line.box)
+    assert reader.read_changed(frames[0], frames[1]).lines == []  # the dot's band holds no text
+    assert reader.read_changed(frames[3], frames[3]).boxes_found == 0  # nothing changed: nothing read
+
+
 def test_media_hits_name_each_entry_once_from_its_best_image_and_frame():
     def hit(entry, distance):
         return ListHit("image", "block", entry, "scam", "image", {"distance": distance})

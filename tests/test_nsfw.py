@@ -19,8 +19,9 @@ from pydantic import ValidationError
 from moderation.core.contracts import VlmVerdict
 from moderation.core.imaging import decode_image
 from moderation.core.policy import Policy, load_policy
+from moderation.core.post import decode_post_images
 from moderation.core.result import build_result, validate_result
-from moderation.gate.inputs import NsfwPixels
+from moderation.gate.inputs import NsfwPixels, nsfw_scored_frames
 from moderation.gate.scoring import ALLOW, BLOCK, ESCALATE, NSFW_SOURCE, gate_band, score_sources
 from moderation.repository.artifacts import read_artifact_record
 from moderation.testing.records import gate_decision, request_record
@@ -182,16 +183,18 @@ def test_served_nsfw_image_model_matches_the_package_in_a_batch(triton, referenc
 
 
 def _frames_reference(package, data: bytes) -> tuple[float, int | None]:
-    """The package's own P(nsfw) of an animation: the largest over the frames the service reads (each frame as a
+    """The package's own P(nsfw) of an animation: the largest over the frames the service scores (each frame as a
     lossless still), and that frame's index when it is not the first."""
-    d = decode_image(data, max_frames=load_policy().media.max_frames)
+    images = decode_post_images([data], load_policy())
+    d = images[0]
+    scored = [k for _, k in nsfw_scored_frames(images)]
     scores = []
-    for im in d.frames:
+    for im in (d.frames[k] for k in scored):
         buf = io.BytesIO()
         im.save(buf, "PNG")
         scores.append(package.classify(buf.getvalue()).nsfw)
     best = int(np.argmax(scores))
-    return scores[best], (d.frame_indices[best] if best and scores[best] > scores[0] else None)
+    return scores[best], (d.frame_indices[scored[best]] if best and scores[best] > scores[0] else None)
 
 
 def test_results_carry_the_trained_nsfw_signal(client, reference, package):

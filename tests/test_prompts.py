@@ -13,6 +13,7 @@ from moderation.core.errors import BadPolicy
 from moderation.core.policy import load_policy
 from moderation.testing.memes import FONT
 from moderation.testing.policies import derive_policy, write_fixed_route_policies
+from moderation.testing.records import frames_of
 from moderation.testing.samples import sample_posts
 
 from . import pb_utils_double
@@ -110,7 +111,7 @@ def pb(tmp_path, monkeypatch):
 
 def _decoder_request(u, vlm_pre, vision, caption: str):
     post = sample_posts()[0]
-    pre = vlm_pre.execute([u.Request(IMAGE=np.array([[post.image_bytes()]], dtype=np.object_),
+    pre = vlm_pre.execute([u.Request(FRAMES=np.array([[frames_of(post.image_bytes())]], dtype=np.object_),
                                      TEXT=np.array([[caption.encode()]], dtype=np.object_))])[0]
     assert not pre.has_error(), pre.error().message()
     out = {t.name(): t.as_numpy() for t in pre.output_tensors()}

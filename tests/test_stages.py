@@ -4,6 +4,7 @@ BLS calls go to handlers each test sets. The same stages run on a real server in
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from pathlib import Path
 
@@ -11,13 +12,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from google.protobuf import json_format
+from PIL import Image
 
 from moderation.core.audit import read_rows
 from moderation.core.contracts import DecoderOptions, GateDecision, RequestRecord, VlmVerdict
+from moderation.core.post import unpack_images
 from moderation.ocr.reader import MODELS as OCR_MODELS
 from moderation.repository.render import model_config
 from moderation.testing.policies import derive_policy, write_fixed_route_policies
-from moderation.testing.records import request_record
+from moderation.testing.records import frames_of, request_record
 from moderation.testing.samples import sample_posts
 
 from . import pb_utils_double
@@ -77,7 +80,7 @@ def _gate_request(u, records: list[RequestRecord], seed: int = 1):
     rng = np.random.default_rng(seed)
     n = len(records)
     return u.Request(REQUEST=np.array([[r.to_json()] for r in records], dtype=np.object_),
-                     IMAGE=np.array([[b"image-bytes"]] * n, dtype=np.object_),
+                     FRAMES=np.array([[b""]] * n, dtype=np.object_),
                      TEXT=np.array([[b"caption"]] * n, dtype=np.object_),
                      IMAGE_EMBEDS=np.tile(rng.normal(size=(1, D)).astype(np.float32), (n, 1)),
                      TEXT_EMBEDS=np.tile(rng.normal(size=(1, D)).astype(np.float32), (n, 1)),
@@ -252,22 +255,24 @@ def test_read_text_adds_the_image_text_and_what_depends_on_it_and_fails_one_post
     assert [r.read_text for r in before] == [True, True, False] and all(r.image_text is None for r in before)
     assert before[0].caption_key == before[2].caption_key  # preprocess keys on the caption alone
 
-    def run(image_rows, records):
-        out = read.execute([pb.Request(IMAGE=np.array([[x] for x in image_rows], dtype=np.object_),
+    def run(frame_rows, records):
+        out = read.execute([pb.Request(FRAMES=np.array([[x] for x in frame_rows], dtype=np.object_),
                                        TEXT=np.array([[b"lol"]] * len(records), dtype=np.object_),
                                        REQUEST=np.array([[r.to_json()] for r in records], dtype=np.object_))])[0]
         assert not out.has_error(), out.error().message()
         return [RequestRecord.from_json(r[0]) for r in pb.get_output_tensor_by_name(out, "REQUEST").as_numpy()]
 
-    after = run(images, before)
+    frames = [x[0] for x in pb.get_output_tensor_by_name(resp, "FRAMES").as_numpy()]
+    assert [unpack_images(f)[0][0].size for f in frames] == [Image.open(io.BytesIO(x)).size for x in images]
+    after = run(frames, before)
     assert [line["text"] for line in after[0].image_text] == ["I KNOWWHEREYOULIVE", "YOUARENEXT"]
     assert after[0].caption_key != before[0].caption_key  # other words drawn on the template: another post
     assert after[0].read_text_version == "1" and after[0].read_text_ms > 0
     assert after[1].image_text == [] and after[1].caption_key == before[1].caption_key  # a photo with no text
     assert after[2] == before[2]  # ocr: false: untouched
-    # one post whose bytes cannot be decoded any more fails alone; the others are read
-    broken = run([meme, b"not an image", meme], before)
-    assert broken[1].error is not None and broken[1].error.code == "bad_image"
+    # one post whose frames do not unpack fails alone; the others are read
+    broken = run([frames[0], frames[1][:-7], frames[2]], before)
+    assert broken[1].error is not None and broken[1].error.code == "internal"
     assert broken[0].image_text and broken[2] == before[2]
 
 
@@ -277,7 +282,7 @@ def test_vlm_preprocess_hands_the_decoder_typed_options(pb):
     m = VlmPreprocessModel()
     m.initialize(_args("vlm_preprocess"))
     post = sample_posts()[1]
-    resp = m.execute([pb.Request(IMAGE=np.array([[post.image_bytes()]], dtype=np.object_),
+    resp = m.execute([pb.Request(FRAMES=np.array([[frames_of(post.image_bytes())]], dtype=np.object_),
                                  TEXT=np.array([[post.text.encode()]], dtype=np.object_))])[0]
     assert not resp.has_error(), resp.error().message()
     opts = DecoderOptions.from_json(pb.get_output_tensor_by_name(resp, "DECODER_OPTIONS").as_numpy()[0, 0])

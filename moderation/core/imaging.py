@@ -4,8 +4,10 @@ Every limit is checked from the header before pixels are decoded, so a decompres
 header read, not gigabytes of memory, and a tiny file cannot buy a large decode: above FREE_PIXELS an image
 may declare at most MAX_PIXELS_PER_BYTE pixels per encoded byte. No stage reads more than ~1000 px (CLIP, open_nsfw,
 OCR detection at 480, the VLM at 448), so images decode to a longer side under 2 x DECODE_SIDE: a JPEG in the DCT
-domain (Image.draft: 1/2, 1/4 or 1/8 scale, never the full frame), other formats shrunk by Image.reduce straight
-after decoding, the full frame freed at once."""
+domain (Image.draft: 1/2, 1/4 or 1/8 scale, never the full frame; photos to 768-1535 px), other formats shrunk by
+Image.reduce straight after decoding, the full frame freed at once (a screenshot keeps more pixels than a photo: its
+text is what OCR reads). Preprocess decodes each image once; the stages after it read what it decoded (core/post.py
+pack_images)."""
 from __future__ import annotations
 
 import io
@@ -34,6 +36,10 @@ ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP"}
 FREE_PIXELS = 2048 * 2048  # 4.2 MP
 MAX_PIXELS_PER_BYTE = 16_384
 DECODE_SIDE = 1024  # decoded images are shrunk by whole factors to a longer side below 2 x this
+# A JPEG decodes in the DCT domain to the smallest 1/2, 1/4 or 1/8 scale whose longer side is still >= this share of
+# DECODE_SIDE: a 4032x3024 phone photo decodes at 1/4 (1008x756; at 1/2 it was 3 MP, and every later resize, hash
+# and OCR crop of the frame paid for the extra pixels).
+DRAFT_SIDE_OF_DECODE_SIDE = 0.75
 
 # Pillow's own bomb guard as a second line: raise instead of warn.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -101,8 +107,9 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: i
                         f"image declares {sw}x{sh} pixels{what} in {len(data)} bytes; above {free_pixels} pixels an "
                         f"image may declare at most {max_pixels_per_byte} pixels per encoded byte")
             im.seek(0)  # animated GIF/WebP: the first frame only
-            if decode_side and fmt == "JPEG" and max(w, h) >= 2 * decode_side:
-                scale = max(w, h) / decode_side
+            if decode_side and fmt == "JPEG" and max(w, h) >= 2 * decode_side * DRAFT_SIDE_OF_DECODE_SIDE:
+                # the largest DCT scale (1/2, 1/4, 1/8) that keeps the longer side at least DRAFT_SIDE
+                scale = max(w, h) / (decode_side * DRAFT_SIDE_OF_DECODE_SIDE)
                 im.draft(im.mode, (max(1, int(w / scale)), max(1, int(h / scale))))
             im.load()
             rgb = _to_rgb(ImageOps.exif_transpose(_reduced(im, decode_side)))
@@ -166,6 +173,42 @@ def sample_frames(im: Image.Image, first: Image.Image, count: int, max_frames: i
         pick = sorted({round(i * (len(kept) - 1) / (max_frames - 1)) for i in range(max_frames)})
         kept, indices = [kept[i] for i in pick], [indices[i] for i in pick]
     return tuple(kept), tuple(indices)
+
+
+# What changed between two judged frames of one animation, on a grid of CHANGE_CELL x CHANGE_CELL cells of the decoded
+# frame: a cell changed when its mean grey level moved by CHANGE_LEVEL (of 255); a caption drawn into a frame moves
+# its cells by tens of levels, GIF dithering and re-quantisation by under five. A later frame's text outside its
+# changed rows was read in an earlier frame (ocr/reader.py read_changed), and open_nsfw scores a frame only when its
+# change since the last scored frame covers NSFW_CHANGE of the picture (at open_nsfw's 224x224 input a smaller change
+# is under ~32x32 pixels: too small for it to see; gate/inputs.py).
+CHANGE_CELL = 8
+CHANGE_LEVEL = 12.0
+CHANGE_PAD = 2  # cells kept above and below a changed row, so a line of text is read whole
+NSFW_CHANGE = 0.02
+
+
+def change_mask(before: Image.Image, after: Image.Image) -> np.ndarray:
+    """Bool [rows, cols] of the cells that changed from `before` to `after` (all of them when the sizes differ)."""
+    if before.size != after.size:
+        w, h = after.size
+        return np.ones((-(-h // CHANGE_CELL), -(-w // CHANGE_CELL)), dtype=bool)
+    # Image.reduce rounds up: a partial cell at an edge is a cell of its own
+    a, b = (np.asarray(im.convert("L").reduce(CHANGE_CELL), dtype=np.float32) for im in (before, after))
+    return np.abs(a - b) >= CHANGE_LEVEL
+
+
+def changed_bands(mask: np.ndarray, height: int) -> tuple[tuple[int, int], ...]:
+    """The pixel rows [top, bottom) of a frame `height` px tall holding its changed cells, each band widened by
+    CHANGE_PAD cells and touching bands merged; empty when nothing changed."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    bands: list[list[int]] = []
+    for r in rows.tolist():
+        top, bottom = max(0, (r - CHANGE_PAD) * CHANGE_CELL), min(height, (r + 1 + CHANGE_PAD) * CHANGE_CELL)
+        if bands and top <= bands[-1][1]:
+            bands[-1][1] = max(bands[-1][1], bottom)
+        else:
+            bands.append([top, bottom])
+    return tuple((t, b) for t, b in bands)
 
 
 ACCEPTED = "JPEG, PNG, WebP, GIF or BMP"

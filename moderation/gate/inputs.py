@@ -17,11 +17,11 @@ from PIL import Image
 from ..core.contracts import PostError, RequestRecord
 from ..core.errors import BadRequest, ModerationError
 from ..core.hashing import post_hashes
-from ..core.imaging import fingerprint, local_thumbnail, pdq_hash
+from ..core.imaging import NSFW_CHANGE, change_mask, fingerprint, local_thumbnail, pdq_hash
 from ..core.lists import evidence_place, image_hits, media_hits, term_hits
 from ..core.options import parse_options
 from ..core.policy import load_policy
-from ..core.post import decode_post_images, judged_items, parse_post, post_images
+from ..core.post import judged_items, pack_images, parse_post, post_images, unpack_images
 from ..core.text import caption_key, decode_caption_as_sent, image_words, normalize_caption
 from ..ocr.reader import MAX_LINES, ImageTextReader, ReadBudget
 from .text_signals import text_scores
@@ -118,12 +118,14 @@ class NsfwPixels:
 
 @dataclass
 class GateInputs:
-    """One post's tensors for clip_image, clip_text and nsfw_image, and its record."""
+    """One post's tensors for clip_image, clip_text and nsfw_image, its record, and its decoded images for the stages
+    after preprocess (FRAMES: core/post.py pack_images)."""
     record: RequestRecord
     clip_pixels: np.ndarray      # float32 [3, H, W]
     clip_input_ids: np.ndarray   # int64 [77]
     clip_attention_mask: np.ndarray
     nsfw_pixels: np.ndarray      # float32 [224, 224, 3]
+    frames: bytes = b""
 
 
 class Preprocess:
@@ -174,12 +176,19 @@ class Preprocess:
             text_scores=text_scores(post.caption, ""),
             received_at=received_at, preprocessed_at=time.time(),
             preprocess_ms=(time.perf_counter() - started) * 1e3, preprocess_version=self.version, **hashes)
-        return GateInputs(record, self.pixels(post.image), ids[0], mask[0], self.nsfw(post.image))
+        return GateInputs(record, self.pixels(post.image), ids[0], mask[0], self.nsfw(post.image),
+                          pack_images(post.images, hashes["image_sha256"]))
 
     def _more_nsfw(self, post) -> list[tuple[int | None, int | None, float]]:
-        """open_nsfw on every image and frame after the post's first (whose pixels go through the ensemble)."""
-        more = post.judged_frames[1:] if post.has_image else []
-        if not more or self.score_nsfw is None:
+        """open_nsfw on every image and frame after the post's first (whose pixels go through the ensemble). A frame
+        of an animation whose change since the last frame scored covers less than NSFW_CHANGE of the picture is not
+        scored again: open_nsfw could not tell it from that frame (core/imaging.py)."""
+        if not post.has_image or self.score_nsfw is None:
+            return []
+        several = len(post.images) > 1
+        more = [(i if several else None, ims[i].frame_indices[k] if ims[i].frame_count > 1 else None, ims[i].frames[k])
+                for ims in (post.images,) for i, k in nsfw_scored_frames(ims) if i or k]
+        if not more:
             return []
         scores = self.score_nsfw(np.stack([self.nsfw(frame) for _, _, frame in more]))
         return [(i, f, float(p)) for (i, f, _), p in zip(more, scores, strict=True)]
@@ -216,18 +225,20 @@ class ReadImageText:
     def __init__(self, reader: ImageTextReader, version: str):
         self.reader, self.version = reader, version
 
-    def __call__(self, image: bytes | list[bytes], text: bytes, record: RequestRecord) -> RequestRecord:
+    def __call__(self, frames: bytes, text: bytes, record: RequestRecord) -> RequestRecord:
         """`record` with its image text; unchanged for a post that failed or is not read (RequestRecord.read_text).
-        `image` (a post's images) and `text` are the bytes preprocess validated: decoding them again cannot fail
-        differently. Every image and judged frame is read; lines and term hits name their image and frame where the
-        post has several images or an animation (core/post.py judged_items)."""
+        `frames` are the post's images as preprocess decoded them (FRAMES), `text` the caption it validated. Every
+        image and judged frame is read: an animation's first frame whole, each later frame where it changed since the
+        frame before (ocr/reader.py read_changed); lines and term hits name their image and frame where the post has
+        several images or an animation (core/post.py judged_items)."""
         if record.error is not None or not record.read_text:
             return record
         t0 = time.perf_counter()
         policy = load_policy(record.policy_name)
-        items = judged_items(decode_post_images(post_images(image), policy))
-        reads, truncated = self.reader.read_frames([((i, f), frame) for i, f, frame in items],
-                                                   ReadBudget.of(policy.ocr))
+        images, _ = unpack_images(frames)
+        items = [((i, f), frame, prev) for (i, f, frame), prev in zip(judged_items(images), _previous_frames(images),
+                                                                       strict=True)]
+        reads, truncated = self.reader.read_frames(items, ReadBudget.of(policy.ocr))
         lines: list[dict] = []
         seen: set[tuple[str, int | None]] = set()
         per_item = []
@@ -248,6 +259,25 @@ class ReadImageText:
                           list_hits=record.list_hits + [h.to_dict() for h in hits])
         update["read_text_ms"] = (time.perf_counter() - t0) * 1e3
         return record.model_copy(update=update)
+
+
+def nsfw_scored_frames(images) -> list[tuple[int, int]]:
+    """(image, judged frame position) of the frames open_nsfw scores: every image's first frame, and each later frame
+    of an animation whose change since the last frame scored covers at least NSFW_CHANGE of the picture."""
+    out = []
+    for i, im in enumerate(images):
+        scored = None
+        for k, frame in enumerate(im.frames):
+            if scored is None or float(change_mask(scored, frame).mean()) >= NSFW_CHANGE:
+                out.append((i, k))
+                scored = frame
+    return out
+
+
+def _previous_frames(images) -> list[Image.Image | None]:
+    """For each judged frame (judged_items' order), the judged frame before it in the same animation (None: the first
+    frame of an image, read whole)."""
+    return [im.frames[k - 1] if k else None for im in images for k in range(len(im.frames))]
 
 
 def check_rows(images: list, texts: list, options: list) -> list:

@@ -53,7 +53,7 @@ def ab_arm(policy: Policy, image_sha256: str, text_sha256: str) -> str | None:
 class GatePost:
     """One post as clip_gate receives it."""
     record: RequestRecord
-    images: list[bytes]  # the post's images as sent (one, or several)
+    frames: bytes  # the post's images as preprocess decoded them (FRAMES, core/post.py pack_images)
     text: bytes
     image_emb: np.ndarray
     text_emb: np.ndarray
@@ -196,7 +196,7 @@ class GateRouter:
         """(verdict, round trip ms, A/B arm name, fallback info) of one escalated post."""
         opts = json.dumps({"request_id": post.record.request_id, "describe": post.record.describe,
                            "lang": post.record.lang, "policy": post.record.policy_name}).encode()
-        inputs = {"IMAGE": np.array([post.images], dtype=np.object_),
+        inputs = {"FRAMES": np.array([[post.frames]], dtype=np.object_),
                   "TEXT": np.array([[post.text]], dtype=np.object_),
                   "OPTIONS": np.array([[opts]], dtype=np.object_)}
         words = image_words(post.record.image_text)  # for the prompt (OCR ran once, in read_text)

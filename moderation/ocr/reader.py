@@ -19,6 +19,8 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
+from ..core.imaging import change_mask, changed_bands
+
 K = TypeVar("K", bound=Hashable)  # what a caller keys its frames by (read_frames)
 
 DET_SIDE = 480   # chosen by measurement: docs/performance.md (OCR)
@@ -27,6 +29,7 @@ REC_HEIGHT = 48  # PP-OCRv4 recognition reads each box scaled to this height
 REC_CHUNK = 6    # boxes per recognition batch (the package's rec_batch_num), and between looks at the time budget
 REC_MIN_RATIO = 320 / 48  # the package's narrowest recognition input, in line squares
 MAX_ASPECT = 8   # wider or taller images are padded to this first (banners keep their text; strips cost nothing)
+BAND_GUTTER = 16  # white rows between the changed bands of a frame stacked for one read (read_changed)
 # Triton model -> (input, output) tensor names: the ONNX files' own, so the onnxruntime backend serves them too.
 MODELS = {"ocr_detect": ("x", "sigmoid_0.tmp_0"), "ocr_classify": ("x", "save_infer_model/scale_0.tmp_1"),
           "ocr_recognize": ("x", "softmax_11.tmp_0")}
@@ -168,13 +171,41 @@ class ImageTextReader:
             lines.append(TextLine(str(text), float(score), corners))
         return ImageText(lines, len(read) < len(boxes), len(boxes), len(read))
 
-    def read_frames(self, frames: list[tuple[K, Image.Image]],
+    def read_frames(self, frames: list[tuple[K, Image.Image, Image.Image | None]],
                     budget: ReadBudget = ReadBudget()) -> tuple[list[tuple[K, ImageText]], bool]:
-        """Each (key, frame) of a post's images read within `budget` of its own: a post costs at most its judged
-        images and frames (policy media) x one image's read. Returns (key, its text) per frame, and whether the
-        budget left detected text unread in any of them."""
-        out = [(frame, self.read_within(image, budget)) for frame, image in frames]
+        """Each (key, frame, previous frame) of a post's images read within `budget` of its own: a frame whole when
+        it has no previous frame, else where it changed (read_changed). A post costs at most its judged images and
+        frames (policy media) x one image's read. Returns (key, its text) per frame, and whether the budget left
+        detected text unread in any of them."""
+        out = [(key, self.read_within(image, budget) if previous is None
+                else self.read_changed(previous, image, budget)) for key, image, previous in frames]
         return out, any(read.truncated for _, read in out)
+
+    def read_changed(self, previous: Image.Image, image: Image.Image, budget: ReadBudget = ReadBudget()) -> ImageText:
+        """The text of `image` in the rows where it changed since `previous` (an earlier frame of one animation, whose
+        text elsewhere was read already): the changed rows, full width so a line is read whole, stacked into one
+        picture and read within `budget`, boxes given in `image`'s pixels. Nothing changed: nothing to read."""
+        bands = changed_bands(change_mask(previous, image), image.height)
+        if not bands:
+            return ImageText([], False, 0, 0)
+        if sum(b - t for t, b in bands) * 2 >= image.height:  # most of the frame: read it whole
+            return self.read_within(image, budget)
+        w = image.width
+        slots, y = [], 0
+        for top, bottom in bands:
+            slots.append((y, top, bottom))
+            y += bottom - top + BAND_GUTTER
+        sheet = Image.new("RGB", (w, y - BAND_GUTTER), (255, 255, 255))
+        for at, top, bottom in slots:
+            sheet.paste(image.crop((0, top, w, bottom)), (0, at))
+        read = self.read_within(sheet, budget)
+        lines = []
+        for line in read.lines:
+            centre = sum(p[1] for p in line.box) / len(line.box)
+            at, top, bottom = next((s for s in slots if s[0] <= centre < s[0] + s[2] - s[1]), slots[-1])
+            box = [[x, min(image.height, max(0, py - at + top))] for x, py in line.box]
+            lines.append(TextLine(line.text, line.confidence, box))
+        return ImageText(lines, read.truncated, read.boxes_found, read.boxes_read)
 
 
 def _within_aspect(image: Image.Image) -> tuple[Image.Image, tuple[int, int]]:

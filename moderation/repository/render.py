@@ -50,10 +50,13 @@ def _io(name, dtype, dims, optional=False, ragged=False):
 # empty elements; the policy's media.max_images bounds N per post). [batch, 1], one image per post, is what
 # single-image clients send: requests of one N batch together, as before.
 POST_IMAGES = [-1]
-POST_INPUTS = [_io("IMAGE", S, POST_IMAGES), _io("TEXT", S, [1]), _io("OPTIONS", S, [1], optional=True)]
+# The VLM's inputs: a post's images as preprocess decoded them (FRAMES, core/post.py pack_images: an escalated post
+# is never decoded twice), its caption and options, and the words OCR read in its images.
+VLM_INPUTS = [_io("FRAMES", S, [1]), _io("TEXT", S, [1]), _io("OPTIONS", S, [1], optional=True),
+              _io("IMAGE_TEXT", S, [1], optional=True)]
 # The entry point and its first step take IMAGE and TEXT as optional, so a request that lacks one reaches
 # preprocess, which answers a coded `bad_request` and writes its audit row (Triton would reject it before any
-# model runs, unaudited). Names, types and dims stay those of POST_INPUTS: existing clients are unaffected.
+# model runs, unaudited).
 ENTRY_INPUTS = [_io("IMAGE", S, POST_IMAGES, optional=True), _io("TEXT", S, [1], optional=True),
                 _io("OPTIONS", S, [1], optional=True)]
 
@@ -68,7 +71,7 @@ MODELS: dict[str, dict] = {
         inputs=ENTRY_INPUTS,
         outputs=[_io("CLIP_PIXELS", F32, [3, -1, -1]), _io("CLIP_INPUT_IDS", I64, [77]),
                  _io("CLIP_ATTENTION_MASK", I64, [77]), _io("REQUEST", S, [1]),
-                 _io("NSFW_PIXELS", F32, [224, 224, 3])]),
+                 _io("NSFW_PIXELS", F32, [224, 224, 3]), _io("FRAMES", S, [1])]),
     "clip_image": dict(
         backend="onnx", max_batch_size=16, instances=1, queue_delay_us=2000,
         inputs=[_io("pixel_values", F32, [3, -1, -1])], outputs=[_io("IMAGE_EMBEDS", F32, [-1])]),
@@ -87,7 +90,7 @@ MODELS: dict[str, dict] = {
     # (perf/cost_bounds.py). Both fall back to the same last good lists: core/policy.py keeps them in the state dir.
     "read_text": dict(
         backend="python", max_batch_size=16, instances=2, queue_delay_us=0,
-        inputs=[_io("IMAGE", S, POST_IMAGES), _io("TEXT", S, [1]), _io("REQUEST", S, [1])],
+        inputs=[_io("FRAMES", S, [1]), _io("TEXT", S, [1]), _io("REQUEST", S, [1])],
         outputs=[_io("REQUEST", S, [1])]),
     # PaddleOCR PP-OCRv4 (trained, from the rapidocr-onnxruntime wheel), called by read_text (BLS) through the
     # package's own pre/post-processing (moderation/ocr/reader.py). Tensor names are the ONNX files' own.
@@ -102,8 +105,8 @@ MODELS: dict[str, dict] = {
         inputs=[_io("x", F32, [3, 48, -1])], outputs=[_io("softmax_11.tmp_0", F32, [-1, 6625])]),
     "clip_gate": dict(
         backend="python", max_batch_size=16, instances=1, queue_delay_us=2000,
-        # IMAGE and TEXT travel on to the vlm ensemble for escalated posts; the rest of the post is in REQUEST
-        inputs=[_io("IMAGE", S, POST_IMAGES), _io("TEXT", S, [1]), _io("REQUEST", S, [1]),
+        # FRAMES and TEXT travel on to the vlm ensemble for escalated posts; the rest of the post is in REQUEST
+        inputs=[_io("FRAMES", S, [1]), _io("TEXT", S, [1]), _io("REQUEST", S, [1]),
                 _io("IMAGE_EMBEDS", F32, [-1]),
                 _io("TEXT_EMBEDS", F32, [-1]), _io("NSFW_SCORES", F32, [2], optional=True)],
         outputs=[_io("GATE", S, [1])]),
@@ -115,7 +118,7 @@ MODELS: dict[str, dict] = {
                  _io("EMBEDDING", F32, [-1])]),
     "vlm_preprocess": dict(
         backend="python", max_batch_size=8, instances=1, queue_delay_us=2000,
-        inputs=POST_INPUTS + [_io("IMAGE_TEXT", S, [1], optional=True)],
+        inputs=VLM_INPUTS,
         outputs=[_io("PIXEL_VALUES", F32, [784, 1536]), _io("BODY_IDS", I64, [-1]), _io("DECODER_OPTIONS", S, [1])]),
     "vision_encoder": dict(
         backend="onnx", max_batch_size=8, instances=1, queue_delay_us=5000,
@@ -129,9 +132,9 @@ MODELS: dict[str, dict] = {
         parameters={"torch_threads": "1", "dtype": "auto", "device": "auto"}),
     "vlm": dict(
         backend="ensemble", max_batch_size=8,
-        inputs=POST_INPUTS + [_io("IMAGE_TEXT", S, [1], optional=True)], outputs=[_io("VLM_RESULT", S, [1])],
+        inputs=VLM_INPUTS, outputs=[_io("VLM_RESULT", S, [1])],
         steps=[
-            ("vlm_preprocess", {"IMAGE": "IMAGE", "TEXT": "TEXT", "OPTIONS": "OPTIONS", "IMAGE_TEXT": "IMAGE_TEXT"},
+            ("vlm_preprocess", {"FRAMES": "FRAMES", "TEXT": "TEXT", "OPTIONS": "OPTIONS", "IMAGE_TEXT": "IMAGE_TEXT"},
              {"PIXEL_VALUES": "pixel_values", "BODY_IDS": "body_ids", "DECODER_OPTIONS": "decoder_options"}),
             ("vision_encoder", {"PIXEL_VALUES": "pixel_values"},
              {"VISUAL_TOKENS": "visual_tokens", "DEEPSTACK": "deepstack"}),
@@ -146,13 +149,14 @@ MODELS: dict[str, dict] = {
         steps=[
             ("preprocess", {"IMAGE": "IMAGE", "TEXT": "TEXT", "OPTIONS": "OPTIONS"},
              {"CLIP_PIXELS": "clip_pixels", "CLIP_INPUT_IDS": "clip_input_ids",
-              "CLIP_ATTENTION_MASK": "clip_attention_mask", "REQUEST": "request", "NSFW_PIXELS": "nsfw_pixels"}),
-            ("read_text", {"IMAGE": "IMAGE", "TEXT": "TEXT", "REQUEST": "request"}, {"REQUEST": "request_read"}),
+              "CLIP_ATTENTION_MASK": "clip_attention_mask", "REQUEST": "request", "NSFW_PIXELS": "nsfw_pixels",
+              "FRAMES": "frames"}),
+            ("read_text", {"FRAMES": "frames", "TEXT": "TEXT", "REQUEST": "request"}, {"REQUEST": "request_read"}),
             ("clip_image", {"pixel_values": "clip_pixels"}, {"IMAGE_EMBEDS": "image_embeds"}),
             ("nsfw_image", {"input:0": "nsfw_pixels"}, {"outputs": "nsfw_scores"}),
             ("clip_text", {"input_ids": "clip_input_ids", "attention_mask": "clip_attention_mask"},
              {"TEXT_EMBEDS": "text_embeds"}),
-            ("clip_gate", {"IMAGE": "IMAGE", "TEXT": "TEXT", "REQUEST": "request_read",
+            ("clip_gate", {"FRAMES": "frames", "TEXT": "TEXT", "REQUEST": "request_read",
                            "IMAGE_EMBEDS": "image_embeds", "TEXT_EMBEDS": "text_embeds", "NSFW_SCORES": "nsfw_scores"},
              {"GATE": "gate"}),
             ("postprocess", {"REQUEST": "request_read", "GATE": "gate", "IMAGE_EMBEDS": "image_embeds",

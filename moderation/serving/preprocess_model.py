@@ -38,7 +38,8 @@ class PreprocessModel(StageModel):
             tensor("CLIP_INPUT_IDS", np.stack([p.clip_input_ids for p in posts])),
             tensor("CLIP_ATTENTION_MASK", np.stack([p.clip_attention_mask for p in posts])),
             string_tensor("REQUEST", [p.record.to_json() for p in posts]),
-            tensor("NSFW_PIXELS", np.stack([p.nsfw_pixels for p in posts]))])
+            tensor("NSFW_PIXELS", np.stack([p.nsfw_pixels for p in posts])),
+            string_tensor("FRAMES", [p.frames for p in posts])])
 
     def _posts(self, images, texts, option_rows, received, t0, meta: dict):
         """One GateInputs per post. A request of one post fails with its post (raises); in a request of several,

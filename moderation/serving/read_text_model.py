@@ -11,7 +11,7 @@ from ..gate.inputs import ReadImageText
 from ..ocr.reader import MODELS as OCR_MODELS
 from ..ocr.reader import ImageTextReader
 from .pb import pb
-from .triton_io import Stage, StageModel, bytes_rows, image_rows, infer_blocking, string_tensor
+from .triton_io import Stage, StageModel, bytes_rows, infer_blocking, string_tensor
 
 
 class ReadTextModel(StageModel):
@@ -21,7 +21,7 @@ class ReadTextModel(StageModel):
 
     def respond(self, request, meta: dict, started: float):
         records = [RequestRecord.from_json(r) for r in bytes_rows(request, "REQUEST")]
-        posts = list(zip(image_rows(request, "IMAGE"), bytes_rows(request, "TEXT"), records, strict=True))
+        posts = list(zip(bytes_rows(request, "FRAMES"), bytes_rows(request, "TEXT"), records, strict=True))
         if len(posts) == 1:  # a request of one post fails with its post, as in preprocess
             meta.update(_meta(records[0]))
             out = [self.read(*posts[0])]
@@ -29,9 +29,9 @@ class ReadTextModel(StageModel):
             out = [self._post(*post) for post in posts]
         return pb().InferenceResponse([string_tensor("REQUEST", [r.to_json() for r in out])])
 
-    def _post(self, image: list[bytes], text: bytes, record: RequestRecord) -> RequestRecord:
+    def _post(self, frames: bytes, text: bytes, record: RequestRecord) -> RequestRecord:
         try:
-            return self.read(image, text, record)
+            return self.read(frames, text, record)
         except Exception as e:  # noqa: BLE001 - a post whose text cannot be read costs only its own row
             if not isinstance(e, ModerationError):
                 self.stage.logger.log_error(f"read_text: {type(e).__name__} on one post of a request")

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..core.hashing import post_hashes
-from ..core.post import parse_post
+from ..core.post import parse_post, unpack_images
 from ..repository.artifacts import read_artifact_record
 from ..vlm.inputs import VlmInputs
 from .pb import pb
-from .triton_io import Stage, StageModel, bytes_rows, image_rows, string_tensor, tensor, version_dir
+from .triton_io import Stage, StageModel, bytes_rows, string_tensor, tensor, version_dir
 
 
 class VlmPreprocessModel(StageModel):
@@ -21,16 +21,16 @@ class VlmPreprocessModel(StageModel):
         self.inputs = VlmInputs(str(vdir / "qwen"), self.stage.version)
 
     def respond(self, request, meta: dict, started: float):
-        images, texts = image_rows(request, "IMAGE"), bytes_rows(request, "TEXT")
-        options: Sequence[bytes | None] = bytes_rows(request, "OPTIONS", optional=True) or [None] * len(images)
-        image_texts = bytes_rows(request, "IMAGE_TEXT", optional=True) or [b""] * len(images)
+        frames, texts = bytes_rows(request, "FRAMES"), bytes_rows(request, "TEXT")
+        options: Sequence[bytes | None] = bytes_rows(request, "OPTIONS", optional=True) or [None] * len(frames)
+        image_texts = bytes_rows(request, "IMAGE_TEXT", optional=True) or [b""] * len(frames)
         pixels, bodies, infos = [], [], []
-        for image, text, opt, drawn in zip(images, texts, options, image_texts, strict=True):
+        for blob, text, opt, drawn in zip(frames, texts, options, image_texts, strict=True):
+            images, image_sha256 = unpack_images(blob)  # what preprocess decoded: no upload is decoded again
             meta.clear()
-            meta.update(post_hashes(image[0] if image else None, text))
-            words = (drawn or b"").decode("utf-8", "replace")  # the image's words, read by preprocess
-            # the VLM's picture shows each image's first frame: no animation is sampled here
-            p, body, info = self.inputs(parse_post(image, text, opt, meta, read_frames=False), words)
+            meta.update(post_hashes(None, text), image_sha256=image_sha256)
+            words = (drawn or b"").decode("utf-8", "replace")  # the image's words, read by read_text
+            p, body, info = self.inputs(parse_post([], text, opt, meta, decoded=images), words)
             pixels.append(p)
             bodies.append(body)
             infos.append(info.to_json())

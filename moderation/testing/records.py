@@ -7,7 +7,15 @@ import time
 from PIL import Image
 
 from ..core.contracts import GateDecision, RequestRecord
+from ..core.hashing import sha256_hex
 from ..core.imaging import local_thumbnail
+from ..core.policy import load_policy
+from ..core.post import decode_post_images, pack_images
+
+
+def frames_of(*images: bytes, policy: str = "default") -> bytes:
+    """A post's FRAMES element as preprocess writes it (its images decoded under `policy`'s media settings)."""
+    return pack_images(decode_post_images(list(images), load_policy(policy)), sha256_hex(images[0]))
 
 
 def local_thumbnail_b64(image: Image.Image) -> str:
