@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     lists.add_argument("--note", default="")
     lists.add_argument("--id", dest="entry_id", help="remove-*: the entry id (see `lists show`)")
     lists.add_argument("file", nargs="?", type=Path, help="import: a document `lists export` wrote (replaces them)")
+    lists.__class__ = _ListsParser
     token = sub.add_parser("client-token", help="the signed `moderation-client` value of a client id (the gateway's "
                            "fair shares trust it where MODERATION_GATEWAY_CLIENT_KEY_FILE is set)")
     token.add_argument("--id", dest="client_id", required=True)
@@ -207,6 +208,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(json.dumps(out, ensure_ascii=False))
     return 0
+
+
+class _ListsParser(argparse.ArgumentParser):
+    """`lists import --policy P FILE`: argparse fills a subcommand's positionals in one pass, so a FILE written after
+    the options comes back unrecognised; it is the import's file."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extra = super().parse_known_args(args, namespace)
+        if getattr(parsed, "file", None) is None and len(extra) == 1 and not extra[0].startswith("-"):
+            parsed.file, extra = Path(extra[0]), []
+        return parsed, extra
 
 
 def _lists(args, lists: ServiceAdmin) -> dict:

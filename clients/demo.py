@@ -3,6 +3,7 @@ wheels, zh and en captions, several deliberately mismatched), print a table, sto
 from __future__ import annotations
 
 import secrets
+import shutil
 import sys
 import time
 import unicodedata
@@ -55,7 +56,7 @@ def _demo_policies(root: Path) -> Path:
 
 def _add_demo_lists(url: str, key: str, policy: str = "default") -> None:
     """Through the server's admin service, as an operator would (`clients.admin lists ...`): the server edits the
-    lists in its own policy directory and audits each edit."""
+    lists where it keeps them (its state directory, or Redis) and audits each edit."""
     from .admin import ServiceAdmin
 
     with ServiceAdmin(url, key) as lists:
@@ -107,7 +108,10 @@ def main() -> int:
     key = secrets.token_hex(16)
     print("starting the embedded Triton server (CPU) ...", flush=True)
     t = time.time()
-    env = {"MODERATION_AUDIT_LOG": "build/audit/demo.jsonl", "MODERATION_POLICY_DIR": str(policies)}
+    state = Path("build/demo/state")  # the demo's lists live here: each run starts from none, as its policies do
+    shutil.rmtree(state, ignore_errors=True)
+    env = {"MODERATION_AUDIT_LOG": "build/audit/demo.jsonl", "MODERATION_POLICY_DIR": str(policies),
+           "MODERATION_STATE_DIR": str(state.resolve())}
     with running_server(log_path=log, env=env, key=key) as srv:
         print(f"ready in {time.time() - t:.1f}s on gRPC {srv.grpc_url} (server log: {log})\n", flush=True)
         print(run(srv.grpc_url, key))

@@ -364,16 +364,28 @@ def test_a_term_and_an_image_added_on_one_replica_are_enforced_by_the_other(repl
 
     term = _cli(a, "lists", "add-term", "--policy", SHARED, "--list", "block", "--term", TERM, "--label", "scam")
     assert term.returncode == 0, term.stderr
-    blocked = _until(lambda: (r := _moderate(b, hubble.image_bytes(), hubble.text, SHARED))["decided_by"] == "terms"
-                     and r, "the term added on a, on b", LISTS_POLL_S + REQUEST_MARGIN_S)
+    acknowledged, posts = time.monotonic(), []
+
+    def judged_on_b():
+        posts.append(_moderate(b, hubble.image_bytes(), hubble.text, SHARED))
+        return posts[-1]["decided_by"] == "terms" and posts[-1]
+
+    blocked = _until(judged_on_b, "the term added on a, on b", LISTS_POLL_S + REQUEST_MARGIN_S)
+    print(f"term in force on b {time.monotonic() - acknowledged:.2f} s after a acknowledged it, post {len(posts)}")
     assert blocked["action"] == "block" and blocked["policy"].endswith("+lists.1")
 
     image = _cli(a, "lists", "add-image", "--policy", SHARED, "--list", "block", "--image",
                  str(image_paths()["coins"]), "--label", "scam")
     assert image.returncode == 0, image.stderr
     entry = json.loads(image.stdout)
-    listed = _until(lambda: (r := _moderate(b, coins, "nice coins", SHARED))["decided_by"] == "image_list" and r,
-                    "the image added on a, on b", LISTS_POLL_S + REQUEST_MARGIN_S)
+    acknowledged, posts = time.monotonic(), []
+
+    def listed_on_b():
+        posts.append(_moderate(b, coins, "nice coins", SHARED))
+        return posts[-1]["decided_by"] == "image_list" and posts[-1]
+
+    listed = _until(listed_on_b, "the image added on a, on b", LISTS_POLL_S + REQUEST_MARGIN_S)
+    print(f"image in force on b {time.monotonic() - acknowledged:.2f} s after a acknowledged it, post {len(posts)}")
     assert listed["action"] == "block" and listed["decision"]["list_hit"]["id"] == entry["id"]
     assert listed["policy"].endswith("+lists.2")
     # the edits are a's audit rows (the server that took them), and Redis keeps the history

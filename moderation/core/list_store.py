@@ -276,10 +276,10 @@ class RedisListStore:
         known = self._known.get(policy)
         if known is not None and now - known.checked < self.poll_s and not fresh:
             return known.lists, known.fault
-        fresh = self._refresh(policy, known, now)
+        checked = self._refresh(policy, known, now)
         with self._lock:
-            self._known[policy] = fresh
-        return fresh.lists, fresh.fault
+            self._known[policy] = checked
+        return checked.lists, checked.fault
 
     def _refresh(self, policy: str, known: _Known | None, now: float) -> _Known:
         key = self.key(policy)
