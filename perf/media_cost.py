@@ -20,6 +20,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from perf.common import BUILD, REPO, RESULTS, dump_json, git_commit, machine
@@ -34,7 +35,7 @@ def _photo(size: tuple[int, int], seed: int, name: str = "astronaut") -> Image.I
 
     im = Image.open(image_paths()[name]).convert("RGB").resize(size, Image.BICUBIC)
     ImageDraw.Draw(im).rectangle((8, 8, 8 + size[0] // 40, 8 + size[1] // 40),
-                                 fill=((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256))
+                                 fill=tuple(int(c) for c in np.random.default_rng(seed).integers(0, 256, 3)))
     return im
 
 
@@ -55,38 +56,56 @@ def _screenshot(seed: int) -> Image.Image:
     return im
 
 
-def _animation(seed: int, frames: int = 6) -> list[Image.Image]:
-    """A 640x480 meme: a dot moving over a photo, a caption drawn in frame 3 only."""
+def _animation(seed: int, frames: int = 6, caption_in: tuple[int, ...] | None = None) -> list[Image.Image]:
+    """A 640x480 meme: a dot moving over a photo, a caption drawn in the frames `caption_in` (None: every frame, as
+    a reaction GIF carries its caption; (3,): a caption shown in frame 3 only, hidden from first-frame readers)."""
     base, out = _photo((640, 480), seed, "chelsea"), []
     for i in range(frames):
         f = base.copy()
         draw = ImageDraw.Draw(f)
         draw.ellipse((40 + 60 * i, 40, 70 + 60 * i, 70), fill=(255, 0, 0))
-        if i == 3:
+        if caption_in is None or i in caption_in:
             draw.rectangle((20, 380, 620, 460), fill=(255, 255, 255))
-            draw.text((40, 390), "WHEN THE CODE WORKS", font=ImageFont.truetype(FONT, 48), fill=(0, 0, 0))
+            draw.text((40, 390), f"WHEN THE CODE WORKS {seed}", font=ImageFont.truetype(FONT, 40), fill=(0, 0, 0))
         out.append(f)
     return out
 
 
+def _gif(frames: list[Image.Image]) -> bytes:
+    if len(frames) == 1:
+        return _encode(frames[0], "GIF")
+    return _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
 def arms(seed: int) -> dict[str, bytes | list[bytes]]:
-    anim = _animation(seed)
+    """Round `seed`'s post of every arm. Each arm draws its own seed: no two posts share a picture or a line of
+    text, so neither the verdict cache nor the OCR and encoder models' response caches answer any of them (a GIF arm
+    sharing its first frame with the first-frame arm would have its detection served from the cache)."""
+    s = {arm: seed * 16 + k for k, arm in enumerate(ARMS)}
     return {
-        "photo_640x480": _encode(_photo((640, 480), seed), "JPEG", quality=90),
-        "photo_4000x3000": _encode(_photo((4000, 3000), seed), "JPEG", quality=90),
-        "screenshot_1170x2532_png": _encode(_screenshot(seed), "PNG"),
-        "gif_first_frame": _encode(anim[0], "GIF"),
-        "gif_6_frames": _encode(anim[0], "GIF", save_all=True, append_images=anim[1:], duration=100, loop=0),
-        "post_1_image": _encode(_photo((640, 480), seed, "rocket"), "JPEG", quality=90),
-        "post_3_images": [_encode(_photo((640, 480), seed, n), "JPEG", quality=90)
+        "photo_640x480": _encode(_photo((640, 480), s["photo_640x480"]), "JPEG", quality=90),
+        "photo_4000x3000": _encode(_photo((4000, 3000), s["photo_4000x3000"]), "JPEG", quality=90),
+        "screenshot_1170x2532_png": _encode(_screenshot(s["screenshot_1170x2532_png"]), "PNG"),
+        "gif_first_frame": _gif(_animation(s["gif_first_frame"])[:1]),
+        "gif_6_frames": _gif(_animation(s["gif_6_frames"])),
+        "gif_hidden_caption_first_frame": _gif(_animation(s["gif_hidden_caption_first_frame"], caption_in=(3,))[:1]),
+        "gif_hidden_caption_6_frames": _gif(_animation(s["gif_hidden_caption_6_frames"], caption_in=(3,))),
+        "post_1_image": _encode(_photo((640, 480), s["post_1_image"], "rocket"), "JPEG", quality=90),
+        "post_3_images": [_encode(_photo((640, 480), s["post_3_images"], n), "JPEG", quality=90)
                           for n in ("rocket", "coffee", "horse")],
     }
+
+
+ARMS = ("photo_640x480", "photo_4000x3000", "screenshot_1170x2532_png", "gif_first_frame", "gif_6_frames",
+        "gif_hidden_caption_first_frame", "gif_hidden_caption_6_frames", "post_1_image", "post_3_images")
 
 
 RATIOS = {  # name: (numerator arm, denominator arm, the goal it is held to)
     "phone_photo_over_640x480": ("photo_4000x3000", "photo_640x480", 1.5),
     "screenshot_over_640x480": ("screenshot_1170x2532_png", "photo_640x480", 2.0),
     "gif_6_frames_over_first_frame": ("gif_6_frames", "gif_first_frame", 2.0),
+    # the caption only in frame 3: the 6 frames pay for reading a line of text their first frame does not have
+    "gif_hidden_caption_over_first_frame": ("gif_hidden_caption_6_frames", "gif_hidden_caption_first_frame", None),
     "post_3_images_over_1": ("post_3_images", "post_1_image", None),
 }
 

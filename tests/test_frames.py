@@ -103,7 +103,7 @@ def test_a_frame_is_read_and_scored_where_it_changed():
     """Decode once, read what changed: the bands of a later frame hold its changed rows (the moving dot's, the
     caption's), open_nsfw scores a frame only when its change covers NSFW_CHANGE of the picture (the dot does not,
     the caption does), and the caption drawn in frame 3 is read from its band with boxes in the frame's pixels."""
-    from moderation.core.imaging import CHANGE_CELL, NSFW_CHANGE, change_mask, changed_bands
+    from moderation.core.imaging import CHANGE_CELL, NSFW_CHANGE, change_mask, changed_bands, read_bands
     from moderation.core.policy import load_policy
     from moderation.core.post import decode_post_images
     from moderation.gate.inputs import nsfw_scored_frames
@@ -119,13 +119,22 @@ def test_a_frame_is_read_and_scored_where_it_changed():
     assert [b for b in caption if b[0] <= 360 and b[1] >= 440], caption
     assert float(change_mask(frames[0], frames[1]).mean()) < NSFW_CHANGE <= float(change_mask(frames[2],
                                                                                               frames[3]).mean())
-    assert nsfw_scored_frames(images) == [(0, 0), (0, 3), (0, 4)]  # the caption comes in frame 3, goes in 4
+    # frame 4 (the caption gone) is frame 2 with the dot moved: neither scored again nor read beyond the dot's rows
+    assert nsfw_scored_frames(images) == [(0, 0), (0, 3)]
+    bands = read_bands(frames)
+    assert bands[0] is None and bands[4] == changed_bands(change_mask(frames[2], frames[4]), 480)
+    dot_rows = bands[1][0]
+    assert dot_rows[0] == 0 and dot_rows[1] <= 36 + 3 * CHANGE_CELL, bands  # the dot's rows (it moves at y 20-36)
+    assert [rows[1:] for rows in bands[1:]] == [(), (), ((344, 464),), (), ()], bands  # and the caption's
     reader = ImageTextReader()
-    read = reader.read_changed(frames[2], frames[3])
-    assert "".join(line.text for line in read.lines).replace(" ", "").startswith(TERM), read.lines
-    assert all(360 - CHANGE_CELL <= y <= 440 + CHANGE_CELL for line in read.lines for _, y in line.box)
-    assert reader.read_changed(frames[0], frames[1]).lines == []  # the dot's band holds no text
-    assert reader.read_changed(frames[3], frames[3]).boxes_found == 0  # nothing changed: nothing read
+    reads, truncated = reader.read_frames([(k, f, rows) for k, (f, rows) in enumerate(zip(frames, bands, strict=True))])
+    assert not truncated and [k for k, read in reads if read.lines] == [3]
+    lines = dict(reads)[3].lines
+    assert "".join(line.text for line in lines).replace(" ", "").startswith(TERM), lines
+    assert all(360 - CHANGE_CELL <= y <= 440 + CHANGE_CELL for line in lines for _, y in line.box)
+    # the same frames read whole find the same text
+    whole, _ = reader.read_frames([(k, frame, None) for k, frame in enumerate(frames)])
+    assert [[line.text for line in r.lines] for _, r in whole] == [[line.text for line in r.lines] for _, r in reads]
 
 
 def test_media_hits_name_each_entry_once_from_its_best_image_and_frame():

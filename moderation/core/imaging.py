@@ -177,10 +177,11 @@ def sample_frames(im: Image.Image, first: Image.Image, count: int, max_frames: i
 
 # What changed between two judged frames of one animation, on a grid of CHANGE_CELL x CHANGE_CELL cells of the decoded
 # frame: a cell changed when its mean grey level moved by CHANGE_LEVEL (of 255); a caption drawn into a frame moves
-# its cells by tens of levels, GIF dithering and re-quantisation by under five. A later frame's text outside its
-# changed rows was read in an earlier frame (ocr/reader.py read_changed), and open_nsfw scores a frame only when its
-# change since the last scored frame covers NSFW_CHANGE of the picture (at open_nsfw's 224x224 input a smaller change
-# is under ~32x32 pixels: too small for it to see; gate/inputs.py).
+# its cells by tens of levels, GIF dithering and re-quantisation by under five. A later frame's text outside the rows
+# where it differs from the earlier frame it is closest to was read in that frame (read_bands, ocr/reader.py
+# read_frames), and open_nsfw scores a frame only when it differs from every frame scored before it in at least
+# NSFW_CHANGE of the picture (at open_nsfw's 224x224 input a smaller change is under ~32x32 pixels: too small for it
+# to see; gate/inputs.py nsfw_scored_frames).
 CHANGE_CELL = 8
 CHANGE_LEVEL = 12.0
 CHANGE_PAD = 2  # cells kept above and below a changed row, so a line of text is read whole
@@ -195,6 +196,17 @@ def change_mask(before: Image.Image, after: Image.Image) -> np.ndarray:
     # Image.reduce rounds up: a partial cell at an edge is a cell of its own
     a, b = (np.asarray(im.convert("L").reduce(CHANGE_CELL), dtype=np.float32) for im in (before, after))
     return np.abs(a - b) >= CHANGE_LEVEL
+
+
+def read_bands(frames: tuple[Image.Image, ...] | list[Image.Image]) -> list[tuple[tuple[int, int], ...] | None]:
+    """For each judged frame of one image, the rows OCR reads: None (all of it) for the first, else the rows where it
+    differs from the earlier frame it differs from least (every earlier frame's text was read, whole or by its own
+    rows, so the rest of this one was too)."""
+    out: list[tuple[tuple[int, int], ...] | None] = [None]
+    for k in range(1, len(frames)):
+        masks = [change_mask(frames[j], frames[k]) for j in range(k)]
+        out.append(changed_bands(min(masks, key=lambda m: int(m.sum())), frames[k].height))
+    return out
 
 
 def changed_bands(mask: np.ndarray, height: int) -> tuple[tuple[int, int], ...]:

@@ -17,7 +17,7 @@ from PIL import Image
 from ..core.contracts import PostError, RequestRecord
 from ..core.errors import BadRequest, ModerationError
 from ..core.hashing import post_hashes
-from ..core.imaging import NSFW_CHANGE, change_mask, fingerprint, local_thumbnail, pdq_hash
+from ..core.imaging import NSFW_CHANGE, change_mask, fingerprint, local_thumbnail, pdq_hash, read_bands
 from ..core.lists import evidence_place, image_hits, media_hits, term_hits
 from ..core.options import parse_options
 from ..core.policy import load_policy
@@ -228,16 +228,16 @@ class ReadImageText:
     def __call__(self, frames: bytes, text: bytes, record: RequestRecord) -> RequestRecord:
         """`record` with its image text; unchanged for a post that failed or is not read (RequestRecord.read_text).
         `frames` are the post's images as preprocess decoded them (FRAMES), `text` the caption it validated. Every
-        image and judged frame is read: an animation's first frame whole, each later frame where it changed since the
-        frame before (ocr/reader.py read_changed); lines and term hits name their image and frame where the post has
-        several images or an animation (core/post.py judged_items)."""
+        image and judged frame is read: an animation's first frame whole, each later frame where it differs from the
+        earlier frame closest to it (core/imaging.py read_bands); lines and term hits name their image and frame where
+        the post has several images or an animation (core/post.py judged_items)."""
         if record.error is not None or not record.read_text:
             return record
         t0 = time.perf_counter()
         policy = load_policy(record.policy_name)
         images, _ = unpack_images(frames)
-        items = [((i, f), frame, prev) for (i, f, frame), prev in zip(judged_items(images), _previous_frames(images),
-                                                                       strict=True)]
+        bands = [b for im in images for b in read_bands(im.frames)]
+        items = [((i, f), frame, rows) for (i, f, frame), rows in zip(judged_items(images), bands, strict=True)]
         reads, truncated = self.reader.read_frames(items, ReadBudget.of(policy.ocr))
         lines: list[dict] = []
         seen: set[tuple[str, int | None]] = set()
@@ -263,21 +263,15 @@ class ReadImageText:
 
 def nsfw_scored_frames(images) -> list[tuple[int, int]]:
     """(image, judged frame position) of the frames open_nsfw scores: every image's first frame, and each later frame
-    of an animation whose change since the last frame scored covers at least NSFW_CHANGE of the picture."""
+    of an animation that differs from every frame scored before it in at least NSFW_CHANGE of the picture."""
     out = []
     for i, im in enumerate(images):
-        scored = None
+        scored: list[Image.Image] = []
         for k, frame in enumerate(im.frames):
-            if scored is None or float(change_mask(scored, frame).mean()) >= NSFW_CHANGE:
+            if all(float(change_mask(s, frame).mean()) >= NSFW_CHANGE for s in scored):
                 out.append((i, k))
-                scored = frame
+                scored.append(frame)
     return out
-
-
-def _previous_frames(images) -> list[Image.Image | None]:
-    """For each judged frame (judged_items' order), the judged frame before it in the same animation (None: the first
-    frame of an image, read whole)."""
-    return [im.frames[k - 1] if k else None for im in images for k in range(len(im.frames))]
 
 
 def check_rows(images: list, texts: list, options: list) -> list:

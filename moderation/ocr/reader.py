@@ -19,8 +19,6 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from ..core.imaging import change_mask, changed_bands
-
 K = TypeVar("K", bound=Hashable)  # what a caller keys its frames by (read_frames)
 
 DET_SIDE = 480   # chosen by measurement: docs/performance.md (OCR)
@@ -29,7 +27,8 @@ REC_HEIGHT = 48  # PP-OCRv4 recognition reads each box scaled to this height
 REC_CHUNK = 6    # boxes per recognition batch (the package's rec_batch_num), and between looks at the time budget
 REC_MIN_RATIO = 320 / 48  # the package's narrowest recognition input, in line squares
 MAX_ASPECT = 8   # wider or taller images are padded to this first (banners keep their text; strips cost nothing)
-BAND_GUTTER = 16  # white rows between the changed bands of a frame stacked for one read (read_changed)
+BAND_GUTTER = 16  # white rows between changed bands stacked into one picture for one read (read_frames)
+Bands = tuple[tuple[int, int], ...]  # rows [top, bottom) of a frame to read
 # Triton model -> (input, output) tensor names: the ONNX files' own, so the onnxruntime backend serves them too.
 MODELS = {"ocr_detect": ("x", "sigmoid_0.tmp_0"), "ocr_classify": ("x", "save_infer_model/scale_0.tmp_1"),
           "ocr_recognize": ("x", "softmax_11.tmp_0")}
@@ -171,41 +170,69 @@ class ImageTextReader:
             lines.append(TextLine(str(text), float(score), corners))
         return ImageText(lines, len(read) < len(boxes), len(boxes), len(read))
 
-    def read_frames(self, frames: list[tuple[K, Image.Image, Image.Image | None]],
+    def read_frames(self, frames: list[tuple[K, Image.Image, Bands | None]],
                     budget: ReadBudget = ReadBudget()) -> tuple[list[tuple[K, ImageText]], bool]:
-        """Each (key, frame, previous frame) of a post's images read within `budget` of its own: a frame whole when
-        it has no previous frame, else where it changed (read_changed). A post costs at most its judged images and
-        frames (policy media) x one image's read. Returns (key, its text) per frame, and whether the budget left
-        detected text unread in any of them."""
-        out = [(key, self.read_within(image, budget) if previous is None
-                else self.read_changed(previous, image, budget)) for key, image, previous in frames]
+        """Each (key, frame, bands) of a post's images read within `budget` per frame: a frame whole when `bands` is
+        None (an image, an animation's first frame), else only those rows (core/imaging.py changed_bands: where it
+        changed since an earlier frame whose text was read; a frame that changed in most of its rows is read whole).
+        The changed rows of several frames of one size are stacked into one picture and read at once (one detection
+        for the animation, not one per frame), with the budget of as many frames. A post costs at most its judged
+        images and frames (policy media) x one image's read. Returns (key, its text) per frame, and whether the budget
+        left detected text unread in any of them."""
+        reads: dict[int, ImageText] = {}
+        banded: list[tuple[int, Image.Image, Bands]] = []
+        for n, (_, image, bands) in enumerate(frames):
+            if bands is None or sum(b - t for t, b in bands) * 2 >= image.height:
+                reads[n] = self.read_within(image, budget)
+            elif not bands:
+                reads[n] = ImageText([], False, 0, 0)
+            else:
+                banded.append((n, image, bands))
+        for sheet in _sheets(banded):
+            reads.update(self._read_sheet(sheet, budget))
+        out = [(key, reads[n]) for n, (key, _, _) in enumerate(frames)]
         return out, any(read.truncated for _, read in out)
 
-    def read_changed(self, previous: Image.Image, image: Image.Image, budget: ReadBudget = ReadBudget()) -> ImageText:
-        """The text of `image` in the rows where it changed since `previous` (an earlier frame of one animation, whose
-        text elsewhere was read already): the changed rows, full width so a line is read whole, stacked into one
-        picture and read within `budget`, boxes given in `image`'s pixels. Nothing changed: nothing to read."""
-        bands = changed_bands(change_mask(previous, image), image.height)
-        if not bands:
-            return ImageText([], False, 0, 0)
-        if sum(b - t for t, b in bands) * 2 >= image.height:  # most of the frame: read it whole
-            return self.read_within(image, budget)
-        w = image.width
-        slots, y = [], 0
-        for top, bottom in bands:
-            slots.append((y, top, bottom))
-            y += bottom - top + BAND_GUTTER
-        sheet = Image.new("RGB", (w, y - BAND_GUTTER), (255, 255, 255))
-        for at, top, bottom in slots:
-            sheet.paste(image.crop((0, top, w, bottom)), (0, at))
-        read = self.read_within(sheet, budget)
-        lines = []
+    def _read_sheet(self, sheet: list[tuple[int, Image.Image, Bands]], budget: ReadBudget) -> dict[int, ImageText]:
+        """One read of the stacked bands of `sheet`'s frames, each line given back to its frame in its pixels."""
+        w = sheet[0][1].width
+        slots, y = [], 0  # (top on the sheet, frame number, top in the frame, bottom in the frame)
+        for n, _, bands in sheet:
+            for top, bottom in bands:
+                slots.append((y, n, top, bottom))
+                y += bottom - top + BAND_GUTTER
+        canvas = Image.new("RGB", (w, y - BAND_GUTTER), (255, 255, 255))
+        images = {n: image for n, image, _ in sheet}
+        for at, n, top, bottom in slots:
+            canvas.paste(images[n].crop((0, top, w, bottom)), (0, at))
+        k = len(sheet)
+        read = self.read_within(canvas, ReadBudget(budget.max_boxes * k, budget.max_area * k, budget.max_ms * k))
+        lines: dict[int, list[TextLine]] = {n: [] for n in images}
         for line in read.lines:
             centre = sum(p[1] for p in line.box) / len(line.box)
-            at, top, bottom = next((s for s in slots if s[0] <= centre < s[0] + s[2] - s[1]), slots[-1])
-            box = [[x, min(image.height, max(0, py - at + top))] for x, py in line.box]
-            lines.append(TextLine(line.text, line.confidence, box))
-        return ImageText(lines, read.truncated, read.boxes_found, read.boxes_read)
+            at, n, top, bottom = next((s for s in slots if s[0] <= centre < s[0] + s[3] - s[2]), slots[-1])
+            h = images[n].height
+            lines[n].append(TextLine(line.text, line.confidence,
+                                     [[x, min(h, max(0, py - at + top))] for x, py in line.box]))
+        return {n: ImageText(found, read.truncated, read.boxes_found, read.boxes_read) for n, found in lines.items()}
+
+
+def _sheets(banded: list[tuple[int, Image.Image, Bands]]) -> list[list[tuple[int, Image.Image, Bands]]]:
+    """Frames' bands grouped into sheets of one width, each at most as tall as its frames' longer side (detection
+    scales a sheet as it would scale one frame, so text keeps its size)."""
+    sheets: list[list[tuple[int, Image.Image, Bands]]] = []
+    height = 0
+    for item in banded:
+        _, image, bands = item
+        rows = sum(b - t + BAND_GUTTER for t, b in bands)
+        current = sheets[-1] if sheets else None
+        if current and current[0][1].width == image.width and height + rows <= max(image.size) + BAND_GUTTER:
+            current.append(item)
+            height += rows
+        else:
+            sheets.append([item])
+            height = rows
+    return sheets
 
 
 def _within_aspect(image: Image.Image) -> tuple[Image.Image, tuple[int, int]]:
