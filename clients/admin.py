@@ -18,6 +18,11 @@ $MODERATION_ADMIN_KEY or the file named by $MODERATION_ADMIN_KEY_FILE).
     .venv/bin/python -m clients.admin --url 127.0.0.1:8001 feedback REQUEST_ID --verdict violation [--label L]
     .venv/bin/python -m clients.admin client-token --id shop-a     # a signed client id for fair shares
 
+With MODERATION_REDIS_URL on the servers (a cluster), `swap` and `rollback` set the version every replica should
+serve once, through the gateway at --url; each replica's follower swaps its own Triton within seconds (`--wait S`
+waits until every replica reports it), and `status` adds the desired versions and each replica's live versions and
+whether it has converged (docs/operations.md). Without Redis they act on the one server at --url.
+
 `lists` and `feedback` keep no local state: they call the gateway's admin service at --url, which checks the key,
 applies the edit to the lists the server reads (an image is sent as its bytes; the server hashes it) or writes the
 reviewer's row, and records each into the service's own audit log. A refused call prints `error: [code] message`
@@ -27,9 +32,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import getpass
 import json
 import re
+import socket
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -48,9 +56,10 @@ _CODED = re.compile(r"^\[([a-z][a-z0-9_]*)\] (.*)$", re.S)
 class ServiceError(AdminError):
     """The admin service refused or failed a call: its code and message (docs/errors.md)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, no_service: bool = False):
         super().__init__(f"[{code}] {message}")
         self.code, self.message = code, message
+        self.no_service = no_service  # the server has no admin service at all (Triton without its gateway)
 
 
 class ServiceAdmin:
@@ -81,7 +90,8 @@ class ServiceAdmin:
                 raise ServiceError(m.group(1), m.group(2)) from None
             if status == grpc.StatusCode.UNIMPLEMENTED:
                 raise ServiceError("unavailable", f"the server at {self.url} has no admin service: it is Triton "
-                                   "without its audit gateway (MODERATION_GATEWAY=0), or an older gateway") from None
+                                   "without its audit gateway (MODERATION_GATEWAY=0), or an older gateway",
+                                   no_service=True) from None
             if status == grpc.StatusCode.UNAVAILABLE:
                 raise ServiceError("unavailable", f"cannot reach {self.url}: {details}") from None
             if status == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -113,6 +123,9 @@ class ServiceAdmin:
     def import_lists(self, policy: str, document: dict) -> dict:
         return self.lists("import", policy, lists=document)
 
+    def versions(self, action: str, **fields) -> dict:
+        return self.call(admin_rpc.VERSIONS, {"action": action, **{k: v for k, v in fields.items() if v is not None}})
+
     def feedback(self, request_id: str, verdict: str, label: str | None = None, reviewer: str | None = None) -> dict:
         return self.call(admin_rpc.FEEDBACK, {"request_id": request_id, "verdict": verdict,
                                               **({"label": label} if label else {}),
@@ -126,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repository", type=Path, default=Path("model_repository"),
                     help="local path of the served repository (version checks, swap history)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("status")
+    status = sub.add_parser("status")
+    status.add_argument("--json", action="store_true", help="print the server's and the cluster's state as JSON")
     sub.add_parser("purge-caches", help="empty the near-duplicate verdict caches (reloads clip_gate, no request fails)")
     lists = sub.add_parser("lists", help="custom block / allow / review lists of images and terms, live")
     lists.add_argument("action", choices=["show", "add-image", "remove-image", "add-term", "remove-term", "export",
@@ -153,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--model", required=True)
         if name == "swap":
             p.add_argument("--version", required=True)
+        if name in ("swap", "rollback"):
+            p.add_argument("--wait", type=float, default=0.0, metavar="S",
+                           help="in a cluster: wait up to S seconds for every replica to serve it (exit 1 if not)")
         if name == "load":
             p.add_argument("--versions", default=None, help="comma-separated versions to keep loaded")
     args = ap.parse_args(argv)
@@ -181,9 +198,15 @@ def main(argv: list[str] | None = None) -> int:
                 out = service.feedback(args.request_id, args.verdict, args.label, args.reviewer)
         elif args.cmd == "status":
             rows = admin.status()
+            cluster = _cluster(args.url, key, "status")
+            if args.json:
+                print(json.dumps({"server": rows, "cluster": cluster}, ensure_ascii=False))
+                return 0
             for r in rows:
                 print(f"{r['model']:<18} v{r['version'] or '-':<4} {r['state']:<12} ready={str(r['ready']).lower():<5} "
                       f"available={','.join(r['available_versions']) or '-'} {r['reason']}")
+            if cluster is not None:
+                _print_cluster(cluster)
             return 0
         elif args.cmd == "purge-caches":
             from moderation.ops.purge import purge_server_caches
@@ -196,10 +219,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "unload":
             admin.unload(args.model)
             out = {"unloaded": args.model}
-        elif args.cmd == "swap":
-            out = admin.swap(args.model, args.version)
-        else:
-            out = admin.rollback(args.model)
+        elif args.cmd in ("swap", "rollback"):
+            fields = {"model": args.model, "version": getattr(args, "version", None), "operator": _operator(),
+                      "serving": _serving(admin, args.model) if args.cmd == "swap" else None}
+            out = _cluster(args.url, key, args.cmd, **fields)
+            if out is None:  # no cluster state: this one server, as it always was
+                out = admin.swap(args.model, args.version) if args.cmd == "swap" else admin.rollback(args.model)
+            elif args.wait > 0:
+                status = _wait_converged(args.url, key, args.model, out["revision"], args.wait)
+                print(json.dumps(out, ensure_ascii=False))
+                _print_cluster(status)
+                return 0 if _all_converged(status, args.model) else 1
     except AdminError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -208,6 +238,70 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(json.dumps(out, ensure_ascii=False))
     return 0
+
+
+def _operator() -> str:
+    """Who sets a version, as the audit and the desired state record it."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _serving(admin: RepositoryAdmin, model: str) -> str | None:
+    """The one version of `model` the server at --url serves, if one (a first cluster rollback returns to it)."""
+    try:
+        live = admin.live_versions(model)
+    except Exception:  # noqa: BLE001 - the swap does not depend on it
+        return None
+    return live[0] if len(live) == 1 else None
+
+
+def _cluster(url: str, key: str, action: str, **fields) -> dict | None:
+    """The gateway's answer to a versions call; None where the servers keep no cluster state (no Redis, or Triton
+    without its gateway)."""
+    with ServiceAdmin(url, key) as service:
+        try:
+            return service.versions(action, **fields)
+        except ServiceError as e:
+            if e.code == "not_clustered" or e.no_service:
+                return None
+            raise
+
+
+def _all_converged(status: dict, model: str) -> bool:
+    replicas = status.get("replicas", [])
+    return bool(replicas) and all(r["converged_models"].get(model, True) and not r.get("swapping") for r in replicas)
+
+
+def _wait_converged(url: str, key: str, model: str, revision: int, limit_s: float) -> dict:
+    """Poll the cluster's status until every replica reports `model` converged on a revision >= `revision`."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        status = _cluster(url, key, "status") or {}
+        fresh = all(r.get("revision", 0) >= revision for r in status.get("replicas", []))
+        if (fresh and _all_converged(status, model)) or time.monotonic() >= deadline:
+            return status
+        time.sleep(1.0)
+
+
+def _print_cluster(status: dict) -> None:
+    print(f"cluster: desired revision {status['revision']}, {len(status['replicas'])} replica(s) reporting")
+    for model, e in sorted(status["desired"].items()):
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e["at"]))
+        print(f"  desired {model:<18} v{e['version']:<4} revision {e['revision']} by {e['by']} at {when}")
+    for r in status["replicas"]:
+        for model in sorted(status["desired"]):
+            if model not in r["converged_models"]:
+                continue
+            live = ",".join(r["live"].get(model, [])) or "-"
+            state = "converged" if r["converged_models"][model] else "NOT converged"
+            if model in r.get("swapping", {}):
+                state = f"swapping to v{r['swapping'][model]}"
+            error = r.get("errors", {}).get(model)
+            why = f" ({error['error']}; next try in {error['retry_in_s']:.0f} s)" if error else ""
+            print(f"  replica {r['replica']:<28} {model:<18} v{live:<4} {state}{why}")
 
 
 class _ListsParser(argparse.ArgumentParser):

@@ -22,11 +22,13 @@ from .limits import MAX_IMAGE_BYTES
 SERVICE = "moderation.Admin"
 LISTS = f"/{SERVICE}/Lists"
 FEEDBACK = f"/{SERVICE}/Feedback"
-METHODS = (LISTS, FEEDBACK)
+VERSIONS = f"/{SERVICE}/Versions"
+METHODS = (LISTS, FEEDBACK, VERSIONS)
 
 LIST_ACTIONS = ("show", "add-image", "remove-image", "add-term", "remove-term", "export", "import")
 LIST_KINDS = ("block", "allow", "review")
 VERDICTS = ("violation", "ok")
+VERSION_ACTIONS = ("swap", "rollback", "status")
 # One image at the preprocess limit, base64 (4/3), plus the rest of the request.
 MAX_ADMIN_REQUEST_BYTES = MAX_IMAGE_BYTES * 4 // 3 + 64 * 1024
 _TEXT_LIMIT = 4096
@@ -62,6 +64,9 @@ def action_name(method: str, request: dict | None) -> str:
     """The audit row's `action` for a call, from what the request says when it says a known action."""
     if method == FEEDBACK:
         return "feedback"
+    if method == VERSIONS:
+        action = (request or {}).get("action")
+        return f"versions.{action}" if action in VERSION_ACTIONS else "versions"
     action = (request or {}).get("action")
     return f"lists.{action}" if action in LIST_ACTIONS else "lists"
 
@@ -135,4 +140,31 @@ def lists_request(request: dict) -> dict:
                 or not isinstance(document.get("terms", []), list):
             raise BadRequest("import needs the lists document (an object with images and terms, as export wrote it)")
         out["lists"] = document
+    return out
+
+
+def versions_request(request: dict) -> dict:
+    """A cluster-versions call: `{"action": "swap", "model", "version", "operator"?, "serving"?}`, `{"action":
+    "rollback", "model", "operator"?}` or `{"action": "status"}` (`operator`: who asks, recorded with the change;
+    `serving`: the version the caller sees served, what a first rollback returns to). BadRequest when it is wrong."""
+    unknown = set(request) - {"action", "model", "version", "operator", "serving"}
+    if unknown:
+        raise BadRequest(f"unknown versions fields: {sorted(unknown)}")
+    action = request.get("action")
+    if action not in VERSION_ACTIONS:
+        raise BadRequest(f"action must be one of {VERSION_ACTIONS}, not {action!r}")
+    out: dict = {"action": action}
+    if action == "status":
+        return out
+    out["model"] = _text(request, "model", required=True, plain=True)
+    out["operator"] = _text(request, "operator") or ""
+    if action == "swap":
+        version = request.get("version")
+        if not isinstance(version, str | int) or not str(version).isdigit() or len(str(version)) > 18:
+            raise BadRequest(f"version must be a version number (digits), not {version!r}")
+        out["version"] = str(int(version))
+        serving = request.get("serving")
+        if serving is not None and (not isinstance(serving, str) or not serving.isdigit() or len(serving) > 18):
+            raise BadRequest(f"serving must be a version number (digits), not {serving!r}")
+        out["serving"] = serving
     return out

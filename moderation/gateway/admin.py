@@ -13,6 +13,10 @@ Then:
   when MODERATION_REDIS_URL is set, else the state directory; they see an edit within LISTS_POLL_S) under the
   lists' lock and writes the audit row (ok or refused, with its code) into the same audit log. A gateway installed
   without that code (the sidecar image) answers `[unavailable]`.
+- Versions: with MODERATION_REDIS_URL, `swap` and `rollback` set the model version every replica should serve
+  (core/version_store.py; each replica's follower, ops/versions.py, converges to it) and are audited here; `status`
+  reads the desired versions and every replica's report. Without Redis the call is refused `[not_clustered]` and
+  clients.admin swaps the one server it reaches, as before.
 Every failure is a coded gRPC error (`[code] message`, docs/errors.md) and an audit row; no traceback reaches the
 caller (the child's goes to this process's log)."""
 
@@ -24,6 +28,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -31,6 +36,9 @@ from ..core import admin_rpc
 from ..core.audit import AuditLog
 from ..core.auth import GRPC_ADMIN_HEADER, without_admin_key
 from ..core.errors import AuditUnavailable, ModerationError
+
+if TYPE_CHECKING:
+    from ..core.version_store import VersionStore
 
 EDITOR_MODULE = "moderation.ops.lists"
 EDITOR_TIMEOUT_S = 120.0
@@ -47,6 +55,7 @@ STATUS = {
     "unsupported_image": grpc.StatusCode.INVALID_ARGUMENT,
     "audit_unavailable": grpc.StatusCode.UNAVAILABLE,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "not_clustered": grpc.StatusCode.FAILED_PRECONDITION,
 }
 UNAUTHORIZED = (
     "the admin key is missing or wrong: operator calls need the server's admin key "
@@ -75,11 +84,13 @@ class AdminService:
         self.editor = editor or [sys.executable, "-m", EDITOR_MODULE]
         self.timeout_s = timeout_s
         self._slots: asyncio.Semaphore | None = None
+        self._versions_store: VersionStore | None = None
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         return {
             admin_rpc.LISTS: self._handler(admin_rpc.LISTS, self._lists),
             admin_rpc.FEEDBACK: self._handler(admin_rpc.FEEDBACK, self._feedback),
+            admin_rpc.VERSIONS: self._handler(admin_rpc.VERSIONS, self._versions),
         }
 
     def _handler(self, method: str, apply: Callable[[dict, dict], Awaitable[dict]]) -> grpc.RpcMethodHandler:
@@ -140,6 +151,42 @@ class AdminService:
         except AuditUnavailable as e:
             raise Failed(e.code, e.message) from None
         return row
+
+    async def _versions(self, request: dict, context: dict) -> dict:
+        call = admin_rpc.versions_request(request)
+        store = self._version_store()
+        if call["action"] == "status":
+            return await asyncio.to_thread(store.status)
+        model, by = call["model"], call["operator"] or context["peer"]
+        if call["action"] == "swap":
+            entry = await asyncio.to_thread(store.set_desired, model, call["version"], by, context["peer"],
+                                            call["serving"])
+        else:
+            entry = await asyncio.to_thread(store.rollback, model, by, context["peer"])
+        row = {"stage": "admin", "action": f"versions.{call['action']}", "ok": True, "model": model,
+               "version": entry["version"], "from_version": entry["from"], "revision": entry["revision"], "by": by,
+               **context}
+        try:
+            await asyncio.to_thread(self.audit.write, row)
+        except AuditUnavailable as e:
+            raise Failed(e.code, f"{e.message} (the desired version was set: revision {entry['revision']})") \
+                from None
+        return {"model": model, **entry}
+
+    def _version_store(self):
+        if self._versions_store is None:
+            try:
+                from ..core.version_store import version_store
+
+                self._versions_store = version_store(os.environ, client_name="moderation-gateway-versions")
+            except ImportError:
+                raise Failed("unavailable", "this gateway cannot keep cluster versions: the redis client is not "
+                             "installed beside it") from None
+            if self._versions_store is None:
+                # clients.admin asks this before every one-server swap: a question, not a refused change to audit
+                raise Failed("not_clustered", "this server keeps no cluster versions (MODERATION_REDIS_URL is not "
+                             "set): swap the server itself", audited=True)
+        return self._versions_store
 
     async def _lists(self, request: dict, context: dict) -> dict:
         admin_rpc.lists_request(request)  # shape first: a malformed call never starts an editor

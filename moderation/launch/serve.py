@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..ops.admin import STATE_FILE, RepositoryAdmin
+from ..ops.versions import version_follower
 from .config import ServerConfig
 from .processes import GatewayProcess, OpenAIProcess, TritonProcess
 
@@ -51,6 +52,7 @@ def main() -> int:
     gateway = GatewayProcess(cfg) if cfg.gateway else None
     openai = OpenAIProcess(cfg) if cfg.gateway and cfg.openai_port else None
     watchdog = None
+    follower = None
     stopping = False
 
     def _forward(signum, _frame):
@@ -58,6 +60,8 @@ def main() -> int:
         stopping = True
         if watchdog:  # stubs exit as Triton unloads: not deaths to repair
             watchdog.halt()
+        if follower:
+            follower.halt()
         for p in (openai, gateway, server):  # front ends first: they stop taking calls, then Triton drains
             if p and p.proc and p.proc.poll() is None:
                 p.proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
@@ -68,6 +72,11 @@ def main() -> int:
         server.wait_ready()
         for swap in apply_live_versions(cfg):
             print(f"live version restored: {swap['model']} v{swap['to']}", flush=True)
+        # With Redis the cluster's desired versions win: applied before this replica reports ready, then followed.
+        follower = version_follower(cfg, log=lambda m: print(m, flush=True))
+        if follower:
+            follower.check_once()
+            follower.start()
         if os.environ.get("MODERATION_WATCHDOG", "1") != "0":
             # Triton 2.51 does not restart a dead python stub: reload its model (moderation/watchdog.py).
             from ..ops.watchdog import StubWatchdog
@@ -100,6 +109,8 @@ def main() -> int:
         print(f"error: {p.name} exited with code {p.exit_code()}; stopping the service", file=sys.stderr)
     if watchdog:
         watchdog.halt()
+    if follower:
+        follower.halt()
     for p in (openai, gateway):
         if p:
             p.stop()

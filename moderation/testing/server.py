@@ -5,9 +5,11 @@ import os
 import socket
 from pathlib import Path
 
+from ..core.audit import AuditLog
 from ..launch.config import ServerConfig
 from ..launch.processes import GatewayProcess, OpenAIProcess, TritonProcess
 from ..launch.serve import apply_live_versions
+from ..ops.versions import VersionFollower, version_follower
 from ..repository.render import ALL_MODELS
 
 
@@ -41,6 +43,7 @@ class running_server:
         self.process: TritonProcess | None = None
         self.gateway: GatewayProcess | None = None
         self.openai: OpenAIProcess | None = None
+        self.follower: VersionFollower | None = None
 
     @property
     def grpc_url(self) -> str:
@@ -93,6 +96,12 @@ class running_server:
         try:
             self.process.wait_ready(self.timeout)
             apply_live_versions(self.config)
+            env = {**os.environ, **self.extra_env}  # with Redis: follow the cluster's versions, as the launcher does
+            audit = AuditLog(Path(env["MODERATION_AUDIT_LOG"])) if env.get("MODERATION_AUDIT_LOG") else None
+            self.follower = version_follower(self.config, env, audit)
+            if self.follower:
+                self.follower.check_once()
+                self.follower.start()
             if self.gateway:
                 self.gateway.start().wait_ready(60)
             if self.openai:
@@ -107,6 +116,8 @@ class running_server:
         return f"http://127.0.0.1:{self.config.openai_port}/v1"
 
     def stop(self) -> int | None:
+        if self.follower:
+            self.follower.stop()
         if self.openai:
             self.openai.stop()
         if self.gateway:
