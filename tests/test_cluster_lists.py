@@ -261,12 +261,16 @@ def _moderate(srv, image: bytes, caption: str, policy: str) -> dict:
         return c.moderate(image, caption, policy=policy)
 
 
-def _lists_stale(srv, policy: str) -> float | None:
+def _gauge(srv, name: str, policy: str) -> float | None:
     text = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
     for line in text.splitlines():
-        if line.startswith("moderation_lists_stale{") and f'policy="{policy}"' in line:
+        if line.startswith(name + "{") and f'policy="{policy}"' in line:
             return float(line.rsplit(" ", 1)[1])
     return None
+
+
+def _lists_stale(srv, policy: str) -> float | None:
+    return _gauge(srv, "moderation_lists_stale", policy)
 
 
 def _package_files() -> dict[str, float]:
@@ -388,6 +392,7 @@ def test_a_term_and_an_image_added_on_one_replica_are_enforced_by_the_other(repl
     print(f"image in force on b {time.monotonic() - acknowledged:.2f} s after a acknowledged it, post {len(posts)}")
     assert listed["action"] == "block" and listed["decision"]["list_hit"]["id"] == entry["id"]
     assert listed["policy"].endswith("+lists.2")
+    assert _gauge(b, "moderation_lists_revision", SHARED) == 2.0 and _lists_stale(b, SHARED) == 0.0
     # the edits are a's audit rows (the server that took them), and Redis keeps the history
     rows = [r for r in read_rows(logs / "audit-a.jsonl") if r.get("stage") == "admin" and r.get("policy") == SHARED]
     assert [(r["action"], r["ok"]) for r in rows] == [("lists.add-term", True), ("lists.add-image", True)]

@@ -387,7 +387,7 @@ def list_store(directory: Path) -> FileListStore | RedisListStore:
     env = os.environ
     url = redis_url(env)
     prefix = env.get(LISTS_PREFIX_ENV, "").strip() or DEFAULT_LISTS_PREFIX
-    config = (url, prefix if url else "", str(Path(directory).resolve()))
+    config = (url, prefix if url else "", str(directory))  # each store resolves its directory once
     store = _STORES.get(config)
     if store is None:
         if url:
