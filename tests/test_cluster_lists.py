@@ -185,6 +185,24 @@ def test_redis_restarted_empty_keeps_the_held_revision_and_the_next_edit_continu
     assert lists.revision == 2 and sorted(t.term for t in lists.terms) == sorted([TERM, "加微信"]) and fault is None
 
 
+def test_lists_in_redis_that_do_not_parse_leave_the_last_good_ones_and_refuse_edits(redis_env, tmp_path):
+    import redis
+
+    clock = Clock()
+    admin = _admin(redis_env, tmp_path / "audit.jsonl")
+    admin.add_term("shared", "block", TERM, label="scam")
+    replica = _replica(redis_env, clock)
+    assert replica.current("shared")[0].revision == 1
+    redis.Redis.from_url(os.environ["MODERATION_REDIS_URL"]).hset(replica.key("shared"), mapping={
+        "revision": "2", "lists": '{"revision": 2, "terms": ['})  # written by something else, cut short
+    clock.now += LISTS_POLL_S
+    lists, fault = replica.current("shared")
+    assert lists.revision == 1 and "do not parse" in fault and "revision 1 stays in force" in fault
+    with pytest.raises(ModerationError, match="lists import"):
+        admin.add_term("shared", "block", "another term")
+    assert list(read_rows(tmp_path / "audit.jsonl"))[-1]["error"]["code"] == "bad_policy"
+
+
 def test_without_redis_the_lists_live_in_the_state_directory_and_a_seed_is_read_only(tmp_path, monkeypatch):
     monkeypatch.delenv("MODERATION_REDIS_URL", raising=False)
     monkeypatch.setenv("MODERATION_STATE_DIR", str(tmp_path / "state"))

@@ -81,4 +81,4 @@ class ClipGateModel(StageModel):
             if self._lists_faults.get(name) != fault:
                 self._lists_faults[name] = fault
                 log = self.stage.logger.log_warn if fault else self.stage.logger.log_info
-                log(f"policy {name}: {fault or 'lists file in force'}")
+                log(f"policy {name}: {fault or 'its newest lists are in force'}")
