@@ -183,10 +183,12 @@ def test_a_swap_set_once_through_one_server_reaches_every_replica(cluster):
     assert _serves(a) == _serves(b) == ["2"]  # no desired version yet: each loaded its latest
     p = _cli(a, "swap", "--model", MODEL, "--version", "1")
     assert p.returncode == 0, p.stderr
+    acknowledged = time.monotonic()
     out = json.loads(p.stdout)
     assert (out["model"], out["version"], out["from"], out["revision"]) == (MODEL, "1", "2", 1)
     for srv in (a, b):
         _until(lambda srv=srv: _serves(srv) == ["1"], f"{srv.name} serves v1")
+        print(f"{srv.name} serves v1 {time.monotonic() - acknowledged:.1f} s after the swap was acknowledged")
     status = _converged(b, "1")  # asked through the other replica
     assert status["desired"][MODEL]["by"].endswith(f"@{os.uname().nodename}")
     # set once, audited once, by the gateway that took it; each replica audited its own swap
