@@ -8,17 +8,25 @@ Then it publishes what the server serves (its heartbeat, renewed every poll, gon
 A swap that fails (the version directory is missing on this pod, the load fails) leaves the old version serving; the
 replica reports the error and tries that version again only after RETRY_AFTER_S, doubling up to RETRY_MAX_S, or at
 once when the desired version changes. While Redis cannot be reached the server keeps what it serves and the follower
-tries again every poll (the report expires, so `status` no longer lists the replica)."""
+tries again every poll (the report expires, so `status` no longer lists the replica).
+
+The launcher (moderation/launch/serve.py) runs it beside the stub watchdog; a pod whose Triton runs on its own runs it
+as a process next to Triton, with the pod's Redis settings:
+    python -m moderation.ops.versions --url 127.0.0.1:8011 --replica "$POD_NAME" --repository /models
+    (the admin key from MODERATION_ADMIN_KEY or MODERATION_ADMIN_KEY_FILE)"""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 
 from ..core.audit import AuditLog
+from ..core.auth import admin_key
 from ..core.errors import AuditUnavailable
 from ..core.version_store import HEARTBEAT_TTL_S, VERSIONS_POLL_S, VersionStore, VersionsUnavailable, converged
 from .admin import AdminError, RepositoryAdmin
@@ -127,10 +135,17 @@ class VersionFollower(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.wait(self.interval):
+            self.run_checked(once=True)
+
+    def run_checked(self, once: bool = False) -> None:
+        """One check (or, `once` false, one every interval until halted) that logs what fails instead of raising."""
+        while True:
             try:
                 self.check_once()
             except Exception as e:  # noqa: BLE001 - the follower must not die (e.g. Triton restarting)
                 self.log(f"versions: {type(e).__name__}: {e}")
+            if once or self._halt.wait(self.interval):
+                return
 
 
 def version_follower(config, env: Mapping[str, str] | None = None, audit: AuditLog | None = None,
@@ -145,3 +160,35 @@ def version_follower(config, env: Mapping[str, str] | None = None, audit: AuditL
         return None
     admin = RepositoryAdmin(config.triton_grpc_url, config.key, config.repository, audit=audit)
     return VersionFollower(admin, store, replica_id(config.grpc_port, env), audit=audit, log=log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pathlib import Path
+
+    from ..core.version_store import version_store
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="127.0.0.1:8011", help="this replica's Triton gRPC (restricted APIs)")
+    ap.add_argument("--replica", default=None, help=f"this replica's id (default ${REPLICA_ID_ENV}, else host name)")
+    ap.add_argument("--repository", type=Path, default=None, help="the served repository, when it is a directory here")
+    ap.add_argument("--interval", type=float, default=VERSIONS_POLL_S)
+    args = ap.parse_args(argv)
+    key = admin_key()
+    if not key:
+        print("error: set MODERATION_ADMIN_KEY (or MODERATION_ADMIN_KEY_FILE)", file=sys.stderr)
+        return 2
+    store = version_store(os.environ)
+    if store is None:
+        print("error: set MODERATION_REDIS_URL: without Redis there is no cluster state to follow", file=sys.stderr)
+        return 2
+    repository = args.repository if args.repository and args.repository.is_dir() else None
+    follower = VersionFollower(RepositoryAdmin(args.url, key, repository), store,
+                               args.replica or os.environ.get(REPLICA_ID_ENV) or socket.gethostname(), args.interval,
+                               log=lambda m: print(m, flush=True))
+    print(f"following the desired versions as replica {follower.replica}", flush=True)
+    follower.run_checked()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
