@@ -101,12 +101,12 @@ def test_an_animation_too_long_to_read_is_refused_with_a_code_and_its_first_fram
 
 def test_a_frame_is_read_and_scored_where_it_changed():
     """Decode once, read what changed: the bands of a later frame hold its changed rows (the moving dot's, the
-    caption's), open_nsfw scores a frame only when its change covers NSFW_CHANGE of the picture (the dot does not,
+    caption's), open_nsfw scores a frame only when its change covers SEEN_CHANGE of the picture (the dot does not,
     the caption does), and the caption drawn in frame 3 is read from its band with boxes in the frame's pixels."""
-    from moderation.core.imaging import CHANGE_CELL, NSFW_CHANGE, change_mask, changed_bands, read_bands
+    from moderation.core.imaging import CHANGE_CELL, SEEN_CHANGE, change_mask, changed_bands, read_bands
     from moderation.core.policy import load_policy
     from moderation.core.post import decode_post_images
-    from moderation.gate.inputs import nsfw_scored_frames
+    from moderation.gate.inputs import scored_frames
     from moderation.ocr.reader import ImageTextReader
 
     images = decode_post_images([_text_in_frame(3)], load_policy())
@@ -117,10 +117,10 @@ def test_a_frame_is_read_and_scored_where_it_changed():
     assert len(dot) == 1 and dot[0][0] <= 20 and 36 <= dot[0][1] <= 36 + 4 * CHANGE_CELL
     caption = changed_bands(change_mask(frames[2], frames[3]), 480)
     assert [b for b in caption if b[0] <= 360 and b[1] >= 440], caption
-    assert float(change_mask(frames[0], frames[1]).mean()) < NSFW_CHANGE <= float(change_mask(frames[2],
+    assert float(change_mask(frames[0], frames[1]).mean()) < SEEN_CHANGE <= float(change_mask(frames[2],
                                                                                               frames[3]).mean())
     # frame 4 (the caption gone) is frame 2 with the dot moved: neither scored again nor read beyond the dot's rows
-    assert nsfw_scored_frames(images) == [(0, 0), (0, 3)]
+    assert scored_frames(images) == [(0, 0), (0, 3)]
     bands = read_bands(frames)
     assert bands[0] is None and bands[4] == changed_bands(change_mask(frames[2], frames[4]), 480)
     dot_rows = bands[1][0]

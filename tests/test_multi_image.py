@@ -140,5 +140,28 @@ def test_nine_images_are_judged_and_ten_fail_that_post_alone(triton, client, ter
 def test_an_escalated_post_of_several_images_reaches_the_vlm(triton, client):
     images = [_jpeg("astronaut"), _jpeg("coffee"), _jpeg("rocket")]
     r = client.moderate(images, "what do you think", escalate=True)
-    assert r["route"] == "vlm" and r["escalated"] == "forced" and r["signals"]["vlm"] == "untrained"
+    # forced, or escalated by the gate itself: its concept bank reads all three images (the riskiest decides)
+    assert r["route"] == "vlm" and r["escalated"] in ("forced", "gate") and r["signals"]["vlm"] == "untrained"
     assert len(r["media"]["images"]) == 3
+
+
+def test_the_clip_gate_reads_every_image_and_names_where_a_score_came_from(triton, client):
+    """Each concept-bank label of a post of three images scores what the riskiest image scores alone (the largest of
+    the three), the caption's mismatch what the image it fits best scores (the smallest), and RESULT.media.labels
+    names the image a label's score came from when it was not the first."""
+    images = [_jpeg("astronaut"), _jpeg("coffee"), _jpeg("rocket")]
+    caption = "a quiet morning"
+    alone = [client.moderate(image, caption, policy="allow_all")["gate"] for image in images]
+    post = client.moderate(images, caption, policy="allow_all")
+    gate = post["gate"]
+    clip_labels = [k for k in gate["scores"] if k not in gate["sources"]]
+    assert "mismatch" in clip_labels and len(clip_labels) > 2
+    where = post["media"].get("labels", {})
+    for label in clip_labels:
+        singles = [g["scores"][label] for g in alone]
+        pick = min if label == "mismatch" else max
+        best = singles.index(pick(singles))
+        assert gate["scores"][label] == pytest.approx(pick(singles), abs=1e-5), label
+        assert where.get(label) == ({"image": best} if best else None), (label, singles)
+    assert where and set(where) <= set(clip_labels)  # these three images: some labels' scores come from a later one
+    assert gate["consistency"] == pytest.approx(max(g["consistency"] for g in alone), abs=1e-5)

@@ -21,7 +21,7 @@ from moderation.core.imaging import decode_image
 from moderation.core.policy import Policy, load_policy
 from moderation.core.post import decode_post_images
 from moderation.core.result import build_result, validate_result
-from moderation.gate.inputs import NsfwPixels, nsfw_scored_frames
+from moderation.gate.inputs import NsfwPixels, scored_frames
 from moderation.gate.scoring import ALLOW, BLOCK, ESCALATE, NSFW_SOURCE, gate_band, score_sources
 from moderation.repository.artifacts import read_artifact_record
 from moderation.testing.records import gate_decision, request_record
@@ -187,7 +187,7 @@ def _frames_reference(package, data: bytes) -> tuple[float, int | None]:
     lossless still), and that frame's index when it is not the first."""
     images = decode_post_images([data], load_policy())
     d = images[0]
-    scored = [k for _, k in nsfw_scored_frames(images)]
+    scored = [k for _, k in scored_frames(images)]
     scores = []
     for im in (d.frames[k] for k in scored):
         buf = io.BytesIO()

@@ -90,6 +90,9 @@ class RequestRecord(Contract):
     # open_nsfw's P(nsfw) of every image and frame read after the post's first, [[image, frame, p], ...] (image None
     # in a post of one image, frame None for a still); the first's comes from the ensemble's nsfw_image step
     more_nsfw: list[tuple[int | None, int | None, float]] = []
+    # clip_image's embedding of the same images and frames, [[image, frame, base64 float32], ...]: the gate's concept
+    # bank reads every one (gate/scoring.py)
+    more_clip: list[tuple[int | None, int | None, str]] = []
     list_hits: list[dict[str, Any]] = []  # custom-list entries the post matched (core/lists.py ListHit)
     read_text: bool = False   # the read_text stage reads this post's image text (policy ocr and OPTIONS ocr)
     image_text: list[dict[str, Any]] | None = None  # OCR lines (ocr/reader.py TextLine); None: not read
@@ -159,6 +162,8 @@ class GateDecision(Contract):
     sources: dict[str, str] = {}         # label -> trained signal that scored it instead of the concept bank
     # image signal -> {"image": i, "frame": f}: where its reported score came from, when not the post's first
     signal_media: dict[str, dict[str, int]] = {}
+    # where each CLIP-scored label's score came from when not the post's first image or frame: {label: {image, frame}}
+    label_media: dict[str, dict[str, int]] = {}
     thresholds: dict[str, float] = {}    # label -> that signal's allow threshold
     signals: dict[str, Signal]
     gate_version: str

@@ -179,13 +179,13 @@ def sample_frames(im: Image.Image, first: Image.Image, count: int, max_frames: i
 # frame: a cell changed when its mean grey level moved by CHANGE_LEVEL (of 255); a caption drawn into a frame moves
 # its cells by tens of levels, GIF dithering and re-quantisation by under five. A later frame's text outside the rows
 # where it differs from the earlier frame it is closest to was read in that frame (read_bands, ocr/reader.py
-# read_frames), and open_nsfw scores a frame only when it differs from every frame scored before it in at least
-# NSFW_CHANGE of the picture (at open_nsfw's 224x224 input a smaller change is under ~32x32 pixels: too small for it
-# to see; gate/inputs.py nsfw_scored_frames).
+# read_frames), and the image models (open_nsfw, CLIP) score a frame only when it differs from every frame scored
+# before it in at least SEEN_CHANGE of the picture (at their 224x224 input a smaller change is under ~32x32 pixels:
+# too small for them to see; gate/inputs.py scored_frames).
 CHANGE_CELL = 8
 CHANGE_LEVEL = 12.0
 CHANGE_PAD = 2  # cells kept above and below a changed row, so a line of text is read whole
-NSFW_CHANGE = 0.02
+SEEN_CHANGE = 0.02
 
 
 def change_mask(before: Image.Image, after: Image.Image) -> np.ndarray:

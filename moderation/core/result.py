@@ -88,8 +88,9 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
                                                               "truncated": record.image_text_truncated},
         "escalated": gate.escalated,
         # a post of several images or an animated one: each image's hash and frames, and where an image signal's
-        # reported score came from when not the first image or frame
-        **({"media": {"images": record.media, **({"signals": gate.signal_media} if gate.signal_media else {})}}
+        # (or a CLIP-scored label's) reported score came from when not the first image or frame
+        **({"media": {"images": record.media, **({"signals": gate.signal_media} if gate.signal_media else {}),
+                      **({"labels": gate.label_media} if gate.label_media else {})}}
            if record.media else {}),
         "error": None,
         # the verdict cache's answer for posts the gate escalated under a policy with `cache.enabled`

@@ -17,7 +17,7 @@ from PIL import Image
 from ..core.contracts import PostError, RequestRecord
 from ..core.errors import BadRequest, ModerationError
 from ..core.hashing import post_hashes
-from ..core.imaging import NSFW_CHANGE, change_mask, fingerprint, local_thumbnail, pdq_hash, read_bands
+from ..core.imaging import SEEN_CHANGE, change_mask, fingerprint, local_thumbnail, pdq_hash, read_bands
 from ..core.lists import evidence_place, image_hits, media_hits, term_hits
 from ..core.options import parse_options
 from ..core.policy import load_policy
@@ -27,6 +27,7 @@ from ..ocr.reader import MAX_LINES, ImageTextReader, ReadBudget
 from .text_signals import text_scores
 
 CLIP_MAX_TOKENS = 77
+Pictures = list[tuple[int | None, int | None, Image.Image]]  # (image, frame, picture) as evidence names them
 
 
 class ClipPixels:
@@ -132,13 +133,16 @@ class Preprocess:
     """The preprocess stage: validate a post and build its GateInputs."""
 
     def __init__(self, clip_dir: str, version: str,
-                 score_nsfw: Callable[[np.ndarray], np.ndarray] | None = None):
-        """`score_nsfw`: open_nsfw's P(nsfw) for a batch of NsfwPixels, for every image and frame of a post after
-        its first (the first's NSFW_PIXELS go through the ensemble's nsfw_image step); None: those are not scored."""
+                 score_nsfw: Callable[[np.ndarray], np.ndarray] | None = None,
+                 embed_image: Callable[[np.ndarray], np.ndarray] | None = None):
+        """`score_nsfw`: open_nsfw's P(nsfw) for a batch of NsfwPixels, `embed_image`: clip_image's embeddings for a
+        batch of ClipPixels of one shape, both for the images and frames of a post after its first (the first's
+        pixels go through the ensemble's nsfw_image and clip_image steps); None: those are not read."""
         self.pixels = ClipPixels(clip_dir)
         self.tokens = ClipTokens(clip_dir)
         self.nsfw = NsfwPixels()  # open_nsfw's reference preprocessing for the nsfw_image model
         self.score_nsfw = score_nsfw
+        self.embed_image = embed_image
         self.version = version
 
     def __call__(self, image: bytes | list[bytes], text: bytes, options: bytes | None, received_at: float,
@@ -154,7 +158,7 @@ class Preprocess:
         post = parse_post(images, text, parsed, hashes)
         ids, mask, truncated = self.tokens.encode([post.caption])
         policy, cache, media = post.policy, post.policy.cache, post.media
-        pdq, hits = None, []
+        pdq, hits, more = None, [], _after_first(post)
         if policy.lists.images and post.has_image:  # every image and judged frame against the image list
             pdqs = [(i, f, pdq_hash(frame)[0]) for i, f, frame in post.judged_frames]
             pdq = pdqs[0][2]
@@ -171,7 +175,7 @@ class Preprocess:
             local_thumbnail=base64.b64encode(local_thumbnail(post.image)).decode("ascii")
             if cache.enabled and cache.local_threshold is not None and post.has_image else None,
             escalate=parsed.escalate, pdq=pdq, list_hits=[h.to_dict() for h in hits],
-            media=media, more_nsfw=self._more_nsfw(post),
+            media=media, more_nsfw=self._more_nsfw(more), more_clip=self._more_clip(more),
             read_text=bool(policy.ocr.enabled and parsed.ocr and post.has_image),
             text_scores=text_scores(post.caption, ""),
             received_at=received_at, preprocessed_at=time.time(),
@@ -179,19 +183,25 @@ class Preprocess:
         return GateInputs(record, self.pixels(post.image), ids[0], mask[0], self.nsfw(post.image),
                           pack_images(post.images, hashes["image_sha256"]))
 
-    def _more_nsfw(self, post) -> list[tuple[int | None, int | None, float]]:
-        """open_nsfw on every image and frame after the post's first (whose pixels go through the ensemble). A frame
-        of an animation whose change since the last frame scored covers less than NSFW_CHANGE of the picture is not
-        scored again: open_nsfw could not tell it from that frame (core/imaging.py)."""
-        if not post.has_image or self.score_nsfw is None:
-            return []
-        several = len(post.images) > 1
-        more = [(i if several else None, ims[i].frame_indices[k] if ims[i].frame_count > 1 else None, ims[i].frames[k])
-                for ims in (post.images,) for i, k in nsfw_scored_frames(ims) if i or k]
-        if not more:
+    def _more_nsfw(self, more: Pictures) -> list[tuple[int | None, int | None, float]]:
+        """open_nsfw on `more`: the post's images and frames after its first (whose pixels go through the ensemble),
+        but a frame it could not tell from one already scored (scored_frames)."""
+        if not more or self.score_nsfw is None:
             return []
         scores = self.score_nsfw(np.stack([self.nsfw(frame) for _, _, frame in more]))
         return [(i, f, float(p)) for (i, f, _), p in zip(more, scores, strict=True)]
+
+    def _more_clip(self, more: Pictures) -> list[tuple[int | None, int | None, str]]:
+        """clip_image's embedding of `more` (as _more_nsfw), one call per pixel shape (ClipPixels keeps an image's
+        aspect up to MAX_ASPECT)."""
+        if not more or self.embed_image is None:
+            return []
+        pixels = [self.pixels(frame) for _, _, frame in more]
+        embeddings: dict[int, np.ndarray] = {}
+        for shape in dict.fromkeys(p.shape for p in pixels):
+            rows = [k for k, p in enumerate(pixels) if p.shape == shape]
+            embeddings.update(zip(rows, self.embed_image(np.stack([pixels[k] for k in rows])), strict=True))
+        return [(i, f, encode_embedding(embeddings[k])) for k, (i, f, _) in enumerate(more)]
 
     def failed(self, err: Exception, meta: dict, received_at: float, started: float,
                like: GateInputs | None) -> GateInputs:
@@ -261,14 +271,32 @@ class ReadImageText:
         return record.model_copy(update=update)
 
 
-def nsfw_scored_frames(images) -> list[tuple[int, int]]:
-    """(image, judged frame position) of the frames open_nsfw scores: every image's first frame, and each later frame
-    of an animation that differs from every frame scored before it in at least NSFW_CHANGE of the picture."""
+def _after_first(post) -> Pictures:
+    """(image, frame, picture) of the post's scored_frames after its first, named as evidence names them."""
+    if not post.has_image:
+        return []
+    ims, several = post.images, len(post.images) > 1
+    return [(i if several else None, ims[i].frame_indices[k] if ims[i].frame_count > 1 else None, ims[i].frames[k])
+            for i, k in scored_frames(ims) if i or k]
+
+
+def encode_embedding(e: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(e, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_embedding(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<f4")
+
+
+def scored_frames(images) -> list[tuple[int, int]]:
+    """(image, judged frame position) of the frames the image models (open_nsfw, CLIP; both read 224x224) run on:
+    every image's first frame, and each later frame of an animation that differs from every frame scored before it
+    in at least SEEN_CHANGE of the picture."""
     out = []
     for i, im in enumerate(images):
         scored: list[Image.Image] = []
         for k, frame in enumerate(im.frames):
-            if all(float(change_mask(s, frame).mean()) >= NSFW_CHANGE for s in scored):
+            if all(float(change_mask(s, frame).mean()) >= SEEN_CHANGE for s in scored):
                 out.append((i, k))
                 scored.append(frame)
     return out

@@ -25,7 +25,7 @@ from ..core.text import image_words
 from .cache import GateCache
 from .calibration import UNCALIBRATED, clip_signal
 from .fallback import FallbackSwitch
-from .inputs import ClipTokens
+from .inputs import ClipTokens, decode_embedding
 from .scoring import ConceptBank, judge
 from .text_signals import SIGNALS as TEXT_SIGNALS
 
@@ -58,6 +58,15 @@ class GatePost:
     image_emb: np.ndarray
     text_emb: np.ndarray
     nsfw_score: float | None = None  # open_nsfw's P(nsfw) of the (first) frame, when nsfw_image ran
+
+    def image_embeddings(self) -> tuple[np.ndarray, list[dict[str, int]]]:
+        """CLIP's embedding of every image and frame clip_image read ([rows, d]; the first image's first frame in
+        row 0) and where each row came from (evidence_place; {} for row 0)."""
+        rows, places = [self.image_emb], [dict[str, int]()]
+        for i, f, e in self.record.more_clip:
+            rows.append(decode_embedding(e))
+            places.append(evidence_place(i, f))
+        return np.stack(rows), places
 
     def image_nsfw(self) -> tuple[float | None, dict[str, int]]:
         """open_nsfw's P(nsfw) of the post, the largest over its images and frames, and where it came from
@@ -139,14 +148,17 @@ class GateRouter:
                 trained["nsfw_image"] = nsfw
             # a text_only post: the concept bank reads the caption's CLIP embedding (one space for both), and
             # there is no image for the caption to be consistent with
-            judged = judge(policy, await self.bank(policy), post.image_emb if rec.has_image else post.text_emb,
-                           post.text_emb, rec.has_caption and rec.has_image, trained)
+            embeddings, places = post.image_embeddings() if rec.has_image else (post.text_emb, [{}])
+            judged = judge(policy, await self.bank(policy), embeddings, post.text_emb,
+                           rec.has_caption and rec.has_image, trained)
+            label_media = {label: places[row] for label, row in judged.pop("label_rows").items()}
             signals = {"clip": self._clip_signal(policy)}
             for source in trained:  # an artifact record (or the text classifier's own module) says trained
                 signals[source] = self.signals.get(source, "untrained")
             d = GateDecision(**judged, route=GATE, signals=signals, gate_version=self.version,
                              gate_started=time.time(), gate_ms=(time.perf_counter() - t0) * 1e3,
-                             signal_media={"nsfw_image": nsfw_from} if nsfw_from and "nsfw_image" in trained else {})
+                             signal_media={"nsfw_image": nsfw_from} if nsfw_from and "nsfw_image" in trained else {},
+                             label_media=label_media)
             decisions.append(d)
             settled = settling_list_hit(rec)
             if settled is not None and not rec.escalate:  # an operator's list decides, whatever the gate's band

@@ -48,28 +48,42 @@ class ConceptBank:
         return cls(policy.digest, {k: np.stack(v) for k, v in by_label.items()})
 
 
-def gate_scores(policy: Policy, bank: ConceptBank, image_emb: np.ndarray, text_emb: np.ndarray | None,
-                trained: dict[str, float] | None = None) -> tuple[dict[str, float], float | None]:
-    """Per-label scores (concept bank, consistency for `mismatch`); a trained signal's score (`trained`:
-    {signal: score}) replaces the concept score of its label: trained beats untrained."""
+def gate_scores(policy: Policy, bank: ConceptBank, image_embs: np.ndarray, text_emb: np.ndarray | None,
+                trained: dict[str, float] | None = None) -> tuple[dict[str, float], float | None, dict[str, int]]:
+    """Per-label scores (concept bank, consistency for `mismatch`) over a post's images and frames (`image_embs`,
+    [rows, d]; one row for a single picture); a trained signal's score (`trained`: {signal: score}) replaces the
+    concept score of its label: trained beats untrained. A label scores its largest concept similarity over the rows
+    (the riskiest picture); consistency is the caption's best match over them (a caption that fits one of the
+    pictures is not a mismatch). Also {label: row} for each concept-bank label whose score came from a row other than
+    the first."""
     g = policy.gate
-    img = l2_normalize(image_emb)
+    img = l2_normalize(image_embs)
     scores: dict[str, float] = {}
+    rows: dict[str, int] = {}
     for lab in policy.labels:
         concepts = bank.by_label.get(lab.key)
         if concepts is not None and len(concepts):
-            sim = float(np.max(concepts @ img))
-            scores[lab.key] = _sigmoid(g.concept_scale * (sim - g.concept_center))
+            per_row = (img @ concepts.T).max(axis=1)
+            best = int(np.argmax(per_row))
+            scores[lab.key] = _sigmoid(g.concept_scale * (float(per_row[best]) - g.concept_center))
+            if best:
+                rows[lab.key] = best
         else:
             scores[lab.key] = 0.0
     consistency = None
     if text_emb is not None:
-        consistency = float(l2_normalize(text_emb) @ img)
+        fit = img @ l2_normalize(text_emb)
+        best = int(np.argmax(fit))
+        consistency = float(fit[best])
         if "mismatch" in scores:
             scores["mismatch"] = _sigmoid(g.consistency_scale * (g.consistency_center - consistency))
+            rows.pop("mismatch", None)
+            if best:
+                rows["mismatch"] = best
     for label, source in score_sources(policy, trained).items():  # none without trained signals
         scores[label] = float((trained or {})[source])
-    return scores, consistency
+        rows.pop(label, None)
+    return scores, consistency, rows
 
 
 def score_sources(policy: Policy, trained: dict[str, float] | None) -> dict[str, str]:
@@ -116,10 +130,12 @@ def gate_band(policy: Policy, scores: dict[str, float], sources: dict[str, str] 
 
 def judge(policy: Policy, bank: ConceptBank, image_emb, text_emb, has_caption: bool,
           trained: dict[str, float] | None = None) -> dict:
-    """The gate's fields for one post: band, reason, scores, consistency, and the labels a trained signal scored
-    (sources) with that signal's allow thresholds. `trained`: {signal: score}."""
-    scores, consistency = gate_scores(policy, bank, image_emb, text_emb if has_caption else None, trained)
+    """The gate's fields for one post: band, reason, scores, consistency, the labels a trained signal scored
+    (sources) with that signal's allow thresholds, and gate_scores' label rows. `trained`: {signal: score};
+    `image_emb`: one embedding or one row per image and frame."""
+    scores, consistency, rows = gate_scores(policy, bank, np.atleast_2d(image_emb), text_emb if has_caption else None,
+                                            trained)
     sources = score_sources(policy, trained)
     band, reason = gate_band(policy, scores, sources)
     return {"band": band, "reason": reason, "scores": scores, "consistency": consistency, "sources": sources,
-            "thresholds": {k: thresholds(policy, k, sources)[0] for k in sources}}
+            "thresholds": {k: thresholds(policy, k, sources)[0] for k in sources}, "label_rows": rows}

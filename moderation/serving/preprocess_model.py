@@ -19,7 +19,8 @@ class PreprocessModel(StageModel):
         self.stage = Stage(args)
         vdir = version_dir(args)
         read_artifact_record(vdir)  # refuses to load when a file differs from its record
-        self.preprocess = Preprocess(str(vdir / "clip"), self.stage.version, score_nsfw=_nsfw_bls)
+        self.preprocess = Preprocess(str(vdir / "clip"), self.stage.version, score_nsfw=_nsfw_bls,
+                                     embed_image=_clip_bls)
 
     def respond(self, request, meta: dict, t0: float):
         received = time.time()
@@ -61,8 +62,9 @@ class PreprocessModel(StageModel):
         return posts
 
 
-# nsfw_image's tensors (the ONNX file's own names) and its max_batch_size
+# nsfw_image's tensors (the ONNX file's own names) and its max_batch_size; clip_image's
 NSFW_INPUT, NSFW_OUTPUT, NSFW_BATCH = "input:0", "outputs", 16
+CLIP_INPUT, CLIP_OUTPUT, CLIP_BATCH = "pixel_values", "IMAGE_EMBEDS", 16
 
 
 def _nsfw_bls(pixels: np.ndarray) -> np.ndarray:
@@ -70,3 +72,10 @@ def _nsfw_bls(pixels: np.ndarray) -> np.ndarray:
     first), at most its max_batch_size rows a call."""
     return np.concatenate([infer_blocking("nsfw_image", NSFW_INPUT, pixels[start:start + NSFW_BATCH], NSFW_OUTPUT)[:, 1]
                            for start in range(0, len(pixels), NSFW_BATCH)])
+
+
+def _clip_bls(pixels: np.ndarray) -> np.ndarray:
+    """clip_image's embedding per row of ClipPixels of one shape, by BLS (the images and frames of a post after its
+    first), at most its max_batch_size rows a call."""
+    return np.concatenate([infer_blocking("clip_image", CLIP_INPUT, pixels[start:start + CLIP_BATCH], CLIP_OUTPUT)
+                           for start in range(0, len(pixels), CLIP_BATCH)])
