@@ -11,11 +11,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from ..core.audit import AuditLog
+from ..core.version_store import version_store
 from ..ops.admin import STATE_FILE, RepositoryAdmin
-from ..ops.versions import version_follower
+from ..ops.versions import VersionFollower, replica_id
 from .config import ServerConfig
 from .processes import GatewayProcess, OpenAIProcess, TritonProcess
 
@@ -25,6 +27,18 @@ def apply_live_versions(config: ServerConfig) -> list[dict]:
     if not (Path(config.repository) / STATE_FILE).exists():
         return []
     return RepositoryAdmin(config.triton_grpc_url, config.key, config.repository).apply_state()
+
+
+def version_follower(config: ServerConfig, env: Mapping[str, str] | None = None, audit: AuditLog | None = None,
+                     log: Callable[[str], None] = print) -> VersionFollower | None:
+    """The follower of the cluster's desired versions for this server (ops/versions.py) when MODERATION_REDIS_URL is
+    set; None without Redis, where versions stay the one server's business."""
+    env = os.environ if env is None else env
+    store = version_store(env, client_name=f"moderation-versions-{config.grpc_port}")
+    if store is None:
+        return None
+    admin = RepositoryAdmin(config.triton_grpc_url, config.key, config.repository, audit=audit)
+    return VersionFollower(admin, store, replica_id(config.grpc_port, env), audit=audit, log=log)
 
 
 def gpu_memory_plan(cfg: ServerConfig, environ: Mapping[str, str] | None = None) -> str | None:

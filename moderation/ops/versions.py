@@ -148,20 +148,6 @@ class VersionFollower(threading.Thread):
                 return
 
 
-def version_follower(config, env: Mapping[str, str] | None = None, audit: AuditLog | None = None,
-                     log: Callable[[str], None] = print) -> VersionFollower | None:
-    """The follower of a server (launch/config.py ServerConfig: its Triton, admin key, repository and public port)
-    when MODERATION_REDIS_URL is set; None without Redis, where versions stay the one server's business."""
-    from ..core.version_store import version_store
-
-    env = os.environ if env is None else env
-    store = version_store(env, client_name=f"moderation-versions-{config.grpc_port}")
-    if store is None:
-        return None
-    admin = RepositoryAdmin(config.triton_grpc_url, config.key, config.repository, audit=audit)
-    return VersionFollower(admin, store, replica_id(config.grpc_port, env), audit=audit, log=log)
-
-
 def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 

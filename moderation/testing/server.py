@@ -8,8 +8,7 @@ from pathlib import Path
 from ..core.audit import AuditLog
 from ..launch.config import ServerConfig
 from ..launch.processes import GatewayProcess, OpenAIProcess, TritonProcess
-from ..launch.serve import apply_live_versions
-from ..ops.versions import VersionFollower, version_follower
+from ..launch.serve import VersionFollower, apply_live_versions, version_follower
 from ..repository.render import ALL_MODELS
 
 
