@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             out = {"unloaded": args.model}
         elif args.cmd in ("swap", "rollback"):
             fields = {"model": args.model, "version": getattr(args, "version", None), "operator": _operator(),
-                      "serving": _serving(admin, args.model) if args.cmd == "swap" else None}
+                      "serving": _serving(admin, args.model, args.url) if args.cmd == "swap" else None}
             out = _cluster(args.url, key, args.cmd, **fields)
             if out is None:  # no cluster state: this one server, as it always was
                 out = admin.swap(args.model, args.version) if args.cmd == "swap" else admin.rollback(args.model)
@@ -249,12 +249,13 @@ def _operator() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def _serving(admin: RepositoryAdmin, model: str) -> str | None:
-    """The one version of `model` the server at --url serves, if one (a first cluster rollback returns to it)."""
-    try:
-        live = admin.live_versions(model)
-    except Exception:  # noqa: BLE001 - the swap does not depend on it
-        return None
+def _serving(admin: RepositoryAdmin, model: str, url: str) -> str | None:
+    """The one version of `model` the server at --url serves, if one (a first cluster rollback returns to it). A model
+    that server does not have is refused here, before a cluster would record it as desired."""
+    rows = admin.status()
+    if not any(r["model"] == model for r in rows):
+        raise AdminError(f"the server at {url} has no model {model!r}")
+    live = [r["version"] for r in rows if r["model"] == model and r["state"] == "READY"]
     return live[0] if len(live) == 1 else None
 
 

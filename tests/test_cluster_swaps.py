@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from clients.admin import ServiceAdmin, ServiceError
 from export.release import release
 from moderation.core.audit import read_rows
 from moderation.core.version_store import VERSIONS_POLL_S, NothingToRollBack, VersionStore, version_store
@@ -200,6 +201,16 @@ def test_a_swap_set_once_through_one_server_reaches_every_replica(cluster):
     text = _cli(a, "status")
     assert text.returncode == 0 and f"desired {MODEL}" in text.stdout, text.stderr
     assert sum(f"{MODEL:<18} v1    converged" in line for line in text.stdout.splitlines()) == 2, text.stdout
+    # refused, and nothing set: another key, and a model the reached server does not have
+    with ServiceAdmin(a.grpc_url, "not-the-key") as service, pytest.raises(ServiceError) as refused:
+        service.versions("swap", model=MODEL, version="2")
+    assert refused.value.code == "unauthorized"
+    row = [r for r in read_rows(a.audit) if r.get("action") == "versions.swap"][-1]
+    assert (row["ok"], row["error"]["code"]) == (False, "unauthorized")
+    p = _cli(a, "swap", "--model", "no_such_model", "--version", "1")
+    assert p.returncode == 1 and "has no model 'no_such_model'" in p.stderr, p.stderr
+    status = _status(a)
+    assert status["revision"] == 1 and set(status["desired"]) == {MODEL}
 
 
 @pytest.mark.integration
