@@ -270,3 +270,22 @@ def test_a_server_started_after_a_swap_starts_on_the_desired_version(cluster):
         assert _serves(c) == ["1"]  # from its first answer on, it serves the desired version
         assert [(r["to_version"], r["ok"]) for r in _converge_rows(c)] == [("1", True)]
         _converged(a, "1", replicas=("a", "b", "c"))
+
+
+@pytest.mark.integration
+def test_replicas_keep_their_versions_while_redis_is_away_and_when_it_comes_back_empty(cluster):
+    a, b, redis_srv = cluster["a"], cluster["b"], cluster["redis"]
+    assert _cli(a, "swap", "--model", MODEL, "--version", "1").returncode == 0
+    _converged(a, "1")
+    redis_srv.kill()
+    try:
+        p = _cli(a, "swap", "--model", MODEL, "--version", "2")
+        assert p.returncode == 1 and "[unavailable]" in p.stderr, p.stderr
+        _until(lambda: a.follower.fault and b.follower.fault, "both followers saw Redis gone")
+        assert _serves(a) == _serves(b) == ["1"]
+    finally:
+        redis_srv.start()  # back on the same port, empty
+    _until(lambda: a.follower.fault is None and b.follower.fault is None, "both followers reached Redis again")
+    status = _until(lambda: (s := _status(a)) and {"a", "b"} <= set(s["by_replica"]) and s, "both report again")
+    assert status["desired"] == {} and status["by_replica"]["a"]["live"][MODEL] == ["1"]
+    assert _serves(a) == _serves(b) == ["1"]  # nothing desired: each keeps what it serves
