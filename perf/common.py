@@ -1,13 +1,15 @@
-"""Shared plumbing for `make perf` and `make bench`: paths, the perf policies, perf_analyzer's
-environment, machine description, server statistics (restricted API: needs the admin key)."""
+"""Shared plumbing for the perf scenarios: paths, the perf policies, perf_analyzer's environment, server statistics
+(restricted API: needs the admin key), and the one result writer (moderation/testing/results.py: commit, machine,
+settings, runs, spread, failures) under the name the scenarios use, dump_json."""
 from __future__ import annotations
 
-import json
 import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
+
+from moderation.testing.results import git_commit as git_commit
+from moderation.testing.results import machine as machine
+from moderation.testing.results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 PERF = ROOT / "perf"
@@ -15,6 +17,9 @@ BUILD = ROOT / "build" / "perf"
 RESULTS = PERF / "results"
 REPO = ROOT / "model_repository"
 VENV_BIN = Path(sys.executable).parent
+
+# every scenario writes its result through this one writer
+dump_json = write_result
 
 
 def perf_policy_dir(directory: Path = BUILD / "policies") -> Path:
@@ -39,40 +44,6 @@ def perf_analyzer_env() -> dict[str, str]:
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = ":".join(p for p in (str(lib), env.get("LD_LIBRARY_PATH", "")) if p)
     return env
-
-
-def git_commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return rev.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine() -> dict:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f"{kb / 2**20:.1f} GiB"
-    except (OSError, ValueError, IndexError):
-        pass
-    import onnxruntime
-    import torch
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "triton": "2.51.0 (nvidia-pytriton wheel, CPU only)",
-            "gpu": None, "load_average_at_start": list(os.getloadavg())}
 
 
 def stats(http_url: str, headers: dict | None) -> dict[str, dict]:
@@ -118,8 +89,3 @@ def stats_delta(before: dict, after: dict) -> dict[str, dict]:
         row["avg_batch"] = d["count"] / d["executions"] if d["executions"] else 0.0
         out[name] = row
     return out
-
-
-def dump_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")

@@ -7,13 +7,13 @@ from __future__ import annotations
 import io
 import json
 import random
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
 from moderation.core.caller import CLIENT_METADATA
+from moderation.testing.results import spread as spread
 from perf.common import perf_policy_dir
 
 
@@ -97,12 +97,6 @@ def load(url: str, jobs: list[tuple[str, bytes, bytes, bytes]], concurrency: int
 def pct(xs, q) -> float:
     """The q-th percentile (numpy's linear interpolation); nan for no values."""
     return float(np.percentile(np.asarray(xs, dtype=float), q)) if len(xs) else float("nan")
-
-
-def spread(xs) -> dict:
-    """One figure over runs: how many, median, min, max and the values."""
-    return {"runs": len(xs), "median": statistics.median(xs), "min": min(xs), "max": max(xs),
-            "values": [round(x, 4) for x in xs]}
 
 
 # unique posts ----------------------------------------------------------------------------------------------

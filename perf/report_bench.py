@@ -250,7 +250,8 @@ def cached_log(n: int, files: int, seed: int) -> Path:
     if not stamp.exists():
         t0 = time.perf_counter()
         write_log(d, n, files, seed)
-        dump_json(stamp, {"rows": n, "files": files, "seed": seed, "seconds": round(time.perf_counter() - t0, 1)})
+        stamp.write_text(json.dumps({"rows": n, "files": files, "seed": seed,
+                                     "seconds": round(time.perf_counter() - t0, 1)}))
     return d / "audit.jsonl"
 
 

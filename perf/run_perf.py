@@ -100,8 +100,9 @@ def from_profile(path: Path) -> dict:
     resp = [x.strip() for x in re.findall(rb'"response_timestamps":\s*\[([\d,\s]*)\]', raw)]
     if not start or len(start) != len(resp):
         raise ValueError(f"{path}: {len(start)} request and {len(resp)} response timestamp lists")
-    # requests still in flight (no response timestamp): none
     pairs = [(s_, int(r.split(b",")[-1])) for s_, r in zip(start, resp, strict=True) if r]
+    if len(pairs) != len(start):  # a request never answered: the run lost it, its figures are not a result
+        raise ValueError(f"{path}: {len(start) - len(pairs)} of {len(start)} requests have no response")
     start, end = (np.array(x, dtype=np.int64) for x in zip(*pairs, strict=False))
     reqs = start
     lat = (end - start) / 1e6
@@ -137,12 +138,15 @@ def run_target(name: str, target: dict, defaults: dict, url: str, key: str, inpu
                     exact = from_profile(profile)
                     row["perf_analyzer_reported"] = {k: row[k] for k in ("throughput", "p50_ms", "p99_ms")}
                     row.update(exact)
-                except ValueError as e:  # keep perf_analyzer's own figures, and say so
+                except ValueError as e:  # missing responses: perf_analyzer's figures are kept, the row fails
                     row["profile_error"] = str(e)
+            row["failed"] = "profile_error" in row
             rows.append(row)
     after = stats(url, headers)
     return {"target": name, "model": s["model"], "what": s.get("what", ""), "rows": rows, "runs": runs,
-            "ok": all(r["rc"] == 0 for r in runs) and len(rows) == len(s["concurrency"]),
+            "ok": all(r["rc"] == 0 for r in runs) and len(rows) == len(s["concurrency"])
+            and not any(r["failed"] for r in rows),
+            "failed_rows": sum(r["failed"] for r in rows),
             "wall_s": time.monotonic() - t0, "stages": stats_delta(before, after),
             "settings": {k: s[k] for k in ("protocol", "percentile", "mode", "request_count", "measurement_interval_ms",
                                            "stability_percentage", "max_trials", "batch_size", "concurrency")}}
@@ -151,9 +155,10 @@ def run_target(name: str, target: dict, defaults: dict, url: str, key: str, inpu
 def check(result: dict, budget: dict | None) -> list[str]:
     """Broken budget lines (empty when within budget)."""
     if not result["ok"]:
+        lost = [f"c{r['concurrency']}: {r['profile_error']}" for r in result["rows"] if r.get("profile_error")]
         return ["perf_analyzer did not complete: " + "; ".join(
-            r["tail"].strip().splitlines()[-1] if r["tail"].strip() else f"rc {r['rc']}"
-            for r in result["runs"] if r["rc"] != 0)]
+            [r["tail"].strip().splitlines()[-1] if r["tail"].strip() else f"rc {r['rc']}"
+             for r in result["runs"] if r["rc"] != 0] + lost)]
     if budget is None:
         return []
     broken = []
@@ -310,7 +315,8 @@ def main(argv=None) -> int:
     print(table(report["results"], load_budgets()[args.budget]))
     report["plots"] = [str(p.relative_to(args.out.parent.parent)) if p.is_relative_to(args.out.parent.parent)
                        else str(p) for p in plot(report["results"], args.out)]
-    dump_json(args.out / "perf.json", report)
+    dump_json(args.out / "perf.json", report, settings=args, runs=sum(len(r["runs"]) for r in report["results"]),
+              failed=sum(not r["ok"] for r in report["results"]))
     broken = [r["target"] for r in report["results"] if r["broken"]]
     if broken:
         print(f"budget broken: {', '.join(broken)}", file=sys.stderr)

@@ -78,3 +78,20 @@ def test_budget_check_fails_when_broken():
     assert check(result, {"p50_ms": 100, "p99_ms": 100, "throughput_min": 1}) == []
     assert len(check(result, {"p50_ms": 10, "p99_ms": 50, "throughput_min": 10})) == 3
     assert check({"ok": False, "rows": [], "runs": [{"rc": 1, "tail": "boom"}]}, None)
+
+
+def test_a_row_with_missing_responses_fails_its_target(tmp_path):
+    """perf_analyzer exited 0 but one request of eight has no response: the row is failed, never within budget."""
+    from perf.run_perf import from_profile
+
+    profile = tmp_path / "p.json"
+    answered = {i: "" if i == 7 else str(i * 10 + 5) for i in range(8)}
+    requests = ",".join(f'{{"timestamp":{i * 10},"response_timestamps":[{r}]}}' for i, r in answered.items())
+    profile.write_text('{"experiments":[{"requests":[' + requests + ']}]}')
+    with pytest.raises(ValueError, match="1 of 8 requests have no response"):
+        from_profile(profile)
+    row = {"concurrency": 4, "throughput": 5.0, "p50_ms": 50.0, "p99_ms": 90.0, "failed": True,
+           "profile_error": "8 request and 7 response timestamp lists"}
+    result = {"ok": False, "rows": [row], "runs": [{"rc": 0, "tail": ""}]}
+    broken = check(result, {"p50_ms": 100, "p99_ms": 100, "throughput_min": 1})
+    assert broken and "c4: 8 request and 7 response" in broken[0]
