@@ -18,9 +18,10 @@ import pytest
 
 from clients.admin import ServiceAdmin, ServiceError
 from export.release import release
-from moderation.core.audit import read_rows
+from moderation.core.audit import AuditLog, read_rows
 from moderation.core.version_store import VERSIONS_POLL_S, NothingToRollBack, VersionStore, version_store
-from moderation.ops.versions import RETRY_AFTER_S
+from moderation.ops.admin import RepositoryAdmin
+from moderation.ops.versions import RETRY_AFTER_S, VersionFollower
 
 from .conftest import ADMIN_KEY, REPO, ROOT
 
@@ -248,12 +249,20 @@ def test_a_replica_that_cannot_swap_keeps_serving_and_reports_why(cluster):
     assert "no version 3" in row["errors"][MODEL]["error"] and row["errors"][MODEL]["retry_in_s"] >= RETRY_AFTER_S
     assert _status(a)["by_replica"]["a"]["converged"] is True
     assert _serves(b) == ["2"]  # the old version serves on
+    # a follower that cannot see the repository (a pod's sidecar): Triton itself refuses the load, v2 serves on
+    sidecar = VersionFollower(RepositoryAdmin(b.triton_grpc_url, ADMIN_KEY, None, audit=AuditLog(b.audit)),
+                              version_store({"MODERATION_REDIS_URL": cluster["redis"].url,
+                                             "MODERATION_VERSIONS_PREFIX": cluster["prefix"]}), "b-sidecar")
+    (attempt,) = sidecar.check_once()
+    assert attempt["ok"] is False and attempt["error"], attempt
+    assert _serves(b) == ["2"] and sidecar.check_once() == []  # and it waits before trying again
+    sidecar.store.client.delete(sidecar.store.replica_prefix + "b-sidecar")
     text = _cli(a, "status").stdout
     assert any("NOT converged" in line and "no version 3" in line for line in text.splitlines()), text
     # several polls later b has not tried again (its next try waits RETRY_AFTER_S)
     seen = _status(a)["by_replica"]["b"]["at"]
     _until(lambda: _status(a)["by_replica"]["b"]["at"] > seen + 2 * VERSIONS_POLL_S, "b reported twice more")
-    assert len([r for r in _converge_rows(b) if r["to_version"] == "3"]) == 1
+    assert len([r for r in _converge_rows(b) if r["to_version"] == "3" and r["replica"] == "b"]) == 1
     # rolling back converges both again: a swaps back, b already serves it and its error clears
     assert _cli(b, "rollback", "--model", MODEL).returncode == 0
     status = _converged(a, "2")
@@ -270,6 +279,29 @@ def test_a_server_started_after_a_swap_starts_on_the_desired_version(cluster):
         assert _serves(c) == ["1"]  # from its first answer on, it serves the desired version
         assert [(r["to_version"], r["ok"]) for r in _converge_rows(c)] == [("1", True)]
         _converged(a, "1", replicas=("a", "b", "c"))
+
+
+@pytest.mark.integration
+def test_the_follower_runs_on_its_own_and_is_ready_after_its_first_check(cluster, tmp_path):
+    """As the pod's version-follower container runs it (deploy/k8s/deployment.yaml), beside a Triton it did not
+    start."""
+    b = cluster["b"]
+    ready = tmp_path / "ready"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODERATION_")}
+    env.update(MODERATION_ADMIN_KEY=ADMIN_KEY, MODERATION_REDIS_URL=cluster["redis"].url,
+               MODERATION_VERSIONS_PREFIX=cluster["prefix"], MODERATION_AUDIT_LOG=str(b.audit),
+               PYTHONPATH=os.pathsep.join(x for x in (str(ROOT), env.get("PYTHONPATH", "")) if x))
+    proc = subprocess.Popen([sys.executable, "-m", "moderation.ops.versions", "--url", b.triton_grpc_url,
+                             "--replica", "b-container", "--ready-file", str(ready)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _until(lambda: ready.exists() or proc.poll() is not None, "the ready file")
+        assert proc.poll() is None and ready.read_text().strip() == "b-container"
+        row = _until(lambda: _status(b)["by_replica"].get("b-container"), "its report")
+        assert row["live"][MODEL] == _serves(b)
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 @pytest.mark.integration

@@ -322,7 +322,7 @@ def test_deployment_gpu_probes_security_and_rollout():
     assert "replicas" not in spec  # the HPA owns it
     assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     containers = {c["name"]: c for c in pod["containers"]}
-    assert set(containers) == {"triton", "gateway"}
+    assert set(containers) == {"triton", "gateway", "version-follower"}
     c, gw = containers["triton"], containers["gateway"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"cpu", "memory"} <= set(c["resources"]["limits"]) and {"cpu", "memory"} <= set(gw["resources"]["limits"])

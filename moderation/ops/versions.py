@@ -12,8 +12,10 @@ tries again every poll (the report expires, so `status` no longer lists the repl
 
 The launcher (moderation/launch/serve.py) runs it beside the stub watchdog; a pod whose Triton runs on its own runs it
 as a process next to Triton, with the pod's Redis settings:
-    python -m moderation.ops.versions --url 127.0.0.1:8011 --replica "$POD_NAME" --repository /models
-    (the admin key from MODERATION_ADMIN_KEY or MODERATION_ADMIN_KEY_FILE)"""
+    python -m moderation.ops.versions --url 127.0.0.1:8011 --replica "$POD_NAME" --ready-file /run/versions/ready
+    (the admin key from MODERATION_ADMIN_KEY or MODERATION_ADMIN_KEY_FILE)
+`--ready-file` is written once the first check is done (Triton answered; the desired versions applied, or Redis found
+unreachable, or a failed swap reported): a readiness probe on it keeps a new pod out of traffic until then."""
 from __future__ import annotations
 
 import argparse
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replica", default=None, help=f"this replica's id (default ${REPLICA_ID_ENV}, else host name)")
     ap.add_argument("--repository", type=Path, default=None, help="the served repository, when it is a directory here")
     ap.add_argument("--interval", type=float, default=VERSIONS_POLL_S)
+    ap.add_argument("--ready-file", type=Path, default=None, help="written once the first check is done")
     args = ap.parse_args(argv)
     key = admin_key()
     if not key:
@@ -172,6 +175,18 @@ def main(argv: list[str] | None = None) -> int:
                                args.replica or os.environ.get(REPLICA_ID_ENV) or socket.gethostname(), args.interval,
                                log=lambda m: print(m, flush=True))
     print(f"following the desired versions as replica {follower.replica}", flush=True)
+    waiting = None
+    while True:  # Triton may still be starting (a download, a large load): the first check waits for it
+        try:
+            follower.check_once()
+            break
+        except Exception as e:  # noqa: BLE001 - reported once, then tried every interval
+            if waiting is None:
+                waiting = f"{type(e).__name__}: {e}"
+                print(f"versions: waiting for Triton at {args.url} ({waiting})", flush=True)
+            time.sleep(args.interval)
+    if args.ready_file:
+        args.ready_file.write_text(f"{follower.replica}\n", encoding="utf-8")
     follower.run_checked()
     return 0
 
