@@ -288,3 +288,55 @@ def test_vlm_preprocess_hands_the_decoder_typed_options(pb):
     opts = DecoderOptions.from_json(pb.get_output_tensor_by_name(resp, "DECODER_OPTIONS").as_numpy()[0, 0])
     assert opts.lang == "zh" and opts.vlm_preprocess_version == "1" and not opts.caption_truncated
     assert pb.get_output_tensor_by_name(resp, "PIXEL_VALUES").as_numpy().shape == (1, 784, 1536)
+
+
+def test_a_list_edit_while_a_post_is_in_flight_judges_it_under_one_revision(pb, tmp_path, monkeypatch):
+    """preprocess pins the policy (revision 0: no lists); a block term the post's image text carries is added before
+    read_text runs. read_text still reads under revision 0 (no hit) in this process and in a fresh one (preprocess's
+    copy in the state directory), the revision the record names (RESULT.policy); a post that starts after the edit
+    is judged under revision 1 and its image text hits the term."""
+    from moderation.core.pinned import forget_pinned, pin_of, pinned_policy
+    from moderation.core.policy import load_policy
+    from moderation.ops.lists import ListAdmin
+    from moderation.serving.preprocess_model import PreprocessModel
+    from moderation.serving.read_text_model import ReadTextModel
+    from moderation.testing.memes import memes, render
+
+    monkeypatch.setenv("MODERATION_STATE_DIR", str(tmp_path / "state"))
+    forget_pinned()  # a new server process: earlier tests' posts pinned this policy's revision 0 elsewhere
+    pre, read = PreprocessModel(), ReadTextModel()
+    pre.initialize(_args("preprocess"))
+    read.initialize(_args("read_text"))
+    meme = render(next(m for m in memes() if m.name == "cat_threat_en"))
+
+    def preprocess(request_id: str):
+        resp = pre.execute([pb.Request(IMAGE=np.array([[meme]], dtype=np.object_),
+                                       TEXT=np.array([[b"lol"]], dtype=np.object_),
+                                       OPTIONS=np.array([[json.dumps({"request_id": request_id,
+                                                                      "policy": "allow_all"}).encode()]],
+                                                        dtype=np.object_))])[0]
+        assert not resp.has_error(), resp.error().message()
+        return (RequestRecord.from_json(pb.get_output_tensor_by_name(resp, "REQUEST").as_numpy()[0, 0]),
+                pb.get_output_tensor_by_name(resp, "FRAMES").as_numpy()[0, 0])
+
+    def read_text(record, frames) -> RequestRecord:
+        out = read.execute([pb.Request(FRAMES=np.array([[frames]], dtype=np.object_),
+                                       TEXT=np.array([[b"lol"]], dtype=np.object_),
+                                       REQUEST=np.array([[record.to_json()]], dtype=np.object_))])[0]
+        assert not out.has_error(), out.error().message()
+        return RequestRecord.from_json(pb.get_output_tensor_by_name(out, "REQUEST").as_numpy()[0, 0])
+
+    before, frames = preprocess("in-flight")
+    assert before.policy_id == "allow_all@" + load_policy("allow_all").version and before.policy_pin
+    ListAdmin().add_term("allow_all", "block", "KNOW WHERE", label="hate")  # the meme says I KNOW WHERE YOU LIVE
+    assert load_policy("allow_all").lists.revision == 1 and pin_of(load_policy("allow_all")) != before.policy_pin
+    for fresh_process in (False, True):
+        if fresh_process:
+            forget_pinned()
+        judged = read_text(before, frames)
+        assert judged.image_text and not judged.list_hits, fresh_process
+        assert pinned_policy("allow_all", before.policy_pin).lists.revision == 0
+    later, later_frames = preprocess("after-edit")
+    assert later.policy_id.endswith("+lists.1")
+    hits = read_text(later, later_frames).list_hits
+    assert [(h["list"], h["field"]) for h in hits] == [("block", "image_text")]

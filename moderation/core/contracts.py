@@ -68,6 +68,7 @@ class RequestRecord(Contract):
     request_id: str
     policy_id: str            # name@version, RESULT.policy
     policy_name: str          # the policy file the post asked for
+    policy_pin: str = ""      # the policy version every stage judges it under (core/pinned.py); "": the current
     lang: Literal["en", "zh"]
     describe: bool
     return_embedding: bool
@@ -125,6 +126,7 @@ class RequestRecord(Contract):
 class DecoderOptions(Contract):
     """How the decoder reads one post (vlm_preprocess built its prompt body)."""
     policy_name: str
+    policy_pin: str = ""      # the post's pinned policy version (core/pinned.py)
     lang: Literal["en", "zh"]
     describe: bool
     caption_truncated: bool   # the VLM read only the first MAX_CAPTION_TOKENS tokens of the caption

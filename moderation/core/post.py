@@ -12,7 +12,8 @@ from .errors import BadRequest, ModerationError, TooManyImages
 from .hashing import post_hashes, sha256_hex
 from .imaging import decode_image
 from .options import Options, parse_options
-from .policy import Policy, load_policy
+from .pinned import pinned_policy
+from .policy import Policy
 from .text import Lang, decode_caption_as_sent, detect_lang, normalize_caption
 
 
@@ -85,15 +86,16 @@ def post_images(image: bytes | list[bytes] | tuple[bytes, ...] | None) -> list[b
 
 def parse_post(image: bytes | list[bytes], text: bytes, options: Options | bytes | None,
                hashes: dict | None = None, read_frames: bool = True,
-               decoded: tuple[PostImage, ...] | None = None) -> Post:
+               decoded: tuple[PostImage, ...] | None = None, pin: str = "") -> Post:
     """Validate everything a client sent (OPTIONS raw, or already parsed); raises ModerationError with a code
     that names the problem. `image`: one image's bytes or a post's images. `hashes`: the post's post_hashes()
     when the caller already computed them (of its first image). `read_frames`: sample each animation's frames
     (policy media.max_frames); False decodes each image's first frame only (what the VLM's picture shows).
-    `decoded`: the post's images as preprocess decoded them (unpack_images; `image` is then not read)."""
+    `decoded`: the post's images as preprocess decoded them (unpack_images; `image` is then not read). `pin`: the
+    policy version preprocess pinned the post to (core/pinned.py; "": the current one)."""
     if not isinstance(options, Options):
         options = parse_options(options)
-    policy = load_policy(options.policy)
+    policy = pinned_policy(options.policy, pin)
     as_sent = decode_caption_as_sent(text)
     caption = normalize_caption(as_sent)
     lang = detect_lang(caption) if options.lang == "auto" else options.lang

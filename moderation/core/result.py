@@ -1,6 +1,6 @@
-"""RESULT and the audit row of one judged post, from what preprocess recorded and what the gate decided
-(the schema ships in moderation/core/schemas/result.schema.json). postprocess and the in-process benchmark
-both call finish_post()."""
+"""RESULT and the audit row of one judged post, from what preprocess recorded and what the gate decided: the
+contracts of core/result_contract.py (the schema generated from them ships in
+moderation/core/schemas/result.schema.json). postprocess and the in-process benchmark both call finish_post()."""
 from __future__ import annotations
 
 import functools
@@ -8,16 +8,17 @@ import json
 import time
 from dataclasses import dataclass
 from operator import itemgetter
-from pathlib import Path
 
 import jsonschema
+from pydantic import BaseModel
 
 from .contracts import CACHE, VLM, GateDecision, PostError, RequestRecord
 from .decision import Decision, decide
-from .hashing import sha256_hex
-from .policy import Policy, load_policy
+from .pinned import pinned_policy
+from .policy import Policy
+from .result_contract import SCHEMA_PATH, FailedResult, JudgedResult
 
-SCHEMA_PATH = Path(__file__).parent / "schemas" / "result.schema.json"
+__all__ = ["SCHEMA_PATH", "FinishedPost", "build_result", "finish_post", "validate_result"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -25,14 +26,17 @@ def _validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
 
 
-def validate_result(result: dict) -> dict:
-    """Raise jsonschema.ValidationError when `result` does not follow the schema; return it otherwise."""
+def validate_result(result: dict | BaseModel) -> dict:
+    """Raise jsonschema.ValidationError when `result` (RESULT's JSON form, or its contract) does not follow the
+    schema; return its JSON form otherwise."""
+    if isinstance(result, BaseModel):
+        result = result.model_dump(mode="json")
     _validator().validate(result)
     return result
 
 
 def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, versions: dict[str, str],
-                 latency_ms: dict[str, float], decision: Decision | None = None) -> dict:
+                 latency_ms: dict[str, float], decision: Decision | None = None) -> JudgedResult:
     """Combine the gate's decision, the decoder's answer for escalated posts and list hits into RESULT
     (`decision`: the action already chosen for this post, else chosen here)."""
     route, gate_scores, vlm = gate.route, gate.scores, gate.vlm
@@ -60,60 +64,46 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
     signals = dict(gate.signals)
     if route in (VLM, CACHE):
         signals["vlm"] = "untrained" if vlm and vlm.untrained else "trained"
-    return {
-        "request_id": record.request_id,
-        "action": decision.action,
-        "decided_by": decision.decided_by,
-        "severity": decision.severity,
-        "decision": {"reason": decision.reason, **({"list_hit": decision.list_hit} if decision.list_hit else {})},
-        "violation": decision.action == "block",
-        "labels": labels,
-        "sentiment": sentiment,
-        "description": description,
-        "route": route,
-        "scores": {k: float(v) for k, v in scores.items()},
+    return JudgedResult(
+        request_id=record.request_id,
+        action=decision.action,
+        decided_by=decision.decided_by,
+        severity=decision.severity,
+        decision={"reason": decision.reason, "list_hit": decision.list_hit},
+        violation=decision.action == "block",
+        labels=labels,
+        sentiment=sentiment,
+        description=description,
+        route=route,
+        scores={k: float(v) for k, v in scores.items()},
         # band: what the gate's thresholds said (allow / block / escalate), evidence beside the action
-        "gate": {"band": gate.band, "scores": gate_scores, "consistency": gate.consistency, "reason": gate.reason,
-                 "sources": gate.sources},
-        "model_versions": versions,
-        "latency_ms": {k: round(float(v), 3) for k, v in latency_ms.items()},
-        "untrained": any(v == "untrained" for v in signals.values()),
-        "signals": signals,
-        "policy": record.policy_id,
-        "hashes": {"image_sha256": record.image_sha256, "text_sha256": record.text_sha256},
-        "caption_truncated": {"clip": record.caption_truncated, "vlm": vlm.caption_truncated if vlm else None},
-        "list_hits": record.list_hits,
-        # the words OCR read in the image (null: not read, OPTIONS ocr false or the policy's ocr off)
-        "image_text": None if record.image_text is None else {"lines": record.image_text,
-                                                              "truncated": record.image_text_truncated},
-        "escalated": gate.escalated,
-        # a post of several images or an animated one: each image's hash and frames, and where an image signal's
-        # (or a CLIP-scored label's) reported score came from when not the first image or frame
-        **({"media": {"images": record.media, **({"signals": gate.signal_media} if gate.signal_media else {}),
-                      **({"labels": gate.label_media} if gate.label_media else {})}}
-           if record.media else {}),
-        "error": None,
-        # the verdict cache's answer for posts the gate escalated under a policy with `cache.enabled`
-        **({"cache": gate.cache} if gate.cache else {}),
-        **({"ab": {"arm": gate.ab_arm, "decoder_version": versions.get("language_decoder", "")}}
-           if gate.ab_arm else {}),
-        # set only when the gate sent this post to the INT8 decoder at peak (policy decoder.fallback)
-        **({"fallback": gate.fallback.model_dump()} if gate.fallback else {}),
-    }
+        gate={"band": gate.band, "scores": gate_scores, "consistency": gate.consistency, "reason": gate.reason,
+              "sources": gate.sources},
+        model_versions=versions,
+        latency_ms={k: round(float(v), 3) for k, v in latency_ms.items()},
+        untrained=any(v == "untrained" for v in signals.values()),
+        signals=signals,
+        policy=record.policy_id,
+        hashes={"image_sha256": record.image_sha256, "text_sha256": record.text_sha256},
+        caption_truncated={"clip": record.caption_truncated, "vlm": vlm.caption_truncated if vlm else None},
+        list_hits=record.list_hits,
+        image_text=None if record.image_text is None else {"lines": record.image_text,
+                                                           "truncated": record.image_text_truncated},
+        escalated=gate.escalated,
+        # where an image signal's (or a CLIP-scored label's) reported score came from when not the first image
+        # or frame: empty maps are left out
+        media={"images": record.media, "signals": gate.signal_media or None, "labels": gate.label_media or None}
+        if record.media else None,
+        error=None,
+        cache=gate.cache,
+        ab={"arm": gate.ab_arm, "decoder_version": versions.get("language_decoder", "")} if gate.ab_arm else None,
+        fallback=gate.fallback.model_dump() if gate.fallback else None,
+    )
 
 
-def _image_text_audit(record: RequestRecord) -> dict:
-    """What the audit row keeps of the image's words: their hash and line count, never the text."""
-    if record.image_text is None:
-        return {}
-    text = "\n".join(line["text"] for line in record.image_text)
-    return {"image_text_sha256": sha256_hex(text.encode("utf-8")), "image_text_lines": len(record.image_text),
-            "image_text_truncated": record.image_text_truncated}
-
-
-@dataclass
+@dataclass(frozen=True)
 class FinishedPost:
-    result: dict       # RESULT, schema-validated
+    result: dict       # RESULT's JSON form, schema-validated
     audit_row: dict
     scores: list[float]  # SCORES: one per policy label, in policy order
     verdict: int       # VERDICT: 1 block, 0 allow or review, -1 a post that failed
@@ -121,14 +111,10 @@ class FinishedPost:
 
 def _failed_post(record: RequestRecord, error: PostError, versions: dict[str, str], now: float) -> FinishedPost:
     """A post that failed in a request of several posts: its own row, with the error and no action."""
-    latency = {"total": round((now - record.received_at) * 1e3, 3)}
-    hashes = {"image_sha256": record.image_sha256, "text_sha256": record.text_sha256}
-    result = validate_result({"request_id": record.request_id, "action": None, "error": error.model_dump(),
-                              "model_versions": versions, "latency_ms": latency, "hashes": hashes})
-    row = {"request_id": record.request_id, "stage": "moderate", "error": error.model_dump(), "action": None,
-           "model_versions": versions, "latency_ms": latency, **hashes,
-           **({"policy": record.policy_id} if record.policy_id else {})}
-    return FinishedPost(result, row, [], -1)
+    result = FailedResult(request_id=record.request_id, action=None, error=error.model_dump(), model_versions=versions,
+                          latency_ms={"total": round((now - record.received_at) * 1e3, 3)},
+                          hashes={"image_sha256": record.image_sha256, "text_sha256": record.text_sha256})
+    return FinishedPost(validate_result(result), result.audit_row(record.policy_id).model_dump(mode="json"), [], -1)
 
 
 def finish_post(record: RequestRecord, gate: GateDecision, postprocess_version: str,
@@ -139,7 +125,7 @@ def finish_post(record: RequestRecord, gate: GateDecision, postprocess_version: 
     if error is not None:
         return _failed_post(record, error, {"preprocess": record.preprocess_version, "clip_gate": gate.gate_version,
                                             "postprocess": postprocess_version}, now)
-    policy = load_policy(record.policy_name)
+    policy = pinned_policy(record.policy_name, record.policy_pin)
     versions = {"preprocess": record.preprocess_version, "clip_gate": gate.gate_version,
                 "postprocess": postprocess_version}
     latency = {"preprocess": record.preprocess_ms,
@@ -157,23 +143,8 @@ def finish_post(record: RequestRecord, gate: GateDecision, postprocess_version: 
             latency.update({f"decoder_{k}": v for k, v in gate.vlm.timings_ms.items()})
     latency["total"] = (now - record.received_at) * 1e3
     decision = decide(policy, gate, record.list_hits, record.image_text_truncated)
-    result = validate_result(build_result(policy, record, gate, versions, latency, decision))
-    row = {"request_id": result["request_id"], "stage": "moderate", "route": result["route"],
-           "gate_band": gate.band, "action": result["action"], "decided_by": result["decided_by"],
-           "severity": result["severity"],
-           "violation": result["violation"], "labels": result["labels"], "scores": result["scores"],
-           # every (signal, label, score, trained) the action was chosen from: clients.evaluate recalibrates on it
-           "evidence": [[e.signal, e.label, round(e.score, 6), e.trained] for e in decision.evidence],
-           "sentiment": result["sentiment"], "policy": result["policy"], "model_versions": versions,
-           "latency_ms": result["latency_ms"], "image_sha256": record.image_sha256,
-           "text_sha256": record.text_sha256, "image_format": record.image_format,
-           "image_size": list(record.image_size), "caption_truncated": result["caption_truncated"],
-           "lang": record.lang, "error": None, "untrained": result["untrained"], "signals": result["signals"],
-           **_image_text_audit(record),
-           **({"media": record.media} if record.media else {}),
-           **({"list_hits": result["list_hits"]} if result["list_hits"] else {}),
-           **({"escalated": result["escalated"]} if result["escalated"] else {}),
-           **({"ab": result["ab"]} if "ab" in result else {}),
-           **({"cache": result["cache"]} if "cache" in result else {})}
-    return FinishedPost(result, row, [result["scores"].get(k, 0.0) for k in policy.label_keys],
-                        int(result["action"] == "block"))
+    result = build_result(policy, record, gate, versions, latency, decision)
+    row = result.audit_row([(e.signal, e.label, round(e.score, 6), e.trained) for e in decision.evidence],
+                           record.image_format, record.image_size, record.lang)
+    return FinishedPost(validate_result(result), row.model_dump(mode="json"),
+                        [result.scores.get(k, 0.0) for k in policy.label_keys], int(result.action == "block"))

@@ -20,7 +20,7 @@ from ..core.hashing import post_hashes
 from ..core.imaging import SEEN_CHANGE, change_mask, fingerprint, local_thumbnail, pdq_hash, read_bands
 from ..core.lists import evidence_place, image_hits, media_hits, term_hits
 from ..core.options import parse_options
-from ..core.policy import load_policy
+from ..core.pinned import pin_policy, pinned_policy
 from ..core.post import judged_items, pack_images, parse_post, post_images, unpack_images
 from ..core.text import caption_key, decode_caption_as_sent, image_words, normalize_caption
 from ..ocr.reader import MAX_LINES, ImageTextReader, ReadBudget
@@ -165,7 +165,8 @@ class Preprocess:
             hits = media_hits([(i, f, image_hits(policy, h)) for i, f, h in pdqs])
         hits += term_hits(policy, post.caption_as_sent)
         record = RequestRecord(
-            request_id=parsed.request_id, policy_id=post.policy.id, policy_name=parsed.policy, lang=post.lang,
+            request_id=parsed.request_id, policy_id=post.policy.id, policy_name=parsed.policy,
+            policy_pin=pin_policy(parsed.policy, post.policy), lang=post.lang,
             describe=parsed.describe, return_embedding=parsed.return_embedding, forget=parsed.forget,
             image_format=post.image_format, image_size=post.image_size, has_caption=bool(post.caption),
             has_image=post.has_image,
@@ -244,7 +245,7 @@ class ReadImageText:
         if record.error is not None or not record.read_text:
             return record
         t0 = time.perf_counter()
-        policy = load_policy(record.policy_name)
+        policy = pinned_policy(record.policy_name, record.policy_pin)
         images, _ = unpack_images(frames)
         bands = [b for im in images for b in read_bands(im.frames)]
         items = [((i, f), frame, rows) for (i, f, frame), rows in zip(judged_items(images), bands, strict=True)]

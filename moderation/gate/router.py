@@ -20,7 +20,8 @@ from ..core.contracts import CACHE, ESCALATE, GATE, LIST, VLM, GateDecision, Pos
 from ..core.errors import ModerationError
 from ..core.hashing import unit_interval
 from ..core.lists import evidence_place
-from ..core.policy import ClipIdentity, Policy, load_policy
+from ..core.pinned import pinned_policy
+from ..core.policy import ClipIdentity, Policy
 from ..core.text import image_words
 from .cache import GateCache
 from .calibration import UNCALIBRATED, clip_signal
@@ -141,7 +142,7 @@ class GateRouter:
                 decisions.append(GateDecision.failed(rec.error, self.version, time.time(),
                                                      (time.perf_counter() - t0) * 1e3))
                 continue
-            policy = load_policy(rec.policy_name)
+            policy = pinned_policy(rec.policy_name, rec.policy_pin)
             trained = dict(rec.text_scores)
             nsfw, nsfw_from = post.image_nsfw()
             if nsfw is not None and rec.has_image:
@@ -210,7 +211,8 @@ class GateRouter:
                            "lang": post.record.lang, "policy": post.record.policy_name}).encode()
         inputs = {"FRAMES": np.array([[post.frames]], dtype=np.object_),
                   "TEXT": np.array([[post.text]], dtype=np.object_),
-                  "OPTIONS": np.array([[opts]], dtype=np.object_)}
+                  "OPTIONS": np.array([[opts]], dtype=np.object_),
+                  "POLICY_PIN": np.array([[post.record.policy_pin.encode()]], dtype=np.object_)}
         words = image_words(post.record.image_text)  # for the prompt (OCR ran once, in read_text)
         if words:
             inputs["IMAGE_TEXT"] = np.array([[words.encode("utf-8")]], dtype=np.object_)

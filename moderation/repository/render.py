@@ -51,9 +51,10 @@ def _io(name, dtype, dims, optional=False, ragged=False):
 # single-image clients send: requests of one N batch together, as before.
 POST_IMAGES = [-1]
 # The VLM's inputs: a post's images as preprocess decoded them (FRAMES, core/post.py pack_images: an escalated post
-# is never decoded twice), its caption and options, and the words OCR read in its images.
+# is never decoded twice), its caption and options, the words OCR read in its images, and the policy version it is
+# judged under (core/pinned.py; absent: the current one).
 VLM_INPUTS = [_io("FRAMES", S, [1]), _io("TEXT", S, [1]), _io("OPTIONS", S, [1], optional=True),
-              _io("IMAGE_TEXT", S, [1], optional=True)]
+              _io("IMAGE_TEXT", S, [1], optional=True), _io("POLICY_PIN", S, [1], optional=True)]
 # The entry point and its first step take IMAGE and TEXT as optional, so a request that lacks one reaches
 # preprocess, which answers a coded `bad_request` and writes its audit row (Triton would reject it before any
 # model runs, unaudited).
@@ -134,7 +135,8 @@ MODELS: dict[str, dict] = {
         backend="ensemble", max_batch_size=8,
         inputs=VLM_INPUTS, outputs=[_io("VLM_RESULT", S, [1])],
         steps=[
-            ("vlm_preprocess", {"FRAMES": "FRAMES", "TEXT": "TEXT", "OPTIONS": "OPTIONS", "IMAGE_TEXT": "IMAGE_TEXT"},
+            ("vlm_preprocess", {"FRAMES": "FRAMES", "TEXT": "TEXT", "OPTIONS": "OPTIONS", "IMAGE_TEXT": "IMAGE_TEXT",
+                                "POLICY_PIN": "POLICY_PIN"},
              {"PIXEL_VALUES": "pixel_values", "BODY_IDS": "body_ids", "DECODER_OPTIONS": "decoder_options"}),
             ("vision_encoder", {"PIXEL_VALUES": "pixel_values"},
              {"VISUAL_TOKENS": "visual_tokens", "DEEPSTACK": "deepstack"}),

@@ -12,6 +12,7 @@ import torch
 
 from ..core.contracts import DecoderOptions
 from ..core.errors import BadRequest
+from ..core.pinned import pinned_policy
 from ..core.policy import load_policy, policy_dir
 from ..repository.artifacts import read_artifact_record
 from ..vlm.decoder import DecoderRequest, VerdictDecoder
@@ -65,7 +66,7 @@ class DecoderModel(StageModel):
             raise BadRequest(f"the prompt body holds {image_tokens} image tokens for {len(vis)} visual tokens")
         if ids.size and int(ids.max()) >= self.decoder.config.text_config.vocab_size:
             raise BadRequest("the prompt body holds a token id outside the decoder's vocabulary")
-        return DecoderRequest(ids, vis, ds, load_policy(opts.policy_name), opts.lang, opts.describe)
+        return DecoderRequest(ids, vis, ds, pinned_policy(opts.policy_name, opts.policy_pin), opts.lang, opts.describe)
 
     def execute(self, requests):
         items, owners, responses = [], [], [None] * len(requests)

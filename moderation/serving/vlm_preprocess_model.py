@@ -24,13 +24,15 @@ class VlmPreprocessModel(StageModel):
         frames, texts = bytes_rows(request, "FRAMES"), bytes_rows(request, "TEXT")
         options: Sequence[bytes | None] = bytes_rows(request, "OPTIONS", optional=True) or [None] * len(frames)
         image_texts = bytes_rows(request, "IMAGE_TEXT", optional=True) or [b""] * len(frames)
+        pins = bytes_rows(request, "POLICY_PIN", optional=True) or [b""] * len(frames)
         pixels, bodies, infos = [], [], []
-        for blob, text, opt, drawn in zip(frames, texts, options, image_texts, strict=True):
+        for blob, text, opt, drawn, pin in zip(frames, texts, options, image_texts, pins, strict=True):
             images, image_sha256 = unpack_images(blob)  # what preprocess decoded: no upload is decoded again
             meta.clear()
             meta.update(post_hashes(None, text), image_sha256=image_sha256)
             words = (drawn or b"").decode("utf-8", "replace")  # the image's words, read by read_text
-            p, body, info = self.inputs(parse_post([], text, opt, meta, decoded=images), words)
+            post = parse_post([], text, opt, meta, decoded=images, pin=(pin or b"").decode("ascii", "replace"))
+            p, body, info = self.inputs(post, words)
             pixels.append(p)
             bodies.append(body)
             infos.append(info.to_json())

@@ -5,6 +5,7 @@ import numpy as np
 from PIL import Image
 
 from ..core.contracts import DecoderOptions
+from ..core.pinned import pin_of
 from ..core.post import Post
 from .prompts import PromptBuilder
 
@@ -89,6 +90,7 @@ class VlmInputs:
         caption, truncated = self._cap(post.caption, MAX_CAPTION_TOKENS)
         image_text, _ = self._cap(image_text, post.policy.ocr.prompt_max_tokens) if image_text else ("", False)
         body = np.asarray(self.prompts.body_ids(post.policy, post.lang, caption, image_text), dtype=np.int64)
-        options = DecoderOptions(policy_name=post.options.policy, lang=post.lang, describe=post.options.describe,
+        options = DecoderOptions(policy_name=post.options.policy, policy_pin=pin_of(post.policy), lang=post.lang,
+                                 describe=post.options.describe,
                                  caption_truncated=truncated, vlm_preprocess_version=self.version)
         return pixel_values, body, options
