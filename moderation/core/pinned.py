@@ -4,7 +4,8 @@ A policy's lists can change while a post is in flight (core/list_store.py: each 
 its own, within LISTS_POLL_S), and its YAML can be edited. Without a pin, read_text, clip_gate, the VLM and
 postprocess would each resolve the policy by name when their turn came, and one post could be judged under
 revision r by one stage and r+1 by the next while RESULT names r. Preprocess resolves the policy once, names it by
-its pin (the YAML's digest and the lists' revision: `Policy.id` says the same to people) in the RequestRecord, and
+its pin (the YAML's digest, the lists' revision and their digest: `Policy.id` says the first two to people) in the
+RequestRecord, and
 writes that policy to the state directory the first time it serves it; every later stage judges the post under the
 policy of that pin: its own current policy when the pins agree (almost always), else the copy preprocess wrote
 (every model process of a server shares the state directory: core/state.py)."""
@@ -14,7 +15,8 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from .policy import Policy, load_policy
+from .hashing import sha256_hex
+from .policy import Policy, PolicyLists, load_policy
 from .state import read_state, state_dir, write_state
 
 KEEP = 32  # pinned policies kept per process and written copies kept per policy: far more than are ever in flight
@@ -24,7 +26,26 @@ _lock = threading.Lock()
 
 
 def pin_of(policy: Policy) -> str:
-    return f"{policy.digest}.{policy.lists.revision}"
+    """The YAML's digest, the lists' revision and their content's digest (a revision number alone can come back
+    with other entries: Redis restarted empty and imported again)."""
+    return f"{policy.digest}.{policy.lists.revision}.{_lists_digest(policy.lists)}"
+
+
+# lists object -> the digest of its entries; lists objects are shared and immutable (core/list_store.py), so this is
+# computed once per revision a process loads. The entries hold their objects: no id is reused while cached.
+_digests: dict[int, tuple[PolicyLists, str]] = {}
+
+
+def _lists_digest(lists: PolicyLists) -> str:
+    hit = _digests.get(id(lists))
+    if hit is not None and hit[0] is lists:
+        return hit[1]
+    digest = sha256_hex(lists.model_dump_json().encode("utf-8"))[:12]
+    with _lock:
+        if len(_digests) >= 4 * KEEP:
+            _digests.clear()
+        _digests[id(lists)] = (lists, digest)
+    return digest
 
 
 def _copy_path(name: str, pin: str) -> Path:
