@@ -256,7 +256,7 @@ def test_a_replica_that_cannot_swap_keeps_serving_and_reports_why(cluster):
     (attempt,) = sidecar.check_once()
     assert attempt["ok"] is False and attempt["error"], attempt
     assert _serves(b) == ["2"] and sidecar.check_once() == []  # and it waits before trying again
-    sidecar.store.client.delete(sidecar.store.replica_prefix + "b-sidecar")
+    sidecar.store.client.delete(sidecar.store.replica_prefix + "b-sidecar")  # gone, as after its heartbeat
     text = _cli(a, "status").stdout
     assert any("NOT converged" in line and "no version 3" in line for line in text.splitlines()), text
     # several polls later b has not tried again (its next try waits RETRY_AFTER_S)

@@ -9,6 +9,8 @@ With MODERATION_REDIS_URL set (the variable the verdict cache and the lists use)
     <prefix>:v1:replica:<id>       one replica's report (JSON, expires after HEARTBEAT_TTL_S unless renewed):
                                    {replica, at, revision, live: {model: [versions]}, errors: {model: {...}},
                                    swapping: {model: version}}
+    <prefix>:v1:replicas           sorted set: replica ids by the time of their last report (where `status` looks,
+                                   instead of scanning a keyspace the verdict cache fills; pruned after an hour)
 `clients.admin swap` / `rollback` set the desired version once, through a gateway (gateway/admin.py); every replica's
 follower (ops/versions.py) reads it at most every VERSIONS_POLL_S and swaps its own Triton when it differs.
 Without Redis there is no cluster state: a swap acts on the one server it reaches (ops/admin.py)."""
@@ -29,6 +31,7 @@ VERSIONS_POLL_S = 2.0
 # A replica that has not reported for this long is gone (or cannot reach Redis) and drops out of `status`.
 HEARTBEAT_TTL_S = 15.0
 HISTORY_KEEP = 20
+REPLICAS_FORGET_S = 3600.0
 AUDIT_KEEP = 1_000
 
 
@@ -50,6 +53,7 @@ class VersionStore:
         self.client, self.clock = client, clock
         base = f"{prefix}:v1"
         self.desired_key, self.audit_key, self.replica_prefix = f"{base}:desired", f"{base}:audit", f"{base}:replica:"
+        self.replicas_key = f"{base}:replicas"
 
     def _call(self, what: str, fn):
         try:
@@ -119,14 +123,23 @@ class VersionStore:
 
     # replicas --------------------------------------------------------------------------------
     def publish(self, replica: str, report: dict, ttl_s: float = HEARTBEAT_TTL_S) -> None:
-        data = json.dumps({"replica": replica, "at": self.clock(), **report})
-        self._call("publish this replica", lambda: self.client.set(self.replica_prefix + replica, data,
-                                                                   px=int(ttl_s * 1e3)))
+        now = self.clock()
+        data = json.dumps({"replica": replica, "at": now, **report})
+
+        def write() -> None:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(self.replica_prefix + replica, data, px=int(ttl_s * 1e3))
+                pipe.zadd(self.replicas_key, {replica: now})
+                pipe.zremrangebyscore(self.replicas_key, "-inf", now - REPLICAS_FORGET_S)
+                pipe.execute()
+
+        self._call("publish this replica", write)
 
     def replicas(self) -> list[dict]:
+        """The reports of replicas that reported within their heartbeat (an expired report is gone)."""
         def read() -> list[dict]:
-            keys = sorted(self.client.scan_iter(match=self.replica_prefix + "*", count=500))
-            values = self.client.mget(keys) if keys else []
+            ids = sorted(i.decode() for i in self.client.zrange(self.replicas_key, 0, -1))
+            values = self.client.mget([self.replica_prefix + i for i in ids]) if ids else []
             return [json.loads(v) for v in values if v]
 
         return self._call("read the replicas", read)

@@ -89,7 +89,7 @@ def main() -> int:
         # With Redis the cluster's desired versions win: applied before this replica reports ready, then followed.
         follower = version_follower(cfg, log=lambda m: print(m, flush=True))
         if follower:
-            follower.check_once()
+            follower.run_checked(once=True)  # a failure is logged; the thread tries again every poll
             follower.start()
         if os.environ.get("MODERATION_WATCHDOG", "1") != "0":
             # Triton 2.51 does not restart a dead python stub: reload its model (moderation/watchdog.py).

@@ -7,8 +7,8 @@ Then it publishes what the server serves (its heartbeat, renewed every poll, gon
 
 A swap that fails (the version directory is missing on this pod, the load fails) leaves the old version serving; the
 replica reports the error and tries that version again only after RETRY_AFTER_S, doubling up to RETRY_MAX_S, or at
-once when the desired version changes. While Redis cannot be reached the server keeps what it serves and the follower
-tries again every poll (the report expires, so `status` no longer lists the replica).
+once when the desired version changes or is set again. While Redis cannot be reached the server keeps what it serves
+and the follower tries again every poll (the report expires, so `status` no longer lists the replica).
 
 The launcher (moderation/launch/serve.py) runs it beside the stub watchdog; a pod whose Triton runs on its own runs it
 as a process next to Triton, with the pod's Redis settings:

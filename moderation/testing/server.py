@@ -99,7 +99,7 @@ class running_server:
             audit = AuditLog(Path(env["MODERATION_AUDIT_LOG"])) if env.get("MODERATION_AUDIT_LOG") else None
             self.follower = version_follower(self.config, env, audit)
             if self.follower:
-                self.follower.check_once()
+                self.follower.run_checked(once=True)
                 self.follower.start()
             if self.gateway:
                 self.gateway.start().wait_ready(60)
