@@ -7,7 +7,8 @@
     clip_gate       -> GATE             -> postprocess                GateDecision
 
 Each is written with to_json() and read with from_json(), which validates it (unknown or missing fields are
-a `bad_request`: only a caller that bypassed the ensemble can send a malformed one)."""
+a `bad_request`: only a caller that bypassed the ensemble can send a malformed one). A contract cannot be changed
+once built; RESULT and the audit row are contracts too (core/result_contract.py)."""
 from __future__ import annotations
 
 from typing import Any, Final, Literal
@@ -36,7 +37,8 @@ Signal = Literal["trained", "untrained", "uncalibrated"]  # uncalibrated: traine
 
 
 class Contract(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # immutable once built: a stage that changes a contract builds a new one (model_copy(update=...))
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     def to_json(self) -> bytes:
         return self.model_dump_json().encode("utf-8")

@@ -160,29 +160,31 @@ class GateRouter:
                              gate_started=time.time(), gate_ms=(time.perf_counter() - t0) * 1e3,
                              signal_media={"nsfw_image": nsfw_from} if nsfw_from and "nsfw_image" in trained else {},
                              label_media=label_media)
-            decisions.append(d)
             settled = settling_list_hit(rec)
             if settled is not None and not rec.escalate:  # an operator's list decides, whatever the gate's band
-                d.route, d.escalated = LIST, None
-                d.reason = f"{settled['kind']} on the {settled['list']} list (entry {settled['id']}); {d.reason}"
+                decisions.append(d.model_copy(update={
+                    "route": LIST, "escalated": None,
+                    "reason": f"{settled['kind']} on the {settled['list']} list (entry {settled['id']}); {d.reason}"}))
                 continue
             if rec.escalate and d.band != ESCALATE:  # reported posts, appeals, spot checks
-                d.reason = f"escalation forced by OPTIONS (the gate's band was {d.band}: {d.reason})"
-                d.escalated = "forced"
+                d = d.model_copy(update={"escalated": "forced", "reason": "escalation forced by OPTIONS (the gate's "
+                                                                          f"band was {d.band}: {d.reason})"})
             elif d.band == ESCALATE:
-                d.escalated = "gate"
+                d = d.model_copy(update={"escalated": "gate"})
             if d.escalated is None:  # the gate's band settles the post (its action is chosen in postprocess)
+                decisions.append(d)
                 continue
-            d.route = VLM
+            d = d.model_copy(update={"route": VLM})
             arm = ab_arm(policy, rec.image_sha256, rec.text_sha256)
             probe = self.verdicts.probe(policy, rec, post.image_emb, post.text_emb, arm)
             hit = self.verdicts.lookup(probe) if probe else None
             if probe:
                 self.count("moderation_cache_total", result="hit" if hit else "miss")
             if hit:  # a near-duplicate's stored VLM verdict: no escalation
-                d.route, d.vlm, d.cache = CACHE, hit[0], hit[1]
+                d = d.model_copy(update={"route": CACHE, "vlm": hit[0], "cache": hit[1]})
             else:
                 pending.append((i, d, probe, self._escalate(post, policy, arm)))
+            decisions.append(d)
         answers = await asyncio.gather(*(p for *_, p in pending), return_exceptions=True)
         for (i, d, probe, _), answer in zip(pending, answers, strict=True):
             if isinstance(answer, BaseException):
@@ -191,9 +193,10 @@ class GateRouter:
                 decisions[i] = GateDecision.failed(PostError(code=answer.code, message=answer.message),
                                                    self.version, d.gate_started, d.gate_ms)
                 continue
-            d.vlm, d.vlm_ms, d.ab_arm, d.fallback = answer
-            if probe:
-                d.cache = self.verdicts.after(probe, d.vlm)
+            verdict, vlm_ms, arm_name, fallback = answer
+            decisions[i] = d.model_copy(update={"vlm": verdict, "vlm_ms": vlm_ms, "ab_arm": arm_name,
+                                                "fallback": fallback,
+                                                **({"cache": self.verdicts.after(probe, verdict)} if probe else {})})
         return decisions
 
     def _clip_signal(self, policy: Policy) -> str:
