@@ -238,7 +238,8 @@ def test_compose_one_gpu_host():
     gw = c["services"]["gateway"]  # shares Triton's network namespace: 8001 above is the gateway
     assert gw["network_mode"] == "service:triton" and gw["build"]["dockerfile"] == "deploy/Dockerfile.gateway"
     assert gw["read_only"] is True and gw["user"].split(":")[0] != "0"
-    assert gw["volumes"] == [v for v in svc["volumes"] if v.startswith("audit:")]  # one audit log
+    # one audit log, one state directory (the lists editor's last good copy beside the models')
+    assert gw["volumes"] == [v for v in svc["volumes"] if v.startswith(("audit:", "state:"))]
     assert svc["secrets"] == [{"source": "admin_key", "target": "admin_key"},
                               {"source": "redis_password", "target": "redis_password"},
                               {"source": "cache_mac_key", "target": "cache_mac_key"}]
@@ -766,3 +767,237 @@ def test_state_directory_is_a_writable_volume_in_every_deploy():
     assert not mount.get("readOnly")
     volumes = {v["name"]: v for v in _k8s_resources()["deployment.yaml"][0]["spec"]["template"]["spec"]["volumes"]}
     assert "emptyDir" in volumes[mount["name"]] or "persistentVolumeClaim" in volumes[mount["name"]]
+
+
+# --- 5. the gateway's lists editor --------------------------------------------------------------------------------
+# What `python -m moderation.ops.lists` (run by the gateway's admin service) reads from its environment, and where
+# the models read the same thing: an edit through any pod's gateway must land where every replica's models look.
+LISTS_EDITOR_ENV = ("MODERATION_REDIS_URL", "MODERATION_REDIS_PASSWORD_FILE", "MODERATION_LISTS_PREFIX",
+                    "MODERATION_POLICY_DIR", "MODERATION_STATE_DIR", "MODERATION_AUDIT_LOG")
+
+
+def _dockerfile_env(name: str) -> dict[str, str]:
+    text = (DEPLOY / name).read_text().replace("\\\n", " ")
+    env = {}
+    for line in re.findall(r"^ENV (.+)$", text, re.M):
+        env.update(dict(pair.split("=", 1) for pair in line.split()))
+    return env
+
+
+def _copied_to(name: str, src: str) -> str:
+    """Where a Dockerfile's COPY puts `src` (a COPY from the build context, not from a stage)."""
+    text = (DEPLOY / name).read_text().replace("\\\n", " ")
+    (dest,) = [line.split()[-1] for line in re.findall(r"^COPY (.+)$", text, re.M) if src in line.split()[:-1]]
+    return dest
+
+
+def test_both_images_keep_the_policies_at_the_path_the_manifests_name():
+    """The Triton image and the gateway image hold the same policy files at the same path, their
+    MODERATION_POLICY_DIR: the editor checks an edit against what the models judge with, and the state directory's
+    lists files are named by that path."""
+    policy_dir = _dockerfile_env("Dockerfile")["MODERATION_POLICY_DIR"]
+    assert _dockerfile_env("Dockerfile.gateway")["MODERATION_POLICY_DIR"] == policy_dir
+    for name in ("Dockerfile", "Dockerfile.gateway"):
+        assert _copied_to(name, "moderation/core/policies/").rstrip("/") == policy_dir
+    assert "!moderation/core/policies/**" in (DEPLOY / "Dockerfile.gateway.dockerignore").read_text().split()
+    gw_image = _dockerfile_env("Dockerfile.gateway")
+    assert gw_image["MODERATION_STATE_DIR"] == _dockerfile_env("Dockerfile")["MODERATION_STATE_DIR"]
+    assert re.search(r"chown 1000:1000 [^\n]*" + re.escape(gw_image["MODERATION_STATE_DIR"]),
+                     (DEPLOY / "Dockerfile.gateway").read_text())
+
+
+def test_gateway_container_has_what_the_lists_editor_needs():
+    """Kubernetes and compose: the gateway container (so its lists editor) names the Triton container's Redis, lists
+    prefix, policy directory, state directory and audit log, and mounts them from the same volumes and secret."""
+    res = _k8s_resources()
+    pod = res["deployment.yaml"][0]["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    triton, gw = containers["triton"], containers["gateway"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    env = {name: {e["name"]: e.get("value") for e in c["env"]} for name, c in containers.items()}
+    for var in LISTS_EDITOR_ENV:
+        assert env["gateway"].get(var) == env["triton"].get(var), var
+    # the cluster's Redis (redis.yaml), reached by its Service
+    by_kind = {d["kind"]: d for d in _docs(K8S / "redis.yaml")}
+    svc = by_kind["Service"]
+    (port,) = svc["spec"]["ports"]
+    assert env["gateway"]["MODERATION_REDIS_URL"] == \
+        f"redis://{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local:{port['port']}/0"
+    # the Redis password, the state directory and the audit log: the same volume, at the path the env names
+    for var in ("MODERATION_REDIS_PASSWORD_FILE", "MODERATION_STATE_DIR", "MODERATION_AUDIT_LOG"):
+        path = env["gateway"][var]
+        assert _mount_for(gw, path)["name"] == _mount_for(triton, path)["name"], var
+    for var in ("MODERATION_STATE_DIR", "MODERATION_AUDIT_LOG"):  # the editor writes both
+        assert not _mount_for(gw, env["gateway"][var]).get("readOnly"), var
+    state = volumes[_mount_for(gw, env["gateway"]["MODERATION_STATE_DIR"])["name"]]
+    assert "emptyDir" in state or "persistentVolumeClaim" in state
+    assert _mount_for(gw, env["gateway"]["MODERATION_REDIS_PASSWORD_FILE"]).get("readOnly")
+    # the policies: the image's (nothing mounted over them), the path both images keep them at
+    policy_dir = env["gateway"]["MODERATION_POLICY_DIR"]
+    assert policy_dir == _dockerfile_env("Dockerfile.gateway")["MODERATION_POLICY_DIR"]
+    for c in (gw, triton):
+        assert not any(policy_dir.startswith(m["mountPath"].rstrip("/") + "/") or m["mountPath"] == policy_dir
+                       for m in c["volumeMounts"])
+    # the admin key as before: the gateway checks it; the editor never gets it (gateway/admin.py drops it)
+    assert _mount_for(gw, env["gateway"]["MODERATION_ADMIN_KEY_FILE"])["name"] == "admin-key"
+    # Redis lets the pod in: the gateway shares the Triton container's pod, so its NetworkPolicy peer
+    labels = res["deployment.yaml"][0]["spec"]["template"]["metadata"]["labels"]
+    peers = [p["podSelector"]["matchLabels"] for rule in by_kind["NetworkPolicy"]["spec"]["ingress"]
+             for p in rule.get("from", []) if "podSelector" in p]
+    assert any(sel.items() <= labels.items() for sel in peers)
+
+    c = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    svc_triton, svc_gw = c["services"]["triton"], c["services"]["gateway"]
+    t_env, g_env = svc_triton["environment"], svc_gw["environment"]
+    for var in LISTS_EDITOR_ENV:
+        assert g_env.get(var) == t_env.get(var) or (var == "MODERATION_AUDIT_LOG" and var not in g_env), var
+    assert g_env["MODERATION_REDIS_URL"] == "redis://redis:6379/0" and "redis" in svc_gw["depends_on"]
+    assert {"source": "redis_password", "target": "redis_password"} in svc_gw["secrets"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in svc_gw["volumes"]}
+    triton_mounts = {v.split(":")[1]: v.split(":")[0] for v in svc_triton["volumes"]}
+    assert mounts[g_env["MODERATION_STATE_DIR"]] == triton_mounts[t_env["MODERATION_STATE_DIR"]]
+    assert not any(v.endswith(":ro") for v in svc_gw["volumes"])
+    assert g_env["MODERATION_POLICY_DIR"] == _dockerfile_env("Dockerfile.gateway")["MODERATION_POLICY_DIR"]
+
+
+def test_gateway_image_builds_pdqhash_from_pinned_sources_and_installs_wheels_only():
+    text = (DEPLOY / "Dockerfile.gateway").read_text().replace("\\\n", " ")
+    pins, build = _pins(DEPLOY / "requirements-gateway.txt"), _pins(DEPLOY / "requirements-gateway-build.txt")
+    # the lists editor's dependencies, at the CPU venv's versions (test above), and none of the model runtime
+    assert {"pydantic", "pyyaml", "pillow", "numpy", "pdqhash", "redis"} <= set(pins)
+    assert not {"torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tritonserver", "tokenizers"} & set(pins)
+    assert not any(n.startswith(("nvidia-", "cuda-")) for n in pins)
+    (built,) = re.findall(r"pdqhash==(\S+) --hash=sha256:[0-9a-f]{64}", text)
+    assert built == pins["pdqhash"]
+    assert "--no-build-isolation" in text and "--require-hashes" in text  # nothing unpinned is fetched to build it
+    assert build["numpy"] == pins["numpy"] and build["setuptools"] == pins["setuptools"]
+    lock = _pins(ROOT / "requirements.lock")
+    for name, version in build.items():
+        if name in lock:
+            assert version == lock[name], f"{name}: gateway build {version} != CPU venv {lock[name]}"
+    assert "--only-binary=:all:" in text and "-r /tmp/requirements-gateway.txt" in text
+    assert text.count("FROM ${PYTHON_IMAGE}") == 2 and "COPY --from=pdqhash /wheels" in text
+    ignore = (DEPLOY / "Dockerfile.gateway.dockerignore").read_text().split()
+    assert "!deploy/requirements-gateway-build.txt" in ignore
+
+
+_EDITOR_WRAPPER = """
+import atexit, json, runpy, sys
+site, report = sys.argv[1], sys.argv[2]
+sys.argv = sys.argv[:1]
+sys.path.insert(0, site)
+atexit.register(lambda: open(report, "w").write(json.dumps(
+    {name: getattr(m, "__file__", None) for name, m in list(sys.modules.items())})))
+runpy.run_module("moderation.ops.lists", run_name="__main__", alter_sys=True)
+"""
+
+
+def _image_tree(root: Path) -> Path:
+    """The gateway image's package and policies, as its COPY lines lay them out, under `root`: (site, policies)."""
+    text = (DEPLOY / "Dockerfile.gateway").read_text().replace("\\\n", " ")
+    site = root / "site"
+    for line in re.findall(r"^COPY (.+)$", text, re.M):
+        *srcs, dest = line.split()
+        for src in srcs:
+            if not src.startswith("moderation/"):
+                continue
+            if dest.startswith("/opt/moderation/src/"):
+                target = site / dest.removeprefix("/opt/moderation/src/")
+            else:
+                target = root / dest.lstrip("/")
+            if src.endswith("/"):
+                shutil.copytree(ROOT / src, target, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / src, target / Path(src).name)
+    return site
+
+
+def test_gateway_image_runs_the_lists_editor_into_the_clusters_redis(tmp_path, monkeypatch):
+    """The editor run from just the files the gateway image copies (no checkout on the path), against a real
+    redis-server with a password, as the manifests configure it: it adds an image and a term, shows and removes; it
+    loads only package modules of the image and third-party packages requirements-gateway.txt pins (no model
+    runtime); and the models' store, in another process, sees every edit from Redis."""
+    import base64
+    import io
+    import sysconfig
+
+    import numpy as np
+    from PIL import Image
+
+    from moderation.core import list_store as list_store_module
+    from moderation.testing.redis_server import RedisServer
+
+    site = _image_tree(tmp_path / "image")
+    policies = tmp_path / "image" / _dockerfile_env("Dockerfile.gateway")["MODERATION_POLICY_DIR"].lstrip("/")
+    assert (policies / "default.yaml").exists()
+    (tmp_path / "wrapper.py").write_text(_EDITOR_WRAPPER)
+    password = tmp_path / "redis_password"
+    password.write_text("r" * 32 + "\n")
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(7).random((96, 96, 3)) * 255).astype("uint8")).save(buf, "PNG")
+
+    def edit(env: dict, request: dict) -> tuple[dict, dict]:
+        report = tmp_path / "modules.json"
+        r = subprocess.run([sys.executable, str(tmp_path / "wrapper.py"), str(site), str(report)], env=env,
+                           cwd=tmp_path, input=json.dumps({"request": request, "context": {"via": "test"}}),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout, r.stderr[-3000:]
+        return json.loads(r.stdout), json.loads(report.read_text())
+
+    with RedisServer(password="r" * 32) as redis_server:
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "MODERATION_REDIS_URL": redis_server.url,
+               "MODERATION_REDIS_PASSWORD_FILE": str(password), "MODERATION_REDIS_TIMEOUT_MS": "1000",
+               "MODERATION_POLICY_DIR": str(policies), "MODERATION_STATE_DIR": str(tmp_path / "state"),
+               "MODERATION_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+        image, modules = edit(env, {"action": "add-image", "policy": "default", "list": "block",
+                                    "image_b64": base64.b64encode(buf.getvalue()).decode()})
+        assert image["ok"], image
+        term, more = edit(env, {"action": "add-term", "policy": "default", "list": "review", "term": "gateway edit"})
+        assert term["ok"], term
+        modules.update(more)
+        shown, _ = edit(env, {"action": "show", "policy": "default"})
+        assert shown["ok"] and shown["result"]["store"] == "redis" and shown["result"]["revision"] == 2
+        assert [e["id"] for e in shown["result"]["images"]] == [image["result"]["id"]]
+
+        # the models' view: another process's store on the same Redis (the Triton container's environment)
+        for name, value in env.items():
+            if name.startswith("MODERATION_"):
+                monkeypatch.setenv(name, value)
+        monkeypatch.setattr(list_store_module, "_STORES", {})
+        store = list_store_module.list_store(policies)
+        lists, fault = store.current("default", fresh=True)
+        assert fault is None and lists.revision == 2
+        assert {e.id for e in lists.terms} == {term["result"]["id"]}
+        # the editor's last good copy is where the models' processes fall back to (the shared state volume)
+        assert list_store_module.PolicyLists.model_validate_json(
+            (store.state_path("default")).read_bytes()).revision == 2
+
+        removed, _ = edit(env, {"action": "remove-term", "policy": "default", "id": term["result"]["id"]})
+        assert removed["ok"], removed
+        assert store.current("default", fresh=True)[0].terms == []
+    rows = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [r["action"] for r in rows if r.get("ok")] == ["lists.add-image", "lists.add-term", "lists.show",
+                                                            "lists.remove-term"]
+
+    # package modules: only the image's copies
+    ours = {n: f for n, f in modules.items() if n.split(".")[0] == "moderation"}
+    assert ours and all(f and Path(f).is_relative_to(site) for f in ours.values()), ours
+    # third-party: only what requirements-gateway.txt installs (beyond what a bare interpreter start loads)
+    bare = subprocess.run([sys.executable, "-c", "import sys, json; print(json.dumps(sorted(sys.modules)))"],
+                          capture_output=True, text=True, cwd=tmp_path, env={"PATH": env["PATH"]}, timeout=60)
+    baseline = set(json.loads(bare.stdout))
+    from importlib.metadata import packages_distributions
+
+    dists = packages_distributions()
+    pins = _pins(DEPLOY / "requirements-gateway.txt")
+    installed = {Path(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")}
+    tops = {n.split(".")[0] for n, f in modules.items()
+            if n not in baseline and f and any(Path(f).is_relative_to(d) for d in installed)}
+    assert {"pdqhash", "PIL", "pydantic", "yaml", "redis"} <= tops  # what an image and a term edit need
+    unpinned = {top: dists.get(top) for top in tops
+                if not {d.lower().replace("_", "-") for d in dists.get(top, [])} & set(pins)}
+    assert not unpinned, f"imported by the editor but not installed in the gateway image: {unpinned}"
+    assert not {"torch", "transformers", "onnxruntime", "tokenizers", "cv2"} & tops
+
