@@ -1,10 +1,14 @@
 """The request and response shapes of OpenAI's moderation API (POST /v1/moderations) as OpenAI documents them,
-and its error shape. This service's own fields ride under the extension key `moderation` of each result."""
+and its error shape. This service's own fields ride under the extension key `moderation` of each result: a
+projection of RESULT (core/result_contract.py)."""
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..core.contracts import Band, Route
+from ..core.result_contract import Action, ImageText, JudgedResult, ListHit, Media, ResultError
 
 EXTENSION_KEY = "moderation"
 
@@ -35,12 +39,47 @@ class ModerationRequest(_Loose):
     model: str = "omni-moderation-latest"
 
 
+class _Extension(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class JudgedExtension(_Extension):
+    """EXTENSION_KEY of a judged post: what RESULT says of the action and its evidence."""
+    request_id: str
+    action: Action
+    decided_by: str
+    reason: str
+    route: Route
+    gate_band: Band
+    severity: dict[str, int]
+    policy: str
+    image_text: ImageText | None
+    list_hits: list[ListHit]
+    media: Media | None
+    untrained: bool
+    unmapped_categories: list[str]  # OpenAI categories the policy maps no label to: always false, scored 0
+
+    @classmethod
+    def of(cls, result: JudgedResult, unmapped_categories: list[str]) -> JudgedExtension:
+        return cls(request_id=result.request_id, action=result.action, decided_by=result.decided_by,
+                   reason=result.decision.reason, route=result.route, gate_band=result.gate.band,
+                   severity=result.severity, policy=result.policy, image_text=result.image_text,
+                   list_hits=result.list_hits, media=result.media, untrained=result.untrained,
+                   unmapped_categories=unmapped_categories)
+
+
+class FailedExtension(_Extension):
+    """EXTENSION_KEY of a post that could not be judged, in a request of several."""
+    action: None = None
+    error: ResultError
+
+
 class ModerationResult(BaseModel):
     flagged: bool
     categories: dict[str, bool]
     category_scores: dict[str, float]
     category_applied_input_types: dict[str, list[Literal["text", "image"]]]
-    moderation: dict  # EXTENSION_KEY: action, decided_by, route, gate_band, request_id, image_text, untrained, ...
+    moderation: JudgedExtension | FailedExtension  # EXTENSION_KEY
 
 
 class ModerationResponse(BaseModel):

@@ -12,7 +12,6 @@ import base64
 import binascii
 import json
 import os
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -28,7 +27,17 @@ from ..core.errors import ModerationError, classify_failure
 from ..core.hashing import sha256_hex
 from ..core.limits import MAX_IMAGE_BYTES
 from ..core.policy import OPENAI_CATEGORIES, Policy, load_policy
-from .protocol import EXTENSION_KEY, ImagePart, ModerationRequest, ModerationResponse, OpenAIError, TextPart
+from ..core.result_contract import FailedResult, JudgedResult, ResultError, parse_result
+from .protocol import (
+    FailedExtension,
+    ImagePart,
+    JudgedExtension,
+    ModerationRequest,
+    ModerationResponse,
+    ModerationResult,
+    OpenAIError,
+    TextPart,
+)
 
 DEFAULT_MODEL = "omni-moderation-latest"
 # What each of our codes is in HTTP and OpenAI's error types: the openai client retries 429 and 5xx itself.
@@ -114,34 +123,28 @@ def posts_of(request: ModerationRequest) -> list[list[TextPart | ImagePart]]:
     return [list(request.input)]  # its image_url parts are the post's images, in order (media.max_images bounds them)
 
 
-def openai_result(policy: Policy, result: dict, input_types: list[str]) -> dict:
+def openai_result(policy: Policy, result: JudgedResult, input_types: list[str]) -> ModerationResult:
     """RESULT in OpenAI's shape: categories from the policy's mapping, every OpenAI category present."""
     mapping = policy.openai.categories
-    scores, severity = result.get("scores") or {}, result.get("severity") or {}
     categories, category_scores, applied = {}, {}, {}
     for c in OPENAI_CATEGORIES:
         labels = mapping.get(c, [])
-        category_scores[c] = round(max((float(scores.get(lab, 0.0)) for lab in labels), default=0.0), 6)
-        categories[c] = any(severity.get(lab, 0) >= 1 for lab in labels)
+        category_scores[c] = round(max((float(result.scores.get(lab, 0.0)) for lab in labels), default=0.0), 6)
+        categories[c] = any(result.severity.get(lab, 0) >= 1 for lab in labels)
         applied[c] = list(input_types) if labels else []
-    return {"flagged": result["action"] != "allow", "categories": categories, "category_scores": category_scores,
-            "category_applied_input_types": applied,
-            EXTENSION_KEY: {"request_id": result["request_id"], "action": result["action"],
-                            "decided_by": result["decided_by"], "reason": (result.get("decision") or {}).get("reason"),
-                            "route": result["route"], "gate_band": (result.get("gate") or {}).get("band"),
-                            "severity": severity, "policy": result.get("policy"),
-                            "image_text": result.get("image_text"), "list_hits": result.get("list_hits"),
-                            "media": result.get("media"), "untrained": result.get("untrained"),
-                            "unmapped_categories": [c for c in OPENAI_CATEGORIES if c not in mapping]}}
+    extension = JudgedExtension.of(result, [c for c in OPENAI_CATEGORIES if c not in mapping])
+    return ModerationResult(flagged=result.action != "allow", categories=categories,
+                            category_scores=category_scores, category_applied_input_types=applied,
+                            moderation=extension)
 
 
-def failed_result(err: OpenAIError) -> dict:
+def failed_result(err: OpenAIError) -> ModerationResult:
     """A post that could not be judged, in a request of several: flagged (hold it; nothing cleared it), no
     category, and the error under the extension key. The other posts' results stand."""
-    return {"flagged": True, "categories": dict.fromkeys(OPENAI_CATEGORIES, False),
-            "category_scores": dict.fromkeys(OPENAI_CATEGORIES, 0.0),
-            "category_applied_input_types": {c: [] for c in OPENAI_CATEGORIES},
-            EXTENSION_KEY: {"action": None, "error": {"code": err.code, "message": err.message}}}
+    return ModerationResult(flagged=True, categories=dict.fromkeys(OPENAI_CATEGORIES, False),
+                            category_scores=dict.fromkeys(OPENAI_CATEGORIES, 0.0),
+                            category_applied_input_types={c: [] for c in OPENAI_CATEGORIES},
+                            moderation=FailedExtension(error=ResultError(code=err.code, message=err.message)))
 
 
 class ModerationService:
@@ -210,10 +213,10 @@ class ModerationService:
         if rows:
             await asyncio.gather(*rows)
         body = ModerationResponse(id=rid, model=request.model, results=answers)
-        return body.model_dump()
+        return body.model_dump(mode="json")
 
     async def _post(self, peer: str, parts: list[TextPart | ImagePart], rid: str,
-                    policy: str) -> tuple[dict, list[str]]:
+                    policy: str) -> tuple[JudgedResult, list[str]]:
         image_parts = [p for p in parts if isinstance(p, ImagePart)]
         text = "\n".join(p.text for p in parts if isinstance(p, TextPart))
         try:
@@ -250,8 +253,7 @@ class ModerationService:
             inputs.append(t)
         return inputs
 
-    async def _infer(self, peer: str, inputs: list) -> dict:
-        started = time.perf_counter()
+    async def _infer(self, peer: str, inputs: list) -> JudgedResult:
         try:
             response = await self._client(peer).infer("moderate", inputs,
                                                       outputs=[grpcaio.InferRequestedOutput("RESULT")],
@@ -264,6 +266,9 @@ class ModerationService:
             # the gateway or a model wrote this call's audit row
             raise OpenAIError(status, f"[{code}] {message}", code, type_, audited=True,
                               retry_after=1 if status in (429, 503) else None) from e
-        result = json.loads(response.as_numpy("RESULT").reshape(-1)[0])
-        result.setdefault("latency_ms", {})["openai_front_end_total"] = round((time.perf_counter() - started) * 1e3, 3)
+        result = parse_result(response.as_numpy("RESULT").reshape(-1)[0])
+        if isinstance(result, FailedResult):  # a request of one post fails with it; postprocess audited it
+            code = result.error.code
+            status, type_ = _HTTP.get(code, (400, "invalid_request_error"))
+            raise OpenAIError(status, f"[{code}] {result.error.message}", code, type_, audited=True)
         return result
