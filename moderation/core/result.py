@@ -103,6 +103,7 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
 
 @dataclass(frozen=True)
 class FinishedPost:
+    contract: JudgedResult | FailedResult  # RESULT
     result: dict       # RESULT's JSON form, schema-validated
     audit_row: dict
     scores: list[float]  # SCORES: one per policy label, in policy order
@@ -114,7 +115,8 @@ def _failed_post(record: RequestRecord, error: PostError, versions: dict[str, st
     result = FailedResult(request_id=record.request_id, action=None, error=error.model_dump(), model_versions=versions,
                           latency_ms={"total": round((now - record.received_at) * 1e3, 3)},
                           hashes={"image_sha256": record.image_sha256, "text_sha256": record.text_sha256})
-    return FinishedPost(validate_result(result), result.audit_row(record.policy_id).model_dump(mode="json"), [], -1)
+    return FinishedPost(result, validate_result(result), result.audit_row(record.policy_id).model_dump(mode="json"),
+                        [], -1)
 
 
 def finish_post(record: RequestRecord, gate: GateDecision, postprocess_version: str,
@@ -146,5 +148,5 @@ def finish_post(record: RequestRecord, gate: GateDecision, postprocess_version: 
     result = build_result(policy, record, gate, versions, latency, decision)
     row = result.audit_row([(e.signal, e.label, round(e.score, 6), e.trained) for e in decision.evidence],
                            record.image_format, record.image_size, record.lang)
-    return FinishedPost(validate_result(result), row.model_dump(mode="json"),
+    return FinishedPost(result, validate_result(result), row.model_dump(mode="json"),
                         [result.scores.get(k, 0.0) for k in policy.label_keys], int(result.action == "block"))
