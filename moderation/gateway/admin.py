@@ -11,8 +11,8 @@ Then:
   hashing); the gateway process keeps none of the model stack, and an image that crashes a decoder takes down
   only that child. It edits the lists where the models read them (core/list_store.py: Redis shared by every replica
   when MODERATION_REDIS_URL is set, else the state directory; they see an edit within LISTS_POLL_S) under the
-  lists' lock and writes the audit row (ok or refused, with its code) into the same audit log. A gateway installed
-  without that code (the sidecar image) answers `[unavailable]`.
+  lists' lock and writes the audit row (ok or refused, with its code) into the same audit log. The sidecar image
+  carries the editor's code (deploy/Dockerfile.gateway); a gateway installed without it answers `[unavailable]`.
 - Versions: with MODERATION_REDIS_URL, `swap` and `rollback` set the model version every replica should serve
   (core/version_store.py; each replica's follower, ops/versions.py, converges to it) and are audited here; `status`
   reads the desired versions and every replica's report. Without Redis the call is refused `[not_clustered]` and
