@@ -80,21 +80,24 @@ clean:
 # perf_analyzer against a server (started here unless PERF_ARGS="--url HOST:HTTP_PORT --key KEY"); checks
 # perf/budgets.yaml, writes perf/results/. Exit 1 when a budget is broken.
 perf: models
-	$(PY) -m perf.run_perf $(PERF_ARGS)
+	$(PY) -m perf run_perf $(PERF_ARGS)
 
-# Side-by-side ratios (Triton vs in-process, prefill vs generate-200, gated vs all-to-VLM, batching, cache).
+# Every benchmark and study is a scenario of `python -m perf` (`python -m perf --list` names them):
+# `make bench S=<scenario> ARGS="<its options>"` runs one; `make bench` alone runs the side-by-side ratios
+# (Triton vs in-process, prefill vs generate-200, gated vs all-to-VLM, batching, cache). The other perf targets
+# here are aliases of one scenario each.
 bench: models
-	$(PY) -m perf.bench $(BENCH_ARGS)
+	$(PY) -m perf $(if $(S),$(S) $(ARGS),bench $(BENCH_ARGS))
 
 # Bounded soak (not part of `make test`): 2000 mixed good/bad requests against its own server; stub RSS sampled
 # with psutil; writes perf/results/soak/last.json and fails when a stub grows past the bound or an answer is
 # not the expected one (docs/reliability.md).
 soak: models
-	$(PY) -m perf.soak $(SOAK_ARGS)
+	$(PY) -m perf soak $(SOAK_ARGS)
 
 # INT8 vs fp32 agreement and speed (encoders and decoder side by side, in-process): perf/results/int8.json
 bench-int8: models
-	$(PY) -m perf.int8_bench $(BENCH_INT8_ARGS)
+	$(PY) -m perf int8_bench $(BENCH_INT8_ARGS)
 
 # Fit the slang LoRA adapter (export/data/slang_lora.jsonl) on the decoder, CPU; LORA_ARGS="--release model_repository"
 # also releases it as the next language_decoder version (swap it live with clients.admin).
@@ -103,18 +106,18 @@ lora: models
 
 # OCR accuracy and cost, term matching, OCR on/off on a real server side by side: perf/results/ocr.json
 bench-ocr: models
-	$(PY) -m perf.ocr_bench $(BENCH_OCR_ARGS)
+	$(PY) -m perf ocr_bench $(BENCH_OCR_ARGS)
 
 # A fault schedule under load (perf/chaos.py): 0 requests lost, every row readable, none forged; commits the report.
 chaos: models
-	$(PY) -m perf.chaos --seconds 120
+	$(PY) -m perf chaos --seconds 120
 
 # The public port under hostile load (perf/front_door.py): oversized messages and a greedy client.
 bench-front-door: models
-	$(PY) -m perf.front_door
+	$(PY) -m perf front_door
 
-# The audit report at scale: DuckDB (clients/report.py) vs the previous all-rows-in-Python report on 1 M generated rows,
-# time and peak memory per run, both must agree (perf/report_bench.py): perf/results/report_duckdb.json
+# The audit report at scale: the DuckDB report (clients/report.py) on 1 M generated rows, time and peak memory per
+# run, the limited arm must agree (perf/report_bench.py): perf/results/report_bench.json
 .PHONY: bench-report
 bench-report: $(STAMP)
-	$(PY) -m perf.report_bench $(BENCH_REPORT_ARGS)
+	$(PY) -m perf report_bench $(BENCH_REPORT_ARGS)

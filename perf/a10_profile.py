@@ -7,7 +7,7 @@ Built under build/bench/ (never committed): the checkpoint, then a separate copy
 with this decoder and a vision encoder re-exported for its width (export.export_models.export_all).
 Everything else (CLIP, nsfw_image, configs, model.py files) is the committed repository's.
 
-    .venv/bin/python -m perf.a10_profile      # build (skipped when up to date)
+    .venv/bin/python -m perf a10_profile      # build (skipped when up to date)
 """
 from __future__ import annotations
 
@@ -77,5 +77,13 @@ def build_repository(out: Path = OUT / "repo-a10-profile") -> Path:
     return out
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     print(build_repository())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,17 +11,14 @@ The report counts sent, answered, coded errors by code and audit rows, and check
   every audit file parses; every answered post has exactly one `stage: moderate` row; no forged row exists.
 Writes perf/results/chaos.json (`make chaos`); tests/test_chaos.py runs a short schedule.
 
-    .venv/bin/python -m perf.chaos [--seconds 120] [--threads 3]
+    .venv/bin/python -m perf chaos [--seconds 120] [--threads 3]
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -37,6 +34,7 @@ from clients.client import ModerationClient, ModerationFailed
 from moderation.core.audit import AuditLog, read_rows
 from moderation.core.errors import classify_failure
 from moderation.ops.watchdog import StubWatchdog, stubs
+from moderation.testing.faults import fill, tmpfs
 from moderation.testing.samples import sample_posts
 from moderation.testing.server import running_server
 from perf.common import BUILD, REPO, RESULTS, dump_json, git_commit, machine, perf_policy_dir
@@ -44,32 +42,6 @@ from perf.front_door import INFER, oversized_message
 
 KEY = "chaos-admin-key"
 POLICIES = ("default", "allow_all")
-
-
-@contextlib.contextmanager
-def tmpfs(size: str = "8m"):
-    """A small filesystem this run can fill: a tmpfs mounted for the run (needs root, as here and in CI)."""
-    path = Path(tempfile.mkdtemp(prefix="chaos-audit-"))
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                             capture_output=True).returncode == 0
-    try:
-        yield path, mounted
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(path)], check=False)
-        with contextlib.suppress(OSError):
-            path.rmdir()
-
-
-def fill(directory: Path) -> Path:
-    """Fill the filesystem until a write fails with ENOSPC; the filler file is returned (delete it to free)."""
-    filler = directory / "filler"
-    # unbuffered, inside the suppress: a buffered file's close would flush the bytes the failing write left in its
-    # buffer and raise ENOSPC again, outside the suppress (how full the disk was decided whether it did)
-    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as f:
-        while True:
-            f.write(b"\0" * 65536)
-    return filler
 
 
 class Tally:

@@ -18,7 +18,7 @@ perf/results/cost_bounds.json (raw latencies, summary, machine, commit).
 
 All on the gate path's policies derived from the shipped default (allow_all, escalate_all).
 
-    .venv/bin/python -m perf.cost_bounds [--n 8] [--seconds 20]
+    .venv/bin/python -m perf cost_bounds [--n 8] [--seconds 20]
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@
 Both use the gate path (policy allow_all): the cheapest real request, most production traffic. Writes
 perf/results/front_door.json (raw latencies, summary, machine, commit).
 
-    .venv/bin/python -m perf.front_door [--polite-n 200] [--greedy 32]
+    .venv/bin/python -m perf front_door [--polite-n 200] [--greedy 32]
 """
 from __future__ import annotations
 

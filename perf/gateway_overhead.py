@@ -9,7 +9,7 @@ gateway in front of it, side by side in one run on one server, arms interleaved 
 
 Writes perf/results/gateway_overhead.json (raw per-request seconds, summary, machine, commit).
 
-    .venv/bin/python -m perf.gateway_overhead [--runs 3] [--n 60]
+    .venv/bin/python -m perf gateway_overhead [--runs 3] [--n 60]
 """
 from __future__ import annotations
 

@@ -1,19 +1,19 @@
 """What the benchmarks share: a server for a repository (or a copy of one) with the perf policies, posts sent
-through the gRPC client, percentiles and the spread over runs, posts made unique so no cache can serve them,
-and a post turned into a decoder request in-process (vlm_preprocess + vision_encoder, as the vlm ensemble does).
-Paths, machine description, server statistics and JSON dumping are in perf/common.py."""
+through the gRPC client (one timed call: moderation/testing/calls.py), a closed-loop load, percentiles and the spread
+over runs, posts made unique so no cache can serve them, and a post turned into a decoder request in-process
+(vlm_preprocess + vision_encoder, as the vlm ensemble does). Paths, server statistics and the result writer are in
+perf/common.py."""
 from __future__ import annotations
 
-import io
-import json
-import random
 import time
 from pathlib import Path
 
 import numpy as np
 
-from moderation.core.caller import CLIENT_METADATA
+from moderation.testing.calls import infer as infer
+from moderation.testing.calls import options as options
 from moderation.testing.results import spread as spread
+from moderation.testing.traces import jpeg
 from perf.common import perf_policy_dir
 
 
@@ -31,34 +31,6 @@ def serve(repository: Path | None, audit: Path, log: Path, key: str = "", policy
 
 
 # the client ------------------------------------------------------------------------------------------------
-def options(policy: str, request_id: str | None = None, return_embedding: bool = False) -> bytes:
-    """The OPTIONS tensor of one post; a fresh request_id unless one is given."""
-    import uuid
-
-    return json.dumps({"policy": policy, "request_id": request_id or uuid.uuid4().hex,
-                       "return_embedding": return_embedding}).encode()
-
-
-def infer(client, model: str, image: bytes, text: bytes, opts: bytes, client_id: str | None = None) -> float:
-    """One post to `moderate` (RESULT) or `vlm` (VLM_RESULT) on a gRPC client: milliseconds for the call. The
-    answer is decoded after the clock stops (a real answer, not an error). Each client object is one caller for
-    the gateway's fair shares (`client_id`, default one id per client object), as the client library's are."""
-    import tritonclient.grpc as g
-
-    ins = []
-    for name, v in (("IMAGE", image), ("TEXT", text), ("OPTIONS", opts)):
-        t = g.InferInput(name, [1, 1], "BYTES")
-        t.set_data_from_numpy(np.array([[v]], dtype=np.object_))
-        ins.append(t)
-    out = "RESULT" if model == "moderate" else "VLM_RESULT"
-    t0 = time.perf_counter()
-    headers = {CLIENT_METADATA: client_id or f"harness-{id(client):x}"}
-    r = client.infer(model, ins, outputs=[g.InferRequestedOutput(out)], headers=headers, client_timeout=300)
-    ms = (time.perf_counter() - t0) * 1e3
-    json.loads(r.as_numpy(out).reshape(-1)[0])
-    return ms
-
-
 def send(client, image: bytes, text: str | bytes, options: dict, timeout_s: float = 120) -> dict:
     """One post to `moderate` as the client library sends it (clients.client.build_inputs): the parsed, validated
     result."""
@@ -100,27 +72,6 @@ def pct(xs, q) -> float:
 
 
 # unique posts ----------------------------------------------------------------------------------------------
-def jpeg(image, quality: int) -> bytes:
-    """A PIL image encoded as an RGB JPEG."""
-    out = io.BytesIO()
-    image.convert("RGB").save(out, "JPEG", quality=quality)
-    return out.getvalue()
-
-
-def unique_image(data: bytes, rng: random.Random) -> bytes:
-    """A distinct photo cut from a sample: a random window of 35-60 % of each side, maybe mirrored."""
-    from PIL import ImageOps
-
-    from moderation.core.imaging import decode_image
-
-    im = decode_image(data).image
-    w, h = im.size
-    fw, fh = rng.uniform(0.35, 0.6), rng.uniform(0.35, 0.6)
-    x, y = rng.uniform(0, 1 - fw), rng.uniform(0, 1 - fh)
-    im = im.crop((int(x * w), int(y * h), int((x + fw) * w), int((y + fh) * h)))
-    return jpeg(ImageOps.mirror(im) if rng.random() < 0.5 else im, 90)
-
-
 class UniquePosts:
     """Sample posts made unique per request: a counter stamped into pixels at the centre, re-encoded as
     JPEG (quality 95), and appended to the caption, so image bytes, pixels, tokens and every cache key differ."""

@@ -1,7 +1,7 @@
 """INT8 vs full precision, side by side in one process: agreement and speed of the encoders (onnxruntime
 dynamic quantization, model.int8.onnx) and the decoder (int8 weights, moderation.int8).
 
-    .venv/bin/python -m perf.int8_bench [--runs 15] [--out perf/results/int8.json]      (make bench-int8)
+    .venv/bin/python -m perf int8_bench [--runs 15] [--out perf/results/int8.json]      (make bench-int8)
 
 Inputs: the sample posts (moderation.samples, real photos) plus each photo with the next post's caption (mismatched
 variants): 22 posts. Agreement: the gate's band (allow / block / escalate) per post with fp32 vs int8 CLIP encoders

@@ -1,7 +1,7 @@
 """Turn the sample posts (real photos from installed wheels, zh/en captions) into perf_analyzer
 `--input-data` JSON files, one per target.
 
-    .venv/bin/python -m perf.make_inputs [--out build/perf/inputs]
+    .venv/bin/python -m perf make_inputs [--out build/perf/inputs]
 
 Encoding (perf_analyzer 2.51, checked against the binary in .venv/bin): every tensor is given as
 {"b64": ...}. For TYPE_STRING tensors the decoded bytes are Triton's serialized BYTES form — each element

@@ -1,7 +1,7 @@
 """The words in the image, measured: OCR accuracy and cost, variant-proof term matching, and what OCR adds to the
 gate path on a real server. Writes perf/results/ocr.json.
 
-    .venv/bin/python -m perf.ocr_bench [--runs 3]
+    .venv/bin/python -m perf ocr_bench [--runs 3]
 
   a. OCR in-process (the reader, the package's own sessions): character error rate on the rendered meme set
      (zh + en text drawn on the shipped photos, moderation/testing/memes.py) and ms per image for memes and for

@@ -10,7 +10,7 @@ For each phase: the front end's and the gateway's RSS before (idle), at the peak
 (idle again, a few seconds later). A client stops sending its body as soon as an answer arrives (as curl does),
 so a refusal before the body is read costs the server no body bytes. Writes perf/results/openai_burst.json.
 
-    .venv/bin/python -m perf.openai_burst [--posts 64] [--side 2600]
+    .venv/bin/python -m perf openai_burst [--posts 64] [--side 2600]
 """
 from __future__ import annotations
 

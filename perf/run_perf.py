@@ -2,8 +2,8 @@
 check each result against its budget (perf/budgets.yaml), print a table, and write the raw perf_analyzer
 CSVs, one JSON with everything, and PNG plots under perf/results/. Exit 1 when a budget is broken.
 
-    .venv/bin/python -m perf.run_perf                          # starts its own server (CPU, tiny models)
-    .venv/bin/python -m perf.run_perf --grpc-url 127.0.0.1:8001 --url 127.0.0.1:8000 --key $MODERATION_ADMIN_KEY \
+    .venv/bin/python -m perf run_perf                          # starts its own server (CPU, tiny models)
+    .venv/bin/python -m perf run_perf --grpc-url 127.0.0.1:8001 --url 127.0.0.1:8000 --key $MODERATION_ADMIN_KEY \
         --budget a10
 
 `moderate` targets run perf_analyzer `-i grpc` on the public port (the gateway), with no key; the internal models'
@@ -267,7 +267,7 @@ def run_all(url: str, key: str, targets: list[str] | None, budget_profile: str, 
             if t.get("optional"):
                 print(f"skip {name}: no {t['inputs']} (model not in the repository)")
                 continue
-            raise SystemExit(f"missing {inputs_dir / t['inputs']}; run python -m perf.make_inputs")
+            raise SystemExit(f"missing {inputs_dir / t['inputs']}; run python -m perf make_inputs")
         print(f"perf_analyzer: {name} ({t['model']}) concurrency {t['concurrency']}", flush=True)
         r = run_target(name, t, defaults, url, key, inputs_dir, out, overrides, grpc_url)
         r["budget"] = budgets.get(name)

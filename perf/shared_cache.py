@@ -1,7 +1,7 @@
 """The verdict cache shared across replicas (Redis, MODERATION_REDIS_URL) vs one in-process cache per replica, and
 a Redis outage under load.
 
-    .venv/bin/python -m perf.shared_cache [--posts 100] [--dup-rate 0.3] [--popular 5,10] [--outage-s 15]
+    .venv/bin/python -m perf shared_cache [--posts 100] [--dup-rate 0.3] [--popular 5,10] [--outage-s 15]
                                           # writes perf/results/shared_cache.json
 
   replay   two real servers with in-process caches, then two sharing one Redis (a redis-server started here, no
@@ -28,8 +28,9 @@ import time
 import uuid
 from pathlib import Path
 
+from moderation.testing.traces import unique_image
 from perf.common import REPO, RESULTS, ROOT, dump_json, git_commit, machine, stats
-from perf.harness import pct, send, serve, unique_image
+from perf.harness import pct, send, serve
 
 WORK = ROOT / "build" / "shared_cache"
 ADMIN_KEY = "shared-cache-bench"
@@ -212,7 +213,7 @@ def main(argv=None) -> dict:
     import redis as redis_py
 
     from moderation.testing.redis_server import RedisServer
-    from perf.cache_savings import make_trace, trace_mix
+    from moderation.testing.traces import make_trace, trace_mix
 
     WORK.mkdir(parents=True, exist_ok=True)
     traces = {f"popular{k}": make_trace(n=args.posts, dup_rate=args.dup_rate, popular=int(k), seed=0)

@@ -6,7 +6,7 @@ one (a result for good posts, each bad case's documented code) and that the audi
 request (the gateway's rows: exactly one per refused request). Writes the raw samples and the verdict as JSON.
 
     make soak                                      # own server on free ports; writes perf/results/soak/last.json
-    .venv/bin/python -m perf.soak --requests 500 --out /tmp/soak.json
+    .venv/bin/python -m perf soak --requests 500 --out /tmp/soak.json
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import psutil
 
 from clients.client import ModerationClient, ModerationFailed, _to_failure
 from moderation.ops.watchdog import stubs
+from moderation.testing.bad_inputs import OK, TRITON_REJECTS, cases, triton_reject_request
 from moderation.testing.samples import sample_posts
-from perf.bad_inputs import OK, TRITON_REJECTS, cases, triton_reject_request
 
 WARMUP = 200  # requests before the RSS baseline: first-use allocations (policy banks, caches, arenas) settle
 RSS_GROWTH_BOUND_MB = 64.0  # per stub, baseline (after warm-up) to end

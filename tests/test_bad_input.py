@@ -1,4 +1,4 @@
-"""The bad-input matrix against the real server (perf/bad_inputs.py holds the cases): every case through
+"""The bad-input matrix against the real server (moderation/testing/bad_inputs.py holds the cases): every case through
 raw tritonclient gRPC and, where the client API can express it, through clients.client. Each gets its
 documented code (docs/errors.md) and a message naming the problem, or is moderated normally; each leaves
 exactly one audit row; the next good request succeeds. Requests Triton refuses before any model runs get their
@@ -18,8 +18,8 @@ from clients.client import ModerationFailed, _to_failure
 from moderation.core.audit import read_rows
 from moderation.core.hashing import sha256_hex
 from moderation.core.hashing import sha256_hex as text_sha256
+from moderation.testing.bad_inputs import OK, TRITON_REJECTS, cases, raw_inputs, triton_reject_request
 from moderation.testing.samples import sample_posts
-from perf.bad_inputs import OK, TRITON_REJECTS, cases, raw_inputs, triton_reject_request
 
 CASES = {c.name: c for c in cases()}
 GOOD = sample_posts()[1]

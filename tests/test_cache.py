@@ -135,7 +135,7 @@ def test_thresholds_separate_near_copies_from_different_photos():
 
 
 def test_trace_has_the_stated_duplicate_mix():
-    from perf.cache_savings import make_trace, trace_mix
+    from moderation.testing.traces import make_trace, trace_mix
 
     trace = make_trace(n=40, dup_rate=0.3, seed=1)
     mix = trace_mix(trace)
@@ -187,7 +187,7 @@ def _audit_rows(audit_log, request_id):
 
 def test_near_copies_hit_different_image_misses_purge_clears(triton, cached_policy, audit_log):
     from moderation.testing.samples import sample_posts
-    from perf.cache_savings import near_copy
+    from moderation.testing.traces import near_copy
 
     posts = {p.name: p for p in sample_posts()}
     src, other = posts["cat_en"], posts["coffee_zh"]
@@ -241,7 +241,7 @@ def _with_patch(data: bytes, side: int = 80) -> bytes:
 
 def test_a_patched_near_duplicate_misses_while_a_reencoded_copy_hits(triton, cached_policy):
     from moderation.testing.samples import sample_posts
-    from perf.cache_savings import near_copy
+    from moderation.testing.traces import near_copy
 
     src = next(p for p in sample_posts() if p.name == "cat_en")
     caption = f"patched {uuid.uuid4().hex[:6]}"
@@ -259,7 +259,7 @@ def test_local_check_tells_a_copy_from_a_patched_copy():
 
     from moderation.core.imaging import local_thumbnail
     from moderation.testing.samples import sample_posts
-    from perf.cache_savings import near_copy
+    from moderation.testing.traces import near_copy
 
     data = next(p for p in sample_posts() if p.name == "cat_en").image_bytes()
     local = {name: local_thumbnail(Image.open(io.BytesIO(b))) for name, b in
@@ -275,7 +275,7 @@ def test_local_check_tells_a_copy_from_a_patched_copy():
 
 def test_forget_option_serves_then_evicts(triton, cached_policy):
     from moderation.testing.samples import sample_posts
-    from perf.cache_savings import near_copy
+    from moderation.testing.traces import near_copy
 
     src = {p.name: p for p in sample_posts()}["rocket_en"]
     caption = f"Launch day {uuid.uuid4().hex[:6]}"

@@ -1,7 +1,7 @@
 """The pixels-per-encoded-byte bound in decode_image (moderation/core/imaging.py): a tiny file declaring a large
 image is refused from its header before any pixel is decoded; legitimate flat and 1-bit images, real photos and
 the sample posts still decode; the bound sits exactly where the constants say. The evidence for the constants
-is perf/decode_ratios.py."""
+is perf/studies/decode_ratios.py."""
 from __future__ import annotations
 
 import io
@@ -12,8 +12,8 @@ from PIL import Image, ImageFile
 
 from moderation.core.errors import ImageTooLarge
 from moderation.core.imaging import FREE_PIXELS, MAX_PIXELS_PER_BYTE, decode_image
+from moderation.testing.bad_inputs import gif_screen_claiming
 from moderation.testing.samples import image_paths
-from perf.bad_inputs import gif_screen_claiming
 
 
 def _enc(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -49,7 +49,8 @@ def test_the_35_byte_gif_with_a_16384x2000_screen_is_refused_from_its_header(mon
         decode_image(data)
     assert e.value.code == "image_too_large"
     assert f"declares 16384x2000 pixels in {len(data)} bytes" in e.value.message
-    assert not decodes, "the bound must hold before any pixel is decoded"  # the time it saves: perf/decode_ratios.py
+    # the time it saves: perf/studies/decode_ratios.py
+    assert not decodes, "the bound must hold before any pixel is decoded"
 
 
 def test_a_small_screen_with_a_large_first_frame_is_refused():

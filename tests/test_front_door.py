@@ -32,9 +32,9 @@ from moderation.core.limits import MAX_REQUEST_BYTES, PUBLIC_MODELS
 from moderation.gateway.admission import Admission, AdmissionLimits, Shed
 from moderation.gateway.summary import refusal, request_summary
 from moderation.repository.render import ALL_MODELS
+from moderation.testing.calls import infer, options
 from moderation.testing.samples import sample_posts
 from perf import front_door
-from perf.harness import infer, options
 
 POST = sample_posts()[0]
 INFER = "/inference.GRPCInferenceService/ModelInfer"

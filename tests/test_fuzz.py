@@ -19,7 +19,7 @@ from moderation.core.errors import ModerationError
 from moderation.core.imaging import decode_image
 from moderation.core.options import parse_options
 from moderation.core.text import decode_caption
-from perf.bad_inputs import gif_claiming, png_claiming
+from moderation.testing.bad_inputs import gif_claiming, png_claiming
 
 HANG_GUARD_S = 60.0  # per call: only a decoder stuck in a loop takes this long (measured calls take milliseconds)
 RSS_GROWTH_LIMIT_MB = 600  # peak RSS may not grow past this over a whole property (40 MP RGB is 120 MB)

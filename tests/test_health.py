@@ -15,8 +15,8 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moderation.launch.processes import grpc_health_serving
+from moderation.testing.faults import fill, tmpfs
 from moderation.testing.server import free_port
-from perf.chaos import fill, tmpfs
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

@@ -95,3 +95,24 @@ def test_a_row_with_missing_responses_fails_its_target(tmp_path):
     result = {"ok": False, "rows": [row], "runs": [{"rc": 0, "tail": ""}]}
     broken = check(result, {"p50_ms": 100, "p99_ms": 100, "throughput_min": 1})
     assert broken and "c4: 8 request and 7 response" in broken[0]
+
+
+def test_every_perf_script_is_a_scenario_of_the_one_entry_point():
+    """Each module under perf/ with a main(argv) is registered in perf/scenarios.py (python -m perf <name>), and
+    every registered module exists and has that main."""
+    import ast
+    from pathlib import Path
+
+    from perf.__main__ import main
+    from perf.scenarios import SCENARIOS, listing
+
+    root = Path(__file__).resolve().parents[1]
+    with_main = set()
+    for path in (root / "perf").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        if any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body) and path.name != "__main__.py" \
+                or path.name == "__main__.py" and path.parent.name != "perf":
+            with_main.add(".".join(path.relative_to(root).with_suffix("").parts))
+    assert with_main == {s.module for s in SCENARIOS.values()}
+    assert all(f"  {name} " in listing() for name in SCENARIOS)
+    assert main(["no_such_scenario"]) == 2 and main(["--list"]) == 0

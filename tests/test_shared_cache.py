@@ -480,7 +480,7 @@ def _posts():
 
 @pytest.mark.integration
 def test_a_post_judged_on_one_replica_is_a_hit_on_the_other(shared_servers):
-    from perf.cache_savings import near_copy
+    from moderation.testing.traces import near_copy
 
     a, b = shared_servers
     src = _posts()["cat_en"].image_bytes()
@@ -497,7 +497,7 @@ def test_a_post_judged_on_one_replica_is_a_hit_on_the_other(shared_servers):
 
 @pytest.mark.integration
 def test_forget_and_purge_on_one_replica_act_on_the_other(shared_servers):
-    from perf.cache_savings import near_copy
+    from moderation.testing.traces import near_copy
 
     a, b = shared_servers
     src = _posts()["rocket_en"].image_bytes()
@@ -521,7 +521,7 @@ def test_forget_and_purge_on_one_replica_act_on_the_other(shared_servers):
 
 @pytest.mark.integration
 def test_redis_killed_under_load_fails_no_request_and_hits_resume(shared_servers, redis_server):
-    from perf.cache_savings import near_copy
+    from moderation.testing.traces import near_copy
 
     a, b = shared_servers
     posts = list(_posts().values())

@@ -13,7 +13,7 @@ Every request carries a unique image (a sample photo with a few pixels stamped, 
 served from a cache unless (e) asks for it. Writes perf/results/bench.json (raw per-request numbers),
 bench.csv (the summary table) and bench.png.
 
-    .venv/bin/python -m perf.bench [--runs 3]
+    .venv/bin/python -m perf bench [--runs 3]
 """
 from __future__ import annotations
 

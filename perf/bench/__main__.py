@@ -1,4 +1,4 @@
-"""`python -m perf.bench`: every part in one run, the servers one after the other (the package doc says what
+"""`python -m perf bench`: every part in one run, the servers one after the other (the package doc says what
 each part measures)."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from .triton_vs_inprocess import bench_a
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.bench", description=perf.bench.__doc__,
+    ap = argparse.ArgumentParser(description=perf.bench.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS)

@@ -1,4 +1,4 @@
-"""`python -m perf.cache_savings [all|calibrate|resummarize|table]` (the package doc says what each part does)."""
+"""`python -m perf cache_savings [all|calibrate|resummarize|table]` (the package doc says what each part does)."""
 from __future__ import annotations
 
 import argparse
@@ -7,17 +7,17 @@ import sys
 from pathlib import Path
 
 import perf.cache_savings
+from moderation.testing.traces import make_trace, trace_mix
 from perf.common import dump_json, git_commit, machine
 
 from .calibrate import calibrate
 from .profiles import a10_projection, run_profile
 from .summary import RESULTS, markdown, resummarize
-from .trace import make_trace, trace_mix
 
 
 def main(argv=None) -> int:
     doc = perf.cache_savings.__doc__
-    ap = argparse.ArgumentParser(prog="python -m perf.cache_savings", description=doc,
+    ap = argparse.ArgumentParser(description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", nargs="?", choices=["all", "calibrate", "resummarize", "table"], default="all")
     ap.add_argument("--posts", type=int, default=100)

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moderation.testing.traces import NEAR_KINDS, near_copy
 from perf.common import REPO
-
-from .trace import NEAR_KINDS, near_copy
 
 
 def calibrate(repo: Path = REPO) -> dict:

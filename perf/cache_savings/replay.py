@@ -8,8 +8,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from moderation.testing.traces import unique_image
 from perf.common import REPO, ROOT, counts_delta, stats, stats_delta
-from perf.harness import send, serve, unique_image
+from perf.harness import send, serve
 
 WORK = ROOT / "build" / "cache_savings"
 ADMIN_KEY = "cache-savings-bench"

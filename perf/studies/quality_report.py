@@ -1,14 +1,14 @@
 """False positives of the trained nsfw_image signal on every real safe-for-work image that ships offline.
 
-    .venv/bin/python -m perf.quality_report                 # scores, plot, JSON (in-process, ~1 min)
-    .venv/bin/python -m perf.quality_report --server        # also re-score every image through the real
+    .venv/bin/python -m perf quality_report                 # scores, plot, JSON (in-process, ~1 min)
+    .venv/bin/python -m perf quality_report --server        # also re-score every image through the real
                                                                # Triton server and check the scores agree
 
 Scores each image with the served artifact (model_repository/nsfw_image/1/model.onnx, checked against its
 artifact record) and the served preprocessing (decode_image + NsfwPixels), i.e. what the gate sees; the
 policy's thresholds (gate.nsfw_allow_below / gate.nsfw_block_at) turn each score into allow / escalate /
 block on the `sexual` label. Every image here is safe for work, so any escalate or block is a false
-positive. Writes docs/quality/nsfw_sfw_scores.json (raw per-image numbers) and docs/quality/nsfw_sfw_scores.png.
+positive. Writes perf/results/nsfw_sfw_scores.json (raw per-image numbers) and docs/quality/nsfw_sfw_scores.png.
 Recall cannot be measured from these files: they hold no unsafe images (see docs/quality.md, clients.evaluate).
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ import argparse
 import importlib.util
 import io
 import json
-import platform
 import statistics
 import sys
 import time
@@ -30,10 +29,11 @@ from moderation.core.imaging import ALLOWED_FORMATS, decode_image
 from moderation.core.policy import load_policy
 from moderation.gate.inputs import NsfwPixels
 from moderation.repository.artifacts import read_artifact_record
+from perf.common import RESULTS, ROOT, dump_json
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "model_repository" / "nsfw_image" / "1"
-OUT = ROOT / "docs" / "quality"
+OUT = RESULTS / "nsfw_sfw_scores.json"
+PLOT = ROOT / "docs" / "quality" / "nsfw_sfw_scores.png"
 
 # What each shipped file shows, by file stem: the false-positive table is reported per group.
 GROUPS = {
@@ -229,7 +229,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", action="store_true", help="also score every image through the real server")
     ap.add_argument("--latency-runs", type=int, default=30)
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, default=OUT, help="the JSON of raw per-image numbers")
+    ap.add_argument("--plot", type=Path, default=PLOT, help="the score distribution figure (docs/quality.md shows it)")
     args = ap.parse_args(argv)
     policy = load_policy("default")
     lo, hi = policy.gate.nsfw_allow_below, policy.gate.nsfw_block_at
@@ -243,16 +244,15 @@ def main(argv=None) -> int:
         "what": "open_nsfw P(nsfw) (model nsfw_image) on every safe-for-work image shipped in installed wheels",
         "policy": policy.id, "thresholds": {"nsfw_allow_below": lo, "nsfw_block_at": hi},
         "model": read_artifact_record(MODEL_DIR, verify=False)["source"],
-        "machine": f"{platform.machine()} {platform.processor() or ''} python {platform.python_version()}".strip(),
         "summary": summary, "skipped": skipped,
         "cost": {"graph": conv_flops(), "cpu_latency": latency(args.latency_runs)},
     }
     if args.server:
         report["server_check"] = through_server(items)
     report["images"] = [{k: v for k, v in it.items() if k != "bytes"} for it in items]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "nsfw_sfw_scores.json").write_text(json.dumps(report, indent=1))
-    plot(items, lo, hi, args.out / "nsfw_sfw_scores.png")
+    dump_json(args.out, report, settings=args)
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    plot(items, lo, hi, args.plot)
     print(f"{'group':<32}{'n':>5}{'allow':>7}{'escal.':>7}{'block':>7}{'FP rate':>9}{'95% upper':>11}{'max':>10}")
     for g, m in summary.items():
         print(f"{g:<32}{m['n']:>5}{m['allowed']:>7}{m['escalated']:>7}{m['blocked']:>7}"

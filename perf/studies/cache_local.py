@@ -2,7 +2,7 @@
 platform sees of one post still hit (re-encoded, resized, lightly cropped) and how often a post with a pasted patch
 (2 % and 5 % of the area: another photo's region, or a block of text) misses, at a sweep of thresholds.
 
-    .venv/bin/python -m perf.cache_local        # writes perf/results/cache_local.json
+    .venv/bin/python -m perf cache_local        # writes perf/results/cache_local.json
 """
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from moderation.core.imaging import local_difference, local_thumbnail
 from moderation.testing.memes import FONT
 from moderation.testing.samples import image_paths
-
-from .common import RESULTS, dump_json, git_commit, machine
+from perf.common import RESULTS, dump_json, git_commit, machine
 
 THRESHOLDS = (0.15, 0.2, 0.22, 0.24, 0.25, 0.26, 0.28, 0.3, 0.35)
 PATCH_AREAS = (0.02, 0.05)
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     result = {"what": "verdict-cache local check: copies that must hit, patched posts that must miss",
               "commit": git_commit(), "machine": machine(), **measure()}
-    dump_json(args.out, result)
+    dump_json(args.out, result, settings=args)
     print(result["summary"])
     for row in result["sweep"]:
         print(row)

@@ -3,7 +3,7 @@ BPE ranks and the published added-token ids), per language: the policy prefix (c
 reused), the post body (image tokens + caption + image text + the assistant header) for the sample posts and at
 the caps, and the question pass. These counts size the decoder's KV cache and its prefill FLOPs.
 
-    .venv/bin/python -m perf.prompt_tokens      # writes perf/results/prompt_tokens.json
+    .venv/bin/python -m perf prompt_tokens      # writes perf/results/prompt_tokens.json
 """
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from pathlib import Path
 from moderation.core.policy import load_policy
 from moderation.testing.samples import sample_posts
 from moderation.vlm.inputs import MAX_CAPTION_TOKENS
-
-from .common import RESULTS, ROOT, dump_json, git_commit, machine
+from perf.common import RESULTS, ROOT, dump_json, git_commit, machine
 
 QWEN = ROOT / "build" / "checkpoints" / "tiny-qwen3-vl"
 VISUAL_TOKENS = 196  # 448x448 -> 784 patches -> 196 tokens after the 2x2 merge
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     result = {"what": "verdict prompt token counts with Qwen's real vocabulary", "commit": git_commit(),
               "machine": machine(), **measure(args.tokenizer)}
-    dump_json(args.out, result)
+    dump_json(args.out, result, settings=args)
     print(result["counts"])
 
 

@@ -12,8 +12,8 @@ Paths measured:
                    tower (here the text model is tiny; for the real 8B the whole model is what it loads)
 and, from parameter counts on the meta device, what each path holds for the real Qwen3-VL-8B.
 
-    .venv/bin/python -m perf.export_memory            # writes perf/results/export_memory.json
-    .venv/bin/python -m perf.export_memory --quick    # width_depth2 only
+    .venv/bin/python -m perf export_memory            # writes perf/results/export_memory.json
+    .venv/bin/python -m perf export_memory --quick    # width_depth2 only
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import RESULTS, ROOT, dump_json, git_commit, machine
+from perf.common import RESULTS, ROOT, dump_json, git_commit, machine
 
 TINY_QWEN = ROOT / "build" / "checkpoints" / "tiny-qwen3-vl"  # its image-processor config (same patch layout)
 
@@ -132,7 +132,7 @@ def _run_child(*argv: str) -> dict:
     """Runs this module as a child process; returns its RESULT line, its rusage and the wall time."""
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "perf.export_memory", *argv], cwd=ROOT, stdout=stdout,
+        proc = subprocess.Popen([sys.executable, "-m", "perf.studies.export_memory", *argv], cwd=ROOT, stdout=stdout,
                                 stderr=stderr, text=True)
         _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage (Popen.wait would discard it)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"parity {row['parity_max_rel_diff']:.3g} (rel), files {row.get('onnx_files')}", flush=True)
             report["runs"].append(row)
             shutil.rmtree(work)
-    dump_json(args.out, report)
+    dump_json(args.out, report, settings=args)
     print(f"wrote {args.out}")
     return 0
 

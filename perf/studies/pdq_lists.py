@@ -2,7 +2,7 @@
 stores: core/image_match.py's windows of the image), queried with its copies (re-encoded, resized, cropped on
 every side, cropped on one edge) and, for false matches, with every other photo's copies and the rendered memes.
 
-    .venv/bin/python -m perf.pdq_lists          # writes perf/results/pdq_lists.json
+    .venv/bin/python -m perf pdq_lists          # writes perf/results/pdq_lists.json
 
 Photos: every PNG/JPEG/GIF in scikit-image's data folder, scikit-learn's two sample images and matplotlib's sample
 photos that ship in the installed wheels (a GIF by its first frame, as the server decodes it). "before" is an entry
@@ -10,6 +10,7 @@ of the whole image and its centred crops only (PDQ_ENTRY_CROPS), "after" adds th
 deterministic; only the per-post lookup cost is timed."""
 from __future__ import annotations
 
+import argparse
 import io
 import sys
 import time
@@ -175,9 +176,12 @@ def measure() -> dict:
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=RESULTS / "pdq_lists.json")
+    args = ap.parse_args(argv)
     out = measure()
-    dump_json(RESULTS / "pdq_lists.json", out)
+    dump_json(args.out, out, settings=args)
     for d in out["hashes_per_entry"]:
         r, f = out["recall"][d], out["false_matches"][d]
         print(d, {k: f"{v['matched']}/{v['n']}" for k, v in r.items()}, "one edge", out["recall_one_edge"][d],

@@ -4,12 +4,12 @@ MAX_PIXELS_PER_BYTE: flat-colour PNGs (RGB, 8-bit gray, 1-bit), flat GIFs, flat 
 bad-input matrix's "ok" images. Each row: size, bytes, pixels per byte, Pillow's load time, and whether
 decode_image accepts it. Writes perf/results/decode_ratios.json.
 
-    .venv/bin/python -m perf.decode_ratios
+    .venv/bin/python -m perf decode_ratios
 """
 from __future__ import annotations
 
+import argparse
 import io
-import json
 import time
 import warnings
 from pathlib import Path
@@ -18,8 +18,9 @@ from PIL import Image, ImageDraw
 
 from moderation.core.errors import ModerationError
 from moderation.core.imaging import FREE_PIXELS, MAX_PIXELS_PER_BYTE, decode_image
+from perf.common import RESULTS, dump_json
 
-OUT = Path(__file__).parent / "results" / "decode_ratios.json"
+OUT = RESULTS / "decode_ratios.json"
 
 
 def _enc(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -46,8 +47,8 @@ def _a4_page() -> Image.Image:
 
 
 def images() -> list[tuple[str, bytes]]:
+    from moderation.testing.bad_inputs import OK, cases
     from moderation.testing.samples import image_paths
-    from perf.bad_inputs import OK, cases
 
     out: list[tuple[str, bytes]] = []
     for side in (2048, 4096, 8192):
@@ -100,14 +101,16 @@ def measure(name: str, data: bytes) -> dict:
             "pixels_per_byte": round(w * h / len(data), 1), "load_ms": round(load_ms, 1), "decode_image": verdict}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
     rows = sorted((measure(n, d) for n, d in images()), key=lambda r: -r["pixels_per_byte"])
     for r in rows:
         print(f"{r['name']:36s} {r['size']:>12s} {r['bytes']:9d} B {r['pixels_per_byte']:9.1f} px/B "
               f"load {r['load_ms']:7.1f} ms  {r['decode_image']}")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"free_pixels": FREE_PIXELS, "max_pixels_per_byte": MAX_PIXELS_PER_BYTE,
-                               "rows": rows}, indent=1) + "\n")
+    dump_json(args.out, {"free_pixels": FREE_PIXELS, "max_pixels_per_byte": MAX_PIXELS_PER_BYTE, "rows": rows},
+              settings=args)
     return 0
 
 
