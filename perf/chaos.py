@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "chaos.json")
     args = ap.parse_args(argv)
     report = run(args.seconds, args.threads, BUILD / "chaos")
-    dump_json(args.out, report)
+    dump_json(args.out, report, settings=args)
     print({k: report[k] for k in ("sent", "answered", "coded_errors", "lost")}, report["audit"])
     print(f"wrote {args.out}")
     a = report["audit"]

@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         "flat_6324_over_photo_p50 <= 2": out["decode"]["flat_6324_over_photo_p50"] <= 2,
     }
     out["wall_s"] = round(time.time() - t_start, 1)
-    dump_json(RESULTS / "cost_bounds.json", out)
+    dump_json(RESULTS / "cost_bounds.json", out, settings=args)
     print(out["goals"], f"{out['wall_s']} s", flush=True)
     return 0
 

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(greedy(args.url, args.greedy, args.seconds)), flush=True)
         return 0
     result = run(args.polite_n, args.greedy)
-    dump_json(RESULTS / "front_door.json", result)
+    dump_json(RESULTS / "front_door.json", result, settings=args)
     print(f"wrote {RESULTS / 'front_door.json'}")
     return 0
 

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     BUILD.mkdir(parents=True, exist_ok=True)
     result = run(args.runs, args.n)
-    dump_json(RESULTS / "gateway_overhead.json", result)
+    dump_json(RESULTS / "gateway_overhead.json", result, settings=args, runs=args.runs)
     return 0
 
 

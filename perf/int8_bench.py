@@ -14,13 +14,13 @@ layers too small for int8 GEMMs to pay off; the numbers show the machinery works
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+
+from perf.common import RESULTS, dump_json
 
 REPO = Path("model_repository")
 
@@ -155,19 +155,17 @@ def decoder(items, runs: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=15)
-    ap.add_argument("--out", type=Path, default=Path("perf/results/int8.json"))
+    ap.add_argument("--out", type=Path, default=RESULTS / "int8.json")
     args = ap.parse_args(argv)
     items = posts()
     t = time.time()
     report = {"what": "INT8 vs fp32 agreement and speed, in one process, CPU, 1 thread per session",
               "models": "tiny random-initialised (UNTRAINED): agreement on noise logits, speed of tiny layers",
-              "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
               "runs": args.runs, "posts": len(items),
               "encoders": encoders(items, args.runs), "decoder": decoder(items, args.runs),
               "seconds": None}
     report["seconds"] = round(time.time() - t, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    dump_json(args.out, report, settings=args)
     enc, dec = report["encoders"], report["decoder"]
     for m in ("clip_image", "clip_text", "vision_encoder"):
         e = enc[m]

@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     res["b_terms"] = term_matching(random.Random(7))
     if not args.skip_server:
         res["c_served"] = served(args.runs)
-    dump_json(args.out, res)
+    dump_json(args.out, res, settings=args)
     for side, r in res["a_ocr"]["det_sides"].items():
         print(f"det side {side}: CER {r['cer']:.3%}, memes p50 {r['memes_ms_p50']:.0f} ms, text-free photos p50 "
               f"{r['photos_ms_p50']:.0f} ms")

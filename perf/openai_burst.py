@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "openai_burst.json"))
     args = ap.parse_args(argv)
     result = run(args.posts, args.side, args.idle_s)
-    dump_json(Path(args.out), result)
+    dump_json(Path(args.out), result, settings=args)
     print(f"wrote {args.out}")
     return 0
 

@@ -251,7 +251,7 @@ def main(argv=None) -> dict:
         "outage": {"sent": o["sent"], "failed": o["failed"], "before": o["before"], "during_outage": o["during_outage"],
                    "after_restart": o["after_restart"], "first_hit_after_restart_s": o["first_hit_after_restart_s"]},
     }
-    dump_json(Path(args.out), out)
+    dump_json(Path(args.out), out, settings=args, failed=out["outage"]["failed"])
     print(json.dumps(out["summary"], indent=2))
     return out
 

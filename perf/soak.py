@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import random
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from clients.client import ModerationClient, ModerationFailed, _to_failure
 from moderation.ops.watchdog import stubs
 from moderation.testing.bad_inputs import OK, TRITON_REJECTS, cases, triton_reject_request
 from moderation.testing.samples import sample_posts
+from perf.common import dump_json
 
 WARMUP = 200  # requests before the RSS baseline: first-use allocations (policy banks, caches, arenas) settle
 RSS_GROWTH_BOUND_MB = 64.0  # per stub, baseline (after warm-up) to end
@@ -175,11 +175,9 @@ def main(argv=None) -> int:
     v["audit_ok"] = (len(rows) >= args.requests and len(refused) == v["refused_requests"]
                      and set(refused.values()) <= {1})
     v["passed"] = v["passed"] and v["server_ready_after"] and v["audit_ok"]
-    result["machine"] = {"cpus": psutil.cpu_count(), "platform": platform.platform(),
-                         "python": platform.python_version(),
-                         "note": "untrained tiny models on a 2-core CPU shared with other work"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    result["note"] = "untrained tiny models on a 2-core CPU shared with other work"
+    # a wrong answer is a failed request: counted, beside the verdict that fails on it
+    dump_json(args.out, result, settings=args, runs=1, failed=v["unexpected_count"])
     print(json.dumps(v, indent=2))
     print(f"wrote {args.out}; {'PASSED' if v['passed'] else 'FAILED'}")
     return 0 if v["passed"] else 1

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     rows = summary_rows(res)
     res["summary"] = rows
     args.out.mkdir(parents=True, exist_ok=True)
-    dump_json(args.out / "bench.json", res)
+    dump_json(args.out / "bench.json", res, settings=args, runs=args.runs)
     write_csv(rows, args.out / "bench.csv")
     plot(res, args.out / "bench.png")
     print_table(rows)
