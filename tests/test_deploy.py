@@ -214,6 +214,132 @@ def test_requirements_gpu_exact_pins_match_the_cpu_lock():
     assert pins["torch"] == lock["torch"].split("+")[0]
 
 
+# --- the Triton image's python dependencies: what the python-backend models import --------------------------------
+# Modules the Triton image itself provides to the python backend's stub, not a pip package.
+TRITON_PROVIDED = {"triton_python_backend_utils"}
+# Distributions whose module another pinned distribution provides in the Triton image (the CPU venv has the first).
+GPU_IMAGE_PROVIDER = {"onnxruntime": "onnxruntime-gpu", "opencv-python": "opencv-python-headless"}
+
+
+def _normalized(dist: str) -> str:
+    return re.sub(r"[-_.]+", "-", dist).lower()
+
+
+def _served_third_party_imports() -> dict[str, set[str]]:
+    """Each third-party top-level module the python-backend models import, anywhere in a file (lazy imports too),
+    following moderation.* imports from model_repository/*/<version>/model.py and moderation/serving/*_model.py
+    (importing a module runs its packages' __init__ too): module -> the package modules importing it."""
+    import ast
+
+    def module_name(path: Path) -> str:
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    known = {module_name(p): p for p in (ROOT / "moderation").rglob("*.py") if "__pycache__" not in p.parts}
+    starts = [(f"model_repository:{p.parent.parent.name}", p)
+              for p in sorted((ROOT / "model_repository").glob("*/[0-9]*/model.py"))]
+    starts += [(m, p) for m, p in known.items() if m.startswith("moderation.serving.") and m.endswith("_model")]
+    assert len(starts) > 10, starts
+    third_party: dict[str, set[str]] = {}
+    seen: set[str] = set()
+    todo = list(starts)
+    while todo:
+        name, path = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo += [(".".join(parts[:i]), known[".".join(parts[:i])]) for i in range(1, len(parts))
+                 if ".".join(parts[:i]) in known]
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    base = ".".join(anchor[:len(anchor) - node.level + 1] + ([base] if base else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in targets:
+                top = target.split(".")[0]
+                if top == "moderation":
+                    if target in known:
+                        todo.append((target, known[target]))
+                elif top and top != "__future__" and top not in sys.stdlib_module_names:
+                    third_party.setdefault(top, set()).add(name)
+    return third_party
+
+
+def _unpinned(imports: dict[str, set[str]], pins: dict[str, str]) -> dict[str, str]:
+    """The imported modules no pinned distribution provides: module -> why."""
+    from importlib.metadata import packages_distributions
+
+    providers = packages_distributions()
+    missing = {}
+    for module, importers in sorted(imports.items()):
+        if module in TRITON_PROVIDED:
+            continue
+        dists = {_normalized(d) for d in providers.get(module, [])}
+        dists = {GPU_IMAGE_PROVIDER.get(d, d) for d in dists}
+        if not dists:
+            missing[module] = f"no distribution in the CPU venv provides it (imported by {sorted(importers)})"
+        elif not dists & set(pins):
+            missing[module] = f"{sorted(dists)} not pinned (imported by {sorted(importers)})"
+    return missing
+
+
+def test_requirements_gpu_pins_every_module_the_python_backend_models_import():
+    """Every third-party module the python-backend models load (top-level or lazily, through moderation.*) comes
+    from a distribution requirements-gpu.txt pins: otherwise the model fails to load, or fails on the first post that
+    needs the module, in the Triton image only."""
+    imports = _served_third_party_imports()
+    # the graph reaches the lazy imports of the image lists, term lists, OCR, text signals and LoRA
+    assert {"torch", "transformers", "onnxruntime", "numpy", "PIL", "cv2", "pdqhash", "ahocorasick", "opencc",
+            "pypinyin", "rapidocr_onnxruntime", "profanity_check", "peft",
+            "triton_python_backend_utils"} <= set(imports)
+    pins = {_normalized(name): version for name, version in _pins(DEPLOY / "requirements-gpu.txt").items()}
+    missing = _unpinned(imports, pins)
+    assert not missing, "imported by the python-backend models but not installed in the Triton image:\n" + \
+        "\n".join(f"{module}: {why}" for module, why in missing.items())
+    # the check bites: without the OpenCV pin, cv2 is reported
+    assert "cv2" in _unpinned(imports, {n: v for n, v in pins.items() if n != "opencv-python-headless"})
+
+
+def test_requirements_gpu_shares_the_cpu_lock_versions_and_builds_pdqhash_from_its_hashed_sdist():
+    """The Triton image's pins equal the CPU venv's wherever the venv has the package (CUDA builds and protobuf
+    aside); pdqhash, sdist only on PyPI, is built in a builder stage from its hash with pinned tools, and the runtime
+    stage installs wheels only, without the CPU onnxruntime or opencv-python that rapidocr-onnxruntime names."""
+    pins = {_normalized(n): v for n, v in _pins(DEPLOY / "requirements-gpu.txt").items()}
+    lock = {_normalized(n): v for n, v in _pins(ROOT / "requirements.lock").items()}
+    for name, version in pins.items():
+        if name in lock and name not in ("torch", "protobuf"):
+            assert version == lock[name], f"{name}: GPU image {version} != CPU venv {lock[name]}"
+    for name in ("pdqhash", "pyahocorasick", "opencc-python-reimplemented", "pypinyin", "opencv-python-headless",
+                 "rapidocr-onnxruntime", "alt-profanity-check", "scikit-learn", "joblib", "peft"):
+        assert name in pins, name
+    assert not {"onnxruntime", "opencv-python"} & set(pins)  # their modules come from onnxruntime-gpu, -headless
+
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    stages = re.findall(r"^FROM (\S+)(?: AS (\S+))?$", text, re.M)
+    assert [alias for _, alias in stages] == ["pdqhash", "repository", ""]
+    (built,) = re.findall(r"pdqhash==(\S+) --hash=sha256:[0-9a-f]{64}", text)
+    assert built == pins["pdqhash"]
+    assert "--no-build-isolation" in text and "--require-hashes" in text  # nothing unpinned is fetched to build it
+    build = {_normalized(n): v for n, v in _pins(DEPLOY / "requirements-gpu-build.txt").items()}
+    assert build["numpy"] == pins["numpy"] and build["setuptools"] == pins["setuptools"]
+    builder = re.search(r"^ARG BUILD_PYTHON_IMAGE=python:(\d+)\.(\d+)-", text, re.M)
+    assert builder and builder.group(1, 2) == ("3", "12")  # the Triton image's CPython: the wheel is cp312
+    runtime = text[text.rindex("\nFROM "):]
+    assert "COPY --from=pdqhash /wheels" in runtime
+    install = re.search(r"pip install [^\n]*-r /tmp/requirements-gpu.txt", runtime).group(0)
+    assert "--only-binary=:all:" in install and "--no-deps" in install and "--find-links /tmp/wheels" in install
+    assert not re.search(r"apt-get install|g\+\+|gcc|build-essential", runtime)  # no compiler in the image
+    assert "!deploy/requirements-gpu-build.txt" in (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+
+
 def _yamllint(*paths) -> subprocess.CompletedProcess:
     return subprocess.run([str(VENV_BIN / "yamllint"), "-f", "parsable", "-c", str(DEPLOY / "yamllint.yaml"),
                            *map(str, paths)], capture_output=True, text=True, timeout=60)
