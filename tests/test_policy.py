@@ -177,3 +177,36 @@ def test_the_default_state_directory_is_per_user_and_outside_the_package(monkeyp
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert state_dir() == tmp_path / "home" / ".cache" / "moderation" / "state"
     assert Path(moderation.__file__).parent not in state_dir().parents
+
+
+def _with(gate: dict | None = None, decisions: dict | None = None) -> Policy:
+    data = load_policy().model_dump(exclude={"digest", "lists", "lists_fault"})
+    for mirrored in ("nsfw_allow_below", "nsfw_block_at"):  # the loaded policy's copy of its nsfw band
+        data["gate"].pop(mirrored)
+    data["gate"].update(gate or {})
+    data["decisions"] = decisions if decisions is not None else {}
+    return Policy.model_validate(data)
+
+
+def test_a_trained_signal_has_one_band_for_its_route_and_its_action():
+    from moderation.gate.scoring import NSFW_SOURCE, thresholds
+
+    # the band alone: the gate routes by it and the older gate fields mirror it
+    p = _with(decisions={"bands": {"nsfw_image": {"review": 0.3, "block": 0.9}}})
+    assert thresholds(p, "sexual", {"sexual": NSFW_SOURCE}) == (0.3, 0.9)
+    assert (p.gate.nsfw_allow_below, p.gate.nsfw_block_at) == (0.3, 0.9)
+    assert p.decisions.bands["vlm"] == load_policy().decisions.bands["vlm"]  # unnamed bands keep their defaults
+    # the older fields alone set the band the action reads
+    p = _with(gate={"nsfw_allow_below": 0.1, "nsfw_block_at": 0.7})
+    assert (p.band("nsfw_image", "sexual").review, p.band("nsfw_image", "sexual").block) == (0.1, 0.7)
+    # both, equal: fine; different: the policy is refused, naming both
+    _with(gate={"nsfw_block_at": 0.9}, decisions={"bands": {"nsfw_image": {"review": 0.2, "block": 0.9}}})
+    with pytest.raises(ValueError, match="contradict decisions.bands.nsfw_image"):
+        _with(gate={"nsfw_block_at": 0.8}, decisions={"bands": {"nsfw_image": {"review": 0.2, "block": 0.9}}})
+    # a label's own band applies to routing and to the action alike
+    p = _with(decisions={"labels": {"sexual": {"block": 0.95}}})
+    assert thresholds(p, "sexual", {"sexual": NSFW_SOURCE}) == (0.2, 0.95) and p.band("vlm", "sexual").block == 0.95
+    with pytest.raises(ValueError, match="decisions.labels.sexual over decisions.bands"):
+        _with(decisions={"labels": {"sexual": {"review": 0.85}}})  # above open_nsfw's block 0.8
+    with pytest.raises(ValueError, match="must not exceed"):
+        _with(decisions={"bands": {"profanity": {"review": 0.9, "block": 0.5}}})

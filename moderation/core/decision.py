@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .contracts import GateDecision
-from .policy import Band, Policy
+from .policy import Policy
 
 ACTIONS = ("allow", "review", "block")
 POLICY_DEFAULT = "policy_default"
@@ -52,14 +52,8 @@ class Decision:
 
 
 def _bands(policy: Policy, signal: str, label: str) -> tuple[float, float | None]:
-    dec = policy.decisions
-    band = dec.bands.get(signal) or dec.bands.get("clip") or Band(review=0.5, block=1.01)
-    review, block = band.review, band.block
-    own = dec.labels.get(label)
-    if own is not None:
-        review = own.review if own.review is not None else review
-        block = own.block if own.block is not None else block
-    return review, block if label in policy.gate.block_labels else None
+    band = policy.band(signal, label)
+    return band.review, band.block if label in policy.gate.block_labels else None
 
 
 def evidence(policy: Policy, gate: GateDecision) -> list[Evidence]:

@@ -62,8 +62,10 @@ class Gate(_Strict):
     nsfw_label: str | None = "sexual"
     # The trained English profanity classifier (alt-profanity-check) on caption + image text scores this label.
     profanity_label: str | None = "hate"
-    # The trained nsfw_image signal (open_nsfw's P(nsfw)) has its own thresholds on nsfw_label: allow below
-    # nsfw_allow_below, block at nsfw_block_at (if the label is in block_labels), escalate in between.
+    # The trained nsfw_image signal (open_nsfw's P(nsfw)) on nsfw_label routes and decides by one band,
+    # decisions.bands.nsfw_image: allow below its review, block at its block (if the label is in block_labels),
+    # escalate in between. These two mirror that band (Policy._one_band_per_trained_signal): a policy may still set
+    # them instead of the band, never both to different values.
     nsfw_allow_below: float = Field(0.2, ge=0.0, le=1.01)
     nsfw_block_at: float = Field(0.8, ge=0.0, le=1.01)
 
@@ -120,9 +122,17 @@ class LabelDecision(_Strict):
 
 
 class Band(_Strict):
-    """A signal's action band on a label score: >= review sends to review, >= block blocks."""
+    """A signal's band on a label score: >= review sends to review, >= block blocks. A trained signal's band also
+    routes at the gate (below review: allow, at block: block, between: escalate): one band, so the route's band and
+    the action cannot disagree (gate/scoring.py thresholds)."""
     review: float = Field(ge=0.0, le=1.01)
     block: float = Field(ge=0.0, le=1.01)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.review > self.block:
+            raise ValueError(f"a band's review ({self.review}) must not exceed its block ({self.block})")
+        return self
 
 
 def _default_bands() -> dict[str, Band]:
@@ -136,7 +146,8 @@ class Decisions(_Strict):
     post to review, never settle it: what no trained signal flagged gets `default_action`. The bands are the
     action's, apart from the gate's routing thresholds (a policy that escalates everything does not flag it)."""
     default_action: Literal["allow", "review"] = "allow"
-    bands: dict[str, Band] = Field(default_factory=_default_bands)  # per signal; unknown signals use "clip"'s
+    # per signal, over the defaults (a policy names the bands it changes); a signal without one uses "clip"'s
+    bands: dict[str, Band] = Field(default_factory=_default_bands)
     image_match_distance: int = Field(31, ge=0, le=128)  # PDQ Hamming distance of an image-list match
     labels: dict[str, LabelDecision] = {}
 
@@ -220,6 +231,35 @@ class Policy(_Strict):
     # last good lists are in force), or None
     lists_fault: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_band_per_trained_signal(cls, data):
+        """decisions.bands over the defaults, and open_nsfw's one band: gate.nsfw_allow_below / nsfw_block_at (the
+        older place for it) set decisions.bands.nsfw_image when that is not given, must equal it when it is, and
+        mirror it either way."""
+        if not isinstance(data, dict) or not isinstance(data.get("gate"), dict):
+            return data
+        decisions = data.get("decisions") or {}
+        if not isinstance(decisions, dict):
+            return data
+        given = decisions.get("bands") or {}
+        if not isinstance(given, dict):
+            return data
+        bands = {**{k: b.model_dump() for k, b in _default_bands().items()}, **given}
+        gate = dict(data["gate"])
+        legacy = {k: gate[f] for k, f in (("review", "nsfw_allow_below"), ("block", "nsfw_block_at")) if f in gate}
+        if legacy.get("review", 0.0) > legacy.get("block", 1.01):
+            raise ValueError("gate.nsfw_allow_below must not exceed gate.nsfw_block_at")
+        nsfw = bands["nsfw_image"]
+        nsfw = nsfw.model_dump() if isinstance(nsfw, Band) else dict(nsfw)
+        if legacy and "nsfw_image" in given and any(nsfw.get(k) != v for k, v in legacy.items()):
+            raise ValueError(f"gate.nsfw_allow_below / nsfw_block_at {legacy} contradict decisions.bands.nsfw_image "
+                             f"{nsfw}: open_nsfw routes and decides by one band; set decisions.bands.nsfw_image only")
+        nsfw.update(legacy)
+        bands["nsfw_image"] = nsfw
+        gate.update(nsfw_allow_below=nsfw.get("review"), nsfw_block_at=nsfw.get("block"))
+        return {**data, "gate": gate, "decisions": {**decisions, "bands": bands}}
+
     @field_validator("labels")
     @classmethod
     def _unique_keys(cls, labels):
@@ -236,8 +276,6 @@ class Policy(_Strict):
             raise ValueError(f"gate.block_labels names unknown labels {bad}")
         if self.gate.allow_below > self.gate.block_at:
             raise ValueError("gate.allow_below must not exceed gate.block_at")
-        if self.gate.nsfw_allow_below > self.gate.nsfw_block_at:
-            raise ValueError("gate.nsfw_allow_below must not exceed gate.nsfw_block_at")
         if self.gate.profanity_label is not None and self.gate.profanity_label not in keys:
             raise ValueError(f"gate.profanity_label names an unknown label {self.gate.profanity_label!r}")
         if self.gate.nsfw_label is not None and self.gate.nsfw_label not in keys:
@@ -245,10 +283,29 @@ class Policy(_Strict):
         bad = [k for k in self.decisions.labels if k not in keys]
         if bad:
             raise ValueError(f"decisions.labels names unknown labels {bad}")
+        for label in self.decisions.labels:  # a label's override must leave every signal's band ordered
+            for signal in self.decisions.bands:
+                try:
+                    self.band(signal, label)
+                except ValueError as e:
+                    raise ValueError(f"decisions.labels.{label} over decisions.bands.{signal}: "
+                                     f"{str(e).splitlines()[-1].strip()}") from None
         bad = sorted({k for labels in self.openai.categories.values() for k in labels} - set(keys))
         if bad:
             raise ValueError(f"openai.categories names unknown labels {bad}")
         return self
+
+    def band(self, signal: str, label: str) -> Band:
+        """The band `signal` decides `label` by (core/decision.py) and, for a trained signal, routes it by at the gate
+        (gate/scoring.py): decisions.bands (a signal without one: the clip band), with decisions.labels' overrides
+        for the label. The one place both read, so a route and an action cannot disagree."""
+        bands = self.decisions.bands
+        band = bands.get(signal) or bands.get("clip") or Band(review=0.5, block=1.01)
+        own = self.decisions.labels.get(label)
+        if own is None or (own.review is None and own.block is None):
+            return band
+        return Band(review=own.review if own.review is not None else band.review,
+                    block=own.block if own.block is not None else band.block)
 
     @property
     def label_keys(self) -> list[str]:

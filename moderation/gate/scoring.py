@@ -98,14 +98,11 @@ def score_sources(policy: Policy, trained: dict[str, float] | None) -> dict[str,
 
 def thresholds(policy: Policy, label: str, sources: dict[str, str] | None = None) -> tuple[float, float]:
     """(allow_below, block_at) for one label: the trained signal's own pair, else the gate's."""
-    g = policy.gate
     source = (sources or {}).get(label)
-    if source == NSFW_SOURCE:
-        return g.nsfw_allow_below, g.nsfw_block_at
-    if source in policy.decisions.bands:  # other trained signals route by their action bands
-        band = policy.decisions.bands[source]
+    if source is not None:  # a trained signal routes by its one band (core/policy.py Band): route and action agree
+        band = policy.band(source, label)
         return band.review, band.block
-    return g.allow_below, g.block_at
+    return policy.gate.allow_below, policy.gate.block_at
 
 
 def gate_band(policy: Policy, scores: dict[str, float], sources: dict[str, str] | None = None) -> tuple[str, str]:

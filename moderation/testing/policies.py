@@ -13,10 +13,17 @@ def derive_policy(directory: Path, name: str, base: str = "default", gate: dict 
                   cache: dict | None = None, decoder: dict | None = None, bands: dict | None = None) -> Path:
     """Write `<directory>/<name>.yaml`: the shipped `base` policy under a new name with some gate, cache, decoder
     settings and action bands (`bands`: {signal: {"review": r, "block": b}}, over the policy's own) changed
-    (tests and benchmarks force routes through thresholds this way, never per post)."""
+    (tests and benchmarks force routes through thresholds this way, never per post). `gate` may name open_nsfw's
+    band the older way (nsfw_allow_below / nsfw_block_at): it becomes decisions.bands.nsfw_image."""
     data = yaml.safe_load((PACKAGE_POLICY_DIR / f"{base}.yaml").read_text(encoding="utf-8"))
     data["name"] = name
-    data["gate"].update(gate or {})
+    gate = dict(gate or {})
+    nsfw = {k: gate.pop(f) for k, f in (("review", "nsfw_allow_below"), ("block", "nsfw_block_at")) if f in gate}
+    if nsfw:
+        own = ((data.get("decisions") or {}).get("bands") or {}).get("nsfw_image") or \
+            Decisions().model_dump()["bands"]["nsfw_image"]
+        bands = {"nsfw_image": {**own, **nsfw}, **(bands or {})}
+    data["gate"].update(gate)
     data.setdefault("cache", {}).update(cache or {})
     data.setdefault("decoder", {}).update(decoder or {})
     if bands:
