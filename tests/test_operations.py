@@ -20,6 +20,7 @@ from clients.client import ModerationClient, ModerationFailed
 from export.release import release
 from moderation.core.audit import AuditLog, read_rows
 from moderation.ops.admin import RepositoryAdmin
+from moderation.testing.results import write_result
 from moderation.testing.samples import sample_posts
 from moderation.testing.server import running_server
 
@@ -98,25 +99,28 @@ def test_swaps_under_load_fail_no_request(ops):
             hang_guard = time.monotonic() + HANG_GUARD_S
             while not any(o[0] == "ok" and o[2].get(model) == version for o in out[answered:]):
                 assert time.monotonic() < hang_guard, f"no request answered by {model} {version}"
-                assert not any(o[0] == "fail" for o in out[answered:]), out[answered:][:3]
+                if any(o[0] == "fail" for o in out[answered:]):
+                    return  # no more swaps: the failures are counted and reported below
                 time.sleep(0.05)
 
     during = _run_load(ops, seconds=None, action=do_swaps)
     failures = [o for o in during + baseline if o[0] == "fail"]
+
+    def p99(xs) -> float:
+        return float(np.percentile([o[1] * 1e3 for o in xs], 99)) if xs else float("nan")
+
+    report = {"swaps": len(swaps), "requests_during_swaps": len(during), "requests_baseline": len(baseline),
+              "p99_ms_baseline": p99(baseline), "p99_ms_during_swaps": p99(during),
+              "swap_ms_median": float(np.median([s["ms"] for s in swaps])) if swaps else float("nan")}
+    report = write_result(ROOT / "build" / "test-results" / "swap_under_load.json", report, runs=1,
+                          settings={"swaps_planned": SWAPS, "load_threads": 2, "policy": "escalate_all",
+                                    "baseline_s": 8, "models": ["language_decoder", "clip_gate"]},
+                          failed=len(failures))
+    print("\nswap under load:", {k: v for k, v in report.items() if k != "machine"})
     assert not failures, failures[:3]
     assert len(swaps) == SWAPS
     seen = {(o[2]["clip_gate"], o[2]["language_decoder"]) for o in during}
     assert {v for v, _ in seen} == {"1", "2"} and {v for _, v in seen} == {"1", "2"}, seen
-    def p99(xs) -> float:
-        return float(np.percentile([o[1] * 1e3 for o in xs], 99))
-
-    report = {"swaps": SWAPS, "requests_during_swaps": len(during), "requests_baseline": len(baseline),
-              "failed": 0, "p99_ms_baseline": p99(baseline), "p99_ms_during_swaps": p99(during),
-              "swap_ms_median": float(np.median([s["ms"] for s in swaps]))}
-    out = ROOT / "build" / "test-results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "swap_under_load.json").write_text(json.dumps(report, indent=2))
-    print("\nswap under load:", report)
 
 
 def test_rollback_returns_to_the_previous_version(ops):
