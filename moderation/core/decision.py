@@ -21,7 +21,7 @@ decisions.labels.<label> overrides the bands and names the signals that may deci
 the highest score decides; among untrained ones the VLM's (it judged the escalated post) before the gate's."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .contracts import GateDecision
 from .policy import Policy
@@ -41,7 +41,7 @@ class Evidence:
     trained: bool
 
 
-@dataclass
+@dataclass(frozen=True)
 class Decision:
     action: str
     decided_by: str
@@ -100,9 +100,7 @@ def _label_severity(policy: Policy, evs: list[Evidence]) -> dict[str, int]:
 
 def decide(policy: Policy, gate: GateDecision, list_hits: list[dict], image_text_truncated: bool = False) -> Decision:
     evs = evidence(policy, gate)
-    decision = _choose(policy, evs, list_hits, image_text_truncated)
-    decision.evidence = evs
-    return decision
+    return replace(_choose(policy, evs, list_hits, image_text_truncated), evidence=evs)
 
 
 def _choose(policy: Policy, evs: list[Evidence], list_hits: list[dict], image_text_truncated: bool) -> Decision:
