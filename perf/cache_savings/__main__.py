@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     for profile in profiles:
         out["profiles"][profile] = run_profile(profile, trace)
         print(profile, json.dumps(out["profiles"][profile]["summary"], indent=1))
-        dump_json(args.out, out)
+        dump_json(args.out, out, settings=args)
     print(f"wrote {args.out}")
     return 0
 
