@@ -308,6 +308,58 @@ def test_requirements_gpu_pins_every_module_the_python_backend_models_import():
     assert "cv2" in _unpinned(imports, {n: v for n, v in pins.items() if n != "opencv-python-headless"})
 
 
+# The Triton image's interpreter, for evaluating requirement markers.
+GPU_IMAGE_MARKERS = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
+                     "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+                     "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+
+
+def _unmet_requirements(pins: dict[str, str]) -> tuple[list[str], set[str]]:
+    """(requirements of pinned distributions that the pins do not meet, the pinned distributions not checked),
+    read from the CPU venv's metadata for every distribution it has at the pinned version."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    unmet, unchecked = [], set()
+    for name, version in pins.items():
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            unchecked.add(name)
+            continue
+        if dist.version != version:
+            unchecked.add(name)
+            continue
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker and not req.marker.evaluate(GPU_IMAGE_MARKERS):
+                continue
+            needed = _normalized(req.name)
+            provider = GPU_IMAGE_PROVIDER.get(needed, needed)
+            if provider not in pins:
+                unmet.append(f"{name} {version} requires {line}: not pinned")
+            elif provider == needed and not req.specifier.contains(pins[needed], prereleases=True):
+                unmet.append(f"{name} {version} requires {line}: pinned {pins[needed]}")
+    return unmet, unchecked
+
+
+def test_requirements_gpu_is_closed_under_dependencies():
+    """The image installs requirements-gpu.txt with --no-deps, so the file must hold every dependency of every
+    package it pins, at a version that meets the requirement: checked against the CPU venv's metadata for every
+    package the venv has at the same version; the rest is the CUDA stack (torch's cu13 build and its wheels,
+    onnxruntime-gpu) and protobuf, which the resolver pinned."""
+    pins = {_normalized(n): v for n, v in _pins(DEPLOY / "requirements-gpu.txt").items()}
+    unmet, unchecked = _unmet_requirements(pins)
+    assert not unmet, "\n".join(unmet)
+    cuda_stack = {"torch", "triton", "onnxruntime-gpu", "protobuf"}
+    assert {n for n in unchecked if not n.startswith(("nvidia-", "cuda-"))} <= cuda_stack, unchecked
+    assert len(pins) - len(unchecked) >= 50
+    # the check bites: without scipy, scikit-learn's requirement is reported
+    unmet, _ = _unmet_requirements({n: v for n, v in pins.items() if n != "scipy"})
+    assert any(line.startswith("scikit-learn ") and "scipy" in line for line in unmet), unmet
+
+
 def test_requirements_gpu_shares_the_cpu_lock_versions_and_builds_pdqhash_from_its_hashed_sdist():
     """The Triton image's pins equal the CPU venv's wherever the venv has the package (CUDA builds and protobuf
     aside); pdqhash, sdist only on PyPI, is built in a builder stage from its hash with pinned tools, and the runtime
