@@ -112,7 +112,7 @@ class InProcessPipeline:
                                                    "attention_mask": inputs.clip_attention_mask[None]})[0][0]
         nsfw = self.nsfw.run(["outputs"], {"input:0": inputs.nsfw_pixels[None]})[0][0] if self.nsfw else None
         post = GatePost(inputs.record, [image], text, img, txt, None if nsfw is None else float(nsfw[1]))
-        decision = asyncio.run(self.router.decide([post]))[0]
+        decision = asyncio.run(self.router.route_posts([post]))[0]
         done = finish_post(inputs.record, decision, VERSION)
         self.audit.write(done.audit_row)
         return done.result

@@ -16,7 +16,7 @@ from PIL import Image
 
 from moderation.core.audit import read_rows
 from moderation.core.contracts import GateDecision
-from moderation.core.decision import OCR_BUDGET, decide
+from moderation.core.decision import OCR_BUDGET, choose_action
 from moderation.core.imaging import DECODE_SIDE, decode_image
 from moderation.core.policy import PACKAGE_POLICY_DIR, load_policy
 from moderation.ocr.reader import ImageTextReader, ReadBudget, rec_cost, within_budget
@@ -71,16 +71,16 @@ def test_a_truncated_read_is_reviewed_unless_a_list_or_a_trained_signal_blocks()
     policy = load_policy("default")
     untrained = GateDecision(route="gate", band="allow", reason="", scores={}, consistency=None,
                              signals={"clip": "untrained"}, gate_version="1", gate_ms=0.0, gate_started=0.0)
-    d = decide(policy, untrained, [], image_text_truncated=True)
+    d = choose_action(policy, untrained, [], image_text_truncated=True)
     assert (d.action, d.decided_by) == ("review", OCR_BUDGET) and "read only in part" in d.reason
     allow = {"list": "allow", "kind": "image", "id": "a1", "label": "scam"}
-    assert decide(policy, untrained, [allow], image_text_truncated=True).action == "review"
-    assert decide(policy, untrained, [allow]).action == "allow"
+    assert choose_action(policy, untrained, [allow], image_text_truncated=True).action == "review"
+    assert choose_action(policy, untrained, [allow]).action == "allow"
     block = {"list": "block", "kind": "term", "id": "b1", "label": "scam"}
-    assert decide(policy, untrained, [allow, block], image_text_truncated=True).action == "block"
+    assert choose_action(policy, untrained, [allow, block], image_text_truncated=True).action == "block"
     trained = untrained.model_copy(update={"scores": {"sexual": 1.0}, "sources": {"sexual": "nsfw_image"},
                                            "signals": {"clip": "untrained", "nsfw_image": "trained"}})
-    d = decide(policy, trained, [], image_text_truncated=True)
+    d = choose_action(policy, trained, [], image_text_truncated=True)
     assert (d.action, d.decided_by) == ("block", "nsfw_image")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from moderation.core.contracts import VlmVerdict
-from moderation.core.decision import decide
+from moderation.core.decision import choose_action
 from moderation.core.policy import LabelDecision, load_policy
 from moderation.testing.records import gate_decision
 
@@ -25,23 +25,23 @@ def _gate(clip: str = "untrained", vlm: dict | None = None, vlm_untrained: bool 
 
 
 def test_untrained_signals_send_to_review_but_never_block_or_allow():
-    d = decide(POLICY, _gate(scam=0.99), [])
+    d = choose_action(POLICY, _gate(scam=0.99), [])
     assert (d.action, d.decided_by) == ("review", "clip") and d.severity["scam"] == 3
-    d = decide(POLICY, _gate(vlm={"violence": 0.95}), [])
+    d = choose_action(POLICY, _gate(vlm={"violence": 0.95}), [])
     assert (d.action, d.decided_by) == ("review", "vlm")  # the VLM's flag before the gate's
-    d = decide(POLICY, _gate(), [])
+    d = choose_action(POLICY, _gate(), [])
     assert (d.action, d.decided_by) == ("allow", "policy_default")
 
 
 def test_trained_signals_decide_and_outrank_untrained_ones_on_their_label():
-    assert decide(POLICY, _gate(sexual=0.95), []).action == "block"
-    d = decide(POLICY, _gate(sexual=0.5), [])
+    assert choose_action(POLICY, _gate(sexual=0.95), []).action == "block"
+    d = choose_action(POLICY, _gate(sexual=0.5), [])
     assert (d.action, d.decided_by) == ("review", "nsfw_image")
-    d = decide(POLICY, _gate(sexual=0.05, vlm={"sexual": 0.99}), [])  # trained open_nsfw says no
+    d = choose_action(POLICY, _gate(sexual=0.05, vlm={"sexual": 0.99}), [])  # trained open_nsfw says no
     assert (d.action, d.decided_by) == ("allow", "policy_default")
-    d = decide(POLICY, _gate(vlm={"violence": 0.95}, vlm_untrained=False), [])  # a real VLM checkpoint
+    d = choose_action(POLICY, _gate(vlm={"violence": 0.95}, vlm_untrained=False), [])  # a real VLM checkpoint
     assert (d.action, d.decided_by) == ("block", "vlm")
-    d = decide(POLICY, _gate(vlm={}, vlm_untrained=False, scam=0.9), [])
+    d = choose_action(POLICY, _gate(vlm={}, vlm_untrained=False, scam=0.9), [])
     assert (d.action, d.decided_by) == ("allow", "vlm")  # a trained judge scored every label below review
 
 
@@ -52,14 +52,14 @@ def test_trained_signals_decide_and_outrank_untrained_ones_on_their_label():
     ([{"kind": "term", "list": "review", "id": "c", "label": "hate", "field": "caption"}], ("review", "terms")),
 ])
 def test_list_hits_come_first(hits, expected):
-    d = decide(POLICY, _gate(sexual=0.95 if expected[0] == "allow" else 0.01), hits)
+    d = choose_action(POLICY, _gate(sexual=0.95 if expected[0] == "allow" else 0.01), hits)
     assert (d.action, d.decided_by) == expected and d.list_hit["id"] in ("a", "b", "c")
 
 
 def test_label_overrides_and_deciders():
     only_vlm = {"sexual": LabelDecision(review=0.6, block=0.7, deciders=["vlm"])}
     policy = POLICY.model_copy(update={"decisions": POLICY.decisions.model_copy(update={"labels": only_vlm})})
-    d = decide(policy, _gate(sexual=0.95), [])  # open_nsfw may not decide `sexual` here: its flag is ignored
+    d = choose_action(policy, _gate(sexual=0.95), [])  # open_nsfw may not decide `sexual` here: its flag is ignored
     assert (d.action, d.decided_by) == ("allow", "policy_default")
-    d = decide(policy, _gate(sexual=0.01, vlm={"sexual": 0.65}, vlm_untrained=False), [])
+    d = choose_action(policy, _gate(sexual=0.01, vlm={"sexual": 0.65}, vlm_untrained=False), [])
     assert (d.action, d.decided_by) == ("review", "vlm")  # the label's own review band, 0.6

@@ -138,7 +138,7 @@ def test_editing_the_nsfw_band_moves_route_and_action_together(client, policy_di
 def test_a_list_settles_a_post_exactly_when_it_decides_its_action():
     """The router's list route and core/decision.py agree: a block hit settles, an allow hit settles unless OCR
     read the image's text only in part (then no allow list allows it), a review hit never settles."""
-    from moderation.core.decision import decide
+    from moderation.core.decision import choose_action
     from moderation.core.policy import load_policy
     from moderation.gate.router import settling_list_hit
     from moderation.testing.records import gate_decision, request_record
@@ -151,5 +151,5 @@ def test_a_list_settles_a_post_exactly_when_it_decides_its_action():
         rec = request_record(list_hits=hits, image_text_truncated=truncated)
         hit = settling_list_hit(rec)
         assert (hit or {}).get("list") == settles, (hits, truncated)
-        d = decide(policy, gate_decision(route="gate", scores={}), hits, truncated)
+        d = choose_action(policy, gate_decision(route="gate", scores={}), hits, truncated)
         assert (d.list_hit is not None and d.list_hit["list"] in ("block", "allow")) == (settles is not None)

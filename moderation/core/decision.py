@@ -98,7 +98,8 @@ def _label_severity(policy: Policy, evs: list[Evidence]) -> dict[str, int]:
     return out
 
 
-def decide(policy: Policy, gate: GateDecision, list_hits: list[dict], image_text_truncated: bool = False) -> Decision:
+def choose_action(policy: Policy, gate: GateDecision, list_hits: list[dict],
+                  image_text_truncated: bool = False) -> Decision:
     evs = evidence(policy, gate)
     return replace(_choose(policy, evs, list_hits, image_text_truncated), evidence=evs)
 

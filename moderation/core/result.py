@@ -13,7 +13,7 @@ import jsonschema
 from pydantic import BaseModel
 
 from .contracts import CACHE, VLM, GateDecision, PostError, RequestRecord
-from .decision import Decision, decide
+from .decision import Decision, choose_action
 from .pinned import pinned_policy
 from .policy import Policy
 from .result_contract import SCHEMA_PATH, FailedResult, JudgedResult
@@ -40,7 +40,7 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
     """Combine the gate's decision, the decoder's answer for escalated posts and list hits into RESULT
     (`decision`: the action already chosen for this post, else chosen here)."""
     route, gate_scores, vlm = gate.route, gate.scores, gate.vlm
-    decision = decision or decide(policy, gate, record.list_hits, record.image_text_truncated)
+    decision = decision or choose_action(policy, gate, record.list_hits, record.image_text_truncated)
     if route in (VLM, CACHE) and vlm:  # CACHE: an earlier VLM verdict of a near-duplicate post
         threshold, source = policy.decoder.label_threshold, "vlm"
         sent = max(vlm.sentiment, key=vlm.sentiment.__getitem__)
@@ -144,7 +144,7 @@ def finish_post(record: RequestRecord, gate: GateDecision, postprocess_version: 
             latency["vlm"] = gate.vlm_ms or 0.0
             latency.update({f"decoder_{k}": v for k, v in gate.vlm.timings_ms.items()})
     latency["total"] = (now - record.received_at) * 1e3
-    decision = decide(policy, gate, record.list_hits, record.image_text_truncated)
+    decision = choose_action(policy, gate, record.list_hits, record.image_text_truncated)
     result = build_result(policy, record, gate, versions, latency, decision)
     row = result.audit_row([(e.signal, e.label, round(e.score, 6), e.trained) for e in decision.evidence],
                            record.image_format, record.image_size, record.lang)

@@ -73,12 +73,12 @@ class VersionStore:
         """`serving`: the version the server that took the call serves, the one a rollback returns to when the
         cluster has no desired version of `model` yet."""
 
-        def decide(entry: dict | None) -> tuple[str, list[str], str | None]:
+        def swapped(entry: dict | None) -> tuple[str, list[str], str | None]:
             if entry is None and serving:
                 entry = {"version": str(serving), "history": []}
             return str(version), _pushed(entry, str(version)), entry["version"] if entry else None
 
-        return self._change(model, by, peer, decide)
+        return self._change(model, by, peer, swapped)
 
     def rollback(self, model: str, by: str, peer: str = "") -> dict:
         def previous(entry: dict | None) -> tuple[str, list[str], str | None]:
@@ -89,9 +89,9 @@ class VersionStore:
 
         return self._change(model, by, peer, previous)
 
-    def _change(self, model: str, by: str, peer: str, decide) -> dict:
-        """Read the model's entry, decide the new version, its history and the version it replaces, and write them
-        with a bumped revision: a transaction, retried when another change lands in between (WATCH)."""
+    def _change(self, model: str, by: str, peer: str, next_entry) -> dict:
+        """Read the model's entry, work out the new version, its history and the version it replaces (`next_entry`),
+        and write them with a bumped revision: a transaction, retried when another change lands in between (WATCH)."""
         import redis
 
         def attempt() -> dict:
@@ -101,7 +101,7 @@ class VersionStore:
                         pipe.watch(self.desired_key)
                         old = pipe.hget(self.desired_key, model)
                         entry = json.loads(old) if old else None
-                        version, history, before = decide(entry)
+                        version, history, before = next_entry(entry)
                         revision = int(pipe.hget(self.desired_key, "revision") or 0) + 1
                         new = {"version": version, "revision": revision, "by": by, "peer": peer, "at": self.clock(),
                                "history": history[-HISTORY_KEEP:], "from": before}

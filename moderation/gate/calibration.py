@@ -80,7 +80,7 @@ def clip_scores(gate: Gate, labels: list[str], post: LabelledCosines) -> dict[st
 
 
 def clip_route(gate: Gate, labels: list[str], post: LabelledCosines) -> str:
-    """allow / block / escalate by the CLIP's scores alone (gate/scoring.py decide without trained signals)."""
+    """allow / block / escalate by the CLIP's scores alone (gate/scoring.py gate_band without trained signals)."""
     scores = clip_scores(gate, labels, post)
     if any(v >= gate.block_at for k, v in scores.items() if k in gate.block_labels):
         return "block"

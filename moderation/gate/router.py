@@ -130,7 +130,7 @@ class GateRouter:
             out.append(got["TEXT_EMBEDS"])
         return np.concatenate(out)
 
-    async def decide(self, posts: list[GatePost], started: float | None = None) -> list[GateDecision]:
+    async def route_posts(self, posts: list[GatePost], started: float | None = None) -> list[GateDecision]:
         """One decision per post, in order; escalations (and cache lookups) included. A post that failed before
         (its record has an error) keeps it; an escalation that fails costs its post only in a request of several
         posts (a request of one fails with it)."""

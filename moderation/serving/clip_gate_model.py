@@ -67,7 +67,7 @@ class ClipGateModel(StageModel):
         nsfw = rows(request, "NSFW_SCORES", optional=True)  # [B, 2] = (sfw, nsfw) from nsfw_image
         posts = [GatePost(rec, frames[i], texts[i], img_emb[i], txt_emb[i],
                           None if nsfw is None else float(nsfw[i][1])) for i, rec in enumerate(records)]
-        decisions = await self.router.decide(posts, started=t0)
+        decisions = await self.router.route_posts(posts, started=t0)
         self._report_lists({rec.policy_name for rec in records})
         return pb().InferenceResponse([string_tensor("GATE", [d.to_json() for d in decisions])])
 
