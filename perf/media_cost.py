@@ -8,7 +8,7 @@ Every post is unseen (a patch of its own colour, so no cache answers it); the ar
 background load falls on all of them alike. Policy allow_all (the gate settles every post: no VLM), verdict cache
 off, the shipped OCR budget and media settings (media.max_frames 8).
 
-    .venv/bin/python -m perf.media_cost [--n 8] [--mix-posts 48] [--callers 4]
+    .venv/bin/python -m perf media_cost [--n 8] [--mix-posts 48] [--callers 4]
 """
 from __future__ import annotations
 
@@ -169,14 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--callers", type=int, default=4, help="concurrent callers in the throughput mix")
     args = ap.parse_args(argv)
     t0 = time.time()
-    out = {"commit": git_commit(), "machine": machine(), "args": vars(args),
-           "what": "gate-path latency of unseen posts (allow_all, no VLM), arms interleaved; p50 ratios"}
+    out = {"commit": git_commit(), "machine": machine(),
+           "what": "gate-path latency of unseen posts (allow_all, no VLM), arms interleaved; p50 ratios; a failed call "
+                   "ends the run (nothing is written)"}
     with serve(REPO, audit=BUILD / "media_cost_audit.jsonl", log=BUILD / "media_cost.log",
                policy_dir=write_policies(BUILD / "media_cost_policies")) as srv:
         out.update(measure(srv.grpc_url, args.n))
         out["throughput"] = throughput(srv.grpc_url, args.mix_posts, args.callers)
     out["wall_s"] = round(time.time() - t0, 1)
-    dump_json(RESULTS / "media_cost.json", out)
+    dump_json(RESULTS / "media_cost.json", out, settings=args, runs=args.n,
+              timings={arm: s["ms"] for arm, s in out["served"].items()})
     print({k: v["p50_ms"] for k, v in out["served"].items()}, out["ratios_p50"], out["goals"], out["throughput"],
           flush=True)
     return 0

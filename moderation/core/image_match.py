@@ -4,7 +4,7 @@ PDQ follows re-encoding and resizing but not translation: a copy with 5 % cut fr
 border) lands 70-100 bits from the whole image's hash, far past the match distance (31). So an entry stores the
 hashes of several windows of its image: the whole image, centred crops (a copy cut on every side), one-sided
 crops (a copy cut on one edge) and corner crops (cut on two adjacent edges): a copy's hash lands near one of them.
-Measured in perf/pdq_lists.py (docs/quality.md)."""
+Measured in perf/studies/pdq_lists.py (docs/quality.md)."""
 from __future__ import annotations
 
 from collections import OrderedDict

@@ -29,7 +29,7 @@ ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP"}
 # logical screen: a 35-byte GIF declaring 16384x2000 took 0.4-2.8 s). Up to FREE_PIXELS (2048x2048, ~0.1 s of
 # decode) any size is fine; above it an image may declare at most MAX_PIXELS_PER_BYTE pixels per encoded byte.
 # Codec ceilings: deflate's 1032:1 allows at most ~8256 px/B for a 1-bit PNG, GIF's 12-bit LZW codes ~2730 px/B.
-# Measured with Pillow (perf/decode_ratios.py, perf/results/decode_ratios.json): flat 1-bit PNGs <= 4799 px/B,
+# Measured with Pillow (perf/studies/decode_ratios.py, perf/results/decode_ratios.json): flat 1-bit PNGs <= 4799 px/B,
 # flat GIFs <= 1297, flat 8-bit PNGs <= 745, lossy WebP <= 561, flat JPEGs <= 170, photos <= 38, a 4K
 # screenshot as lossless WebP 1947: all accepted with >= 3.4x margin. Only lossless WebP of one flat colour goes
 # higher (20840 px/B at 3840x2160, 23764 at 4096x4096): refused above FREE_PIXELS, it carries nothing to judge.
@@ -306,7 +306,7 @@ def fingerprint(image: Image.Image) -> np.ndarray:
 # The verdict cache's local check (gate/entries.py): a 64x64 RGB thumbnail of each post, aligned to a stored
 # entry's by an affine fit (OpenCV's ECC: a re-encoded, resized or lightly cropped copy moves and scales its
 # content a little) and compared tile by tile, so one changed region (a pasted payload) fails the match although
-# the global embedding and fingerprint barely move. Calibrated over the shipped photos (perf/cache_local.py).
+# the global embedding and fingerprint barely move. Calibrated over the shipped photos (perf/studies/cache_local.py).
 LOCAL_SIDE = 64
 LOCAL_TILE = 8
 LOCAL_BLUR_SIGMA = 1.0
