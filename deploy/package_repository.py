@@ -5,8 +5,8 @@ its artifact.json, and a MANIFEST.json that records what was packaged (upload it
     .venv/bin/python deploy/package_repository.py --src model_repository --out build/repo-production
     aws s3 sync build/repo-production s3://BUCKET/moderation/repository     # or gsutil rsync / a volume
 
-Runs with the standard library plus this project's `moderation` package (no third-party imports), so the
-Dockerfile's build stage can run it with the base image's python3."""
+Runs with the standard library, this project's `moderation` package and what rendering imports (tritonclient's
+ModelConfig protos, protobuf 4): deploy/requirements-render.txt, which the Dockerfile's repository stage installs."""
 from __future__ import annotations
 
 import argparse

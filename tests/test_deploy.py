@@ -160,7 +160,7 @@ def test_dockerfile_base_release_user_and_entrypoint():
     assert m, image
     assert (int(m.group(1)), int(m.group(2))) >= (26, 7), "below the newest Triton security bulletin floor (r26.07)"
     assert (int(m.group(1)), int(m.group(2))) >= (25, 7), "predates CVE-2025-23319/23320/23334 fixes"
-    assert text.count("FROM ${TRITON_IMAGE}") == 2
+    assert text.count("FROM ${TRITON_IMAGE}") == 1
     users = re.findall(r"^USER (\S+)$", text, re.M)
     assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0"
     assert "--target production" in text and "-r /tmp/requirements-gpu.txt" in text
@@ -225,21 +225,33 @@ def _normalized(dist: str) -> str:
     return re.sub(r"[-_.]+", "-", dist).lower()
 
 
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _package_modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in (ROOT / "moderation").rglob("*.py") if "__pycache__" not in p.parts}
+
+
 def _served_third_party_imports() -> dict[str, set[str]]:
-    """Each third-party top-level module the python-backend models import, anywhere in a file (lazy imports too),
-    following moderation.* imports from model_repository/*/<version>/model.py and moderation/serving/*_model.py
-    (importing a module runs its packages' __init__ too): module -> the package modules importing it."""
-    import ast
-
-    def module_name(path: Path) -> str:
-        parts = list(path.relative_to(ROOT).with_suffix("").parts)
-        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-    known = {module_name(p): p for p in (ROOT / "moderation").rglob("*.py") if "__pycache__" not in p.parts}
+    """Each third-party top-level module the python-backend models import: from model_repository/*/<version>/model.py
+    and moderation/serving/*_model.py."""
+    known = _package_modules()
     starts = [(f"model_repository:{p.parent.parent.name}", p)
               for p in sorted((ROOT / "model_repository").glob("*/[0-9]*/model.py"))]
     starts += [(m, p) for m, p in known.items() if m.startswith("moderation.serving.") and m.endswith("_model")]
     assert len(starts) > 10, starts
+    return _third_party_imports(starts)
+
+
+def _third_party_imports(starts: list[tuple[str, Path]]) -> dict[str, set[str]]:
+    """Each third-party top-level module the files `starts` import, anywhere in a file (lazy imports too),
+    following moderation.* imports (importing a module runs its packages' __init__ too): module -> the modules
+    importing it."""
+    import ast
+
+    known = _package_modules()
     third_party: dict[str, set[str]] = {}
     seen: set[str] = set()
     todo = list(starts)
@@ -360,6 +372,27 @@ def test_requirements_gpu_is_closed_under_dependencies():
     assert any(line.startswith("scikit-learn ") and "scipy" in line for line in unmet), unmet
 
 
+def test_repository_stage_pins_what_package_repository_imports():
+    """The Dockerfile's repository stage runs deploy/package_repository.py with just requirements-render.txt
+    (rendering builds configs as tritonclient's protos): every third-party module of its import graph is pinned
+    there, at the CPU venv's versions."""
+    imports = _third_party_imports([("deploy.package_repository", DEPLOY / "package_repository.py")])
+    assert {"google", "tritonclient"} <= set(imports)
+    pins = {_normalized(n): v for n, v in _pins(DEPLOY / "requirements-render.txt").items()}
+    missing = _unpinned(imports, pins)
+    assert not missing, "\n".join(f"{module}: {why}" for module, why in missing.items())
+    lock = {_normalized(n): v for n, v in _pins(ROOT / "requirements.lock").items()}
+    for name, version in pins.items():
+        assert version == lock[name], f"{name}: repository stage {version} != CPU venv {lock[name]}"
+    unmet, _ = _unmet_requirements(pins)
+    assert not unmet, "\n".join(unmet)
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    stage = text[text.index(" AS repository\n"):text.rindex("\nFROM ")]
+    assert re.search(r"pip install [^\n]*--only-binary=:all: -r /tmp/requirements-render.txt", stage)
+    assert "python3 deploy/package_repository.py" in stage
+    assert "!deploy/requirements-render.txt" in (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+
+
 def test_requirements_gpu_shares_the_cpu_lock_versions_and_builds_pdqhash_from_its_hashed_sdist():
     """The Triton image's pins equal the CPU venv's wherever the venv has the package (CUDA builds and protobuf
     aside); pdqhash, sdist only on PyPI, is built in a builder stage from its hash with pinned tools, and the runtime
@@ -376,7 +409,8 @@ def test_requirements_gpu_shares_the_cpu_lock_versions_and_builds_pdqhash_from_i
 
     text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
     stages = re.findall(r"^FROM (\S+)(?: AS (\S+))?$", text, re.M)
-    assert [alias for _, alias in stages] == ["pdqhash", "repository", ""]
+    assert stages == [("${BUILD_PYTHON_IMAGE}", "pdqhash"), ("${BUILD_PYTHON_IMAGE}", "repository"),
+                      ("${TRITON_IMAGE}", "")]
     (built,) = re.findall(r"pdqhash==(\S+) --hash=sha256:[0-9a-f]{64}", text)
     assert built == pins["pdqhash"]
     assert "--no-build-isolation" in text and "--require-hashes" in text  # nothing unpinned is fetched to build it
