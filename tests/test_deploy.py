@@ -235,14 +235,14 @@ def _package_modules() -> dict[str, Path]:
 
 
 def _served_third_party_imports() -> dict[str, set[str]]:
-    """Each third-party top-level module the python-backend models import: from model_repository/*/<version>/model.py
-    and moderation/serving/*_model.py."""
+    """Each third-party top-level module the python-backend models and the container's entrypoint import: from
+    model_repository/*/<version>/model.py, moderation/serving/*_model.py and deploy/entrypoint.py."""
     known = _package_modules()
     starts = [(f"model_repository:{p.parent.parent.name}", p)
               for p in sorted((ROOT / "model_repository").glob("*/[0-9]*/model.py"))]
     starts += [(m, p) for m, p in known.items() if m.startswith("moderation.serving.") and m.endswith("_model")]
     assert len(starts) > 10, starts
-    return _third_party_imports(starts)
+    return _third_party_imports(starts + [("deploy.entrypoint", DEPLOY / "entrypoint.py")])
 
 
 def _third_party_imports(starts: list[tuple[str, Path]]) -> dict[str, set[str]]:
@@ -304,17 +304,17 @@ def _unpinned(imports: dict[str, set[str]], pins: dict[str, str]) -> dict[str, s
 
 
 def test_requirements_gpu_pins_every_module_the_python_backend_models_import():
-    """Every third-party module the python-backend models load (top-level or lazily, through moderation.*) comes
-    from a distribution requirements-gpu.txt pins: otherwise the model fails to load, or fails on the first post that
-    needs the module, in the Triton image only."""
+    """Every third-party module the python-backend models and the entrypoint load (top-level or lazily, through
+    moderation.*) comes from a distribution requirements-gpu.txt pins: otherwise the container fails to start, a model
+    fails to load, or fails on the first post that needs the module, in the Triton image only."""
     imports = _served_third_party_imports()
     # the graph reaches the lazy imports of the image lists, term lists, OCR, text signals and LoRA
     assert {"torch", "transformers", "onnxruntime", "numpy", "PIL", "cv2", "pdqhash", "ahocorasick", "opencc",
-            "pypinyin", "rapidocr_onnxruntime", "profanity_check", "peft",
+            "pypinyin", "rapidocr_onnxruntime", "profanity_check", "peft", "tritonclient", "google",
             "triton_python_backend_utils"} <= set(imports)
     pins = {_normalized(name): version for name, version in _pins(DEPLOY / "requirements-gpu.txt").items()}
     missing = _unpinned(imports, pins)
-    assert not missing, "imported by the python-backend models but not installed in the Triton image:\n" + \
+    assert not missing, "imported by the models or the entrypoint, not installed in the Triton image:\n" + \
         "\n".join(f"{module}: {why}" for module, why in missing.items())
     # the check bites: without the OpenCV pin, cv2 is reported
     assert "cv2" in _unpinned(imports, {n: v for n, v in pins.items() if n != "opencv-python-headless"})
@@ -360,11 +360,11 @@ def test_requirements_gpu_is_closed_under_dependencies():
     """The image installs requirements-gpu.txt with --no-deps, so the file must hold every dependency of every
     package it pins, at a version that meets the requirement: checked against the CPU venv's metadata for every
     package the venv has at the same version; the rest is the CUDA stack (torch's cu13 build and its wheels,
-    onnxruntime-gpu) and protobuf, which the resolver pinned."""
+    onnxruntime-gpu), which the resolver pinned."""
     pins = {_normalized(n): v for n, v in _pins(DEPLOY / "requirements-gpu.txt").items()}
     unmet, unchecked = _unmet_requirements(pins)
     assert not unmet, "\n".join(unmet)
-    cuda_stack = {"torch", "triton", "onnxruntime-gpu", "protobuf"}
+    cuda_stack = {"torch", "triton", "onnxruntime-gpu"}
     assert {n for n in unchecked if not n.startswith(("nvidia-", "cuda-"))} <= cuda_stack, unchecked
     assert len(pins) - len(unchecked) >= 50
     # the check bites: without scipy, scikit-learn's requirement is reported
@@ -394,13 +394,13 @@ def test_repository_stage_pins_what_package_repository_imports():
 
 
 def test_requirements_gpu_shares_the_cpu_lock_versions_and_builds_pdqhash_from_its_hashed_sdist():
-    """The Triton image's pins equal the CPU venv's wherever the venv has the package (CUDA builds and protobuf
-    aside); pdqhash, sdist only on PyPI, is built in a builder stage from its hash with pinned tools, and the runtime
-    stage installs wheels only, without the CPU onnxruntime or opencv-python that rapidocr-onnxruntime names."""
+    """The Triton image's pins equal the CPU venv's wherever the venv has the package (torch's CUDA build aside);
+    pdqhash, sdist only on PyPI, is built in a builder stage from its hash with pinned tools, and the runtime stage
+    installs wheels only, without the CPU onnxruntime or opencv-python that rapidocr-onnxruntime names."""
     pins = {_normalized(n): v for n, v in _pins(DEPLOY / "requirements-gpu.txt").items()}
     lock = {_normalized(n): v for n, v in _pins(ROOT / "requirements.lock").items()}
     for name, version in pins.items():
-        if name in lock and name not in ("torch", "protobuf"):
+        if name in lock and name != "torch":
             assert version == lock[name], f"{name}: GPU image {version} != CPU venv {lock[name]}"
     for name in ("pdqhash", "pyahocorasick", "opencc-python-reimplemented", "pypinyin", "opencv-python-headless",
                  "rapidocr-onnxruntime", "alt-profanity-check", "scikit-learn", "joblib", "peft"):
