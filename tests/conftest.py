@@ -64,3 +64,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def redis_or_fail():
+    """A real redis-server on a free port (Debian's redis-server, installed by `make setup`); a test that needs one
+    fails, never skips, when it is missing."""
+    from moderation.testing.redis_server import RedisServer
+
+    try:
+        return RedisServer()
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture()
+def redis_server():
+    with redis_or_fail() as srv:
+        yield srv

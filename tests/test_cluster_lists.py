@@ -34,6 +34,7 @@ from moderation.launch.processes import grpc_health_serving
 from moderation.ops.lists import ListAdmin, ListError
 from moderation.testing.policies import derive_policy
 from moderation.testing.samples import image_paths, sample_posts
+from moderation.testing.waits import wait_until
 
 from .conftest import ADMIN_KEY, REPO, ROOT
 
@@ -51,18 +52,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture()
-def redis_server():
-    from moderation.testing.redis_server import RedisServer
-
-    try:
-        srv = RedisServer()
-    except FileNotFoundError as e:
-        pytest.fail(str(e))
-    with srv:
-        yield srv
 
 
 @pytest.fixture()
@@ -176,7 +165,7 @@ def test_redis_restarted_empty_keeps_the_held_revision_and_the_next_edit_continu
         lists, fault = replica.current("shared")
         return "holds no lists" in (fault or "") and (lists, fault)
 
-    lists, fault = _until(reconnected, "the replica reconnected", HANG_GUARD_S)
+    lists, fault = wait_until(reconnected, "the replica reconnected", HANG_GUARD_S)
     assert lists.revision == 1 and "revision 1 stays in force" in fault
     policy_module.forget_loaded()  # the next edit runs in a new editor process, as the gateway starts one
     admin.add_term("shared", "review", "加微信")  # starts from this server's last good copy, not from nothing
@@ -365,17 +354,6 @@ def replicas(tmp_path_factory):
                 srv.__exit__(None, None, None)
 
 
-def _until(condition, what: str, limit_s: float):
-    """Poll `condition` until it returns something true, or fail after `limit_s`."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        got = condition()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"{what}: not within {limit_s:.0f} s"
-        time.sleep(0.1)
-
-
 @pytest.mark.integration
 def test_a_term_and_an_image_added_on_one_replica_are_enforced_by_the_other(replicas):
     _, a, b, logs = replicas
@@ -392,7 +370,7 @@ def test_a_term_and_an_image_added_on_one_replica_are_enforced_by_the_other(repl
         posts.append(_moderate(b, hubble.image_bytes(), hubble.text, SHARED))
         return posts[-1]["decided_by"] == "terms" and posts[-1]
 
-    blocked = _until(judged_on_b, "the term added on a, on b", LISTS_POLL_S + REQUEST_MARGIN_S)
+    blocked = wait_until(judged_on_b, "the term added on a, on b", LISTS_POLL_S + REQUEST_MARGIN_S)
     print(f"term in force on b {time.monotonic() - acknowledged:.2f} s after a acknowledged it, post {len(posts)}")
     assert blocked["action"] == "block" and blocked["policy"].endswith("+lists.1")
 
@@ -406,7 +384,7 @@ def test_a_term_and_an_image_added_on_one_replica_are_enforced_by_the_other(repl
         posts.append(_moderate(b, coins, "nice coins", SHARED))
         return posts[-1]["decided_by"] == "image_list" and posts[-1]
 
-    listed = _until(listed_on_b, "the image added on a, on b", LISTS_POLL_S + REQUEST_MARGIN_S)
+    listed = wait_until(listed_on_b, "the image added on a, on b", LISTS_POLL_S + REQUEST_MARGIN_S)
     print(f"image in force on b {time.monotonic() - acknowledged:.2f} s after a acknowledged it, post {len(posts)}")
     assert listed["action"] == "block" and listed["decision"]["list_hit"]["id"] == entry["id"]
     assert listed["policy"].endswith("+lists.2")
@@ -451,7 +429,7 @@ def test_redis_killed_leaves_both_replicas_serving_their_last_lists_and_reportin
         assert _cli(a, "lists", "add-term", "--policy", policy, "--list", "block", "--term", TERM,
                     "--label", "scam").returncode == 0
     for srv in (a, b):
-        _until(lambda srv=srv: _moderate(srv, hubble.image_bytes(), hubble.text, policy)["decided_by"] == "terms",
+        wait_until(lambda srv=srv: _moderate(srv, hubble.image_bytes(), hubble.text, policy)["decided_by"] == "terms",
                "the term in force before the outage", LISTS_POLL_S + REQUEST_MARGIN_S)
     revision = json.loads(_cli(a, "lists", "show", "--policy", policy).stdout)["revision"]
     # an edit in flight when Redis dies is applied or refused, never half: its reply says which
@@ -464,12 +442,12 @@ def test_redis_killed_leaves_both_replicas_serving_their_last_lists_and_reportin
     assert pending.returncode == 0 or "[unavailable]" in err, (out, err)
     kept = revision + (pending.returncode == 0)
     for srv in (a, b):
-        r = _until(lambda srv=srv: (r := _moderate(srv, hubble.image_bytes(), hubble.text, policy)) and (
+        r = wait_until(lambda srv=srv: (r := _moderate(srv, hubble.image_bytes(), hubble.text, policy)) and (
             _lists_stale(srv, policy) == 1.0) and r, "the stale lists reported", HANG_GUARD_S)
         assert r["action"] == "block" and r["decided_by"] == "terms" and r["error"] is None, r
         assert r["policy"].endswith(f"+lists.{revision}") or r["policy"].endswith(f"+lists.{kept}"), r["policy"]
         # readiness detail: the `moderation.lists` health service says so; the service itself stays SERVING
-        _until(lambda srv=srv: not grpc_health_serving(srv.grpc_url, LISTS_SERVICE), "moderation.lists NOT_SERVING",
+        wait_until(lambda srv=srv: not grpc_health_serving(srv.grpc_url, LISTS_SERVICE), "moderation.lists NOT_SERVING",
                HANG_GUARD_S)
         assert grpc_health_serving(srv.grpc_url)
     refused = _cli(b, "lists", "add-term", "--policy", policy, "--list", "block", "--term", "while down")

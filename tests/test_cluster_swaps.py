@@ -22,6 +22,7 @@ from moderation.core.audit import AuditLog, read_rows
 from moderation.core.version_store import VERSIONS_POLL_S, NothingToRollBack, VersionStore, version_store
 from moderation.ops.admin import RepositoryAdmin
 from moderation.ops.versions import RETRY_AFTER_S, VersionFollower
+from moderation.testing.waits import wait_until
 
 from .conftest import ADMIN_KEY, REPO, ROOT
 
@@ -33,13 +34,7 @@ HANG_GUARD_S = 180.0  # a wait this long ends only when what it waits for never 
 
 
 def _until(condition, what: str, limit_s: float = HANG_GUARD_S):
-    deadline = time.monotonic() + limit_s
-    while True:
-        got = condition()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"{what}: not within {limit_s:.0f} s"
-        time.sleep(0.2)
+    return wait_until(condition, what, limit_s, every_s=0.2)
 
 
 # against a real redis-server -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from moderation.gate.cache import GateCache, Probe, VerdictCache, verdict_cache
 from moderation.gate.shared_cache import SCHEMA, CircuitBreaker, RedisVerdictCache
 
 from . import test_stages as stages
-from .conftest import ADMIN_KEY, REPO, ROOT
+from .conftest import ADMIN_KEY, REPO, ROOT, redis_or_fail
 
 S = CacheSettings(enabled=True, image_threshold=0.9, fingerprint_threshold=None, ttl_s=10, max_entries=3)
 KEY = ("p", "d", "en", False, "")
@@ -36,13 +36,7 @@ def _vec(seed, d=16):
 
 @pytest.fixture(scope="module")
 def redis_server():
-    from moderation.testing.redis_server import RedisServer
-
-    try:
-        srv = RedisServer()
-    except FileNotFoundError as e:
-        pytest.fail(str(e))
-    with srv:
+    with redis_or_fail() as srv:
         yield srv
 
 
