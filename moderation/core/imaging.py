@@ -188,23 +188,35 @@ CHANGE_PAD = 2  # cells kept above and below a changed row, so a line of text is
 SEEN_CHANGE = 0.02
 
 
-def change_mask(before: Image.Image, after: Image.Image) -> np.ndarray:
+FrameCells = tuple[tuple[int, int], np.ndarray]  # a frame's size and its cells' mean grey levels
+
+
+def frame_cells(frame: Image.Image) -> FrameCells:
+    """What change masks compare of a frame, computed once per frame however many frames it is compared with.
+    Image.reduce rounds up: a partial cell at an edge is a cell of its own."""
+    return frame.size, np.asarray(frame.convert("L").reduce(CHANGE_CELL), dtype=np.float32)
+
+
+def cells_changed(before: FrameCells, after: FrameCells) -> np.ndarray:
     """Bool [rows, cols] of the cells that changed from `before` to `after` (all of them when the sizes differ)."""
-    if before.size != after.size:
-        w, h = after.size
-        return np.ones((-(-h // CHANGE_CELL), -(-w // CHANGE_CELL)), dtype=bool)
-    # Image.reduce rounds up: a partial cell at an edge is a cell of its own
-    a, b = (np.asarray(im.convert("L").reduce(CHANGE_CELL), dtype=np.float32) for im in (before, after))
-    return np.abs(a - b) >= CHANGE_LEVEL
+    if before[0] != after[0]:
+        return np.ones(after[1].shape, dtype=bool)
+    return np.abs(before[1] - after[1]) >= CHANGE_LEVEL
+
+
+def change_mask(before: Image.Image, after: Image.Image) -> np.ndarray:
+    """cells_changed of two frames."""
+    return cells_changed(frame_cells(before), frame_cells(after))
 
 
 def read_bands(frames: tuple[Image.Image, ...] | list[Image.Image]) -> list[tuple[tuple[int, int], ...] | None]:
     """For each judged frame of one image, the rows OCR reads: None (all of it) for the first, else the rows where it
     differs from the earlier frame it differs from least (every earlier frame's text was read, whole or by its own
     rows, so the rest of this one was too)."""
+    cells = [frame_cells(f) for f in frames]
     out: list[tuple[tuple[int, int], ...] | None] = [None]
     for k in range(1, len(frames)):
-        masks = [change_mask(frames[j], frames[k]) for j in range(k)]
+        masks = [cells_changed(cells[j], cells[k]) for j in range(k)]
         out.append(changed_bands(min(masks, key=lambda m: int(m.sum())), frames[k].height))
     return out
 

@@ -17,7 +17,16 @@ from PIL import Image
 from ..core.contracts import PostError, RequestRecord
 from ..core.errors import BadRequest, ModerationError
 from ..core.hashing import post_hashes
-from ..core.imaging import SEEN_CHANGE, change_mask, fingerprint, local_thumbnail, pdq_hash, read_bands
+from ..core.imaging import (
+    SEEN_CHANGE,
+    FrameCells,
+    cells_changed,
+    fingerprint,
+    frame_cells,
+    local_thumbnail,
+    pdq_hash,
+    read_bands,
+)
 from ..core.lists import evidence_place, image_hits, media_hits, term_hits
 from ..core.options import parse_options
 from ..core.pinned import pin_policy, pinned_policy
@@ -295,11 +304,12 @@ def scored_frames(images) -> list[tuple[int, int]]:
     in at least SEEN_CHANGE of the picture."""
     out = []
     for i, im in enumerate(images):
-        scored: list[Image.Image] = []
+        scored: list[FrameCells] = []
         for k, frame in enumerate(im.frames):
-            if all(float(change_mask(s, frame).mean()) >= SEEN_CHANGE for s in scored):
+            cells = frame_cells(frame)
+            if all(float(cells_changed(s, cells).mean()) >= SEEN_CHANGE for s in scored):
                 out.append((i, k))
-                scored.append(frame)
+                scored.append(cells)
     return out
 
 
