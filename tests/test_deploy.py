@@ -24,6 +24,8 @@ from tritonclient.grpc import model_config_pb2
 
 from moderation.repository.render import ALL_MODELS, ENSEMBLES, MODELS, ONNX_ACCELERATORS, render_repository
 
+from .import_graph import imported_names, package_modules
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -225,19 +227,10 @@ def _normalized(dist: str) -> str:
     return re.sub(r"[-_.]+", "-", dist).lower()
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _package_modules() -> dict[str, Path]:
-    return {_module_name(p): p for p in (ROOT / "moderation").rglob("*.py") if "__pycache__" not in p.parts}
-
-
 def _served_third_party_imports() -> dict[str, set[str]]:
     """Each third-party top-level module the python-backend models and the container's entrypoint import: from
     model_repository/*/<version>/model.py, moderation/serving/*_model.py and deploy/entrypoint.py."""
-    known = _package_modules()
+    known = package_modules()
     starts = [(f"model_repository:{p.parent.parent.name}", p)
               for p in sorted((ROOT / "model_repository").glob("*/[0-9]*/model.py"))]
     starts += [(m, p) for m, p in known.items() if m.startswith("moderation.serving.") and m.endswith("_model")]
@@ -249,9 +242,7 @@ def _third_party_imports(starts: list[tuple[str, Path]]) -> dict[str, set[str]]:
     """Each third-party top-level module the files `starts` import, anywhere in a file (lazy imports too),
     following moderation.* imports (importing a module runs its packages' __init__ too): module -> the modules
     importing it."""
-    import ast
-
-    known = _package_modules()
+    known = package_modules()
     third_party: dict[str, set[str]] = {}
     seen: set[str] = set()
     todo = list(starts)
@@ -263,25 +254,13 @@ def _third_party_imports(starts: list[tuple[str, Path]]) -> dict[str, set[str]]:
         parts = name.split(".")
         todo += [(".".join(parts[:i]), known[".".join(parts[:i])]) for i in range(1, len(parts))
                  if ".".join(parts[:i]) in known]
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = package.split(".")
-                    base = ".".join(anchor[:len(anchor) - node.level + 1] + ([base] if base else []))
-                targets = [base] + [f"{base}.{a.name}" for a in node.names]
-            else:
-                continue
-            for target in targets:
-                top = target.split(".")[0]
-                if top == "moderation":
-                    if target in known:
-                        todo.append((target, known[target]))
-                elif top and top != "__future__" and top not in sys.stdlib_module_names:
-                    third_party.setdefault(top, set()).add(name)
+        for target in imported_names(name, path):
+            top = target.split(".")[0]
+            if top == "moderation":
+                if target in known:
+                    todo.append((target, known[target]))
+            elif top and top != "__future__" and top not in sys.stdlib_module_names:
+                third_party.setdefault(top, set()).add(name)
     return third_party
 
 

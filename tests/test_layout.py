@@ -2,14 +2,13 @@
 of the model stack (and an image that copies just what it imports), thin model.py adapters, env read late."""
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-PKG = ROOT / "moderation"
+from .import_graph import PKG, ROOT, imported_names, package_modules
+
 # Which folders each folder may import (docs/architecture.md). Everything may import core; core imports no folder.
 ALLOWED = {
     "core": set(),
@@ -28,44 +27,22 @@ ALLOWED = {
 MODEL_STACK = {"torch", "transformers", "onnxruntime", "PIL", "pydantic", "yaml", "numpy", "tokenizers", "peft"}
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for p in PKG.rglob("*.py") if "__pycache__" not in p.parts}
-
-
 def _imports(name: str, path: Path, known: dict[str, Path]) -> tuple[set[str], set[str]]:
     """(package modules, external top-level packages) `name` imports anywhere in its file, lazy imports too."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     inside, outside = set(), set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")
-                anchor = anchor[:len(anchor) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            targets = [base] + [f"{base}.{a.name}" for a in node.names]
-        else:
-            continue
-        for t in targets:
-            if t.split(".")[0] == "moderation":
-                if t in known:
-                    inside.add(t)
-            elif t and t != "__future__":
-                outside.add(t.split(".")[0])
+    for t in imported_names(name, path):
+        if t.split(".")[0] == "moderation":
+            if t in known:
+                inside.add(t)
+        elif t and t != "__future__":
+            outside.add(t.split(".")[0])
     inside.discard(name)
     return inside, outside
 
 
 @pytest.fixture(scope="module")
 def graph():
-    known = _modules()
+    known = package_modules()
     return {n: _imports(n, p, known) for n, p in known.items()}
 
 
@@ -154,7 +131,7 @@ def test_gateway_imports_nothing_of_the_model_stack_and_its_image_copies_just_th
     editor = _closure(graph, LISTS_EDITOR)
     runtime = {m: sorted(graph[m][1] & MODEL_RUNTIME) for m in editor if graph[m][1] & MODEL_RUNTIME}
     assert not runtime, runtime
-    files = {str(_modules()[m].relative_to(ROOT)) for m in served | editor}
+    files = {str(package_modules()[m].relative_to(ROOT)) for m in served | editor}
     copied = _gateway_image_copies()
     assert copied == files, f"copied but not imported: {copied - files}; imported but not copied: {files - copied}"
     ignore = (ROOT / "deploy" / "Dockerfile.gateway.dockerignore").read_text().split()
