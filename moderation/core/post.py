@@ -85,14 +85,12 @@ def post_images(image: bytes | list[bytes] | tuple[bytes, ...] | None) -> list[b
 
 
 def parse_post(image: bytes | list[bytes], text: bytes, options: Options | bytes | None,
-               hashes: dict | None = None, read_frames: bool = True,
-               decoded: tuple[PostImage, ...] | None = None, pin: str = "") -> Post:
+               hashes: dict | None = None, decoded: tuple[PostImage, ...] | None = None, pin: str = "") -> Post:
     """Validate everything a client sent (OPTIONS raw, or already parsed); raises ModerationError with a code
     that names the problem. `image`: one image's bytes or a post's images. `hashes`: the post's post_hashes()
-    when the caller already computed them (of its first image). `read_frames`: sample each animation's frames
-    (policy media.max_frames); False decodes each image's first frame only (what the VLM's picture shows).
-    `decoded`: the post's images as preprocess decoded them (unpack_images; `image` is then not read). `pin`: the
-    policy version preprocess pinned the post to (core/pinned.py; "": the current one)."""
+    when the caller already computed them (of its first image). Each animation's frames are sampled (policy
+    media.max_frames). `decoded`: the post's images as preprocess decoded them (unpack_images; `image` is then not
+    read). `pin`: the policy version preprocess pinned the post to (core/pinned.py; "": the current one)."""
     if not isinstance(options, Options):
         options = parse_options(options)
     policy = pinned_policy(options.policy, pin)
@@ -112,7 +110,7 @@ def parse_post(image: bytes | list[bytes], text: bytes, options: Options | bytes
         if len(images) > policy.media.max_images:
             raise TooManyImages(f"the post carries {len(images)} images; policy {policy.name!r} reads at most "
                                 f"{policy.media.max_images} per post (media.max_images)")
-        decoded = decode_post_images(images, policy, read_frames)
+        decoded = decode_post_images(images, policy)
     elif not decoded:
         raise BadRequest("the post's frames from preprocess hold no image and the post is not text_only")
     first = decoded[0]
@@ -120,13 +118,13 @@ def parse_post(image: bytes | list[bytes], text: bytes, options: Options | bytes
                 first.format, first.size, as_sent, images=tuple(decoded))
 
 
-def decode_post_images(images: list[bytes], policy: Policy, read_frames: bool = True) -> tuple[PostImage, ...]:
-    """Each image decoded with its judged frames (policy media; the first frame only without `read_frames`); a bad
-    one raises its code, naming the image when the post has several."""
+def decode_post_images(images: list[bytes], policy: Policy) -> tuple[PostImage, ...]:
+    """Each image decoded with its judged frames (policy media); a bad one raises its code, naming the image when the
+    post has several."""
     decoded = []
     for i, data in enumerate(images):
         try:
-            d = decode_image(data, max_frames=policy.media.max_frames if read_frames else 1)
+            d = decode_image(data, max_frames=policy.media.max_frames)
         except ModerationError as e:
             if len(images) == 1:
                 raise
