@@ -173,8 +173,8 @@ class ImageTextReader:
     def read_frames(self, frames: list[tuple[K, Image.Image, Bands | None]],
                     budget: ReadBudget = ReadBudget()) -> tuple[list[tuple[K, ImageText]], bool]:
         """Each (key, frame, bands) of a post's images read within `budget` per frame: a frame whole when `bands` is
-        None (an image, an animation's first frame), else only those rows (core/imaging.py changed_bands: where it
-        changed since an earlier frame whose text was read; a frame that changed in most of its rows is read whole).
+        None (an image, an animation's first frame), else only those rows (core/imaging.py read_bands: where it
+        differs from an earlier frame whose text was read; a frame that changed in most of its rows is read whole).
         The changed rows of several frames of one size are stacked into one picture and read at once (one detection
         for the animation, not one per frame), with the budget of as many frames. A post costs at most its judged
         images and frames (policy media) x one image's read. Returns (key, its text) per frame, and whether the budget
