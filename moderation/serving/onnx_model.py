@@ -24,6 +24,8 @@ class OnnxRunner(StageModel):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
         opts.inter_op_num_threads = 1
+        if opts.intra_op_num_threads > 1:  # threads that spin while waiting would take the core from other models
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # CUDA first when this onnxruntime build has it (onnxruntime-gpu); a config parameter can pin the order.
         wanted = params.get("execution_providers", "CUDAExecutionProvider,CPUExecutionProvider").split(",")
         providers = [p for p in wanted if p in ort.get_available_providers()] or ["CPUExecutionProvider"]
