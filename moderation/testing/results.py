@@ -17,10 +17,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_commit() -> str:
-    """HEAD of the checkout, with `+dirty` when tracked files differ from it; `unknown` outside a git checkout."""
+    """HEAD of the checkout, with `+dirty` when tracked files other than the results differ from it (a run of several
+    scenarios writes perf/results/ as it goes; the code it measures is what must match HEAD); `unknown` outside a git
+    checkout."""
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)perf/results"], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
         return rev.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
