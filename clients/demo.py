@@ -21,7 +21,7 @@ NOTE: the embedded CLIP and Qwen3-VL are tiny and RANDOM-INITIALISED (untrained)
 architectures: signals marked 'untrained' are noise that shows the service's routes, tensors and latencies,
 not real moderation decisions (point export.export_models at real checkpoints for real ones). One signal is
 TRAINED: nsfw_image (Yahoo open_nsfw) scores the `sexual` label for real (column nsfw; by its one band, the policy's
-decisions.bands.nsfw_image, it is allowed below review and blocked at block; docs/quality.md: false positives).
+signals.nsfw_image.band, it is allowed below review and blocked at block; docs/quality.md: false positives).
 Actions: an untrained signal never allows or blocks a post. What only an untrained judge flagged goes to REVIEW
 (a person decides); what no trained signal flagged gets the policy's default (ALLOW, decided by policy_default);
 BLOCK needs trained evidence: here the operator's lists (image_list: the coins photo, terms: a spam phrase).

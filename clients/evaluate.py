@@ -275,13 +275,16 @@ def main_feedback(args) -> int:
 
 
 # gate calibration ------------------------------------------------------------------------------------------------
-def calibrated_policy_text(policy_path: Path, gate_section: dict) -> str:
-    """The policy file with its gate section replaced and a version naming the CLIP it was calibrated for."""
+def calibrated_policy_text(policy_path: Path, section: dict) -> str:
+    """The policy file with its gate section replaced, the CLIP's routing band set (signals.clip.route) and a
+    version naming the CLIP it was calibrated for."""
     import yaml
 
     data = yaml.safe_load(policy_path.read_text(encoding="utf-8"))
-    data["gate"] = gate_section
-    data["version"] = f"{data['version']}-clip.{gate_section['calibrated_for']['clip_image'][:8]}"
+    data["gate"] = section["gate"]
+    signals = data.get("signals") or {}
+    data["signals"] = {**signals, "clip": {**(signals.get("clip") or {}), **section["signals"]["clip"]}}
+    data["version"] = f"{data['version']}-clip.{section['gate']['calibrated_for']['clip_image'][:8]}"
     return yaml.safe_dump(data, allow_unicode=True, sort_keys=False)
 
 
@@ -300,7 +303,7 @@ def render_calibration(fit, policy, served) -> str:
     for name, m in (("now", fit.now), ("proposed", fit.proposed)):
         lines.append(f"{name:<10}" + "".join(f"{m[c]:>21}" for c in cols))
     lines += [f"note: {n}" for n in fit.notes]
-    lines += ["", "proposed gate section (paste into the policy; nothing is applied):", "",
+    lines += ["", "proposed gate section and CLIP route (paste into the policy; nothing is applied):", "",
               yaml.safe_dump(fit.section(), allow_unicode=True, sort_keys=False)]
     return "\n".join(lines)
 
@@ -336,7 +339,7 @@ def main_calibrate(args) -> int:
     print(render_calibration(fit, policy, clip.identity))
     if args.write_policy:
         path = Path(args.policy_dir or policy_dir()) / f"{args.policy}.yaml"
-        args.write_policy.write_text(calibrated_policy_text(path, fit.section()["gate"]), encoding="utf-8")
+        args.write_policy.write_text(calibrated_policy_text(path, fit.section()), encoding="utf-8")
         print(f"wrote {args.write_policy} (review it, then put it in the policy directory)")
     if args.json:
         args.json.write_text(json.dumps({"policy": policy.id, "served_clip": clip.identity.model_dump(),

@@ -126,7 +126,7 @@ def decoder(items, runs: int) -> dict:
         lang = detect_lang(text)
         reqs.append(DecoderRequest(np.array(builder.body_ids(policy, lang, text)), tok[0], ds[0], policy, lang))
     results = {k: d.score(reqs) for k, d in variants.items()}
-    th_v, th_l = policy.decoder.violation_threshold, policy.decoder.label_threshold
+    th_v, th_l = policy.decoder.violation_threshold, policy.signals["vlm"].band.review
 
     def verdict(r):
         return (r.violation >= th_v, tuple(sorted(k for k, v in r.labels.items() if v >= th_l)))

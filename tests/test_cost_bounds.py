@@ -33,7 +33,7 @@ def _ocr_policy(directory, name: str, **ocr) -> None:
     to review), the verdict cache off and some ocr settings changed."""
     data = yaml.safe_load((PACKAGE_POLICY_DIR / "default.yaml").read_text(encoding="utf-8"))
     data["name"] = name
-    data["gate"].update(allow_below=1.01, block_at=1.01)
+    data["signals"]["clip"]["route"] = {"review": 1.01, "block": 1.01}
     data.setdefault("cache", {})["enabled"] = False
     data["ocr"].update(ocr)
     (directory / f"{name}.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False),

@@ -20,7 +20,7 @@ def _gate(clip: str = "untrained", vlm: dict | None = None, vlm_untrained: bool 
                              sentiment={"neutral": 1.0}, description=None, untrained=vlm_untrained,
                              caption_truncated=False, model_versions={})
     return gate_decision(route="vlm" if vlm is not None else "gate", scores={**LOW, **scores, "sexual": sexual},
-                         sources={"sexual": "nsfw_image"}, thresholds={"sexual": 0.2},
+                         sources={"sexual": "nsfw_image"},
                          signals={"clip": clip, "nsfw_image": "trained"}, vlm=verdict)
 
 

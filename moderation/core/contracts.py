@@ -168,7 +168,6 @@ class GateDecision(Contract):
     signal_media: dict[str, dict[str, int]] = {}
     # where each CLIP-scored label's score came from when not the post's first image or frame: {label: {image, frame}}
     label_media: dict[str, dict[str, int]] = {}
-    thresholds: dict[str, float] = {}    # label -> that signal's allow threshold
     signals: dict[str, Signal]
     gate_version: str
     gate_started: float                  # wall clock, s

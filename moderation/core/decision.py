@@ -16,7 +16,8 @@ blocked. In order:
   7. nothing flagged: allow when a trained judge scored every label (it decided), else the policy's
      default_action (decided_by "policy_default").
 
-Bands per signal: policy decisions.bands (review, block); blocking needs the label in gate.block_labels;
+Bands per signal: the policy's signal table, signals.<signal>.band (review, block), read through Policy.band, which
+the gate routes trained signals by too; blocking needs the label in gate.block_labels;
 decisions.labels.<label> overrides the bands and names the signals that may decide it. Among flags of one kind
 the highest score decides; among untrained ones the VLM's (it judged the escalated post) before the gate's."""
 from __future__ import annotations

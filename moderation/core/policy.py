@@ -55,19 +55,11 @@ class Gate(_Strict):
     concept_center: float = 0.12
     consistency_scale: float = 40.0
     consistency_center: float = -0.05
+    # The CLIP concept scores' routing band, signals.clip.route (allow below review, block at block, escalate between):
+    # mirrored here for the calibration code; a policy sets one of the two, never both to different values.
     allow_below: float = Field(0.5, ge=0.0, le=1.01)
     block_at: float = Field(0.97, ge=0.0, le=1.01)
     block_labels: list[str] = []
-    # Signals from trained classifiers (e.g. nsfw_image) override concept scores for their label.
-    nsfw_label: str | None = "sexual"
-    # The trained English profanity classifier (alt-profanity-check) on caption + image text scores this label.
-    profanity_label: str | None = "hate"
-    # The trained nsfw_image signal (open_nsfw's P(nsfw)) on nsfw_label routes and decides by one band,
-    # decisions.bands.nsfw_image: allow below its review, block at its block (if the label is in block_labels),
-    # escalate in between. These two mirror that band (Policy._one_band_per_trained_signal): a policy may still set
-    # them instead of the band, never both to different values.
-    nsfw_allow_below: float = Field(0.2, ge=0.0, le=1.01)
-    nsfw_block_at: float = Field(0.8, ge=0.0, le=1.01)
 
 
 class ABTest(_Strict):
@@ -89,7 +81,6 @@ class DecoderFallback(_Strict):
 
 class DecoderSettings(_Strict):
     violation_threshold: float = 0.5
-    label_threshold: float = 0.5
     describe_max_tokens: int = Field(24, ge=1, le=256)
     fallback: DecoderFallback | None = None
 
@@ -135,19 +126,99 @@ class Band(_Strict):
         return self
 
 
-def _default_bands() -> dict[str, Band]:
+class Signal(_Strict):
+    """One entry of the policy's signal table (`signals:`): a signal a post is judged on. `labels`: the labels its
+    score is for (a trained classifier's one score stands for each; None: every label, as the CLIP concept bank and
+    the VLM score them). `band`: a score >= review sends to review, >= block blocks; a trained signal also routes by
+    it at the gate, so its route and its action cannot disagree. `route`: the CLIP concept scores' own routing band
+    (allow below review, block at block, escalate between), which may differ from the action's band: an untrained
+    CLIP escalates what no action would flag. Whether a signal is trained is never the policy's to say: its model's
+    artifact record says so."""
+    labels: list[str] | None = None
+    band: Band
+    route: Band | None = None
+
+
+# Routing by a band apart from the action's is the concept bank's alone: a classifier routes by its one band.
+SEPARATE_ROUTE = ("clip",)
+
+
+def _default_signals() -> dict[str, Signal]:
     # open_nsfw's guidance (< 0.2 likely safe, > 0.8 likely NSFW); the others as the gate's defaults
-    return {"clip": Band(review=0.5, block=0.97), "nsfw_image": Band(review=0.2, block=0.8),
-            "vlm": Band(review=0.5, block=0.9), "profanity": Band(review=0.5, block=0.9)}
+    return {"clip": Signal(band=Band(review=0.5, block=0.97), route=Band(review=0.5, block=0.97)),
+            "nsfw_image": Signal(labels=["sexual"], band=Band(review=0.2, block=0.8)),
+            "profanity": Signal(labels=["hate"], band=Band(review=0.5, block=0.9)),
+            "vlm": Signal(band=Band(review=0.5, block=0.9))}
+
+
+def _fold_older_fields(data: dict) -> dict:
+    """`signals` over the defaults, with the places signals were set before it folded in: decisions.bands.<signal>
+    (its band), gate.nsfw_label / profanity_label (their labels), gate.nsfw_allow_below / nsfw_block_at (open_nsfw's
+    band), gate.allow_below / block_at (clip's route), decoder.label_threshold (the VLM's review). Each older field
+    either agrees with `signals` or is refused as a contradiction; afterwards only `signals` holds them."""
+    signals = {k: v.model_dump() for k, v in _default_signals().items()}
+    given = data.get("signals") or {}
+    if not isinstance(given, dict):
+        return data
+    for name, entry in given.items():  # an entry names what it changes: a band's review alone keeps its block
+        own = signals.get(name, {})
+        entry = entry if isinstance(entry, dict) else {}
+        signals[name] = {**own, **entry, **{k: {**own[k], **entry[k]} for k in ("band", "route")
+                                            if isinstance(own.get(k), dict) and isinstance(entry.get(k), dict)}}
+    gate = dict(data.get("gate") or {})
+    decisions = dict(data.get("decisions") or {})
+    decoder = dict(data.get("decoder") or {})
+
+    said: dict[tuple[str, str, str | None], str] = {}  # what the policy set, and where
+    for name, entry in given.items():
+        for key, value in (entry if isinstance(entry, dict) else {}).items():
+            subs = value if key in ("band", "route") and isinstance(value, dict) else {None: value}
+            for sub in subs:
+                said[(name, key, sub)] = f"signals.{name}.{key}" + (f".{sub}" if sub else "")
+
+    def fold(where: str, name: str, key: str, value, sub: str | None = None):
+        entry = signals.setdefault(name, {})
+        if (name, key, sub) in said:
+            have = (entry.get(key) or {}).get(sub) if sub else entry.get(key)
+            if have != value:
+                raise ValueError(f"{where} ({value}) contradicts {said[(name, key, sub)]} ({have}): "
+                                 f"set it in signals.{name} only")
+        said[(name, key, sub)] = where
+        if sub:
+            entry[key] = {**(entry.get(key) or {}), sub: value}
+        else:
+            entry[key] = value
+
+    for name, band in (decisions.pop("bands", None) or {}).items():
+        for sub, value in (band or {}).items():
+            fold(f"decisions.bands.{name}.{sub}", name, "band", value, sub)
+    for name, field in (("nsfw_image", "nsfw_label"), ("profanity", "profanity_label")):
+        if field in gate:
+            label = gate.pop(field)
+            fold(f"gate.{field}", name, "labels", [label] if label is not None else [])
+    for sub, field in (("review", "nsfw_allow_below"), ("block", "nsfw_block_at")):
+        if field in gate:
+            fold(f"gate.{field}", "nsfw_image", "band", gate.pop(field), sub)
+    for sub, field in (("review", "allow_below"), ("block", "block_at")):
+        if field in gate:
+            fold(f"gate.{field}", "clip", "route", gate[field], sub)
+    if "label_threshold" in decoder:
+        fold("decoder.label_threshold", "vlm", "band", decoder.pop("label_threshold"), "review")
+    route = signals.get("clip", {}).get("route") or {}
+    gate.update(allow_below=route.get("review", 0.5), block_at=route.get("block", 0.97))
+    out = {**data, "gate": gate, "signals": signals}
+    if "decisions" in data:
+        out["decisions"] = decisions
+    if "decoder" in data:
+        out["decoder"] = decoder
+    return out
 
 
 class Decisions(_Strict):
-    """How RESULT.action is chosen (moderation/core/decision.py). Untrained signals may escalate and may send a
-    post to review, never settle it: what no trained signal flagged gets `default_action`. The bands are the
-    action's, apart from the gate's routing thresholds (a policy that escalates everything does not flag it)."""
+    """How RESULT.action is chosen (moderation/core/decision.py) beyond each signal's band (`signals`). Untrained
+    signals may escalate and may send a post to review, never settle it: what no trained signal flagged gets
+    `default_action`."""
     default_action: Literal["allow", "review"] = "allow"
-    # per signal, over the defaults (a policy names the bands it changes); a signal without one uses "clip"'s
-    bands: dict[str, Band] = Field(default_factory=_default_bands)
     image_match_distance: int = Field(31, ge=0, le=128)  # PDQ Hamming distance of an image-list match
     labels: dict[str, LabelDecision] = {}
 
@@ -216,6 +287,8 @@ class Policy(_Strict):
     version: str
     labels: list[Label]
     gate: Gate
+    # the signal table (moderation/core/policy.py Signal): over the defaults, a policy names the entries it changes
+    signals: dict[str, Signal] = Field(default_factory=_default_signals)
     decoder: DecoderSettings = DecoderSettings()
     ab: ABTest | None = None
     cache: CacheSettings = CacheSettings()
@@ -233,32 +306,10 @@ class Policy(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _one_band_per_trained_signal(cls, data):
-        """decisions.bands over the defaults, and open_nsfw's one band: gate.nsfw_allow_below / nsfw_block_at (the
-        older place for it) set decisions.bands.nsfw_image when that is not given, must equal it when it is, and
-        mirror it either way."""
+    def _one_signal_table(cls, data):
         if not isinstance(data, dict) or not isinstance(data.get("gate"), dict):
             return data
-        decisions = data.get("decisions") or {}
-        if not isinstance(decisions, dict):
-            return data
-        given = decisions.get("bands") or {}
-        if not isinstance(given, dict):
-            return data
-        bands = {**{k: b.model_dump() for k, b in _default_bands().items()}, **given}
-        gate = dict(data["gate"])
-        legacy = {k: gate[f] for k, f in (("review", "nsfw_allow_below"), ("block", "nsfw_block_at")) if f in gate}
-        if legacy.get("review", 0.0) > legacy.get("block", 1.01):
-            raise ValueError("gate.nsfw_allow_below must not exceed gate.nsfw_block_at")
-        nsfw = bands["nsfw_image"]
-        nsfw = nsfw.model_dump() if isinstance(nsfw, Band) else dict(nsfw)
-        if legacy and "nsfw_image" in given and any(nsfw.get(k) != v for k, v in legacy.items()):
-            raise ValueError(f"gate.nsfw_allow_below / nsfw_block_at {legacy} contradict decisions.bands.nsfw_image "
-                             f"{nsfw}: open_nsfw routes and decides by one band; set decisions.bands.nsfw_image only")
-        nsfw.update(legacy)
-        bands["nsfw_image"] = nsfw
-        gate.update(nsfw_allow_below=nsfw.get("review"), nsfw_block_at=nsfw.get("block"))
-        return {**data, "gate": gate, "decisions": {**decisions, "bands": bands}}
+        return _fold_older_fields(data)
 
     @field_validator("labels")
     @classmethod
@@ -274,21 +325,22 @@ class Policy(_Strict):
         bad = [k for k in self.gate.block_labels if k not in keys]
         if bad:
             raise ValueError(f"gate.block_labels names unknown labels {bad}")
-        if self.gate.allow_below > self.gate.block_at:
-            raise ValueError("gate.allow_below must not exceed gate.block_at")
-        if self.gate.profanity_label is not None and self.gate.profanity_label not in keys:
-            raise ValueError(f"gate.profanity_label names an unknown label {self.gate.profanity_label!r}")
-        if self.gate.nsfw_label is not None and self.gate.nsfw_label not in keys:
-            raise ValueError(f"gate.nsfw_label names an unknown label {self.gate.nsfw_label!r}")
+        for name, signal in self.signals.items():
+            bad = [k for k in signal.labels or [] if k not in keys]
+            if bad:
+                raise ValueError(f"signals.{name}.labels names unknown labels {bad}")
+            if signal.route is not None and name not in SEPARATE_ROUTE:
+                raise ValueError(f"signals.{name}.route: only {list(SEPARATE_ROUTE)} route apart from their band; "
+                                 f"a classifier routes by its one band (signals.{name}.band)")
         bad = [k for k in self.decisions.labels if k not in keys]
         if bad:
             raise ValueError(f"decisions.labels names unknown labels {bad}")
         for label in self.decisions.labels:  # a label's override must leave every signal's band ordered
-            for signal in self.decisions.bands:
+            for name in self.signals:
                 try:
-                    self.band(signal, label)
+                    self.band(name, label)
                 except ValueError as e:
-                    raise ValueError(f"decisions.labels.{label} over decisions.bands.{signal}: "
+                    raise ValueError(f"decisions.labels.{label} over signals.{name}.band: "
                                      f"{str(e).splitlines()[-1].strip()}") from None
         bad = sorted({k for labels in self.openai.categories.values() for k in labels} - set(keys))
         if bad:
@@ -297,15 +349,34 @@ class Policy(_Strict):
 
     def band(self, signal: str, label: str) -> Band:
         """The band `signal` decides `label` by (core/decision.py) and, for a trained signal, routes it by at the gate
-        (gate/scoring.py): decisions.bands (a signal without one: the clip band), with decisions.labels' overrides
-        for the label. The one place both read, so a route and an action cannot disagree."""
-        bands = self.decisions.bands
-        band = bands.get(signal) or bands.get("clip") or Band(review=0.5, block=1.01)
+        (gate/scoring.py): signals.<signal>.band (a signal not in the table: clip's), with decisions.labels'
+        overrides for the label. The one place both read, so a route and an action cannot disagree."""
+        entry = self.signals.get(signal) or self.signals.get("clip")
+        band = entry.band if entry is not None else Band(review=0.5, block=1.01)
         own = self.decisions.labels.get(label)
         if own is None or (own.review is None and own.block is None):
             return band
         return Band(review=own.review if own.review is not None else band.review,
                     block=own.block if own.block is not None else band.block)
+
+    def route_band(self, signal: str, label: str) -> Band:
+        """The band `signal`'s score on `label` routes a post by at the gate: allow below review, block at block
+        (a blockable label), escalate between. clip's own route when set, else the signal's band()."""
+        entry = self.signals.get(signal)
+        if entry is not None and entry.route is not None:
+            return entry.route
+        return self.band(signal, label)
+
+    def listed_from(self, signal: str, label: str) -> float:
+        """The score from which RESULT.labels lists `label` as scored by `signal`: where its routing band stops
+        allowing (a score below it was clear), for the VLM, which does not route, its band's review."""
+        return self.route_band(signal, label).review
+
+    def signal_labels(self) -> dict[str, list[str]]:
+        """{signal: the labels it scores} for the signals that score named labels (the trained classifiers), in
+        table order: a label two of them score takes the first's."""
+        return {name: [k for k in s.labels if k in self.label_keys] for name, s in self.signals.items()
+                if s.labels is not None}
 
     @property
     def label_keys(self) -> list[str]:

@@ -42,24 +42,24 @@ def build_result(policy: Policy, record: RequestRecord, gate: GateDecision, vers
     route, gate_scores, vlm = gate.route, gate.scores, gate.vlm
     decision = decision or choose_action(policy, gate, record.list_hits, record.image_text_truncated)
     if route in (VLM, CACHE) and vlm:  # CACHE: an earlier VLM verdict of a near-duplicate post
-        threshold, source = policy.decoder.label_threshold, "vlm"
+        signal, source = "vlm", "vlm"
         sent = max(vlm.sentiment, key=vlm.sentiment.__getitem__)
         sentiment = {"label": sent, "score": vlm.sentiment[sent]}
         description = vlm.description
         scores = {**vlm.labels, "violation": vlm.violation}
     else:
         scores = dict(gate_scores)
-        threshold, source = policy.gate.allow_below, "clip_gate"
+        signal, source = "clip", "clip_gate"
         sentiment, description = None, None
-    # A trained gate signal (e.g. nsfw_image) names itself and its own threshold. It also outranks an untrained
-    # VLM on its own label (trained beats untrained); a trained VLM keeps its judgement.
-    sources, own = {}, {}
+    # A trained gate signal (e.g. nsfw_image) names itself and is listed from its own band. It also outranks an
+    # untrained VLM on its own label (trained beats untrained); a trained VLM keeps its judgement.
+    sources: dict[str, str] = {}
     if source == "clip_gate" or (vlm and vlm.untrained):
-        sources, own = gate.sources, gate.thresholds
+        sources = gate.sources
         if source == "vlm":
             scores = {**scores, **{k: gate_scores[k] for k in sources if k in gate_scores}}
     labels = sorted(({"name": k, "score": v, "source": sources.get(k, source)} for k, v in scores.items()
-                     if k in policy.label_keys and v >= own.get(k, threshold)),
+                     if k in policy.label_keys and v >= policy.listed_from(sources.get(k, signal), k)),
                     key=itemgetter("score"), reverse=True)
     signals = dict(gate.signals)
     if route in (VLM, CACHE):

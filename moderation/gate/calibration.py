@@ -20,7 +20,7 @@ import numpy as np
 
 from ..core.policy import ClipIdentity, Gate, Policy
 from ..core.vectors import l2_normalize
-from .scoring import ConceptBank, trained_labels
+from .scoring import ConceptBank, classifier_labels
 
 UNCALIBRATED = "uncalibrated"
 # the score a fitted sigmoid gives the median violating cosine (and 1 - it the median clean one): logit(0.95)
@@ -58,7 +58,7 @@ def post_cosines(bank: ConceptBank, image_emb: np.ndarray, text_emb: np.ndarray 
 
 def clip_labels(policy: Policy) -> list[str]:
     """The labels the CLIP alone scores: concept labels and `mismatch`, less those a trained signal scores."""
-    by_trained = set(trained_labels(policy).values())
+    by_trained = classifier_labels(policy)
     concept = {lab.key for lab in policy.labels if lab.gate_concepts}
     return [k for k in policy.label_keys if k not in by_trained and (k in concept or k == "mismatch")]
 
@@ -132,7 +132,11 @@ class GateFit:
     notes: list[str] = field(default_factory=list)
 
     def section(self) -> dict:
-        return {"gate": self.gate.model_dump(mode="json")}
+        """The policy sections the fit proposes: the gate's scales and centres, and the CLIP's routing band, which
+        the policy's signal table holds (signals.clip.route)."""
+        gate = self.gate.model_dump(mode="json")
+        route = {"review": gate.pop("allow_below"), "block": gate.pop("block_at")}
+        return {"gate": gate, "signals": {"clip": {"route": route}}}
 
 
 def fit_gate(policy: Policy, posts: list[LabelledCosines], served: ClipIdentity,

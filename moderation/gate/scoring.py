@@ -13,14 +13,11 @@ from ..core.policy import Policy
 from ..core.vectors import l2_normalize
 
 NSFW_SOURCE = "nsfw_image"  # the trained image-safety model's name, used as the score's source
-PROFANITY_SOURCE = "profanity"  # the trained English profanity classifier (gate/text_signals.py)
 
 
-def trained_labels(policy: Policy) -> dict[str, str]:
-    """{trained signal: the policy label it scores} for the trained signals the gate reads."""
-    g = policy.gate
-    return {s: lab for s, lab in ((NSFW_SOURCE, g.nsfw_label), (PROFANITY_SOURCE, g.profanity_label))
-            if lab is not None and lab in policy.label_keys}
+def classifier_labels(policy: Policy) -> set[str]:
+    """The labels a classifier of the policy's signal table scores instead of the CLIP concept bank."""
+    return {label for labels in policy.signal_labels().values() for label in labels}
 
 
 def _sigmoid(x: float) -> float:
@@ -87,22 +84,21 @@ def gate_scores(policy: Policy, bank: ConceptBank, image_embs: np.ndarray, text_
 
 
 def score_sources(policy: Policy, trained: dict[str, float] | None) -> dict[str, str]:
-    """{label: source} for labels scored by a trained signal instead of the CLIP concept bank (a label two trained
-    signals score keeps the first: nsfw_image, then profanity)."""
+    """{label: source} for labels scored by a classifier of the signal table (policy `signals`, entries with
+    labels) instead of the CLIP concept bank; a label two of them score keeps the first in the table."""
     out: dict[str, str] = {}
-    for source, label in trained_labels(policy).items():
+    for source, labels in policy.signal_labels().items():
         if (trained or {}).get(source) is not None:
-            out.setdefault(label, source)
+            for label in labels:
+                out.setdefault(label, source)
     return out
 
 
 def thresholds(policy: Policy, label: str, sources: dict[str, str] | None = None) -> tuple[float, float]:
-    """(allow_below, block_at) for one label: the trained signal's own pair, else the gate's."""
-    source = (sources or {}).get(label)
-    if source is not None:  # a trained signal routes by its one band (core/policy.py Band): route and action agree
-        band = policy.band(source, label)
-        return band.review, band.block
-    return policy.gate.allow_below, policy.gate.block_at
+    """(allow_below, block_at) for one label: the routing band of the signal that scored it (Policy.route_band: a
+    classifier's one band, so its route and its action agree; the concept bank's route for the rest)."""
+    band = policy.route_band((sources or {}).get(label, "clip"), label)
+    return band.review, band.block
 
 
 def gate_band(policy: Policy, scores: dict[str, float], sources: dict[str, str] | None = None) -> tuple[str, str]:
@@ -128,11 +124,11 @@ def gate_band(policy: Policy, scores: dict[str, float], sources: dict[str, str] 
 def judge(policy: Policy, bank: ConceptBank, image_emb, text_emb, has_caption: bool,
           trained: dict[str, float] | None = None) -> dict:
     """The gate's fields for one post: band, reason, scores, consistency, the labels a trained signal scored
-    (sources) with that signal's allow thresholds, and gate_scores' label rows. `trained`: {signal: score};
+    (sources), and gate_scores' label rows. `trained`: {signal: score};
     `image_emb`: one embedding or one row per image and frame."""
     scores, consistency, rows = gate_scores(policy, bank, np.atleast_2d(image_emb), text_emb if has_caption else None,
                                             trained)
     sources = score_sources(policy, trained)
     band, reason = gate_band(policy, scores, sources)
     return {"band": band, "reason": reason, "scores": scores, "consistency": consistency, "sources": sources,
-            "thresholds": {k: thresholds(policy, k, sources)[0] for k in sources}, "label_rows": rows}
+            "label_rows": rows}

@@ -6,31 +6,35 @@ from pathlib import Path
 
 import yaml
 
-from ..core.policy import PACKAGE_POLICY_DIR, Decisions
+from ..core.policy import PACKAGE_POLICY_DIR
 
 
 def derive_policy(directory: Path, name: str, base: str = "default", gate: dict | None = None,
                   cache: dict | None = None, decoder: dict | None = None, bands: dict | None = None) -> Path:
     """Write `<directory>/<name>.yaml`: the shipped `base` policy under a new name with some gate, cache, decoder
-    settings and action bands (`bands`: {signal: {"review": r, "block": b}}, over the policy's own) changed
-    (tests and benchmarks force routes through thresholds this way, never per post). `gate` may name open_nsfw's
-    band the older way (nsfw_allow_below / nsfw_block_at): it becomes decisions.bands.nsfw_image."""
+    settings and signal bands (`bands`: {signal: {"review": r, "block": b}}, over the policy's own) changed
+    (tests and benchmarks force routes through thresholds this way, never per post). `gate` may name the CLIP's
+    routing band and open_nsfw's band the older way (allow_below / block_at, nsfw_allow_below / nsfw_block_at):
+    they go to signals.clip.route and signals.nsfw_image.band."""
     data = yaml.safe_load((PACKAGE_POLICY_DIR / f"{base}.yaml").read_text(encoding="utf-8"))
     data["name"] = name
     gate = dict(gate or {})
-    nsfw = {k: gate.pop(f) for k, f in (("review", "nsfw_allow_below"), ("block", "nsfw_block_at")) if f in gate}
-    if nsfw:
-        own = ((data.get("decisions") or {}).get("bands") or {}).get("nsfw_image") or \
-            Decisions().model_dump()["bands"]["nsfw_image"]
-        bands = {"nsfw_image": {**own, **nsfw}, **(bands or {})}
+    signals = data.setdefault("signals", {})
+
+    def update(signal: str, key: str, values: dict) -> None:
+        if values:
+            entry = signals.setdefault(signal, {})
+            entry[key] = {**(entry.get(key) or {}), **values}
+
+    update("clip", "route", {k: gate.pop(f) for k, f in (("review", "allow_below"), ("block", "block_at"))
+                             if f in gate})
+    update("nsfw_image", "band", {k: gate.pop(f) for k, f in (("review", "nsfw_allow_below"),
+                                                              ("block", "nsfw_block_at")) if f in gate})
+    for signal, band in (bands or {}).items():
+        update(signal, "band", band)
     data["gate"].update(gate)
     data.setdefault("cache", {}).update(cache or {})
     data.setdefault("decoder", {}).update(decoder or {})
-    if bands:
-        decisions = data.setdefault("decisions", {})
-        # the bands not named keep their values (a policy without `bands` has the defaults)
-        own = decisions.get("bands") or Decisions().model_dump()["bands"]
-        decisions["bands"] = {**own, **bands}
     path = Path(directory) / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return path

@@ -6,7 +6,7 @@
 
 Scores each image with the served artifact (model_repository/nsfw_image/1/model.onnx, checked against its
 artifact record) and the served preprocessing (decode_image + NsfwPixels), i.e. what the gate sees; the
-policy's thresholds (gate.nsfw_allow_below / gate.nsfw_block_at) turn each score into allow / escalate /
+policy's band (signals.nsfw_image.band: review / block) turns each score into allow / escalate /
 block on the `sexual` label. Every image here is safe for work, so any escalate or block is a false
 positive. Writes perf/results/nsfw_sfw_scores.json (raw per-image numbers) and docs/quality/nsfw_sfw_scores.png.
 Recall cannot be measured from these files: they hold no unsafe images (see docs/quality.md, clients.evaluate).
@@ -233,7 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", type=Path, default=PLOT, help="the score distribution figure (docs/quality.md shows it)")
     args = ap.parse_args(argv)
     policy = load_policy("default")
-    lo, hi = policy.gate.nsfw_allow_below, policy.gate.nsfw_block_at
+    band = policy.band("nsfw_image", "sexual")
+    lo, hi = band.review, band.block
     items, skipped = catalogue()
     t = time.time()
     score_all(items)
