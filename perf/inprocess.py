@@ -106,12 +106,12 @@ class InProcessPipeline:
         """preprocess -> clip_image / clip_text / nsfw_image -> clip_gate (-> vlm) -> postprocess."""
         t0, received = time.perf_counter(), time.time()
         inputs = self.preprocess(image, text, options, received, t0)
-        inputs.record = self.read_text(image, text, inputs.record)  # beside the encoders on the server
+        inputs.record = self.read_text(inputs.frames, text, inputs.record)  # beside the encoders on the server
         img = self.clip_image.run(["IMAGE_EMBEDS"], {"pixel_values": inputs.clip_pixels[None]})[0][0]
         txt = self.clip_text.run(["TEXT_EMBEDS"], {"input_ids": inputs.clip_input_ids[None],
                                                    "attention_mask": inputs.clip_attention_mask[None]})[0][0]
         nsfw = self.nsfw.run(["outputs"], {"input:0": inputs.nsfw_pixels[None]})[0][0] if self.nsfw else None
-        post = GatePost(inputs.record, [image], text, img, txt, None if nsfw is None else float(nsfw[1]))
+        post = GatePost(inputs.record, inputs.frames, text, img, txt, None if nsfw is None else float(nsfw[1]))
         decision = asyncio.run(self.router.route_posts([post]))[0]
         done = finish_post(inputs.record, decision, VERSION)
         self.audit.write(done.audit_row)

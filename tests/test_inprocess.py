@@ -1,0 +1,53 @@
+"""perf/inprocess.py runs the same preprocess, read_text, router and result assembly as the server, in one process:
+`python -m perf bench` compares the two ("Triton vs in-process"), so the in-process pipeline must judge a post as
+the served ensemble does (it once passed the raw upload where read_text takes preprocess's decoded frames, and bench
+failed). Checked on a still photo, a meme with text and an animated GIF, under a fixed-route policy."""
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image, ImageDraw
+
+from moderation.testing.calls import options
+from moderation.testing.memes import memes, render
+from moderation.testing.samples import sample_posts
+from tests.conftest import REPO
+
+
+def _gif() -> bytes:
+    base = Image.open(io.BytesIO(render(memes()[0]))).convert("RGB")
+    frames = []
+    for i in range(4):
+        f = base.copy()
+        ImageDraw.Draw(f).ellipse((40 + 80 * i, 40, 90 + 80 * i, 90), fill=(255, 0, 0))
+        frames.append(f)
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buf.getvalue()
+
+
+def _text(result: dict) -> list[str]:
+    return [line["text"] for line in (result.get("image_text") or {}).get("lines", [])]
+
+
+def test_the_in_process_pipeline_judges_a_post_as_the_server_does(client, policy_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("MODERATION_POLICY_DIR", str(policy_dir))
+    from perf.inprocess import InProcessPipeline
+
+    pipe = InProcessPipeline(REPO, tmp_path / "inprocess-audit.jsonl")
+    photo = sample_posts()[0]
+    posts = {"photo": (photo.image_bytes(), photo.text), "meme": (render(memes()[0]), "so true"),
+             "gif": (_gif(), "friday")}
+    for name, (image, caption) in posts.items():
+        served = client.moderate(image, caption, policy="allow_all")
+        local = pipe.moderate(image, caption.encode(), options("allow_all"))
+        assert (local["route"], local["action"]) == (served["route"], served["action"]), name
+        assert local["gate"]["band"] == served["gate"]["band"], name
+        assert local["gate"]["scores"].keys() == served["gate"]["scores"].keys(), name
+        for label, score in served["gate"]["scores"].items():
+            assert local["gate"]["scores"][label] == pytest.approx(score, abs=1e-3), (name, label)
+        assert _text(local) == _text(served), name
+        assert ("media" in local) == ("media" in served), name
+    assert _text(local) and "media" in local  # the GIF: its frames read, its caption's words found
+    assert len((tmp_path / "inprocess-audit.jsonl").read_text(encoding="utf-8").splitlines()) == len(posts)
