@@ -14,8 +14,8 @@ import numpy as np
 from moderation.core.audit import AuditLog
 from moderation.core.contracts import DecoderOptions
 from moderation.core.errors import ModelUnavailable
-from moderation.core.policy import load_policy
-from moderation.core.post import parse_post
+from moderation.core.pinned import pinned_policy
+from moderation.core.post import parse_post, unpack_images
 from moderation.core.result import finish_post
 from moderation.gate.inputs import ClipTokens, Preprocess, ReadImageText
 from moderation.gate.router import GatePost, GateRouter
@@ -53,10 +53,13 @@ class InProcessExecutor:
     async def infer(self, model, inputs, outputs, version=-1):
         if model == "clip_text":
             return {"TEXT_EMBEDS": self.clip_text.run(["TEXT_EMBEDS"], inputs)[0]}
-        if model == "vlm_preprocess":
+        if model == "vlm_preprocess":  # as serving/vlm_preprocess_model.py: preprocess's frames, the pinned policy
             drawn = inputs["IMAGE_TEXT"][0, 0].decode("utf-8") if "IMAGE_TEXT" in inputs else ""
-            pixels, body, opts = self.vlm_inputs(parse_post(inputs["IMAGE"][0, 0], inputs["TEXT"][0, 0],
-                                                            inputs["OPTIONS"][0, 0]), drawn)
+            pin = inputs["POLICY_PIN"][0, 0].decode("ascii") if "POLICY_PIN" in inputs else ""
+            images, _ = unpack_images(inputs["FRAMES"][0, 0])
+            post = parse_post([], inputs["TEXT"][0, 0], inputs["OPTIONS"][0, 0] if "OPTIONS" in inputs else None,
+                              decoded=images, pin=pin)
+            pixels, body, opts = self.vlm_inputs(post, drawn)
             return {"PIXEL_VALUES": pixels[None], "BODY_IDS": body[None],
                     "DECODER_OPTIONS": np.array([[opts.to_json()]], dtype=np.object_)}
         if model == "vision_encoder":
@@ -74,9 +77,9 @@ class InProcessExecutor:
         from moderation.vlm.decoder import DecoderRequest
 
         opts = DecoderOptions.from_json(inputs["DECODER_OPTIONS"][0, 0])
+        policy = pinned_policy(opts.policy_name, opts.policy_pin)
         res = self.decoder.score([DecoderRequest(inputs["BODY_IDS"][0], inputs["VISUAL_TOKENS"][0],
-                                                 inputs["DEEPSTACK"][0], load_policy(opts.policy_name), opts.lang,
-                                                 opts.describe)])[0]
+                                                 inputs["DEEPSTACK"][0], policy, opts.lang, opts.describe)])[0]
         verdict = res.verdict(untrained=self.decoder.untrained, caption_truncated=opts.caption_truncated,
                               model_versions={"vlm_preprocess": opts.vlm_preprocess_version,
                                               "language_decoder": VERSION})

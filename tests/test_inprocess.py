@@ -1,10 +1,11 @@
 """perf/inprocess.py runs the same preprocess, read_text, router and result assembly as the server, in one process:
 `python -m perf bench` compares the two ("Triton vs in-process"), so the in-process pipeline must judge a post as
-the served ensemble does (it once passed the raw upload where read_text takes preprocess's decoded frames, and bench
-failed). Checked on a still photo, a meme with text and an animated GIF, under a fixed-route policy."""
+the served ensemble does (it once passed the raw upload where read_text and the VLM take preprocess's decoded frames,
+and bench failed). Checked on a still photo, a meme with text and an animated GIF, on the gate path and the VLM's."""
 from __future__ import annotations
 
 import io
+import itertools
 
 import pytest
 from PIL import Image, ImageDraw
@@ -39,10 +40,15 @@ def test_the_in_process_pipeline_judges_a_post_as_the_server_does(client, policy
     photo = sample_posts()[0]
     posts = {"photo": (photo.image_bytes(), photo.text), "meme": (render(memes()[0]), "so true"),
              "gif": (_gif(), "friday")}
-    for name, (image, caption) in posts.items():
-        served = client.moderate(image, caption, policy="allow_all")
-        local = pipe.moderate(image, caption.encode(), options("allow_all"))
-        assert (local["route"], local["action"]) == (served["route"], served["action"]), name
+    for (name, (image, caption)), policy in itertools.product(posts.items(), ("allow_all", "escalate_all")):
+        served = client.moderate(image, caption, policy=policy)
+        local = pipe.moderate(image, caption.encode(), options(policy))
+        assert local["route"] == served["route"] == ("gate" if policy == "allow_all" else "vlm"), name
+        assert local["action"] == served["action"], name
+        if policy == "escalate_all":  # the same prompt, frames and decoder: the same verdict
+            assert local["scores"].keys() == served["scores"].keys(), name
+            for label, score in served["scores"].items():
+                assert local["scores"][label] == pytest.approx(score, abs=1e-3), (name, label)
         assert local["gate"]["band"] == served["gate"]["band"], name
         assert local["gate"]["scores"].keys() == served["gate"]["scores"].keys(), name
         for label, score in served["gate"]["scores"].items():
@@ -50,4 +56,4 @@ def test_the_in_process_pipeline_judges_a_post_as_the_server_does(client, policy
         assert _text(local) == _text(served), name
         assert ("media" in local) == ("media" in served), name
     assert _text(local) and "media" in local  # the GIF: its frames read, its caption's words found
-    assert len((tmp_path / "inprocess-audit.jsonl").read_text(encoding="utf-8").splitlines()) == len(posts)
+    assert len((tmp_path / "inprocess-audit.jsonl").read_text(encoding="utf-8").splitlines()) == 2 * len(posts)
