@@ -1,6 +1,6 @@
 """The audit report at scale: the DuckDB report (clients/report.py) on a generated day of audit rows, with no memory
-limit and under a 256 MB one. Writes perf/results/report_bench.json. (The earlier comparison against the report that read every row into Python,
-a baseline since deleted, is perf/results/report_duckdb.json at commit 2ca6295.)
+limit and under a 256 MB one. Writes perf/results/report_bench.json. (The earlier comparison against the report that
+read every row into Python, a baseline since deleted, is perf/results/report_duckdb.json at commit 2ca6295.)
 
     .venv/bin/python -m perf report_bench [--rows 1000000] [--runs 3] [--files 5]
 

@@ -4,8 +4,10 @@ and the spread, on this machine (CPU only, tiny random-initialised models unless
   a. Triton ensemble vs the same pipeline in-process (perf/inprocess.py), p50/p99 overhead;
   b. verdict from one prefill (VerdictDecoder.score) vs the seed's path: generate(max_new_tokens=200) then
      parse the text, on the same decoder (tiny, and the A10-profile decoder);
-  c. gated vs every post to the VLM, at 20 % escalation, under the A10-like cost profile (perf/a10_profile.py);
-  d. dynamic batching vs none at concurrency 16 (a repository copy without dynamic_batching);
+  c. gated vs every post to the VLM (the entry model under escalate_all), at 20 % escalation, under the A10-like
+     cost profile (perf/a10_profile.py);
+  d. dynamic batching vs none at concurrency 16 (a repository copy without dynamic_batching), on the gate path
+     and the VLM path (escalate_all);
   e. exact-duplicate request: Triton response cache hit vs miss (top-level `moderate` cache in a copy; the
      committed deep caches on the ONNX models).
 

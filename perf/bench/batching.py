@@ -22,7 +22,8 @@ def bench_d_arm(srv, posts: UniquePosts, runs: int, n: int, n_vlm: int, conc: in
         before = stats(srv.http_url, HEADERS)
         out["gate_path"].append(load(srv.grpc_url, [("moderate", im, tx, options("allow_all"))
                                                     for im, tx in posts.batch(n)], conc))
-        out["vlm"].append(load(srv.grpc_url, [("vlm", im, tx, options("escalate_all"))
+        # the VLM path: the entry model under escalate_all (the vlm ensemble takes preprocess's frames, not uploads)
+        out["vlm"].append(load(srv.grpc_url, [("moderate", im, tx, options("escalate_all"))
                                               for im, tx in posts.batch(n_vlm)], conc))
         out["stages"].append(stats_delta(before, stats(srv.http_url, HEADERS)))
     return out

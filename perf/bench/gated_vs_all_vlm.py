@@ -1,4 +1,6 @@
-"""Part c: gated vs every post to the VLM, at 20 % escalation, under the A10-like cost profile."""
+"""Part c: gated vs every post to the VLM, at 20 % escalation, under the A10-like cost profile. Every post to the VLM
+is the entry model under escalate_all: the gate's stages still run (preprocess decodes once and reads the image's
+text, which the VLM's prompt carries), then every post is escalated."""
 from __future__ import annotations
 
 import statistics
@@ -13,13 +15,14 @@ def bench_c(srv, posts: UniquePosts, runs: int, n_vlm: int, n_gated: int, conc: 
     per_run = []
     client = g.InferenceServerClient(srv.grpc_url)
     for image, text in posts.batch(2):  # warm-up both paths
-        infer(client, "vlm", image, text, options("escalate_all"))
+        infer(client, "moderate", image, text, options("escalate_all"))
         infer(client, "moderate", image, text, options("allow_all", return_embedding=True))
     client.close()
     for r in range(runs):
         gate_only = load(srv.grpc_url, [("moderate", im, tx, options("allow_all", return_embedding=True))
                                         for im, tx in posts.batch(n_gated)], conc)
-        allvlm = load(srv.grpc_url, [("vlm", im, tx, options("escalate_all")) for im, tx in posts.batch(n_vlm)], conc)
+        allvlm = load(srv.grpc_url, [("moderate", im, tx, options("escalate_all")) for im, tx in posts.batch(n_vlm)],
+                      conc)
         jobs = [("moderate", im, tx, options("escalate_all" if i % every == 0 else "allow_all", return_embedding=True))
                 for i, (im, tx) in enumerate(posts.batch(n_gated))]
         gated = load(srv.grpc_url, jobs, conc)
