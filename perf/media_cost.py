@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import yaml
 from PIL import Image, ImageDraw, ImageFont
 
 from perf.common import BUILD, REPO, RESULTS, dump_json, git_commit, machine
@@ -87,6 +88,7 @@ def arms(seed: int) -> dict[str, bytes | list[bytes]]:
         "photo_4000x3000": _encode(_photo((4000, 3000), s["photo_4000x3000"]), "JPEG", quality=90),
         "screenshot_1170x2532_png": _encode(_screenshot(s["screenshot_1170x2532_png"]), "PNG"),
         "screenshot_without_text": _encode(_screenshot(s["screenshot_without_text"], lines=0), "PNG"),
+        "screenshot_half_ocr_budget": _encode(_screenshot(s["screenshot_half_ocr_budget"]), "PNG"),
         "gif_first_frame": _gif(_animation(s["gif_first_frame"])[:1]),
         "gif_6_frames": _gif(_animation(s["gif_6_frames"])),
         "gif_hidden_caption_first_frame": _gif(_animation(s["gif_hidden_caption_first_frame"], caption_in=(3,))[:1]),
@@ -97,9 +99,9 @@ def arms(seed: int) -> dict[str, bytes | list[bytes]]:
     }
 
 
-ARMS = ("photo_640x480", "photo_4000x3000", "screenshot_1170x2532_png", "screenshot_without_text", "gif_first_frame",
-        "gif_6_frames", "gif_hidden_caption_first_frame", "gif_hidden_caption_6_frames", "post_1_image",
-        "post_3_images")
+ARMS = ("photo_640x480", "photo_4000x3000", "screenshot_1170x2532_png", "screenshot_without_text",
+        "screenshot_half_ocr_budget", "gif_first_frame", "gif_6_frames", "gif_hidden_caption_first_frame",
+        "gif_hidden_caption_6_frames", "post_1_image", "post_3_images")
 
 
 RATIOS = {  # name: (numerator arm, denominator arm, the goal it is held to)
@@ -107,6 +109,8 @@ RATIOS = {  # name: (numerator arm, denominator arm, the goal it is held to)
     "screenshot_over_640x480": ("screenshot_1170x2532_png", "photo_640x480", 2.0),
     # the same screenshot with its 12 lines left out: what its size and PNG decode cost, apart from reading its text
     "screenshot_without_text_over_640x480": ("screenshot_without_text", "photo_640x480", None),
+    # the same screenshot under half the shipped OCR read budget (HALF_OCR_POLICY): what meeting 2x would cost in text
+    "screenshot_half_ocr_budget_over_640x480": ("screenshot_half_ocr_budget", "photo_640x480", None),
     "gif_6_frames_over_first_frame": ("gif_6_frames", "gif_first_frame", 2.0),
     # the caption only in frame 3: the 6 frames pay for reading a line of text their first frame does not have
     "gif_hidden_caption_over_first_frame": ("gif_hidden_caption_6_frames", "gif_hidden_caption_first_frame", None),
@@ -114,21 +118,29 @@ RATIOS = {  # name: (numerator arm, denominator arm, the goal it is held to)
 }
 
 
+HALF_OCR_POLICY = "allow_all_half_ocr"  # allow_all with ocr.max_read_area halved (24 line squares)
+ARM_POLICY = {"screenshot_half_ocr_budget": HALF_OCR_POLICY}  # every other arm: allow_all
+
+
 def measure(url: str, n: int) -> dict:
     c = _client(url)
-    for warm in arms(10_000).values():
-        _timed(c, warm, "a picture", "allow_all")
+    for arm, warm in arms(10_000).items():
+        _timed(c, warm, "a picture", ARM_POLICY.get(arm, "allow_all"))
     served: dict[str, list[float]] = {}
     stages: dict[str, list[dict]] = {}
     frames_read: dict[str, list[int]] = {}
+    lines_read: dict[str, int] = {}
     for i in range(n):
         for arm, data in arms(i).items():
-            ms, r = _timed(c, data, "a picture", "allow_all")
+            ms, r = _timed(c, data, "a picture", ARM_POLICY.get(arm, "allow_all"))
             served.setdefault(arm, []).append(ms)
             stages.setdefault(arm, []).append(r["latency_ms"])
             if "media" in r:
                 frames_read[arm] = [len(m["read"]) for m in r["media"]["images"]]
+            if arm.startswith("screenshot"):
+                lines_read[arm] = len((r.get("image_text") or {}).get("lines", []))
     out = {"served": {k: _summary(v) for k, v in served.items()}, "frames_read": frames_read,
+           "screenshot_lines_read": lines_read,
            "stage_p50_ms": {arm: {k: round(statistics.median(x.get(k, 0.0) for x in rows), 1) for k in rows[0]}
                             for arm, rows in stages.items()},
            "bytes": {k: (sum(map(len, v)) if isinstance(v, list) else len(v)) for k, v in arms(0).items()}}
@@ -176,8 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     out = {"commit": git_commit(), "machine": machine(),
            "what": "gate-path latency of unseen posts (allow_all, no VLM), arms interleaved; p50 ratios; a failed call "
                    "ends the run (nothing is written)"}
-    with serve(REPO, audit=BUILD / "media_cost_audit.jsonl", log=BUILD / "media_cost.log",
-               policy_dir=write_policies(BUILD / "media_cost_policies")) as srv:
+    policies = write_policies(BUILD / "media_cost_policies")
+    data = yaml.safe_load((policies / "allow_all.yaml").read_text(encoding="utf-8"))
+    data["name"] = HALF_OCR_POLICY
+    data["ocr"]["max_read_area"] = data["ocr"].get("max_read_area", 48.0) / 2
+    (policies / f"{HALF_OCR_POLICY}.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False),
+                                                      encoding="utf-8")
+    with serve(REPO, audit=BUILD / "media_cost_audit.jsonl", log=BUILD / "media_cost.log", policy_dir=policies) as srv:
         out.update(measure(srv.grpc_url, args.n))
         out["throughput"] = throughput(srv.grpc_url, args.mix_posts, args.callers)
     out["wall_s"] = round(time.time() - t0, 1)
