@@ -221,6 +221,8 @@ def test_the_older_places_of_a_signal_fold_into_the_table_or_are_refused():
     assert p.signals["nsfw_image"] == Signal(labels=["violence"], band=Band(review=0.1, block=0.7))
     assert p.signals["profanity"].labels == [] and p.signals["clip"].route == Band(review=0.4, block=0.9)
     assert (p.gate.allow_below, p.gate.block_at) == (0.4, 0.9)  # the calibration code's mirror
+    p = _with(signals={"clip": {"route": None, "band": {"review": 0.3, "block": 0.95}}})
+    assert (p.gate.allow_below, p.gate.block_at) == (0.3, 0.95) and p.route_band("clip", "gore").review == 0.3
     p = _with(signals=None, decisions={"bands": {"vlm": {"review": 0.6, "block": 0.95}}},
               decoder={"label_threshold": 0.6})
     assert p.signals["vlm"].band == Band(review=0.6, block=0.95) and p.listed_from("vlm", "gore") == 0.6

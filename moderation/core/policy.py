@@ -204,7 +204,8 @@ def _fold_older_fields(data: dict) -> dict:
             fold(f"gate.{field}", "clip", "route", gate[field], sub)
     if "label_threshold" in decoder:
         fold("decoder.label_threshold", "vlm", "band", decoder.pop("label_threshold"), "review")
-    route = signals.get("clip", {}).get("route") or {}
+    clip = signals.get("clip", {})
+    route = clip.get("route") or clip.get("band") or {}  # without a route of its own, clip routes by its band
     gate.update(allow_below=route.get("review", 0.5), block_at=route.get("block", 0.97))
     out = {**data, "gate": gate, "signals": signals}
     if "decisions" in data:
