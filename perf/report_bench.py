@@ -64,7 +64,6 @@ def _templates(seed: int) -> dict[str, list[tuple[str | None, dict]]]:
     rng = random.Random(seed)
     signals = {"clip": "untrained", "nsfw_image": "trained", "profanity": "trained"}
     sources = {"sexual": "nsfw_image", "hate": "profanity"}
-    thresholds = {"sexual": 0.2, "hate": 0.5}
 
     def one(route: str, hot: str | None, version: str = "1", fallback: bool = False, list_kind: str = "",
             error: str = "") -> dict:
@@ -111,7 +110,7 @@ def _templates(seed: int) -> dict[str, list[tuple[str | None, dict]]]:
         gate = gate_decision(
             route=None if error else gate_route, band=None if error else band, reason=f"synthetic {route}",
             signals=signals, sources=sources,
-            thresholds=thresholds, consistency=rng.uniform(0.1, 0.4),
+            consistency=rng.uniform(0.1, 0.4),
             scores=_gate_scores(rng, hot if route in ("gate_block", "list", "gate_allow") else None,
                                 {"gate_allow": 0.5, "gate_block": 0.97}.get(route, 0.6)),
             gate_version="1", gate_started=now + (pre_ms + enc_ms) / 1e3, gate_ms=gate_ms, vlm=vlm, vlm_ms=vlm_ms,
