@@ -32,7 +32,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import tritonclient.grpc as grpcclient
-import yaml
 
 from moderation.core.caller import CLIENT_METADATA
 from perf.common import BUILD, REPO, RESULTS, dump_json, git_commit, machine
@@ -44,14 +43,11 @@ STAGES = ("preprocess", "read_text", "vlm_preprocess")
 def write_policies(directory: Path) -> Path:
     """allow_all / escalate_all (verdict cache off) and allow_all_unbounded: allow_all with the OCR budget at its
     policy maximum."""
-    from moderation.testing.policies import write_fixed_route_policies
+    from moderation.testing.policies import ALLOW_ALL_GATE, derive_policy, write_fixed_route_policies
 
     write_fixed_route_policies(directory)
-    data = yaml.safe_load((directory / "allow_all.yaml").read_text(encoding="utf-8"))
-    data["name"] = "allow_all_unbounded"
-    data["ocr"].update(max_boxes=1000, max_read_area=10_000.0, max_read_ms=60_000.0)
-    (directory / "allow_all_unbounded.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False),
-                                                        encoding="utf-8")
+    derive_policy(directory, "allow_all_unbounded", gate=ALLOW_ALL_GATE, cache={"enabled": False},
+                  ocr={"max_boxes": 1000, "max_read_area": 10_000.0, "max_read_ms": 60_000.0})
     return directory
 
 

@@ -21,9 +21,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import yaml
 from PIL import Image, ImageDraw, ImageFont
 
+from moderation.core.policy import load_policy
+from moderation.testing.policies import ALLOW_ALL_GATE, derive_policy
 from perf.common import BUILD, REPO, RESULTS, dump_json, git_commit, machine
 from perf.cost_bounds import _client, _summary, _timed, write_policies
 from perf.harness import serve
@@ -189,11 +190,8 @@ def main(argv: list[str] | None = None) -> int:
            "what": "gate-path latency of unseen posts (allow_all, no VLM), arms interleaved; p50 ratios; a failed call "
                    "ends the run (nothing is written)"}
     policies = write_policies(BUILD / "media_cost_policies")
-    data = yaml.safe_load((policies / "allow_all.yaml").read_text(encoding="utf-8"))
-    data["name"] = HALF_OCR_POLICY
-    data["ocr"]["max_read_area"] = data["ocr"].get("max_read_area", 48.0) / 2
-    (policies / f"{HALF_OCR_POLICY}.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False),
-                                                      encoding="utf-8")
+    derive_policy(policies, HALF_OCR_POLICY, gate=ALLOW_ALL_GATE, cache={"enabled": False},
+                  ocr={"max_read_area": load_policy().ocr.max_read_area / 2})
     with serve(REPO, audit=BUILD / "media_cost_audit.jsonl", log=BUILD / "media_cost.log", policy_dir=policies) as srv:
         out.update(measure(srv.grpc_url, args.n))
         out["throughput"] = throughput(srv.grpc_url, args.mix_posts, args.callers)

@@ -11,17 +11,17 @@ import sys
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from moderation.core.audit import read_rows
 from moderation.core.contracts import GateDecision
 from moderation.core.decision import OCR_BUDGET, choose_action
 from moderation.core.imaging import DECODE_SIDE, decode_image
-from moderation.core.policy import PACKAGE_POLICY_DIR, load_policy
+from moderation.core.policy import load_policy
 from moderation.ocr.reader import ImageTextReader, ReadBudget, rec_cost, within_budget
 from moderation.testing.hostile_images import dense_text_png, flat_jpeg, spaced_words_png
 from moderation.testing.memes import memes, render
+from moderation.testing.policies import ALLOW_ALL_GATE, derive_policy
 
 from .conftest import ADMIN_KEY, ROOT
 
@@ -31,13 +31,7 @@ MEMES = {m.name: m for m in memes()}
 def _ocr_policy(directory, name: str, **ocr) -> None:
     """The shipped default under `name` with the gate allowing everything (only the OCR budget can send a post
     to review), the verdict cache off and some ocr settings changed."""
-    data = yaml.safe_load((PACKAGE_POLICY_DIR / "default.yaml").read_text(encoding="utf-8"))
-    data["name"] = name
-    data["signals"]["clip"]["route"] = {"review": 1.01, "block": 1.01}
-    data.setdefault("cache", {})["enabled"] = False
-    data["ocr"].update(ocr)
-    (directory / f"{name}.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False),
-                                            encoding="utf-8")
+    derive_policy(directory, name, gate=ALLOW_ALL_GATE, cache={"enabled": False}, ocr=ocr)
 
 
 def _box(x: float, y: float, w: float, h: float) -> np.ndarray:

@@ -8,11 +8,19 @@ import yaml
 
 from ..core.policy import PACKAGE_POLICY_DIR
 
+# The CLIP's routing band (derive_policy's `gate`) of the fixed-route policies: nothing allowed and nothing blocked
+# (escalate_all), everything blocked, everything allowed.
+FIXED_ROUTES = {"escalate_all": {"allow_below": 0.0, "block_at": 1.01},
+                "block_all": {"allow_below": 0.0, "block_at": 0.0},
+                "allow_all": {"allow_below": 1.01, "block_at": 1.01}}
+ALLOW_ALL_GATE = FIXED_ROUTES["allow_all"]
+
 
 def derive_policy(directory: Path, name: str, base: str = "default", gate: dict | None = None,
-                  cache: dict | None = None, decoder: dict | None = None, bands: dict | None = None) -> Path:
-    """Write `<directory>/<name>.yaml`: the shipped `base` policy under a new name with some gate, cache, decoder
-    settings and signal bands (`bands`: {signal: {"review": r, "block": b}}, over the policy's own) changed
+                  cache: dict | None = None, decoder: dict | None = None, bands: dict | None = None,
+                  ocr: dict | None = None) -> Path:
+    """Write `<directory>/<name>.yaml`: the shipped `base` policy under a new name with some gate, cache, decoder,
+    ocr settings and signal bands (`bands`: {signal: {"review": r, "block": b}}, over the policy's own) changed
     (tests and benchmarks force routes through thresholds this way, never per post). `gate` may name the CLIP's
     routing band and open_nsfw's band the older way (allow_below / block_at, nsfw_allow_below / nsfw_block_at):
     they go to signals.clip.route and signals.nsfw_image.band."""
@@ -35,6 +43,7 @@ def derive_policy(directory: Path, name: str, base: str = "default", gate: dict 
     data["gate"].update(gate)
     data.setdefault("cache", {}).update(cache or {})
     data.setdefault("decoder", {}).update(decoder or {})
+    data.setdefault("ocr", {}).update(ocr or {})
     path = Path(directory) / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return path
@@ -48,8 +57,6 @@ def write_fixed_route_policies(directory: Path, cache_enabled: bool = False) -> 
     directory.mkdir(parents=True, exist_ok=True)
     for f in PACKAGE_POLICY_DIR.glob("*.yaml"):
         derive_policy(directory, f.stem, base=f.stem, cache={"enabled": cache_enabled})
-    fixed = {"escalate_all": (0.0, 1.01), "block_all": (0.0, 0.0), "allow_all": (1.01, 1.01)}
-    for name, (allow_below, block_at) in fixed.items():
-        derive_policy(directory, name, gate={"allow_below": allow_below, "block_at": block_at},
-                      cache={"enabled": cache_enabled})
+    for name, gate in FIXED_ROUTES.items():
+        derive_policy(directory, name, gate=gate, cache={"enabled": cache_enabled})
     return directory
