@@ -21,6 +21,7 @@ import pytest
 from moderation.core.policy import CacheSettings
 from moderation.gate.cache import GateCache, Probe, VerdictCache, verdict_cache
 from moderation.gate.shared_cache import SCHEMA, CircuitBreaker, RedisVerdictCache
+from moderation.testing.waits import wait_until
 
 from . import test_stages as stages
 from .conftest import ADMIN_KEY, REPO, ROOT, redis_or_fail
@@ -132,10 +133,7 @@ def _stored_earlier(r, c, key: tuple, entry: bytes, seconds: float) -> None:
 
 
 def _wait_until_gone(r, key: bytes) -> None:
-    hang_guard = time.monotonic() + HANG_GUARD_S
-    while r.exists(key):
-        assert time.monotonic() < hang_guard, f"{key!r} never expired"
-        time.sleep(0.05)
+    wait_until(lambda: not r.exists(key), f"{key!r} expired", HANG_GUARD_S, every_s=0.05)
 
 
 def test_ttl_is_redis_expiry(redis_server):
@@ -296,13 +294,12 @@ def test_outage_degrades_to_misses_and_skipped_writes_then_reconnects():
                                                                        "unavailable": True}
         assert count.n(kind="error") == 1  # still within the cool-down: nothing tried Redis
         srv.start()  # back, empty (no persistence)
-        hang_guard = time.monotonic() + HANG_GUARD_S
-        while True:
+
+        def stored_after_a_cool_down() -> bool:
             now[0] += 0.4  # past the longest cool-down: the next call is the breaker's trial
-            if c.store(KEY, S, _vec(4), None, "c", None, {"v": 4}) is True:
-                break
-            assert time.monotonic() < hang_guard, "no reconnect"
-            time.sleep(0.1)
+            return c.store(KEY, S, _vec(4), None, "c", None, {"v": 4}) is True
+
+        wait_until(stored_after_a_cool_down, "reconnect", HANG_GUARD_S)
         assert not c.breaker.is_open and c.lookup(KEY, S, _vec(4), None, "c").verdict == {"v": 4}
 
 
