@@ -8,24 +8,19 @@ import io
 import itertools
 
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from moderation.testing.calls import options
 from moderation.testing.memes import memes, render
 from moderation.testing.samples import sample_posts
 from tests.conftest import REPO
+from tests.test_frames import _animation, _moving_dot
 
 
 def _gif() -> bytes:
+    """A meme whose caption stays while a dot moves over it."""
     base = Image.open(io.BytesIO(render(memes()[0]))).convert("RGB")
-    frames = []
-    for i in range(4):
-        f = base.copy()
-        ImageDraw.Draw(f).ellipse((40 + 80 * i, 40, 90 + 80 * i, 90), fill=(255, 0, 0))
-        frames.append(f)
-    buf = io.BytesIO()
-    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    return buf.getvalue()
+    return _animation([_moving_dot(base, i) for i in range(4)])
 
 
 def _text(result: dict) -> list[str]:

@@ -376,8 +376,7 @@ class Policy(_Strict):
     def signal_labels(self) -> dict[str, list[str]]:
         """{signal: the labels it scores} for the signals that score named labels (the trained classifiers), in
         table order: a label two of them score takes the first's."""
-        return {name: [k for k in s.labels if k in self.label_keys] for name, s in self.signals.items()
-                if s.labels is not None}
+        return {name: list(s.labels) for name, s in self.signals.items() if s.labels is not None}
 
     @property
     def label_keys(self) -> list[str]:
